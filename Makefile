@@ -1,0 +1,48 @@
+# Set-up and everyday commands. `make demo` and `make test` install what they need.
+PYTHON ?= python3
+VENV ?= .venv
+# Use the active virtualenv/conda env if there is one, else a local .venv.
+ifdef VIRTUAL_ENV
+  PY := $(VIRTUAL_ENV)/bin/python
+else ifdef CONDA_PREFIX
+  PY := $(CONDA_PREFIX)/bin/python
+else
+  PY := $(VENV)/bin/python
+endif
+STAMP := $(dir $(PY)).vmatdose-installed
+
+.PHONY: install demo test smoke bench lint clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# Torch first: keep a torch the user installed (e.g. a CUDA build); otherwise take the
+# CPU build 2.13.0 (on this machine's disk) instead of an unpinned multi-GB CUDA download.
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "torch==2.13.0"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## The main job: generate the phantom set, train, evaluate on the test split (CPU, minutes).
+demo: install
+	$(PY) -m vmatdose.train task_name=demo
+
+## The test suite (CPU, under 15 minutes on 2 cores).
+test: install
+	$(PY) -m pytest -q
+
+## One-minute end-to-end check.
+smoke: install
+	$(PY) -m vmatdose.train debug=smoke
+
+## Benchmarks: print tables, write benchmarks/results/*.json.
+bench: install
+	@for f in benchmarks/bench_*.py; do echo "== $$f"; $(PY) $$f || exit 1; done
+
+lint: install
+	$(PY) -m ruff check .
+
+clean:
+	rm -rf outputs multirun lightning_logs .pytest_cache

@@ -1,0 +1,46 @@
+"""Shared fixtures: small analytic cases and composed configs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from vmatdose.data.case import Case
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+OPENKBP_SAMPLE = REPO_ROOT.parent / "shared" / "data" / "openkbp-sample"
+
+
+def make_box_case(shape=(16, 20, 24), spacing=(2.0, 2.5, 3.0), case_id="box",
+                  with_dose=True) -> Case:
+    """A body block with a PTV70 cube, a PTV56 shell around it and a Rectum bar.
+
+    Dose: 70 Gy in PTV70, 56 Gy in PTV56, 10 Gy elsewhere in the body, 0 outside.
+    """
+    z, y, x = shape
+    body = np.zeros(shape, np.uint8)
+    body[1:-1, 2:-2, 2:-2] = 1
+    ptv70 = np.zeros(shape, np.uint8)
+    ptv70[z // 2 - 3:z // 2 + 3, y // 2 - 3:y // 2 + 3, x // 2 - 3:x // 2 + 3] = 1
+    ptv56 = np.zeros(shape, np.uint8)
+    ptv56[z // 2 - 5:z // 2 + 5, y // 2 - 5:y // 2 + 5, x // 2 - 5:x // 2 + 5] = 1
+    ptv56[ptv70 > 0] = 0
+    rectum = np.zeros(shape, np.uint8)
+    rectum[:, y // 2 + 6:y // 2 + 8, x // 2 - 1:x // 2 + 1] = 1
+    rectum *= body
+    dose = np.where(body > 0, 10.0, 0.0).astype(np.float32)
+    dose[ptv56 > 0] = 56.0
+    dose[ptv70 > 0] = 70.0
+    ct = np.where(body > 0, 40, -1000).astype(np.int16)
+    return Case(case_id=case_id, ct=ct, masks=np.stack([ptv70, ptv56, rectum]),
+                structures=["PTV70", "PTV56", "Rectum"], body=body,
+                spacing_mm=np.array(spacing, float), origin_mm=np.zeros(3),
+                prescriptions_gy={"PTV70": 70.0, "PTV56": 56.0},
+                dose=dose if with_dose else None, meta={"source": "test", "fractions": 28})
+
+
+@pytest.fixture
+def box_case() -> Case:
+    return make_box_case()

@@ -1,0 +1,61 @@
+"""Every config group composes, resolves and instantiates what it names."""
+
+from pathlib import Path
+
+import hydra
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from vmatdose.config import CONFIG_DIR
+
+GROUP_DIRS = [p for p in Path(CONFIG_DIR).iterdir() if p.is_dir() and p.name != "hydra"]
+
+
+def compose_train(tmp_path, overrides=()):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose("train", overrides=[f"paths.root_dir={tmp_path}",
+                                           f"paths.output_dir={tmp_path}/run", *overrides])
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (Path(CONFIG_DIR) / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("group", ["data", "model", "loss", "trainer", "logger", "callbacks",
+                                   "experiment", "debug", "hparams_search"])
+def test_every_option_of_every_group_composes_and_resolves(tmp_path, group):
+    opts = options(group)
+    if group in ("data", "model", "loss", "trainer", "logger", "callbacks"):
+        assert opts, f"config group {group} is empty"
+    for option in opts:
+        prefix = "+" if group == "hparams_search" else ""
+        cfg = compose_train(tmp_path, [f"{prefix}{group}={option}"])
+        OmegaConf.resolve(cfg)  # every interpolation resolves
+
+
+def test_default_train_config_instantiates_every_object(tmp_path):
+    cfg = compose_train(tmp_path)
+    datamodule = hydra.utils.instantiate(cfg.data)
+    assert datamodule.structures[:2] == ["PTV70", "PTV56"]
+    assert datamodule.dose_scale_gy == 70.0
+    model = hydra.utils.instantiate(cfg.model, loss=hydra.utils.instantiate(cfg.loss))
+    assert model.net.in_channels == 1 + len(cfg.data.structures)
+    trainer_precision = cfg.trainer.precision
+    assert trainer_precision in ("32-true", "bf16-mixed")
+
+
+def test_user_config_folder_via_searchpath(tmp_path):
+    extra = tmp_path / "myconf" / "loss"
+    extra.mkdir(parents=True)
+    (extra / "mine.yaml").write_text(
+        "_target_: vmatdose.losses.CompositeLoss\nterms:\n  voxel:\n    weight: 3.0\n"
+        "    term: {_target_: vmatdose.losses.VoxelLoss, kind: mse}\n")
+    cfg = compose_train(tmp_path, [f"hydra.searchpath=[file://{tmp_path / 'myconf'}]",
+                                   "loss=mine"])
+    assert cfg.loss.terms.voxel.weight == 3.0
+
+
+def test_config_typo_is_an_error(tmp_path):
+    with pytest.raises(Exception, match="modle|Could not override"):
+        compose_train(tmp_path, ["modle=unet"])

@@ -1,0 +1,48 @@
+"""Where the configs live, and the OmegaConf resolvers they use.
+
+Importing this module registers the resolvers; every entry point imports it (through
+``vmatdose/__init__.py``) before Hydra composes a config.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+#: Absolute path of the repository's ``conf/`` folder, so configs are found from any
+#: working directory.
+CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+
+
+def input_channels(structures: list, signed_distance: bool) -> int:
+    """Network input channels: CT + one mask per structure (+ one SDF per structure)."""
+    n = len(structures)
+    return 1 + n + (n if signed_distance else 0)
+
+
+def auto_precision(accelerator: str) -> str:
+    """Lightning precision for an accelerator: bf16-mixed on CUDA, 32-true on CPU."""
+    uses_cuda = accelerator in ("gpu", "cuda") or (
+        accelerator == "auto" and torch.cuda.is_available())
+    return "bf16-mixed" if uses_cuda else "32-true"
+
+
+def max_prescription(prescriptions: dict) -> float:
+    """Highest prescription in Gy (the dose normalisation)."""
+    return float(max(prescriptions.values()))
+
+
+def _register() -> None:
+    resolvers = {
+        "vmatdose.input_channels": input_channels,
+        "vmatdose.auto_precision": auto_precision,
+        "vmatdose.max_prescription": max_prescription,
+    }
+    for name, fn in resolvers.items():
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)
+
+
+_register()

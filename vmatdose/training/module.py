@@ -1,0 +1,154 @@
+"""The LightningModule every regression model trains with (U-Nets and friends)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import lightning as L
+import torch
+from monai.inferers import sliding_window_inference
+from torch import nn
+from torch.nn import functional as F
+
+from vmatdose.losses import CompositeLoss
+
+
+def pad_to_multiple(x: torch.Tensor, k: int) -> tuple[torch.Tensor, tuple[slice, ...]]:
+    """Zero-pad the last three dims of ``x`` (B, C, Z, Y, X) up to multiples of ``k``.
+
+    Returns the padded tensor and the slices that crop it back.
+    """
+    pads, crop = [], []
+    for size in x.shape[-3:]:
+        total = (-size) % k
+        before = total // 2
+        pads.append((before, total - before))
+        crop.append(slice(before, before + size))
+    flat = [p for pair in reversed(pads) for p in pair]
+    return F.pad(x, flat), (slice(None), slice(None), *crop)
+
+
+def mae_in_body_gy(pred: torch.Tensor, dose: torch.Tensor, body: torch.Tensor,
+                   scale_gy: torch.Tensor) -> torch.Tensor:
+    """Per-case mean absolute error in Gy inside the body.
+
+    Args:
+        pred, dose, body: (B, 1, Z, Y, X); doses normalised by ``scale_gy``.
+        scale_gy: (B,) highest prescription in Gy.
+    Returns:
+        (B,) MAE in Gy.
+    """
+    err = (pred - dose).abs() * body
+    per_case = err.flatten(1).sum(1) / body.flatten(1).sum(1).clamp_min(1)
+    return per_case * scale_gy.to(per_case)
+
+
+class DoseModule(L.LightningModule):
+    """Image -> dose regression.
+
+    Args:
+        net: maps (B, C, Z, Y, X) inputs to (B, 1, Z, Y, X) normalised dose.
+        loss: a :class:`CompositeLoss` (``None`` for inference only).
+        optimizer: partial optimizer factory (``params -> Optimizer``).
+        scheduler: partial LR scheduler factory (``optimizer -> scheduler``) or ``None``.
+        inference_patch_size: sliding-window size for whole-volume inference; ``None`` pads
+            the whole volume to ``divisible_by`` and predicts it in one pass.
+        val_gamma: gamma criteria computed on validation cases each epoch, e.g.
+            ``{"dose_percent": 3, "distance_mm": 3}``; ``None`` skips it.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        loss: CompositeLoss | None,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        scheduler: Callable[..., Any] | None = None,
+        inference_patch_size: Sequence[int] | None = None,
+        sw_overlap: float = 0.25,
+        divisible_by: int = 16,
+        val_gamma: Mapping | None = None,
+    ):
+        super().__init__()
+        self.net = net
+        self.loss = loss
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.inference_patch_size = list(inference_patch_size) if inference_patch_size else None
+        self.sw_overlap = sw_overlap
+        self.divisible_by = divisible_by
+        self.val_gamma = dict(val_gamma) if val_gamma else None
+        self.run_config: dict | None = None  # set by train.py, stored in every checkpoint
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.net(image)
+
+    @torch.no_grad()
+    def predict_dose(self, image: torch.Tensor) -> torch.Tensor:
+        """Whole-volume inference: (B, C, Z, Y, X) -> (B, 1, Z, Y, X) normalised dose >= 0."""
+        if self.inference_patch_size:
+            pred = sliding_window_inference(image, self.inference_patch_size, 2, self,
+                                            overlap=self.sw_overlap, mode="gaussian")
+        else:
+            padded, crop = pad_to_multiple(image, self.divisible_by)
+            pred = self(padded)[crop]
+        return pred.float().clamp_min(0)
+
+    @torch.no_grad()
+    def predict_with_uncertainty(self, image: torch.Tensor
+                                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(mean dose, per-voxel std or ``None``), both (B, 1, Z, Y, X) normalised.
+
+        Deterministic models have no spread; generative models override this with an
+        ensemble of samples.
+        """
+        return self.predict_dose(image), None
+
+    def _log_loss(self, stage: str, total: torch.Tensor, terms: dict[str, torch.Tensor],
+                  batch_size: int) -> None:
+        on_step = stage == "train"
+        self.log(f"{stage}/loss", total, prog_bar=True, on_step=on_step, on_epoch=True,
+                 batch_size=batch_size, sync_dist=not on_step)
+        for name, value in terms.items():
+            self.log(f"{stage}/loss/{name}", value, on_step=on_step, on_epoch=True,
+                     batch_size=batch_size, sync_dist=not on_step)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        pred = self(batch["image"])
+        total, terms = self.loss(pred, batch)
+        self._log_loss("train", total, terms, batch["image"].shape[0])
+        return total
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        pred = self.predict_dose(batch["image"])
+        total, terms = self.loss(pred, batch)
+        n = batch["image"].shape[0]
+        self._log_loss("val", total, terms, n)
+        mae = mae_in_body_gy(pred, batch["dose"], batch["body"], batch["dose_scale_gy"])
+        self.log("val/mae_gy", mae.mean(), prog_bar=True, batch_size=n, sync_dist=True)
+        if self.val_gamma:
+            self.log("val/gamma_pass", self._gamma_pass(pred, batch), prog_bar=True,
+                     batch_size=n, sync_dist=True)
+
+    def _gamma_pass(self, pred: torch.Tensor, batch: dict) -> torch.Tensor:
+        from vmatdose.metrics.gamma import gamma_pass_rate
+
+        rates = []
+        for i in range(pred.shape[0]):
+            scale = float(batch["dose_scale_gy"][i])
+            rates.append(gamma_pass_rate(batch["dose"][i, 0].float() * scale,
+                                         pred[i, 0].float() * scale,
+                                         batch["spacing_mm"][i].tolist(), **self.val_gamma))
+        return torch.tensor(rates, dtype=torch.float32).nanmean()
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory(params=self.parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer=optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler,
+                                                         "interval": "epoch"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.run_config is not None:
+            checkpoint["vmatdose_config"] = self.run_config
