@@ -1,0 +1,97 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_box_case
+
+from vmatdose.data.case import save_case
+from vmatdose.data.datamodule import DoseDataModule, make_split, read_split
+from vmatdose.data.transforms import RandFlipLeftRightd, build_transforms, signed_distance_mm
+
+STRUCTURES = ["PTV70", "PTV56", "Rectum", "Bladder"]
+
+
+def test_signed_distance_is_negative_inside_positive_outside_in_mm():
+    mask = np.zeros((9, 9, 21), np.uint8)
+    mask[:, :, :10] = 1  # boundary between x=9 and x=10
+    sdf = signed_distance_mm(mask, (1.0, 1.0, 2.0))
+    assert sdf[4, 4, 9] == pytest.approx(-2.0)  # last inside voxel: 1 voxel (2 mm) to outside
+    assert sdf[4, 4, 10] == pytest.approx(2.0)  # first outside voxel
+    assert sdf[4, 4, 15] == pytest.approx(12.0)  # 6 voxels x 2 mm
+    assert sdf[4, 4, 0] == pytest.approx(-20.0)
+
+
+def test_sample_has_documented_keys_shapes_and_scaling(tmp_path, box_case):
+    path = save_case(box_case, tmp_path / "box.npz")
+    sample = build_transforms(STRUCTURES, 70.0, train=False, signed_distance=True)(
+        {"path": str(path)})
+    shape = box_case.shape
+    assert sample["image"].shape == (1 + 4 + 4, *shape)
+    assert sample["dose"].shape == (1, *shape) and sample["body"].shape == (1, *shape)
+    assert float(sample["dose"].max()) == pytest.approx(1.0)  # 70 Gy / 70 Gy
+    assert float(sample["image"][0].min()) >= 0 and float(sample["image"][0].max()) <= 1
+    # Bladder is absent from the case: an all-zero mask channel, not a crash.
+    assert float(sample["masks"][3].sum()) == 0
+    torch.testing.assert_close(sample["masks"][2], torch.as_tensor(box_case.masks[2],
+                                                                  dtype=torch.float32))
+    assert sample["case_id"] == "box"
+
+
+def test_training_transform_pads_whole_volumes_to_divisible(tmp_path, box_case):
+    path = save_case(box_case, tmp_path / "box.npz")
+    sample = build_transforms(STRUCTURES, 70.0, train=True, divisible_by=8)(
+        {"path": str(path)})
+    assert all(s % 8 == 0 for s in sample["image"].shape[1:])
+
+
+def test_patches_have_the_configured_size(tmp_path, box_case):
+    path = save_case(box_case, tmp_path / "box.npz")
+    sample = build_transforms(STRUCTURES, 70.0, train=True, patch_size=(8, 12, 16))(
+        {"path": str(path)})
+    assert tuple(sample["image"].shape[1:]) == (8, 12, 16)
+
+
+def test_left_right_flip_mirrors_x_and_swaps_paired_structures():
+    structures = ["PTV70", "Femur_L", "Femur_R"]
+    masks = torch.zeros(3, 2, 2, 6)
+    masks[1, :, :, 0] = 1  # left femur at x=0
+    flip = RandFlipLeftRightd(["masks", "dose"], structures, [["Femur_L", "Femur_R"]], prob=1.0)
+    dose = torch.arange(6.0).expand(1, 2, 2, 6)
+    out = flip({"masks": masks, "dose": dose})
+    assert out["dose"][0, 0, 0, 0] == 5.0  # mirrored along x
+    # The mirrored left femur now lies at x=5 and is labelled as the right femur.
+    assert out["masks"][2, :, :, 5].sum() == 4 and out["masks"][1].sum() == 0
+
+
+def test_split_is_seeded_disjoint_and_complete():
+    ids = [f"c{i:02d}" for i in range(16)]
+    split = make_split(ids, 0.125, 0.125, seed=3)
+    assert split == make_split(ids, 0.125, 0.125, seed=3)
+    assert split != make_split(ids, 0.125, 0.125, seed=4)
+    assert (len(split["train"]), len(split["val"]), len(split["test"])) == (12, 2, 2)
+    assert sorted(split["train"] + split["val"] + split["test"]) == ids
+
+
+def test_datamodule_writes_split_and_reads_a_given_one(tmp_path):
+    cases = tmp_path / "cases"
+    for i in range(4):
+        save_case(make_box_case(case_id=f"c{i}"), cases / f"c{i}.npz")
+    kwargs = dict(structures=STRUCTURES, targets=["PTV70"], prescriptions_gy={"PTV70": 70.0},
+                  dose_scale_gy=70.0, split={"val_fraction": 0.25, "test_fraction": 0.25})
+    dm = DoseDataModule(str(cases), split_output=str(tmp_path / "split.json"), **kwargs)
+    dm.setup()
+    written = json.loads((tmp_path / "split.json").read_text())
+    assert written == dm.split and len(written["test"]) == 1
+    given = {"train": ["c0", "c1"], "val": ["c2"], "test": ["c3"]}
+    (tmp_path / "given.json").write_text(json.dumps(given))
+    dm2 = DoseDataModule(str(cases), **{**kwargs, "split": {"file": str(tmp_path / "given.json")}})
+    assert [p.stem for p in dm2.paths_of("test")] == ["c3"]
+    batch = next(iter(dm2.train_dataloader()))
+    assert batch["image"].shape[0] == 2 and batch["dose"].ndim == 5
+
+
+def test_split_file_naming_unknown_cases_is_an_error(tmp_path):
+    (tmp_path / "s.json").write_text(json.dumps({"train": ["x"], "val": [], "test": []}))
+    with pytest.raises(ValueError, match=r"s\.json.*no case file"):
+        read_split(tmp_path / "s.json", ["a", "b"])

@@ -1,0 +1,176 @@
+"""Lightning data module: case files -> seeded split -> MONAI datasets -> loaders."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+from monai.data import CacheDataset, Dataset
+from torch.utils.data import DataLoader
+
+from vmatdose.data.case import list_case_files
+from vmatdose.data.transforms import build_transforms
+
+SPLITS = ("train", "val", "test")
+
+
+def make_split(case_ids: Sequence[str], val_fraction: float, test_fraction: float,
+               seed: int) -> dict[str, list[str]]:
+    """Shuffle ``case_ids`` with ``seed`` and cut them into train/val/test (at least one
+    case in val and test when there are three or more cases)."""
+    ids = sorted(case_ids)
+    rng = np.random.default_rng(seed)
+    order = [ids[i] for i in rng.permutation(len(ids))]
+    n = len(order)
+    n_test = max(1, round(n * test_fraction)) if n >= 3 and test_fraction > 0 else 0
+    n_val = max(1, round(n * val_fraction)) if n >= 3 and val_fraction > 0 else 0
+    return {"test": sorted(order[:n_test]), "val": sorted(order[n_test:n_test + n_val]),
+            "train": sorted(order[n_test + n_val:])}
+
+
+def read_split(path: str | Path, known_ids: Sequence[str]) -> dict[str, list[str]]:
+    """Read a split JSON ``{"train": [...], "val": [...], "test": [...]}`` and check it."""
+    path = Path(path)
+    try:
+        split = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: cannot read split file ({err})") from err
+    missing_keys = [k for k in SPLITS if k not in split]
+    if missing_keys:
+        raise ValueError(f"{path}: split file lacks {missing_keys}")
+    unknown = sorted(set().union(*(split[k] for k in SPLITS)) - set(known_ids))
+    if unknown:
+        raise ValueError(f"{path}: split names cases with no case file: {unknown[:5]}")
+    return {k: list(split[k]) for k in SPLITS}
+
+
+class DoseDataModule(L.LightningDataModule):
+    """Case files in ``cases_dir`` as train/val/test loaders of dict samples.
+
+    See :mod:`vmatdose.data.transforms` for the sample keys and shapes. If the folder holds
+    no case files and a ``generator`` is configured (the phantom), it is called first.
+    """
+
+    def __init__(
+        self,
+        cases_dir: str,
+        structures: Sequence[str],
+        targets: Sequence[str],
+        prescriptions_gy: Mapping[str, float],
+        dose_scale_gy: float,
+        generator: Callable[..., object] | None = None,
+        split: Mapping | None = None,
+        split_output: str | None = None,
+        patch_size: Sequence[int] | None = None,
+        batch_size: int = 2,
+        num_workers: int = 0,
+        signed_distance: bool = False,
+        sdf_scale_mm: float = 50.0,
+        ct_window: Sequence[float] = (-1000.0, 1500.0),
+        lr_pairs: Sequence[Sequence[str]] = (),
+        augment: Mapping | None = None,
+        cache: bool = True,
+        divisible_by: int = 16,
+        max_cases: int | None = None,
+        **clinical: object,
+    ):
+        """``clinical`` holds data-set facts other parts read from the same config
+        (``fractions``, ``constraints``, ...); the data module keeps them as attributes."""
+        super().__init__()
+        self.cases_dir = Path(cases_dir)
+        self.structures = list(structures)
+        self.targets = list(targets)
+        self.prescriptions_gy = dict(prescriptions_gy)
+        self.dose_scale_gy = float(dose_scale_gy)
+        self.generator = generator
+        self.split_cfg = dict(split or {})
+        self.split_output = split_output
+        self.patch_size = list(patch_size) if patch_size else None
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.signed_distance = signed_distance
+        self.cache = cache
+        self.max_cases = max_cases
+        self.clinical = dict(clinical)
+        self.split: dict[str, list[str]] | None = None
+        self._datasets: dict[str, Dataset] = {}
+        common = dict(ct_window=ct_window, signed_distance=signed_distance,
+                      sdf_scale_mm=sdf_scale_mm, divisible_by=divisible_by)
+        self.train_transform = build_transforms(
+            self.structures, self.dose_scale_gy, train=True, patch_size=self.patch_size,
+            lr_pairs=lr_pairs, augment=augment, **common)
+        self.eval_transform = build_transforms(self.structures, self.dose_scale_gy,
+                                               train=False, **common)
+
+    @property
+    def num_input_channels(self) -> int:
+        n = len(self.structures)
+        return 1 + n + (n if self.signed_distance else 0)
+
+    def prepare_data(self) -> None:
+        if not list_case_files(self.cases_dir) and self.generator is not None:
+            self.generator(output_dir=str(self.cases_dir))
+        if not list_case_files(self.cases_dir):
+            raise FileNotFoundError(
+                f"{self.cases_dir}: no case files (*.npz). Run `python -m vmatdose.preprocess` "
+                "or point data.cases_dir at a folder of case files.")
+
+    def case_paths(self) -> dict[str, Path]:
+        """case id (file stem) -> path, for every case file in ``cases_dir``."""
+        paths = {p.stem: p for p in list_case_files(self.cases_dir)}
+        if self.max_cases:
+            paths = dict(list(paths.items())[: self.max_cases])
+        return paths
+
+    def setup(self, stage: str | None = None) -> None:
+        self.ensure_split()
+
+    def ensure_split(self) -> dict[str, list[str]]:
+        """Derive (or read) the train/val/test split once and write it to ``split_output``."""
+        if self.split is not None:
+            return self.split
+        ids = list(self.case_paths())
+        if self.split_cfg.get("file"):
+            self.split = read_split(self.split_cfg["file"], ids)
+        else:
+            self.split = make_split(ids, self.split_cfg.get("val_fraction", 0.125),
+                                    self.split_cfg.get("test_fraction", 0.125),
+                                    self.split_cfg.get("seed", 0))
+        if self.split_output:
+            Path(self.split_output).parent.mkdir(parents=True, exist_ok=True)
+            Path(self.split_output).write_text(json.dumps(self.split, indent=2))
+        return self.split
+
+    def dataset(self, name: str) -> Dataset:
+        """The MONAI dataset of split ``name`` (built on first use)."""
+        if name not in self._datasets:
+            items = [{"path": str(p)} for p in self.paths_of(name)]
+            transform = self.train_transform if name == "train" else self.eval_transform
+            # CacheDataset keeps everything up to the first random transform in memory.
+            self._datasets[name] = (CacheDataset(items, transform, progress=False)
+                                    if self.cache else Dataset(items, transform))
+        return self._datasets[name]
+
+    def paths_of(self, name: str) -> list[Path]:
+        """Case file paths of split ``name`` (``all`` for every case)."""
+        paths = self.case_paths()
+        if name == "all":
+            return list(paths.values())
+        return [paths[i] for i in self.ensure_split()[name]]
+
+    def _loader(self, name: str, shuffle: bool, batch_size: int) -> DataLoader:
+        return DataLoader(self.dataset(name), batch_size=batch_size, shuffle=shuffle,
+                          num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", True, self.batch_size)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", False, 1)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", False, 1)
