@@ -8,8 +8,8 @@ from pathlib import Path
 
 import lightning as L
 import numpy as np
-from monai.data import CacheDataset, Dataset
-from torch.utils.data import DataLoader
+import torch
+from monai.data import CacheDataset, DataLoader, Dataset
 
 from vmatdose.data.case import list_case_files
 from vmatdose.data.transforms import build_transforms
@@ -149,6 +149,10 @@ class DoseDataModule(L.LightningDataModule):
         if name not in self._datasets:
             items = [{"path": str(p)} for p in self.paths_of(name)]
             transform = self.train_transform if name == "train" else self.eval_transform
+            # MONAI's random transforms draw from their own RandomState: seed it from the
+            # run's seed (seed_everything) so augmentation repeats; monai's DataLoader
+            # re-seeds it per worker.
+            transform.set_random_state(seed=int(torch.initial_seed() % 2**32))
             # CacheDataset keeps everything up to the first random transform in memory.
             self._datasets[name] = (CacheDataset(items, transform, progress=False)
                                     if self.cache else Dataset(items, transform))
