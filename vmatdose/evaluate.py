@@ -3,7 +3,8 @@
     python -m vmatdose.evaluate ckpt_path=<run>/checkpoints/last.ckpt
     python -m vmatdose.evaluate predictions_dir=<dir> data.cases_dir=<dir> split=all
 
-Writes ``per_case.csv`` and ``summary.json`` into the run folder.
+Writes ``per_case.csv``, ``dvh.csv``, ``constraints.csv``, ``summary.json``, ``figures/``
+and ``report.html`` into the run folder.
 """
 
 from __future__ import annotations
@@ -17,37 +18,32 @@ import numpy as np
 import pandas as pd
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
-from tqdm import tqdm
 
 from vmatdose.config import CONFIG_DIR
 from vmatdose.data.case import Case, load_case
 from vmatdose.evaluation.baseline import StructureMeanBaseline
-from vmatdose.evaluation.case_metrics import basic_case_metrics
 from vmatdose.evaluation.inference import (
     INPUT_CONTRACT_KEYS,
     load_module,
     predict_cases,
     resolve_device,
 )
-from vmatdose.evaluation.tables import write_tables
+from vmatdose.evaluation.suite import EvaluationSettings, run_suite
 
 log = logging.getLogger(__name__)
 
 
-def evaluate_predictions(pairs: Iterable[tuple[Case, np.ndarray]], targets: Sequence[str],
-                         output_dir: str | Path, baseline: StructureMeanBaseline | None = None,
+def evaluate_predictions(pairs: Iterable[tuple[Case, np.ndarray]], data_cfg: DictConfig,
+                         evaluation_cfg: DictConfig | dict | None, output_dir: str | Path,
+                         baseline: StructureMeanBaseline | None = None,
                          total: int | None = None) -> tuple[pd.DataFrame, dict]:
-    """Metrics of every ``(case, predicted dose Gy)`` pair -> per_case.csv + summary.json."""
-    rows = []
-    for case, pred_gy in tqdm(pairs, total=total, desc="evaluate", unit="case"):
-        row: dict = {"case_id": case.case_id, **basic_case_metrics(case, pred_gy, targets)}
-        if baseline is not None:
-            row["baseline_mae_body_gy"] = basic_case_metrics(
-                case, baseline.predict(case), targets)["mae_body_gy"]
-        rows.append(row)
-    if not rows:
-        raise ValueError("nothing to evaluate: the split has no cases")
-    return write_tables(rows, output_dir)
+    """The full clinical evaluation of ``(case, predicted dose Gy)`` pairs into
+    ``output_dir`` (tables, figures, report.html; see :mod:`vmatdose.evaluation.suite`)."""
+    settings = EvaluationSettings.from_config(
+        data_cfg.targets, OmegaConf.to_container(data_cfg.get("constraints") or []),
+        OmegaConf.to_container(evaluation_cfg) if isinstance(evaluation_cfg, DictConfig)
+        else evaluation_cfg)
+    return run_suite(pairs, settings, output_dir, baseline, total)
 
 
 def read_predictions(predictions_dir: str | Path,
@@ -108,7 +104,7 @@ def run_evaluation(cfg: DictConfig, output_dir: str | Path) -> tuple[pd.DataFram
         pairs = predict_cases(module, data_cfg, paths, device)
     else:
         pairs = read_predictions(cfg.predictions_dir, paths)
-    table, summary = evaluate_predictions(pairs, list(data_cfg.targets), output_dir,
+    table, summary = evaluate_predictions(pairs, data_cfg, cfg.get("evaluation"), output_dir,
                                           baseline, total=len(paths))
     log.info("evaluated %d cases -> %s", len(table), output_dir)
     return table, summary

@@ -7,12 +7,15 @@ from collections.abc import Sequence
 import numpy as np
 
 from vmatdose.data.case import Case
+from vmatdose.metrics.dvh import dose_at_volume
 
 
 def d95_gy(dose_gy: np.ndarray, mask: np.ndarray) -> float:
-    """D95: the dose 95 % of the structure receives at least (5th percentile), Gy."""
-    values = dose_gy[mask > 0]
-    return float(np.percentile(values, 5)) if values.size else float("nan")
+    """D95 (Gy): the highest dose at least 95 % of the structure receives (exact voxel
+    definition of :mod:`vmatdose.metrics.dvh`); NaN for an empty mask."""
+    if not mask.any():
+        return float("nan")
+    return float(dose_at_volume(dose_gy.astype(np.float64), mask[None], 95.0)[0])
 
 
 def basic_case_metrics(case: Case, pred_gy: np.ndarray,

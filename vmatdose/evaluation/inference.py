@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from vmatdose.data.case import Case, load_case
+from vmatdose.data.case import load_case
 from vmatdose.data.transforms import build_transforms
 
 #: Data-config keys that define a model's input channels; evaluation must use the

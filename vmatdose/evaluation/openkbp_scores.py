@@ -1,0 +1,63 @@
+"""The OpenKBP challenge scores (Babier et al. 2021), as the challenge code computes them.
+
+* dose score of a patient: ``sum(|pred - ref|) / N`` over the N voxels of the
+  possible-dose mask (our ``body``), Gy;
+* DVH score: mean absolute error over patients, ROIs and metrics of D99, D95, D1 for
+  targets and D0.1cc, Dmean for OARs, with OpenKBP's percentile definitions
+  (``method="openkbp"`` in :mod:`vmatdose.metrics.dvh`). It is pooled over every
+  (patient, ROI, metric) entry, not averaged per patient first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from vmatdose.data.case import Case
+from vmatdose.metrics.dvh import dose_at_cc, dose_at_volume, mean_dose
+
+TARGET_METRICS = ("D99", "D95", "D1")
+OAR_METRICS = ("D0.1cc", "Dmean")
+
+
+def dose_score(case: Case, pred_gy: np.ndarray) -> float:
+    """Mean absolute dose error (Gy) over the possible-dose mask (``case.body``)."""
+    region = case.body > 0
+    if not region.any():
+        return float("nan")
+    return float(np.abs(pred_gy[region].astype(np.float64) - case.dose[region]).mean())
+
+
+def dvh_entries(case: Case, dose_gy: np.ndarray, targets: Sequence[str]) -> dict[str, float]:
+    """The challenge's DVH points of one dose: ``{"<ROI>/<metric>": Gy}`` for every
+    structure the case has (targets: D99, D95, D1; OARs: D0.1cc, Dmean)."""
+    entries: dict[str, float] = {}
+    for name in case.structures:
+        mask = case.mask(name)[None]
+        if not mask.any():
+            continue
+        if name in targets:
+            values = dose_at_volume(dose_gy, mask, [99.0, 95.0, 1.0], method="openkbp")[0]
+            entries.update({f"{name}/{m}": float(v) for m, v in zip(TARGET_METRICS, values)})
+        else:
+            entries[f"{name}/D0.1cc"] = float(dose_at_cc(dose_gy, mask, 0.1, method="openkbp",
+                                                         spacing_mm=case.spacing_mm)[0])
+            entries[f"{name}/Dmean"] = float(mean_dose(dose_gy, mask)[0])
+    return entries
+
+
+def dvh_errors(case: Case, pred_gy: np.ndarray, targets: Sequence[str]) -> list[float]:
+    """|pred - ref| (Gy) of every DVH point of one patient (NaN points dropped)."""
+    ref = dvh_entries(case, case.dose, targets)
+    pred = dvh_entries(case, pred_gy, targets)
+    errors = [abs(pred[k] - ref[k]) for k in ref]
+    return [e for e in errors if np.isfinite(e)]
+
+
+def openkbp_scores(dose_scores: Sequence[float],
+                   dvh_error_lists: Sequence[Sequence[float]]) -> dict[str, float]:
+    """Challenge-level scores from per-patient dose scores and DVH error lists."""
+    pooled = [e for errors in dvh_error_lists for e in errors]
+    return {"dose_score_gy": float(np.nanmean(dose_scores)) if len(dose_scores) else np.nan,
+            "dvh_score_gy": float(np.mean(pooled)) if pooled else float("nan")}
