@@ -16,9 +16,11 @@ from pathlib import Path
 import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from vmatdose.config import CONFIG_DIR
+from vmatdose.tracking.evaluation_log import finish_loggers, log_evaluation
 from vmatdose.training.run_record import write_run_record
 
 log = logging.getLogger(__name__)
@@ -49,12 +51,15 @@ def fit(cfg: DictConfig, output_dir: str | Path) -> tuple[L.Trainer, L.Lightning
     print(f"model {type(model.net).__name__}: {n_params / 1e6:.2f} M parameters")
     trainer = hydra.utils.instantiate(cfg.trainer, callbacks=instantiate_dict(cfg.callbacks),
                                       logger=instantiate_dict(cfg.get("logger")) or False)
+    for logger in trainer.loggers:  # the composed config, for every tracker
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     return trainer, model
 
 
 def evaluate_best(cfg: DictConfig, trainer: L.Trainer, output_dir: Path) -> dict | None:
-    """Evaluate the best checkpoint on the test split into ``output_dir/eval``."""
+    """Evaluate the best checkpoint on the test split into ``output_dir/eval`` and send
+    the results to the run's loggers; return the summary (``None`` without checkpoint)."""
     from vmatdose.evaluate import run_evaluation
 
     ckpt = best_checkpoint(trainer)
@@ -66,7 +71,8 @@ def evaluate_best(cfg: DictConfig, trainer: L.Trainer, output_dir: Path) -> dict
                                  "split_file": str(output_dir / "split.json"),
                                  "accelerator": cfg.trainer.get("accelerator", "auto"),
                                  "evaluation": cfg.get("evaluation", {})})
-    _, summary = run_evaluation(eval_cfg, output_dir / "eval")
+    table, summary = run_evaluation(eval_cfg, output_dir / "eval")
+    log_evaluation(trainer.loggers, table, summary)
     return summary
 
 
@@ -84,17 +90,31 @@ def run(cfg: DictConfig) -> float | None:
     start = time.perf_counter()
     output_dir = Path(cfg.paths.output_dir)
     overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
-    write_run_record(cfg, output_dir, overrides)
+    if rank_zero_only.rank == 0:  # DDP: only rank zero writes files
+        write_run_record(cfg, output_dir, overrides)
     trainer, _ = fit(cfg, output_dir)
-    metric_name = cfg.get("optimized_metric")
-    metric = trainer.callback_metrics.get(metric_name) if metric_name else None
+    metric = optimized_metric(trainer, cfg.get("optimized_metric"))
+    if not trainer.is_global_zero:
+        return metric
     if cfg.get("evaluate_after_training", True):
         summary = evaluate_best(cfg, trainer, output_dir)
         if summary is not None:
             prescriptions = cfg.data.prescriptions_gy
             primary = max(prescriptions, key=lambda k: prescriptions[k])
             print(summary_line(cfg.task_name, summary, primary, time.perf_counter() - start))
-    return float(metric) if metric is not None else None
+    finish_loggers(trainer.loggers)
+    return metric
+
+
+def optimized_metric(trainer: L.Trainer, name: str | None) -> float | None:
+    """The best value of ``name`` when the checkpoint callback monitors it, else its last."""
+    if not name:
+        return None
+    callback = trainer.checkpoint_callback
+    if callback is not None and callback.monitor == name and callback.best_model_score is not None:
+        return float(callback.best_model_score)
+    value = trainer.callback_metrics.get(name)
+    return float(value) if value is not None else None
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")

@@ -5,9 +5,8 @@ import json
 import pandas as pd
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from conftest import smoke_config
 
-from vmatdose.config import CONFIG_DIR
 from vmatdose.train import fit, run
 
 
@@ -16,10 +15,7 @@ def data_root(tmp_path_factory):
     return tmp_path_factory.mktemp("root")
 
 
-def smoke_cfg(root, run_dir, *overrides):
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose("train", overrides=["debug=smoke", f"paths.root_dir={root}",
-                                           f"paths.output_dir={run_dir}", *overrides])
+smoke_cfg = smoke_config
 
 
 def test_two_epochs_lower_val_mae_below_initialisation(data_root, tmp_path):

@@ -1,0 +1,1 @@
+"""Experiment tracking: logger factories, per-epoch dose images, run comparison."""
