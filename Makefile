@@ -11,7 +11,7 @@ else
 endif
 STAMP := $(dir $(PY)).vmatdose-installed
 
-.PHONY: install demo test smoke bench lint clean
+.PHONY: install demo test smoke bench experiments lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,11 @@ smoke: install
 ## Benchmarks: print tables, write benchmarks/results/*.json.
 bench: install
 	@for f in benchmarks/bench_*.py; do echo "== $$f"; $(PY) $$f || exit 1; done
+
+## Regenerate experiments/README.md (the experiment index) from the runs on disk.
+experiments: install
+	$(PY) -m vmatdose.compare $(wildcard outputs multirun) --output experiments/comparison \
+		--readme experiments/README.md
 
 lint: install
 	$(PY) -m ruff check .

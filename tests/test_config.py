@@ -23,7 +23,7 @@ def options(group: str) -> list[str]:
 
 
 @pytest.mark.parametrize("group", ["data", "model", "loss", "trainer", "logger", "callbacks",
-                                   "experiment", "debug", "hparams_search"])
+                                   "evaluation", "experiment", "debug", "hparams_search"])
 def test_every_option_of_every_group_composes_and_resolves(tmp_path, group):
     opts = options(group)
     if group in ("data", "model", "loss", "trainer", "logger", "callbacks"):
@@ -59,3 +59,22 @@ def test_user_config_folder_via_searchpath(tmp_path):
 def test_config_typo_is_an_error(tmp_path):
     with pytest.raises(Exception, match="modle|Could not override"):
         compose_train(tmp_path, ["modle=unet"])
+
+
+def test_slurm_launcher_takes_its_resources_from_config(tmp_path):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("train", return_hydra_config=True,
+                      overrides=["hydra/launcher=slurm", "hydra.launcher.partition=gpu",
+                                 "hydra.launcher.gpus_per_node=4", "hydra.launcher.mem_gb=32"])
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
+    assert (launcher.partition, launcher.gpus_per_node, launcher.mem_gb) == ("gpu", 4, 32)
+    assert launcher.tasks_per_node == 4, "one task per GPU for DDP"
+
+
+def test_ddp_trainer_config_builds_a_ddp_strategy(tmp_path):
+    cfg = compose_train(tmp_path, ["trainer=ddp", "trainer.accelerator=cpu",
+                                   "trainer.devices=2", "trainer.num_nodes=3"])
+    strategy = hydra.utils.instantiate(cfg.trainer.strategy)
+    assert type(strategy).__name__ == "DDPStrategy"
+    assert (cfg.trainer.devices, cfg.trainer.num_nodes) == (2, 3)
