@@ -8,7 +8,6 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import make_box_case
 from vmatdose.evaluation.constraints import (
     Constraint,
     constraint_rows,
@@ -19,6 +18,8 @@ from vmatdose.evaluation.openkbp_scores import dose_score, dvh_errors, openkbp_s
 from vmatdose.evaluation.regions import gamma_regions, region_pass_rates
 from vmatdose.evaluation.suite import EvaluationSettings, evaluate_case, run_suite
 from vmatdose.metrics.gamma import gamma_index
+
+from conftest import make_box_case
 
 CONSTRAINTS = [
     {"structure": "PTV70", "metric": "V95%", "op": ">=", "limit": 95.0},

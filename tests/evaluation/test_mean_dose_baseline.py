@@ -1,6 +1,5 @@
 import numpy as np
 import pytest
-from conftest import make_box_case
 
 from vmatdose.evaluation.baseline import StructureMeanBaseline, structure_classes
 from vmatdose.evaluation.case_metrics import basic_case_metrics, d95_gy

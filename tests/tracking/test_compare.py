@@ -5,9 +5,10 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from conftest import smoke_config
 from vmatdose.compare import comparison_table, find_runs, main
 from vmatdose.train import run
+
+from conftest import smoke_config
 
 
 @pytest.fixture(scope="module")

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from vmatdose.train import run
+
 from conftest import smoke_config
 from wandb_records import config_keys, history_rows
-
-from vmatdose.train import run
 
 
 def test_offline_wandb_run_holds_config_metrics_and_images(tmp_path, monkeypatch):

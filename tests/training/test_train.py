@@ -5,9 +5,10 @@ import json
 import pandas as pd
 import pytest
 import torch
-from conftest import smoke_config
 
 from vmatdose.train import fit, run
+
+from conftest import smoke_config
 
 
 @pytest.fixture(scope="module")
