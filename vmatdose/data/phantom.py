@@ -15,8 +15,10 @@ What the dose model captures (physics-inspired, not a treatment planning system)
   rays through PTV56 only, its fluence reduced where rays cross the rectum or bladder
   (what plan optimisation does to spare them);
 * lateral scatter as a Gaussian blur of the summed dose;
-* two segment weights solved so the PTV70 median is 70 Gy and the PTV56 median 56 Gy:
-  steep fall-off outside the targets and a low-dose bath where the arc enters.
+* fluence modulation by a few multiplicative updates per ray (the mean ratio of goal to
+  delivered dose over the targets the ray crosses), a miniature inverse planning that
+  makes both dose levels uniform; normalised to a PTV70 median of 70 Gy. Steep fall-off
+  outside the targets and a low-dose bath where the arc enters follow.
 
 What it ignores: beam divergence and inverse-square, heterogeneity effects on scatter,
 multi-leaf-collimator mechanics, and real optimisation objectives.
@@ -49,12 +51,17 @@ STRUCTURES = ["PTV70", "PTV56", "Rectum", "Bladder", "Femur_L", "Femur_R", "Bowe
 PRESCRIPTIONS_GY = {"PTV70": 70.0, "PTV56": 56.0}
 FRACTIONS = 28
 DATASET_FILE = "dataset.json"
+GENERATOR_VERSION = 2  # bump when the anatomy or dose model changes: old folders are refused
 
 _MU_PER_MM = 0.0045  # effective attenuation of a 6 MV beam in water (~4.5 %/cm)
 _BUILDUP_MM = 6.0  # e-folding length of the build-up under the skin
 _PENUMBRA_SIGMA_MM = 3.5
+_APERTURE_MARGIN_MM = 6.0  # leaves open beyond the target projection, so its edge is covered
 _SCATTER_SIGMA_MM = 4.0
 _OAR_SPARING = 0.55  # fraction of fluence removed on rays fully blocked by rectum/bladder
+_BOOST_FLUENCE = 0.25  # initial boost segment, relative to the elective one
+_RELAXATION = 0.8  # exponent of the per-ray fluence correction
+_ELECTIVE_GOAL = 0.9  # PTV56 goal in the modulation, relative to its prescription
 
 
 @dataclass
@@ -225,25 +232,33 @@ def _depth_dose(radiological_depth_mm: torch.Tensor, inside: torch.Tensor) -> to
     return buildup * torch.exp(-_MU_PER_MM * radiological_depth_mm) * inside
 
 
+def _open_leaves(projection: torch.Tensor, pixel_mm: tuple[float, float]) -> torch.Tensor:
+    """Beam's-eye-view apertures (B, Z, U): the target projection grown by the aperture
+    margin (Euclidean, in mm) within each beam."""
+    sampling = (1e6, *pixel_mm)  # no growth across beams
+    distance = ndimage.distance_transform_edt(~projection.numpy(), sampling=sampling)
+    return torch.from_numpy(distance <= _APERTURE_MARGIN_MM)
+
+
 def _blur_fluence(fluence: torch.Tensor, sigmas_px: tuple[float, float]) -> torch.Tensor:
     """Gaussian penumbra on (B, Z, U) fluence maps, sigma per axis in pixels."""
     arr = ndimage.gaussian_filter(fluence.numpy(), sigma=(0.0, *sigmas_px), mode="constant")
     return torch.from_numpy(arr)
 
 
-def compute_vmat_dose(anatomy: Anatomy, spacing_mm: Sequence[float],
-                      n_beams: int = 36) -> np.ndarray:
+def compute_vmat_dose(anatomy: Anatomy, spacing_mm: Sequence[float], n_beams: int = 36,
+                      iterations: int = 5) -> np.ndarray:
     """Dose (Z, Y, X) in Gy of a 70/56 Gy SIB arc plan on the phantom ``anatomy``."""
     shape = anatomy.body.shape
     m = anatomy.masks
     iso = anatomy.isocentre_mm
     targets = m["PTV70"] | m["PTV56"]
-    margin = 3 * max(_PENUMBRA_SIGMA_MM, spacing_mm[1], spacing_mm[2])
+    margin = 3 * max(_PENUMBRA_SIGMA_MM, spacing_mm[1], spacing_mm[2]) + _APERTURE_MARGIN_MM
     geo = BeamGeometry(shape, spacing_mm, iso, n_beams,
                        depth_radius_mm=_in_plane_radius_mm(anatomy.body, spacing_mm, iso),
                        lateral_radius_mm=_in_plane_radius_mm(targets, spacing_mm, iso) + margin)
     density = relative_electron_density(anatomy.hu) * anatomy.body
-    oar = (m["Rectum"] | m["Bladder"]) & ~_expand(m["PTV70"], 3.0, spacing_mm)
+    oar = (m["Rectum"] | m["Bladder"]) & ~_expand(targets, 3.0, spacing_mm)
     stack = np.stack([density, targets, m["PTV70"], oar]).astype(np.float32)
     frames = geo.into_beams(torch.from_numpy(stack).reshape(-1, *shape[1:]))
     frames = frames.reshape(n_beams, 4, shape[0], geo.n_v, geo.n_u)  # (B, 4, Z, V, U)
@@ -251,41 +266,44 @@ def compute_vmat_dose(anatomy: Anatomy, spacing_mm: Sequence[float],
     depth = (torch.cumsum(rho, dim=2) - 0.5 * rho) * geo.pixel_mm
     ddose = _depth_dose(depth, (rho > 0.05).float())  # (B, Z, V, U)
 
-    sigmas = (_PENUMBRA_SIGMA_MM / spacing_mm[0], _PENUMBRA_SIGMA_MM / geo.pixel_mm)
-    boost_rays = frames[:, 2].amax(dim=2) > 0.5  # (B, Z, U): rays crossing PTV70
-    elective_rays = (frames[:, 1].amax(dim=2) > 0.5) & ~boost_rays  # PTV56 only
-    elective = _blur_fluence(elective_rays.float(), sigmas)
-    boost = _blur_fluence(boost_rays.float(), sigmas)
-    oar_path = frames[:, 3].sum(dim=2) * geo.pixel_mm  # mm of OAR crossed per ray
-    sparing = 1.0 - _OAR_SPARING * torch.clamp(oar_path / 30.0, 0.0, 1.0)
-
-    components = []
-    for fluence in (elective * sparing, boost):
-        beams = ddose * fluence[:, :, None, :]  # (B, Z, V, U)
-        dose = geo.into_patient(beams).numpy()
-        sigma_vox = [_SCATTER_SIGMA_MM / s for s in spacing_mm]
-        components.append(ndimage.gaussian_filter(dose, sigma_vox, mode="constant"))
-    weights = _segment_weights(components, m["PTV70"], m["PTV56"])
-    dose = (weights[0] * components[0] + weights[1] * components[1]) * anatomy.body
-    return dose.astype(np.float32)
-
-
-def _segment_weights(components: list[np.ndarray], ptv70: np.ndarray,
-                     ptv56: np.ndarray, iterations: int = 6) -> np.ndarray:
-    """Weights of (elective, boost) segments putting the PTV70 median at 70 Gy and the PTV56
-    median at 56 Gy: Newton steps on the two medians, with the Jacobian approximated by
-    each component's mean dose in each target (a plan's normalisation, in miniature)."""
-    targets = [(m, PRESCRIPTIONS_GY[n]) for m, n in ((ptv70, "PTV70"), (ptv56, "PTV56"))
-               if m.any()]
-    per_target = [np.stack([c[m] for c in components]) for m, _ in targets]  # (2, n_voxels)
-    goals = np.array([goal for _, goal in targets])
-    jacobian = np.array([values.mean(axis=1) for values in per_target])
-    weights = np.linalg.lstsq(jacobian, goals, rcond=None)[0]
+    fluence = _initial_fluence(frames, spacing_mm, geo.pixel_mm)
+    # Rays through PTV70 cross the PTV56 shell around it too, so the shell ends up hotter
+    # than its goal: asking for less there puts its median near the prescription.
+    goal = np.where(m["PTV70"], PRESCRIPTIONS_GY["PTV70"],
+                    np.where(m["PTV56"], _ELECTIVE_GOAL * PRESCRIPTIONS_GY["PTV56"], 0.0))
+    on_ray = frames[:, 1].sum(dim=2)  # (B, Z, U): target path per ray (pixels)
     for _ in range(iterations):
-        medians = np.array([np.median(weights @ values) for values in per_target])
-        weights = np.clip(weights - np.linalg.lstsq(jacobian, medians - goals, rcond=None)[0],
-                          0.0, None)
-    return weights
+        dose = _deliver(geo, ddose, fluence, spacing_mm, anatomy.body, m["PTV70"])
+        ratio = np.where(targets, goal / np.maximum(dose, 1e-3), 0.0).clip(0.0, 2.0)
+        ray_ratio = geo.into_beams(torch.from_numpy(ratio.astype(np.float32))).sum(dim=2)
+        correction = torch.where(on_ray > 0.5, ray_ratio / on_ray.clamp(min=0.5), 1.0)
+        fluence = fluence * correction.clamp(0.5, 2.0) ** _RELAXATION
+    return _deliver(geo, ddose, fluence, spacing_mm, anatomy.body, m["PTV70"])
+
+
+def _initial_fluence(frames: torch.Tensor, spacing_mm: Sequence[float],
+                     pixel_mm: float) -> torch.Tensor:
+    """(B, Z, U) fluence before modulation: open on the targets (grown by the aperture
+    margin), a boost on PTV70, less on rays that cross rectum or bladder; penumbra."""
+    margin = (spacing_mm[0], pixel_mm)
+    boost = _open_leaves(frames[:, 2].amax(dim=2) > 0.5, margin).float()
+    elective = _open_leaves(frames[:, 1].amax(dim=2) > 0.5, margin).float()
+    oar_path = frames[:, 3].sum(dim=2) * pixel_mm  # mm of OAR crossed per ray
+    sparing = 1.0 - _OAR_SPARING * torch.clamp(oar_path / 30.0, 0.0, 1.0)
+    sigmas = (_PENUMBRA_SIGMA_MM / spacing_mm[0], _PENUMBRA_SIGMA_MM / pixel_mm)
+    return _blur_fluence(elective * sparing + _BOOST_FLUENCE * boost, sigmas)
+
+
+def _deliver(geo: BeamGeometry, depth_dose: torch.Tensor, fluence: torch.Tensor,
+             spacing_mm: Sequence[float], body: np.ndarray, ptv70: np.ndarray) -> np.ndarray:
+    """Dose (Z, Y, X) Gy of ``fluence`` (B, Z, U): beams summed in the patient, lateral
+    scatter, zero outside the body, normalised to a PTV70 median of 70 Gy."""
+    beams = depth_dose * fluence[:, :, None, :]  # (B, Z, V, U)
+    dose = geo.into_patient(beams).numpy()
+    dose = ndimage.gaussian_filter(dose, [_SCATTER_SIGMA_MM / s for s in spacing_mm],
+                                   mode="constant") * body
+    median = float(np.median(dose[ptv70])) if ptv70.any() else float(dose.max())
+    return (dose * (PRESCRIPTIONS_GY["PTV70"] / max(median, 1e-6))).astype(np.float32)
 
 
 def generate_phantom_case(seed: int, shape: Sequence[int] = DEFAULT_SHAPE,
@@ -371,7 +389,8 @@ def generate_phantom_dataset(output_dir: str | os.PathLike, n_cases: int = 32,
     folder = Path(output_dir)
     folder.mkdir(parents=True, exist_ok=True)
     shape, spacing = [int(s) for s in shape], [float(s) for s in spacing_mm]
-    params = {"generator": "vmatdose.data.phantom", "n_cases": int(n_cases), "shape": shape,
+    params = {"generator": "vmatdose.data.phantom", "version": GENERATOR_VERSION,
+              "n_cases": int(n_cases), "shape": shape,
               "spacing_mm": spacing, "seed": int(seed)}
     _check_dataset_file(folder, params)
     jobs, paths = [], []
