@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from omegaconf import OmegaConf
 
 #: Absolute path of the repository's ``conf/`` folder, so configs are found from any
@@ -24,6 +23,7 @@ def input_channels(structures: list, signed_distance: bool) -> int:
 
 def auto_precision(accelerator: str) -> str:
     """Lightning precision for an accelerator: bf16-mixed on CUDA, 32-true on CPU."""
+    import torch  # lazily: worker processes that only convert data skip a 2 s import
     uses_cuda = accelerator in ("gpu", "cuda") or (
         accelerator == "auto" and torch.cuda.is_available())
     return "bf16-mixed" if uses_cuda else "32-true"

@@ -1,6 +1,5 @@
 import numpy as np
 import pytest
-from conftest import make_box_case
 
 from vmatdose.data.case import (
     CaseValidationError,
@@ -8,6 +7,8 @@ from vmatdose.data.case import (
     load_case,
     save_case,
 )
+
+from conftest import make_box_case
 
 
 def test_round_trip_keeps_every_array_and_field(tmp_path, box_case):

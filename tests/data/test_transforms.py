@@ -3,11 +3,12 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import make_box_case
 
 from vmatdose.data.case import save_case
 from vmatdose.data.datamodule import DoseDataModule, make_split, read_split
 from vmatdose.data.transforms import RandFlipLeftRightd, build_transforms, signed_distance_mm
+
+from conftest import make_box_case
 
 STRUCTURES = ["PTV70", "PTV56", "Rectum", "Bladder"]
 

@@ -1,0 +1,377 @@
+"""Synthetic DICOM-RT patients for tests and benchmarks, with their analytic truth.
+
+    spec = PatientSpec(orientation="FFS")
+    truth = write_patient(tmp_path / "pt", spec)   # CT series, RTSTRUCT, RTDOSE(s), RTPLAN
+    truth.masks["PTV56"], truth.dose, truth.ct      # (Z, Y, X) on the canonical CT grid
+
+The scene (shapes in mm around the centre of the CT's field of view, z extents as
+fractions of the scanned length): an elliptic body; PTV56 a ring with a hole (two contours
+per slice) around PTV70; CTV70 inside PTV70; rectum, bladder, two femoral heads, and a
+bowel made of two separate polygons per slice. ROI names are clinical spellings
+(``PTV_70``, ``Left Femur``, ...) that the prostate structure-name mapping must resolve.
+The dose is smooth (linear ramps + a broad Gaussian, Gy) and sampled on a coarser, offset
+dose grid; the CT is an exact integer pattern stored through RescaleSlope/Intercept.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
+from pydicom.sequence import Sequence
+from pydicom.tag import Tag
+from pydicom.uid import (
+    PYDICOM_IMPLEMENTATION_UID,
+    CTImageStorage,
+    ExplicitVRLittleEndian,
+    RTDoseStorage,
+    RTPlanStorage,
+    RTStructureSetStorage,
+    generate_uid,
+)
+from pydicom.valuerep import format_number_as_ds
+
+ORIENTATIONS = {"HFS": (1, 0, 0, 0, 1, 0), "FFS": (-1, 0, 0, 0, 1, 0),
+                "HFP": (-1, 0, 0, 0, -1, 0), "FFP": (1, 0, 0, 0, -1, 0)}
+PATIENT_NAME, PATIENT_ID, PATIENT_BIRTH_DATE = "Doe^Jane", "PID-7731-XQ", "19480229"
+RESCALE_SLOPE, RESCALE_INTERCEPT = 2.0, -1024.0
+
+# name -> (ROI name in the RTSTRUCT, [(cx, cy, a, b) ellipses, even-odd], (z from, z to))
+SCENE = {
+    "Body": ("External", [(5, 0, 75, 55)], (0.0, 1.0)),
+    "PTV56": ("ptv 56Gy", [(10, 0, 26, 26), (10, 0, 17, 17)], (0.2, 0.8)),
+    "PTV70": ("PTV_70", [(10, 0, 14, 14)], (0.25, 0.75)),
+    "CTV70": ("CTV70", [(10, 0, 9, 9)], (0.3, 0.7)),
+    "Rectum": ("RECTUM", [(10, 36, 7, 7)], (0.1, 0.7)),
+    "Bladder": ("Bladder", [(10, -36, 11, 9)], (0.4, 0.9)),
+    "Femur_L": ("Left Femur", [(55, 5, 9, 9)], (0.0, 0.45)),
+    "Femur_R": ("FemoralHead_R", [(-38, 5, 9, 9)], (0.0, 0.45)),
+    "Bowel": ("Bowel_Bag", [(-20, -30, 6, 6), (40, -30, 6, 6)], (0.6, 1.0)),
+    "Couch": ("Couch", [(5, 62, 70, 3)], (0.0, 1.0)),
+}
+
+
+@dataclass
+class GridSpec:
+    """A canonical grid: ``shape`` (Z, Y, X), ``spacing`` (dz, dy, dx) mm, ``origin``
+    (z, y, x) mm of voxel [0, 0, 0]."""
+
+    shape: tuple[int, int, int] = (16, 72, 96)
+    spacing: tuple[float, float, float] = (2.5, 2.0, 1.75)
+    origin: tuple[float, float, float] = (-20.0, -70.0, -80.0)
+
+    def axes(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """1-D voxel-centre coordinates (z, y, x) in mm."""
+        return tuple(o + s * np.arange(n) for o, s, n in
+                     zip(self.origin, self.spacing, self.shape))
+
+    def centre_xy(self) -> tuple[float, float]:
+        z, y, x = self.axes()
+        return float((x[0] + x[-1]) / 2), float((y[0] + y[-1]) / 2)
+
+
+@dataclass
+class PatientSpec:
+    """What :func:`write_patient` writes; defaults give a valid prostate SIB patient."""
+
+    orientation: str = "HFS"
+    ct: GridSpec = field(default_factory=GridSpec)
+    dose_grid: GridSpec | None = None  # default: coarser, offset, covering the CT
+    gfov: str = "relative"  # or "absolute"
+    beam_weights: tuple[float, ...] = (1.0,)  # one PLAN dose, or BEAM doses summing to 1
+    structures: tuple[str, ...] = tuple(SCENE)
+    scale: float = 1.0  # shape size factor (mm)
+    with_plan: bool = True
+    plan_prescriptions: dict[str, float] = field(
+        default_factory=lambda: {"PTV70": 70.0, "PTV56": 56.0})
+    fractions: int = 28
+    struct_frame_uid: str | None = None  # another frame of reference for the RTSTRUCT
+    dose_frame_uid: str | None = None
+    skip_slices: tuple[int, ...] = ()
+    with_struct: bool = True
+    with_dose: bool = True
+    vertices: int = 96
+
+
+@dataclass
+class PatientTruth:
+    """The analytic answer, on the canonical CT grid, and what was written."""
+
+    ct: np.ndarray
+    masks: dict[str, np.ndarray]
+    dose: np.ndarray
+    uids: dict[str, str]
+    files: dict[str, list[Path]]
+
+
+def dose_function(x, y, z, centre: tuple[float, float], scale: float = 1.0) -> np.ndarray:
+    """Reference dose in Gy at patient points (mm): ramps plus a broad Gaussian."""
+    cx, cy = centre
+    r2 = (x - cx - 10 * scale) ** 2 + (y - cy - 5 * scale) ** 2 + (z - 2 * scale) ** 2
+    return (20.0 + 0.08 * (y - cy) / scale + 0.05 * (x - cx) / scale + 0.04 * z
+            + 50.0 * np.exp(-r2 / (2 * (40.0 * scale) ** 2)))
+
+
+def analytic_ct(grid: GridSpec, body: np.ndarray) -> np.ndarray:
+    """(Z, Y, X) int16 HU: an even integer pattern varying along every axis in the body."""
+    k, j, i = np.meshgrid(*(np.arange(n) for n in grid.shape), indexing="ij")
+    return np.where(body, 2 * (i - j) + 10 * k, -1000).astype(np.int16)
+
+
+def _ellipse(cx, cy, a, b, n) -> np.ndarray:
+    t = np.linspace(0, 2 * np.pi, n, endpoint=False)
+    return np.stack([cx + a * np.cos(t), cy + b * np.sin(t)], axis=1)
+
+
+def _shapes(spec: PatientSpec, name: str) -> list[tuple[float, float, float, float]]:
+    cx0, cy0 = spec.ct.centre_xy()
+    return [(cx0 + cx * spec.scale, cy0 + cy * spec.scale, a * spec.scale, b * spec.scale)
+            for cx, cy, a, b in SCENE[name][1]]
+
+
+def _slices_of(spec: PatientSpec, name: str) -> np.ndarray:
+    """Canonical CT slice indices a structure is contoured on."""
+    lo, hi = SCENE[name][2]
+    n = spec.ct.shape[0]
+    return np.arange(int(round(lo * (n - 1))), int(round(hi * (n - 1))) + 1)
+
+
+def analytic_masks(spec: PatientSpec) -> dict[str, np.ndarray]:
+    """Canonical name -> (Z, Y, X) bool: voxel centres inside the shapes (even-odd)."""
+    z, y, x = spec.ct.axes()
+    yy, xx = np.meshgrid(y, x, indexing="ij")
+    masks = {}
+    for name in spec.structures:
+        plane = np.zeros(yy.shape, bool)
+        for cx, cy, a, b in _shapes(spec, name):
+            plane ^= ((xx - cx) / a) ** 2 + ((yy - cy) / b) ** 2 < 1
+        mask = np.zeros(spec.ct.shape, bool)
+        mask[_slices_of(spec, name)] = plane
+        masks[name] = mask
+    return masks
+
+
+def _file_dataset(sop_class: str, modality: str, uids: dict) -> FileDataset:
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    ds = FileDataset("", {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID, ds.SOPInstanceUID = sop_class, meta.MediaStorageSOPInstanceUID
+    ds.Modality = modality
+    ds.PatientName, ds.PatientID = PATIENT_NAME, PATIENT_ID
+    ds.PatientBirthDate, ds.PatientSex = PATIENT_BIRTH_DATE, "F"
+    ds.StudyInstanceUID = uids["study"]
+    ds.StudyDate, ds.StudyTime = "20240102", "101500"
+    ds.SeriesInstanceUID = generate_uid()
+    ds.FrameOfReferenceUID = uids["frame"]
+    return ds
+
+
+def _ds(value: float) -> str:
+    return format_number_as_ds(float(value))
+
+
+def _native(volume: np.ndarray, orientation: str) -> tuple[np.ndarray, tuple[bool, ...]]:
+    """Canonical (Z, Y, X) -> stored order (frames along the normal, rows, columns)."""
+    iop = np.asarray(ORIENTATIONS[orientation], float)
+    normal = np.cross(iop[:3], iop[3:])
+    flips = (normal[2] < 0, iop[4] < 0, iop[0] < 0)
+    return volume[tuple(slice(None, None, -1) if f else slice(None) for f in flips)], flips
+
+
+def _first_voxel_xyz(grid: GridSpec, flips: tuple[bool, ...]) -> np.ndarray:
+    first = np.array([n - 1 if f else 0 for n, f in zip(grid.shape, flips)], float)
+    return (np.asarray(grid.origin) + first * np.asarray(grid.spacing))[::-1]
+
+
+def write_ct(folder: Path, spec: PatientSpec, ct: np.ndarray, uids: dict) -> list[Path]:
+    """One file per slice, shuffled instance numbers and file names; HU via slope/intercept."""
+    iop = ORIENTATIONS[spec.orientation]
+    _, flips = _native(ct, spec.orientation)
+    z_axis = spec.ct.axes()[0]
+    xy = _first_voxel_xyz(spec.ct, flips)[:2]
+    rng = np.random.default_rng(len(z_axis))
+    names = rng.permutation(len(z_axis))
+    paths = []
+    for k, z in enumerate(z_axis):
+        if k in spec.skip_slices:
+            continue
+        ds = _file_dataset(CTImageStorage, "CT", uids)
+        ds.SeriesInstanceUID = uids["ct_series"]
+        ds.PatientPosition = spec.orientation
+        ds.InstanceNumber = int(names[k]) + 1
+        ds.ImagePositionPatient = [_ds(xy[0]), _ds(xy[1]), _ds(z)]
+        ds.ImageOrientationPatient = list(iop)
+        ds.PixelSpacing = [_ds(spec.ct.spacing[1]), _ds(spec.ct.spacing[2])]
+        ds.SliceThickness = _ds(spec.ct.spacing[0])
+        plane = ct[k][::-1 if flips[1] else 1, ::-1 if flips[2] else 1]
+        stored = ((plane.astype(np.float64) - RESCALE_INTERCEPT) / RESCALE_SLOPE)
+        _set_image(ds, stored.astype("<u2"), bits=16)
+        ds.RescaleSlope, ds.RescaleIntercept = _ds(RESCALE_SLOPE), _ds(RESCALE_INTERCEPT)
+        ds.RescaleType = "HU"
+        path = folder / f"CT_{names[k]:04d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def _set_image(ds: Dataset, pixels: np.ndarray, bits: int) -> None:
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.Rows, ds.Columns = int(pixels.shape[-2]), int(pixels.shape[-1])
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = bits, bits, bits - 1, 0
+    ds.PixelData = pixels.tobytes()
+
+
+def write_rtstruct(folder: Path, spec: PatientSpec, uids: dict) -> Path:
+    """CLOSED_PLANAR contours of every structure on its CT slices (several per slice)."""
+    ds = _file_dataset(RTStructureSetStorage, "RTSTRUCT", uids)
+    ds.StructureSetLabel, ds.StructureSetDate, ds.StructureSetTime = "RS", "20240102", "1100"
+    frame = spec.struct_frame_uid or uids["frame"]
+    series = Dataset()
+    series.SeriesInstanceUID = uids["ct_series"]
+    study = Dataset()
+    study.ReferencedSOPClassUID = "1.2.840.10008.3.1.2.3.1"
+    study.ReferencedSOPInstanceUID = uids["study"]
+    study.RTReferencedSeriesSequence = Sequence([series])
+    ref_frame = Dataset()
+    ref_frame.FrameOfReferenceUID = frame
+    ref_frame.RTReferencedStudySequence = Sequence([study])
+    ds.ReferencedFrameOfReferenceSequence = Sequence([ref_frame])
+    z_axis = spec.ct.axes()[0]
+    rois, contours, observations = [], [], []
+    for number, name in enumerate(spec.structures, start=1):
+        roi = Dataset()
+        roi.ROINumber, roi.ReferencedFrameOfReferenceUID = number, frame
+        roi.ROIName, roi.ROIGenerationAlgorithm = SCENE[name][0], "MANUAL"
+        rois.append(roi)
+        items = []
+        for k in _slices_of(spec, name):
+            for cx, cy, a, b in _shapes(spec, name):
+                xy = _ellipse(cx, cy, a, b, spec.vertices)
+                points = np.column_stack([xy, np.full(len(xy), z_axis[k])])
+                item = Dataset()
+                item.ContourGeometricType = "CLOSED_PLANAR"
+                item.NumberOfContourPoints = len(points)
+                item.ContourData = [f"{v:.4f}" for v in points.ravel()]
+                items.append(item)
+        roi_contour = Dataset()
+        roi_contour.ReferencedROINumber = number
+        roi_contour.ROIDisplayColor = [255, 0, 0]
+        roi_contour.ContourSequence = Sequence(items)
+        contours.append(roi_contour)
+        observation = Dataset()
+        observation.ObservationNumber = observation.ReferencedROINumber = number
+        observation.RTROIInterpretedType = "EXTERNAL" if name == "Body" else (
+            "PTV" if name.startswith("PTV") else "ORGAN")
+        observation.ROIInterpreter = ""
+        observations.append(observation)
+    ds.StructureSetROISequence = Sequence(rois)
+    ds.ROIContourSequence = Sequence(contours)
+    ds.RTROIObservationsSequence = Sequence(observations)
+    path = folder / "RS_structures.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def default_dose_grid(ct: GridSpec) -> GridSpec:
+    """Coarser than the CT, offset by a fraction of a voxel, covering all of it."""
+    spacing = (ct.spacing[0] * 1.6, ct.spacing[1] * 1.5, ct.spacing[2] * 1.7)
+    origin = tuple(o - 0.37 * s for o, s in zip(ct.origin, spacing))
+    extent = [(n - 1) * s for n, s in zip(ct.shape, ct.spacing)]
+    shape = tuple(int(np.ceil((e + 0.74 * s) / s)) + 1 for e, s in zip(extent, spacing))
+    return GridSpec(shape, spacing, origin)
+
+
+def write_rtdoses(folder: Path, spec: PatientSpec, uids: dict) -> list[Path]:
+    """One PLAN dose, or one BEAM dose per weight (summing to the analytic dose)."""
+    grid = spec.dose_grid or default_dose_grid(spec.ct)
+    z, y, x = np.meshgrid(*grid.axes(), indexing="ij")
+    total = dose_function(x, y, z, spec.ct.centre_xy(), spec.scale)
+    native, flips = _native(total, spec.orientation)
+    iop = np.asarray(ORIENTATIONS[spec.orientation], float)
+    normal_z = np.cross(iop[:3], iop[3:])[2]
+    ipp = _first_voxel_xyz(grid, flips)
+    offsets = np.arange(grid.shape[0]) * grid.spacing[0]
+    gfov = offsets if spec.gfov == "relative" else ipp[2] + normal_z * offsets
+    paths = []
+    for b, weight in enumerate(spec.beam_weights):
+        ds = _file_dataset(RTDoseStorage, "RTDOSE", uids)
+        ds.FrameOfReferenceUID = spec.dose_frame_uid or uids["frame"]
+        values = native * weight
+        scaling = float(_ds(values.max() / 60000.0))
+        _set_image(ds, np.rint(values / scaling).astype("<u4"), bits=32)
+        ds.ImagePositionPatient = [_ds(v) for v in ipp]
+        ds.ImageOrientationPatient = list(ORIENTATIONS[spec.orientation])
+        ds.PixelSpacing = [_ds(grid.spacing[1]), _ds(grid.spacing[2])]
+        ds.NumberOfFrames = grid.shape[0]
+        ds.FrameIncrementPointer = Tag(0x3004, 0x000C)
+        ds.GridFrameOffsetVector = [_ds(v) for v in gfov]
+        ds.DoseGridScaling = _ds(scaling)
+        ds.DoseUnits, ds.DoseType = "GY", "PHYSICAL"
+        ds.DoseSummationType = "PLAN" if len(spec.beam_weights) == 1 else "BEAM"
+        plan_ref = Dataset()
+        plan_ref.ReferencedSOPClassUID = RTPlanStorage
+        plan_ref.ReferencedSOPInstanceUID = uids["plan"]
+        ds.ReferencedRTPlanSequence = Sequence([plan_ref])
+        path = folder / f"RD_{b}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def write_rtplan(folder: Path, spec: PatientSpec, uids: dict) -> Path:
+    """DoseReferenceSequence (TargetPrescriptionDose per target ROI) and fractions."""
+    ds = _file_dataset(RTPlanStorage, "RTPLAN", uids)
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = uids["plan"]
+    ds.RTPlanLabel, ds.RTPlanGeometry = "SIB", "PATIENT"
+    references = []
+    for i, (target, gy) in enumerate(spec.plan_prescriptions.items(), start=1):
+        item = Dataset()
+        item.DoseReferenceNumber = i
+        item.DoseReferenceStructureType = "VOLUME"
+        item.DoseReferenceType = "TARGET"
+        item.DoseReferenceDescription = SCENE[target][0]
+        if target in spec.structures:
+            item.ReferencedROINumber = spec.structures.index(target) + 1
+        item.TargetPrescriptionDose = _ds(gy)
+        references.append(item)
+    ds.DoseReferenceSequence = Sequence(references)
+    group = Dataset()
+    group.FractionGroupNumber, group.NumberOfFractionsPlanned = 1, spec.fractions
+    group.NumberOfBeams = len(spec.beam_weights)
+    ds.FractionGroupSequence = Sequence([group])
+    path = folder / "RP_plan.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def write_patient(folder: str | Path, spec: PatientSpec | None = None) -> PatientTruth:
+    """Write one patient folder; return the analytic truth on the canonical CT grid."""
+    spec = spec or PatientSpec()
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    uids = {"study": generate_uid(), "frame": generate_uid(), "ct_series": generate_uid(),
+            "plan": generate_uid()}
+    masks = analytic_masks(spec)
+    body = masks.get("Body", np.ones(spec.ct.shape, bool))
+    ct = analytic_ct(spec.ct, body)
+    files = {"CT": write_ct(folder, spec, ct, uids)}
+    if spec.with_struct:
+        files["RTSTRUCT"] = [write_rtstruct(folder, spec, uids)]
+    if spec.with_dose:
+        files["RTDOSE"] = write_rtdoses(folder, spec, uids)
+    if spec.with_plan:
+        files["RTPLAN"] = [write_rtplan(folder, spec, uids)]
+    z, y, x = np.meshgrid(*spec.ct.axes(), indexing="ij")
+    dose = dose_function(x, y, z, spec.ct.centre_xy(), spec.scale)
+    return PatientTruth(ct, masks, dose, uids, files)
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    """Dice coefficient of two boolean volumes."""
+    a, b = a.astype(bool), b.astype(bool)
+    return 2.0 * np.count_nonzero(a & b) / max(1, np.count_nonzero(a) + np.count_nonzero(b))

@@ -1,0 +1,291 @@
+"""DICOM-RT ingestion against analytic truth: masks (Dice), dose (1 %), orientations, errors."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import zipfile
+
+import numpy as np
+import pytest
+from matplotlib.path import Path as MplPath
+
+from vmatdose.data.case import load_case, save_case
+from vmatdose.data.ingest.batch import SkipCase, convert_cases
+from vmatdose.data.ingest.dicom import (
+    DicomIngestError,
+    DicomIngestSettings,
+    anonymous_case_id,
+    case_id_for_folder,
+    ingest_dicom_case,
+    load_case_id_map,
+)
+from vmatdose.data.ingest.rasterize import rasterize_polygons
+from vmatdose.data.ingest.structure_names import StructureNameMap
+
+from dicom_builders import (
+    PATIENT_BIRTH_DATE,
+    PATIENT_ID,
+    PATIENT_NAME,
+    GridSpec,
+    PatientSpec,
+    dice,
+    write_patient,
+)
+
+CANONICAL = ["PTV70", "PTV56", "Rectum", "Bladder", "Femur_L", "Femur_R", "Bowel"]
+
+
+@pytest.fixture(scope="module")
+def patients(tmp_path_factory):
+    """HFS and FFS patients of the same anatomy, ingested once."""
+    root = tmp_path_factory.mktemp("dicom")
+    out = {}
+    for orientation in ("HFS", "FFS"):
+        truth = write_patient(root / orientation, PatientSpec(orientation=orientation))
+        out[orientation] = (root / orientation, truth, ingest_dicom_case(root / orientation))
+    return out
+
+
+def _variant(tmp_path, **spec) -> tuple:
+    folder = tmp_path / "pt"
+    return folder, write_patient(folder, PatientSpec(**spec))
+
+
+# ----------------------------------------------------------------- rasteriser, names
+
+
+def test_rasterizer_equals_even_odd_point_in_polygon_reference():
+    rng = np.random.default_rng(1)
+    rows, cols = np.mgrid[0:40, 0:50]
+    centres = np.column_stack([cols.ravel(), rows.ravel()])
+    for _ in range(100):
+        polygons = [rng.uniform(-5, 55, (rng.integers(3, 10), 2)) for _ in range(3)]
+        expected = np.zeros(centres.shape[0], bool)
+        for polygon in polygons:
+            expected ^= MplPath(polygon).contains_points(centres)
+        got = rasterize_polygons(polygons, (40, 50))
+        assert np.array_equal(got.ravel(), expected)
+
+
+def test_rasterized_ring_with_hole_matches_the_analytic_annulus():
+    t = np.linspace(0, 2 * np.pi, 200, endpoint=False)
+    outer = np.column_stack([60 + 40 * np.cos(t), 50 + 40 * np.sin(t)])
+    inner = np.column_stack([60 + 20 * np.cos(t), 50 + 20 * np.sin(t)])
+    mask = rasterize_polygons([outer, inner], (100, 120))
+    yy, xx = np.mgrid[0:100, 0:120]
+    r = np.hypot(xx - 60, yy - 50)
+    assert dice(mask, (r < 40) & (r >= 20)) > 0.98
+    assert not mask[50, 60] and mask[50, 60 + 30]
+
+
+def test_structure_names_are_case_and_separator_insensitive():
+    names = StructureNameMap.load("prostate")
+    for roi in ("PTV70", "PTV_70", "PTV 70Gy", "ptv-70"):
+        assert names.canonical_name(roi) == "PTV70"
+    for roi in ("Femur_L", "FemoralHead_L", "Left Femur", "LEFT FEMUR"):
+        assert names.canonical_name(roi) == "Femur_L"
+    assert names.canonical_name("External") == "Body"
+    assert names.canonical_name("Couch") is None
+    with pytest.raises(ValueError, match="maps to both"):
+        StructureNameMap.from_dict({"structures": {"A": ["x_1"], "B": ["X 1"]}})
+
+
+# ----------------------------------------------------------------- analytic truth
+
+
+@pytest.mark.parametrize("orientation", ["HFS", "FFS"])
+def test_ingest_reproduces_analytic_ct_masks_and_dose(patients, orientation):
+    _, truth, case = patients[orientation]
+    assert np.array_equal(case.ct, truth.ct)  # exact through RescaleSlope/Intercept
+    assert case.structures == CANONICAL
+    for name in CANONICAL:
+        assert dice(case.mask(name), truth.masks[name]) > 0.98, name
+    assert dice(case.body, truth.masks["Body"]) > 0.98
+    ring = case.mask("PTV56")
+    assert not np.any(ring & case.mask("PTV70"))  # the hole is empty
+    assert truth.masks["Bowel"].sum() > 100 and dice(case.mask("Bowel"), truth.masks["Bowel"]) > 0.98
+    relative = np.abs(case.dose - truth.dose) / truth.dose
+    assert relative.max() < 0.01  # coarser, offset dose grid resampled onto the CT
+    np.testing.assert_allclose(case.origin_mm, [-20.0, -70.0, -80.0])
+    np.testing.assert_allclose(case.spacing_mm, [2.5, 2.0, 1.75])
+
+
+def test_head_first_and_feet_first_give_the_same_canonical_arrays(patients):
+    hfs, ffs = patients["HFS"][2], patients["FFS"][2]
+    assert np.array_equal(hfs.ct, ffs.ct)
+    assert np.array_equal(hfs.masks, ffs.masks) and np.array_equal(hfs.body, ffs.body)
+    np.testing.assert_allclose(hfs.dose, ffs.dose, atol=1e-3)
+    np.testing.assert_allclose(hfs.origin_mm, ffs.origin_mm)
+    assert ffs.meta["dicom"]["image_orientation_patient"] == [-1, 0, 0, 0, 1, 0]
+
+
+def test_prescriptions_fractions_uids_and_names_come_from_the_dicom(patients):
+    folder, truth, case = patients["HFS"]
+    assert case.prescriptions_gy == {"PTV70": 70.0, "PTV56": 56.0}
+    assert case.meta["prescription_source"] == "rtplan" and case.fractions == 28
+    dicom = case.meta["dicom"]
+    assert dicom["frame_of_reference_uid"] == truth.uids["frame"]
+    assert dicom["ct_series_instance_uid"] == truth.uids["ct_series"]
+    assert dicom["rtplan_sop_instance_uid"] == truth.uids["plan"]
+    assert len(dicom["ct_sop_instance_uids"]) == case.shape[0]
+    assert case.meta["roi_names"]["Femur_L"] == "Left Femur"
+    assert set(case.meta["unmapped_rois"]) == {"CTV70", "Couch"}
+
+
+def test_per_beam_doses_are_summed_and_absolute_frame_offsets_read(tmp_path):
+    folder, truth = _variant(tmp_path, orientation="FFS", beam_weights=(0.3, 0.7),
+                             gfov="absolute")
+    case = ingest_dicom_case(folder)
+    assert case.meta["dicom"]["dose_summation"] == "BEAM"
+    assert len(case.meta["dicom"]["rtdose_sop_instance_uids"]) == 2
+    assert (np.abs(case.dose - truth.dose) / truth.dose).max() < 0.01
+
+
+def test_fast_dose_coverage_agrees_with_itk_on_a_partial_dose_grid(tmp_path):
+    from vmatdose.data.ingest import dicom_dose
+    from vmatdose.data.ingest.dicom_ct import plan_ct_series
+    from vmatdose.data.ingest.dicom_files import scan_folder
+
+    partial = GridSpec((5, 30, 35), (3.0, 3.0, 3.3), (-10.0, -30.0, -20.0))
+    for orientation in ("HFS", "FFS"):
+        folder, _ = _variant(tmp_path / orientation, orientation=orientation, dose_grid=partial)
+        files = scan_folder(folder)
+        grid = plan_ct_series(files, files.of("CT")).grid
+        image, _ = dicom_dose.read_dose_image(files, files.of("RTDOSE")[0][0])
+        dose, covered = dicom_dose.resample_to_grid(image, grid)
+        assert 0 < covered.sum() < covered.size
+        assert np.array_equal(covered, dicom_dose._covered_by_itk(image, grid))
+        full = dicom_dose._resample(image, grid.shape, grid.spacing_mm, grid.origin_mm)
+        np.testing.assert_allclose(dose, full, atol=1e-4)
+
+
+def test_prescriptions_from_the_plan_win_and_config_fills_the_rest(tmp_path):
+    folder, _ = _variant(tmp_path, plan_prescriptions={"PTV70": 72.0})
+    case = ingest_dicom_case(folder)
+    assert case.prescriptions_gy == {"PTV70": 72.0, "PTV56": 56.0}
+    assert case.meta["prescription_source"] == "rtplan+config"
+    (folder / "RP_plan.dcm").unlink()
+    settings = DicomIngestSettings(prescriptions_gy={"PTV70": 74.0, "PTV56": 60.0}, fractions=20)
+    case = ingest_dicom_case(folder, settings=settings)
+    assert case.prescriptions_gy == {"PTV70": 74.0, "PTV56": 60.0} and case.fractions == 20
+
+
+def test_missing_slice_is_interpolated_and_reported(tmp_path):
+    folder, truth = _variant(tmp_path, skip_slices=(7,))
+    case = ingest_dicom_case(folder)
+    assert case.shape == truth.ct.shape and case.meta["missing_slices"] == 1
+    assert any("missing CT slice" in w for w in case.meta["warnings"])
+    expected = (truth.ct[6].astype(float) + truth.ct[8]) / 2
+    np.testing.assert_allclose(case.ct[7], np.rint(expected), atol=1)
+    assert dice(case.mask("PTV70"), truth.masks["PTV70"]) > 0.98
+
+
+# ----------------------------------------------------------------- privacy
+
+
+def test_no_patient_name_id_or_birth_date_in_case_file_summary_or_logs(tmp_path, caplog):
+    folder, truth = _variant(tmp_path / "in", structures=("Body", "PTV70"))  # skipped
+    good, _ = _variant(tmp_path / "in2")
+    caplog.set_level(logging.DEBUG)
+    jobs = [(case_id_for_folder(f, "s3cret"), f) for f in (folder, good)]
+    summary = convert_cases(jobs, ingest_dicom_case, tmp_path / "out", num_workers=1,
+                            progress=False, summary_path=tmp_path / "out" / "summary.json",
+                            record_sources=False)
+    assert summary["counts"]["processed"] == 1 and summary["counts"]["skipped"] == 1
+    case_file = tmp_path / "out" / f"{jobs[1][0]}.npz"
+    with zipfile.ZipFile(case_file) as archive:
+        blob = b"".join(archive.read(name) for name in archive.namelist())
+    texts = [blob, (tmp_path / "out" / "summary.json").read_bytes(), caplog.text.encode()]
+    for secret in (PATIENT_NAME, PATIENT_ID, PATIENT_BIRTH_DATE, "Doe"):
+        assert not any(secret.encode() in text for text in texts), secret
+    case = load_case(case_file)
+    assert case.case_id == jobs[1][0] == anonymous_case_id(PATIENT_ID, truth_study(good), "s3cret")
+
+
+def truth_study(folder) -> str:
+    import pydicom
+
+    return str(pydicom.dcmread(next(folder.glob("CT_*.dcm")), stop_before_pixels=True)
+               .StudyInstanceUID)
+
+
+def test_case_id_mapping_file(tmp_path):
+    folder, _ = _variant(tmp_path)
+    mapping = tmp_path / "ids.csv"
+    mapping.write_text(f"key,case_id\n{PATIENT_ID},prostate_001\n")
+    assert case_id_for_folder(folder, id_map=load_case_id_map(mapping)) == "prostate_001"
+    mapping.write_text(json.dumps({"pt": "by_folder"}))
+    mapping = mapping.rename(tmp_path / "ids.json")
+    assert case_id_for_folder(folder, id_map=load_case_id_map(mapping)) == "by_folder"
+
+
+# ----------------------------------------------------------------- errors and skips
+
+
+def test_truncated_file_is_a_clear_error_naming_it(tmp_path):
+    folder, truth = _variant(tmp_path)
+    victim = truth.files["CT"][3]
+    data = victim.read_bytes()
+    victim.write_bytes(data[: len(data) // 2])
+    with pytest.raises(DicomIngestError, match=victim.name) as err:
+        ingest_dicom_case(folder)
+    assert err.value.path == victim.name
+
+
+def test_missing_rtstruct_is_a_clear_error(tmp_path):
+    folder, _ = _variant(tmp_path, with_struct=False)
+    with pytest.raises(DicomIngestError, match="no RTSTRUCT"):
+        ingest_dicom_case(folder)
+
+
+def test_structure_set_on_another_frame_of_reference_is_refused(tmp_path):
+    folder, _ = _variant(tmp_path, struct_frame_uid="1.2.3.4.5.6.7")
+    with pytest.raises(DicomIngestError, match="frame of reference") as err:
+        ingest_dicom_case(folder)
+    assert err.value.path == "RS_structures.dcm"
+
+
+def test_dose_grid_not_covering_the_targets_is_refused(tmp_path):
+    shifted = GridSpec((8, 40, 15), (4.0, 3.0, 3.0), (-20.0, -70.0, -80.0))  # x < -38 mm only
+    folder, _ = _variant(tmp_path, dose_grid=shifted)
+    with pytest.raises(DicomIngestError, match="does not cover the CT region of PTV70: 100.0 %"):
+        ingest_dicom_case(folder)
+
+
+def test_non_sib_case_is_skipped_with_the_reason(tmp_path):
+    folder, _ = _variant(tmp_path, structures=("Body", "PTV70", "Rectum"),
+                         plan_prescriptions={"PTV70": 70.0})
+    with pytest.raises(SkipCase, match=r"missing required target\(s\) \['PTV56'\]"):
+        ingest_dicom_case(folder)
+
+
+def test_missing_dose_is_a_skip_unless_allowed(tmp_path):
+    folder, _ = _variant(tmp_path, with_dose=False)
+    with pytest.raises(SkipCase, match="no RTDOSE"):
+        ingest_dicom_case(folder)
+    case = ingest_dicom_case(folder, settings=DicomIngestSettings(require_dose=False))
+    assert case.dose is None
+    save_case(case, tmp_path / "c.npz")
+
+
+def test_oblique_orientation_and_uneven_slices_are_clear_errors(tmp_path):
+    import pydicom
+
+    folder, truth = _variant(tmp_path)
+    path = truth.files["CT"][5]
+    ds = pydicom.dcmread(path)
+    ds.ImagePositionPatient = [ds.ImagePositionPatient[0], ds.ImagePositionPatient[1],
+                               float(ds.ImagePositionPatient[2]) + 0.9]
+    ds.save_as(path)
+    with pytest.raises(DicomIngestError, match="uneven CT slice spacing"):
+        ingest_dicom_case(folder)
+    shutil.rmtree(folder)
+    folder, truth = _variant(tmp_path)
+    for path in truth.files["CT"]:
+        ds = pydicom.dcmread(path)
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 0.8, -0.6]
+        ds.save_as(path)
+    with pytest.raises(DicomIngestError, match="unsupported ImageOrientationPatient"):
+        ingest_dicom_case(folder)

@@ -1,0 +1,1 @@
+"""Case-grid arrays -> files other tools read: :mod:`~vmatdose.data.export.rtdose` (DICOM RTDOSE)."""

@@ -1,0 +1,370 @@
+"""One DICOM-RT patient folder (CT series, RTSTRUCT, RTDOSE, RTPLAN) -> :class:`Case`.
+
+    case = ingest_dicom_case("patients/0001", settings=DicomIngestSettings())
+
+* CT: sorted along the slice normal, head/feet-first flipped into the canonical LPS grid,
+  HU from RescaleSlope/Intercept, missing slices interpolated and reported
+  (:mod:`~vmatdose.data.ingest.dicom_ct`);
+* RTSTRUCT on the CT's FrameOfReferenceUID, names mapped to canonical ones by a YAML in
+  ``conf/structure_names``, contours rasterised by the even-odd rule
+  (:mod:`~vmatdose.data.ingest.dicom_struct`);
+* RTDOSE scaled by DoseGridScaling, resampled linearly on the CT grid, per-beam doses summed
+  (:mod:`~vmatdose.data.ingest.dicom_dose`);
+* prescriptions from the RTPLAN's DoseReferenceSequence, else from the settings
+  (:mod:`~vmatdose.data.ingest.dicom_plan`).
+
+A case without the required targets raises :class:`~vmatdose.data.ingest.batch.SkipCase`;
+broken input raises :class:`DicomIngestError` naming the file (relative to the patient
+folder). No patient name, ID or birth date reaches the case or a message: the case id is
+a salted hash of PatientID and StudyInstanceUID unless a mapping gives one.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import hashlib
+import json
+import os
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import yaml
+from scipy import ndimage
+
+from vmatdose.data.case import Case
+from vmatdose.data.ingest.batch import SkipCase
+from vmatdose.data.ingest.dicom_ct import (
+    CTSeries,
+    plan_ct_series,
+    read_ct_volume,
+    select_ct_series,
+)
+from vmatdose.data.ingest.dicom_dose import DoseOnGrid, dose_on_grid, select_dose_files
+from vmatdose.data.ingest.dicom_files import DicomIngestError, scan_folder
+from vmatdose.data.ingest.dicom_plan import plan_fractions, plan_prescriptions, select_plan
+from vmatdose.data.ingest.dicom_struct import (
+    StructureSet,
+    rasterize_roi,
+    read_structure_sets,
+    roi_contours,
+    select_structure_set,
+)
+from vmatdose.data.ingest.structure_names import BODY, StructureNameMap
+
+__all__ = ["DicomIngestError", "DicomIngestSettings", "anonymous_case_id", "case_id_for_folder",
+           "find_dicom_patients", "ingest_dicom_case", "load_case_id_map"]
+
+
+@dataclass
+class DicomIngestSettings:
+    """What a DICOM case must contain and the fall-backs when the plan is silent.
+
+    Attributes:
+        structure_names: mapping name in ``conf/structure_names`` or a YAML path.
+        required_targets: canonical targets a case must have (else skipped: non-SIB).
+        prescriptions_gy: target -> Gy, used when the RTPLAN gives none for a target.
+        fractions: number of fractions when the RTPLAN gives none.
+        structures: canonical structures to keep, in this order (``None``: the mapping's).
+        require_dose: skip cases without RTDOSE (``False`` for cases to predict).
+        body_threshold_hu: external from the CT (largest component above it, holes
+            filled) when the RTSTRUCT has no body contour.
+        id_salt: secret mixed into the case-id hash (keep it private, keep it fixed).
+    """
+
+    structure_names: str = "prostate"
+    required_targets: Sequence[str] = ("PTV70", "PTV56")
+    prescriptions_gy: Mapping[str, float] = field(
+        default_factory=lambda: {"PTV70": 70.0, "PTV56": 56.0})
+    fractions: int | None = 28
+    structures: Sequence[str] | None = None
+    require_dose: bool = True
+    body_threshold_hu: float = -500.0
+    id_salt: str = ""
+
+    @classmethod
+    def from_config(cls, cfg: Mapping) -> DicomIngestSettings:
+        """From a plain mapping (e.g. the resolved ``source`` config); unknown keys ignored."""
+        known = {k: cfg[k] for k in cls.__dataclass_fields__ if k in cfg and cfg[k] is not None}
+        return cls(**known)
+
+
+def ingest_dicom_case(folder: str | os.PathLike, case_id: str | None = None,
+                      settings: DicomIngestSettings | None = None) -> Case:
+    """Read one patient folder into a :class:`Case` (arrays on the CT grid, dose in Gy).
+
+    Args:
+        folder: the patient folder (searched recursively).
+        case_id: anonymous case id; by default :func:`anonymous_case_id` of the CT.
+        settings: see :class:`DicomIngestSettings`.
+
+    Raises:
+        SkipCase: required targets or the reference dose missing.
+        DicomIngestError: anything unreadable or inconsistent, naming the file.
+    """
+    settings = settings or DicomIngestSettings()
+    names = _load_names(settings.structure_names)
+    files = scan_folder(folder)
+    sets = read_structure_sets(files)
+    ct_headers = select_ct_series(files, set().union(*(ss.series for ss in sets)))
+    series = plan_ct_series(files, ct_headers)
+    case_id = case_id or anonymous_case_id(*_patient_keys(ct_headers[0][1]), settings.id_salt)
+    frame = str(series.uids["frame_of_reference_uid"])
+    notes = list(series.warnings)
+    ss, more = select_structure_set(sets, frame, str(series.uids["ct_series_instance_uid"]))
+    notes += more
+    rois, roi_meta = _choose_rois(ss, frame, names, settings, notes)
+    plan, more = select_plan(files, frame)
+    notes += more
+    prescriptions, fractions, source = _prescriptions(plan, ss, names, settings, rois, notes)
+    dose_files, summation, more = select_dose_files(
+        files, frame, str(plan[1].get("SOPInstanceUID", "")) if plan else None)
+    notes += more
+    if not dose_files and settings.require_dose:
+        raise SkipCase("no RTDOSE in the patient folder (set require_dose=false to ingest "
+                       "cases to predict)")
+    ct = read_ct_volume(files, series)
+    masks, body = _rasterize(ss, rois, series, ct, settings, notes)
+    dose = None
+    if dose_files:
+        on_grid = dose_on_grid(files, series.grid, dose_files, summation, fractions)
+        _check_coverage(on_grid, masks, body, settings, files.rel(dose_files[0][0]), notes)
+        dose = on_grid.dose
+    meta = _meta(series, ss, plan, dose_files, summation, fractions, source, roi_meta, notes)
+    return Case(case_id=case_id, ct=ct, masks=np.stack(list(masks.values())).view(np.uint8),
+                structures=list(masks), body=body.view(np.uint8),
+                spacing_mm=np.asarray(series.grid.spacing_mm, float),
+                origin_mm=np.asarray(series.grid.origin_mm, float),
+                prescriptions_gy={t: g for t, g in prescriptions.items() if t in masks},
+                dose=dose, meta=meta)
+
+
+@functools.lru_cache(maxsize=8)
+def _load_names(name_or_path: str) -> StructureNameMap:
+    return StructureNameMap.load(name_or_path)
+
+
+def _choose_rois(ss: StructureSet, frame: str, names: StructureNameMap,
+                 settings: DicomIngestSettings, notes: list[str]
+                 ) -> tuple[dict[str, int], dict]:
+    """Canonical name -> ROI number of the ROIs to rasterise (``BODY`` included if found).
+
+    Raises:
+        SkipCase: a required target has no ROI on the CT's frame of reference.
+    """
+    on_frame = {n: name for n, name in ss.roi_names.items()
+                if ss.roi_frames.get(n, frame) in (frame, "")}
+    off_frame = sorted(set(ss.roi_names.values()) - set(on_frame.values()))
+    if off_frame:
+        notes.append(f"ROIs on another frame of reference than the CT (dropped): {off_frame}")
+    chosen, unmapped, duplicates = names.match(on_frame.values())
+    if duplicates:
+        notes.append(f"ROIs mapping to an already matched canonical name (dropped): "
+                     f"{duplicates}")
+    missing = [t for t in settings.required_targets if t not in chosen]
+    if missing:
+        raise SkipCase(f"missing required target(s) {missing} (not a "
+                       f"{'/'.join(settings.required_targets)} case); ROIs: "
+                       f"{sorted(ss.roi_names.values())}")
+    wanted = _unique([*(settings.structures or names.canonical), *settings.required_targets])
+    absent = [s for s in wanted if s not in chosen]
+    if absent:
+        notes.append(f"no ROI for {absent}")
+    number = {name: n for n, name in on_frame.items()}
+    rois = {c: number[chosen[c]] for c in [*wanted, BODY] if c in chosen}
+    return rois, {"roi_names": {c: chosen[c] for c in rois}, "unmapped_rois": unmapped}
+
+
+def _unique(items: Sequence[str]) -> list[str]:
+    return list(dict.fromkeys(items))
+
+
+def _prescriptions(plan, ss: StructureSet, names: StructureNameMap,
+                   settings: DicomIngestSettings, rois: dict[str, int], notes: list[str]
+                   ) -> tuple[dict[str, float], int | None, str]:
+    """Target -> Gy (RTPLAN first, then settings), fractions, and where they came from."""
+    from_plan: dict[str, float] = {}
+    fractions = None
+    if plan is not None:
+        from_plan, more = plan_prescriptions(plan[1], ss.roi_names, names)
+        notes += more
+        fractions = plan_fractions(plan[1])
+    prescriptions = {t: g for t, g in from_plan.items() if t in rois}
+    fallback = [t for t in settings.prescriptions_gy if t in rois and t not in prescriptions]
+    for target in fallback:
+        prescriptions[target] = float(settings.prescriptions_gy[target])
+    if fallback and plan is not None:
+        notes.append(f"RTPLAN has no prescription for {fallback}; used the config's")
+    source = "rtplan" if not fallback else ("config" if not from_plan else "rtplan+config")
+    return prescriptions, fractions or settings.fractions, source
+
+
+def _rasterize(ss: StructureSet, rois: dict[str, int], series: CTSeries, ct: np.ndarray,
+               settings: DicomIngestSettings, notes: list[str]
+               ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Canonical name -> (Z, Y, X) bool mask, and the body mask."""
+    masks: dict[str, np.ndarray] = {}
+    body = None
+    for name, number in rois.items():
+        mask, more = rasterize_roi(roi_contours(ss, number), series.grid, name)
+        fill_missing_slices(mask, series.missing)
+        notes += more
+        if not mask.any():
+            if name in settings.required_targets:
+                raise DicomIngestError(f"required target {name} has no voxel on the CT grid "
+                                       "(contours outside the scan?)", ss.label)
+            notes.append(f"{name}: empty on the CT grid (dropped)")
+        elif name == BODY:
+            body = mask
+        else:
+            masks[name] = mask
+    if body is None:
+        notes.append(f"no body contour: body = CT above {settings.body_threshold_hu:g} HU")
+        body = body_from_ct(ct, settings.body_threshold_hu)
+    return masks, body
+
+
+def fill_missing_slices(mask: np.ndarray, missing: Sequence[int]) -> None:
+    """Give empty (Z, Y, X) mask slices at missing CT slices the nearest present slice's
+    contour, in place (contours are drawn on the CT slices that exist)."""
+    absent = set(missing)
+    for k in missing:
+        if mask[k].any():
+            continue
+        below = max((i for i in range(k) if i not in absent), default=None)
+        above = min((i for i in range(k + 1, mask.shape[0]) if i not in absent), default=None)
+        if below is None or above is None:
+            continue
+        mask[k] = mask[below] if k - below <= above - k else mask[above]
+
+
+def body_from_ct(ct: np.ndarray, threshold_hu: float) -> np.ndarray:
+    """(Z, Y, X) bool: the largest connected region above ``threshold_hu``, holes filled
+    slice by slice."""
+    above = ct > threshold_hu
+    labels, n = ndimage.label(above)
+    if n == 0:
+        return above
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    body = labels == int(np.argmax(sizes))
+    for k in range(body.shape[0]):
+        body[k] = ndimage.binary_fill_holes(body[k])
+    return body
+
+
+def _check_coverage(on_grid: DoseOnGrid, masks: dict[str, np.ndarray], body: np.ndarray,
+                    settings: DicomIngestSettings, label: str, notes: list[str]) -> None:
+    """Targets must lie inside the dose grid; body voxels outside it are reported."""
+    notes += on_grid.warnings
+    if not on_grid.covered.any():
+        raise DicomIngestError("the dose grid does not overlap the CT at all", label)
+    for target in settings.required_targets:
+        outside = int(np.count_nonzero(masks[target] & ~on_grid.covered))
+        if outside:
+            share = 100.0 * outside / np.count_nonzero(masks[target])
+            raise DicomIngestError(f"the dose grid does not cover the CT region of {target}: "
+                                   f"{share:.1f} % of its voxels lie outside it", label)
+    outside = int(np.count_nonzero(body & ~on_grid.covered))
+    if outside:
+        notes.append(f"{100.0 * outside / max(1, np.count_nonzero(body)):.1f} % of the body "
+                     "lies outside the dose grid (dose 0 there)")
+
+
+def _meta(series: CTSeries, ss: StructureSet, plan, dose_files: list, summation: str,
+          fractions: int | None, prescription_source: str, roi_meta: dict,
+          notes: list[str]) -> dict:
+    """JSON metadata: UIDs for the RTDOSE export, provenance, warnings (no patient data)."""
+    dicom = {**series.uids, "rtstruct_sop_instance_uid": ss.sop_instance_uid,
+             "rtplan_sop_instance_uid": str(plan[1].get("SOPInstanceUID", "")) if plan else "",
+             "rtdose_sop_instance_uids": [str(ds.get("SOPInstanceUID", ""))
+                                          for _, ds in dose_files],
+             "dose_summation": summation if dose_files else None}
+    return {"source": "dicom", "fractions": fractions,
+            "prescription_source": prescription_source, "dicom": dicom,
+            "missing_slices": len(series.missing), **roi_meta, "warnings": list(notes)}
+
+
+# --------------------------------------------------------------------------- case ids
+
+
+def anonymous_case_id(patient_id: str, study_uid: str, salt: str = "") -> str:
+    """``dcm_`` + the first 12 hex digits of sha256(salt, PatientID, StudyInstanceUID)."""
+    digest = hashlib.sha256("\x00".join([salt, patient_id, study_uid]).encode()).hexdigest()
+    return f"dcm_{digest[:12]}"
+
+
+def _patient_keys(ds: pydicom.Dataset) -> tuple[str, str]:
+    return str(ds.get("PatientID", "")), str(ds.get("StudyInstanceUID", ""))
+
+
+def case_id_for_folder(folder: str | os.PathLike, salt: str = "",
+                       id_map: Mapping[str, str] | None = None) -> str:
+    """The case id of a patient folder without reading it all.
+
+    ``id_map`` (PatientID or folder name -> case id) wins; otherwise the hash of the first
+    CT header's PatientID and StudyInstanceUID (as :func:`ingest_dicom_case` computes it);
+    the hash of the folder name when the folder holds no readable CT.
+    """
+    folder = Path(folder)
+    if id_map and folder.name in id_map:
+        return str(id_map[folder.name])
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        try:
+            with warnings.catch_warnings():  # pydicom's warnings may quote element values
+                warnings.simplefilter("ignore")
+                ds = pydicom.dcmread(path, stop_before_pixels=True,
+                                     specific_tags=["Modality", "PatientID", "StudyInstanceUID"])
+        except Exception:  # not DICOM or broken: the full ingest reports it
+            continue
+        if str(ds.get("Modality", "")) == "CT":
+            patient_id, study = _patient_keys(ds)
+            if id_map and patient_id in id_map:
+                return str(id_map[patient_id])
+            return anonymous_case_id(patient_id, study, salt)
+    return anonymous_case_id(f"folder:{folder.name}", "", salt)
+
+
+def load_case_id_map(path: str | os.PathLike) -> dict[str, str]:
+    """A case-id mapping file: ``.csv`` with columns ``key,case_id`` or a ``.json``/``.yaml``
+    dict; keys are PatientIDs or patient folder names."""
+    path = Path(path)
+    if path.suffix.lower() == ".csv":
+        with open(path, newline="", encoding="utf-8") as handle:
+            rows = list(csv.DictReader(handle))
+        if rows and not {"key", "case_id"} <= set(rows[0]):
+            raise ValueError(f"{path}: expected columns 'key,case_id'")
+        mapping = {r["key"].strip(): r["case_id"].strip() for r in rows}
+    else:
+        text = path.read_text(encoding="utf-8")
+        mapping = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+    if not isinstance(mapping, dict):
+        raise ValueError(f"{path}: expected a key -> case_id mapping")
+    ids = list(mapping.values())
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"{path}: case ids are not unique")
+    return {str(k): str(v) for k, v in mapping.items()}
+
+
+def find_dicom_patients(input_dir: str | os.PathLike) -> list[Path]:
+    """Patient folders: the sub-folders of ``input_dir`` holding files (``input_dir``
+    itself when it holds files but no sub-folders)."""
+    root = Path(input_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: DICOM input folder not found")
+    folders = sorted(p for p in root.iterdir()
+                     if p.is_dir() and not p.name.startswith(".") and _has_files(p))
+    if not folders and any(p.is_file() for p in root.iterdir()):
+        folders = [root]
+    if not folders:
+        raise FileNotFoundError(f"{root}: no patient folders (one sub-folder per patient "
+                                "holding its CT, RTSTRUCT, RTDOSE, RTPLAN files)")
+    return folders
+
+
+def _has_files(folder: Path) -> bool:
+    return any(p.is_file() for p in folder.rglob("*"))

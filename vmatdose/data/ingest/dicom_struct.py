@@ -1,0 +1,158 @@
+"""RTSTRUCT -> ROIs matched to the CT by FrameOfReferenceUID, rasterised on the CT grid.
+
+Contour points (patient mm) are converted to continuous indices of the canonical CT grid;
+each contour goes to the nearest CT slice, and all CLOSED_PLANAR contours of a ROI on one
+slice are filled together by the even-odd rule (holes and several polygons).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.tag import Tag
+
+from vmatdose.data.ingest.dicom_ct import CanonicalGrid
+from vmatdose.data.ingest.dicom_files import DicomFolder, DicomIngestError
+from vmatdose.data.ingest.rasterize import rasterize_polygons
+
+_CONTOUR_DATA = Tag(0x3006, 0x0050)
+#: A contour further than this (in slices) from a CT slice is reported.
+OFF_SLICE_TOLERANCE = 0.25
+
+
+@dataclass
+class StructureSet:
+    """One RTSTRUCT: its ROIs and the frames of reference / CT series it refers to.
+
+    Attributes:
+        label: file name relative to the patient folder.
+        roi_names: ROI number -> name.
+        roi_frames: ROI number -> FrameOfReferenceUID of the ROI.
+        frames: every FrameOfReferenceUID the structure set refers to.
+        series: CT SeriesInstanceUIDs it refers to.
+    """
+
+    path: Path
+    label: str
+    ds: Dataset
+    roi_names: dict[int, str] = field(default_factory=dict)
+    roi_frames: dict[int, str] = field(default_factory=dict)
+    frames: set[str] = field(default_factory=set)
+    series: set[str] = field(default_factory=set)
+
+    @property
+    def sop_instance_uid(self) -> str:
+        return str(self.ds.get("SOPInstanceUID", ""))
+
+
+def read_structure_sets(folder: DicomFolder) -> list[StructureSet]:
+    """Every RTSTRUCT of the folder, with its ROI table."""
+    sets = []
+    for path, ds in folder.of("RTSTRUCT"):
+        ss = StructureSet(path, folder.rel(path), ds)
+        for ref in ds.get("ReferencedFrameOfReferenceSequence", []):
+            ss.frames.add(str(ref.get("FrameOfReferenceUID", "")))
+            for study in ref.get("RTReferencedStudySequence", []):
+                for series in study.get("RTReferencedSeriesSequence", []):
+                    ss.series.add(str(series.get("SeriesInstanceUID", "")))
+        for roi in ds.get("StructureSetROISequence", []):
+            number = int(roi.ROINumber)
+            ss.roi_names[number] = str(roi.get("ROIName", f"ROI{number}")).strip()
+            ss.roi_frames[number] = str(roi.get("ReferencedFrameOfReferenceUID", ""))
+        ss.frames.update(f for f in ss.roi_frames.values() if f)
+        sets.append(ss)
+    return sets
+
+
+def select_structure_set(sets: list[StructureSet], frame_uid: str,
+                         series_uid: str) -> tuple[StructureSet, list[str]]:
+    """The RTSTRUCT on the CT's frame of reference (preferring one naming the CT series).
+
+    Raises:
+        DicomIngestError: no RTSTRUCT, or none on the CT's frame of reference.
+    """
+    if not sets:
+        raise DicomIngestError("no RTSTRUCT in the patient folder: cannot make the masks")
+    matching = [ss for ss in sets if frame_uid in ss.frames]
+    if not matching:
+        other = ", ".join(f"{ss.label} -> {sorted(ss.frames)}" for ss in sets)
+        raise DicomIngestError(f"no RTSTRUCT on the CT's frame of reference {frame_uid} "
+                               f"({other})", sets[0].label)
+    warnings = []
+    if len(matching) > 1:
+        preferred = [ss for ss in matching if series_uid in ss.series] or matching
+        chosen = max(preferred, key=lambda ss: (str(ss.ds.get("StructureSetDate", "")),
+                                                str(ss.ds.get("StructureSetTime", ""))))
+        warnings.append(f"{len(matching)} RTSTRUCTs on the CT's frame of reference; "
+                        f"used the latest, {chosen.label}")
+        return chosen, warnings
+    return matching[0], warnings
+
+
+def roi_contours(ss: StructureSet, roi_number: int) -> list[np.ndarray]:
+    """(N, 3) arrays of patient points ``(x, y, z)`` mm of the CLOSED_PLANAR contours."""
+    contours = []
+    for item in ss.ds.get("ROIContourSequence", []):
+        if int(item.get("ReferencedROINumber", -1)) != roi_number:
+            continue
+        for contour in item.get("ContourSequence", []):
+            if str(contour.get("ContourGeometricType", "CLOSED_PLANAR")) != "CLOSED_PLANAR":
+                continue
+            points = _contour_points(contour)
+            if points.size >= 9:
+                contours.append(points.reshape(-1, 3))
+    return contours
+
+
+def _contour_points(contour: Dataset) -> np.ndarray:
+    """ContourData as a flat float array, parsing the raw bytes when still unparsed.
+
+    Converting to pydicom's ``DSfloat`` objects one by one is the slow part of reading a
+    large RTSTRUCT; the raw backslash-separated text parses ~10x faster in numpy.
+    """
+    element = contour.get_item(_CONTOUR_DATA)
+    if element is None:
+        return np.zeros(0)
+    raw = element.value
+    if isinstance(raw, bytes | bytearray):
+        text = bytes(raw).rstrip(b"\x00 ").decode("ascii")
+        return np.array(text.split("\\"), dtype=np.float64) if text else np.zeros(0)
+    return np.asarray(contour.ContourData, dtype=np.float64)
+
+
+def rasterize_roi(contours: list[np.ndarray], grid: CanonicalGrid, name: str
+                  ) -> tuple[np.ndarray, list[str]]:
+    """Even-odd fill of a ROI's contours on the canonical grid.
+
+    Returns:
+        ``(mask, warnings)``: (Z, Y, X) bool mask and messages about contours off the CT
+        slices, outside the grid or not transverse.
+    """
+    by_slice: dict[int, list[np.ndarray]] = defaultdict(list)
+    off_slice = outside = oblique = 0
+    for points in contours:
+        index = grid.continuous_index(points)  # (N, 3) as (z, y, x)
+        if np.ptp(index[:, 0]) > 0.5:
+            oblique += 1
+            continue
+        z = float(np.mean(index[:, 0]))
+        k = int(np.rint(z))
+        if not 0 <= k < grid.shape[0]:
+            outside += 1
+            continue
+        off_slice += abs(z - k) > OFF_SLICE_TOLERANCE
+        by_slice[k].append(index[:, [2, 1]])
+    mask = np.zeros(grid.shape, dtype=bool)
+    for k, polygons in by_slice.items():
+        mask[k] = rasterize_polygons(polygons, grid.shape[1:])
+    warnings = []
+    for count, what in ((off_slice, "between CT slices (put on the nearest)"),
+                        (outside, "outside the CT's slice range (dropped)"),
+                        (oblique, "not transverse (dropped)")):
+        if count:
+            warnings.append(f"{name}: {count} contour(s) {what}")
+    return mask, warnings
