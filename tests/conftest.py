@@ -14,13 +14,13 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 OPENKBP_SAMPLE = REPO_ROOT.parent / "shared" / "data" / "openkbp-sample"
 
 
-def smoke_config(root, run_dir, *overrides, config_name="train"):
+def smoke_config(root, run_dir, *overrides):
     """The composed ``debug=smoke`` training config, data under ``root``, run in ``run_dir``."""
     from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose(config_name, overrides=["debug=smoke", f"paths.root_dir={root}",
-                                                f"paths.output_dir={run_dir}", *overrides])
+        return compose("train", overrides=["debug=smoke", f"paths.root_dir={root}",
+                                           f"paths.output_dir={run_dir}", *overrides])
 
 
 def make_box_case(shape=(16, 20, 24), spacing=(2.0, 2.5, 3.0), case_id="box",
