@@ -29,8 +29,7 @@ def test_every_option_of_every_group_composes_and_resolves(tmp_path, group):
     if group in ("data", "model", "loss", "trainer", "logger", "callbacks"):
         assert opts, f"config group {group} is empty"
     for option in opts:
-        prefix = "+" if group == "hparams_search" else ""
-        cfg = compose_train(tmp_path, [f"{prefix}{group}={option}"])
+        cfg = compose_train(tmp_path, [f"{group}={option}"])
         OmegaConf.resolve(cfg)  # every interpolation resolves
 
 
