@@ -1,0 +1,1 @@
+"""Networks and the diffusion / flow-matching maths of the generative dose models."""

@@ -1,0 +1,216 @@
+"""Generative dose modules: seeded sampling, ensembles, validation budget, checkpoints."""
+
+from __future__ import annotations
+
+import warnings
+
+import lightning as L
+import pytest
+import torch
+from hydra.errors import InstantiationException
+from omegaconf import OmegaConf
+from torch.utils.data import DataLoader
+
+from vmatdose.evaluation.inference import load_module
+from vmatdose.training.generative import (
+    dose_to_model,
+    ensemble_std,
+    first_cases,
+    model_to_dose,
+)
+
+from model_testing import (
+    GENERATIVE,
+    N_CHANNELS,
+    as_samples,
+    build_model,
+    needs_adversarial_loss,
+    synthetic_batch,
+)
+
+#: A tiny network keeps the sampling tests fast; the configs' own sizes are checked in
+#: test_model_configs.py.
+TINY = ("model.net.channels=[8,16,16,16]", "model.net.num_head_channels=8",
+        "model.val_gamma=null")
+
+
+def _model(name, tmp_path, *overrides):
+    torch.manual_seed(0)
+    model, cfg = build_model(name, tmp_path, *TINY, *overrides)
+    return model.eval(), cfg
+
+
+def _image(size: int = 16) -> torch.Tensor:
+    return synthetic_batch(n_cases=1, size=size)["image"]
+
+
+def _trainer(**kwargs) -> L.Trainer:
+    return L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False,
+                     enable_progress_bar=False, enable_model_summary=False, **kwargs)
+
+
+def test_dose_range_mapping_round_trips():
+    dose = torch.tensor([0.0, 0.6, 1.2])
+    assert dose_to_model(dose, 1.2).tolist() == pytest.approx([-1.0, 0.0, 1.0])
+    torch.testing.assert_close(model_to_dose(dose_to_model(dose, 1.2), 1.2), dose)
+
+
+def test_ensemble_std_is_zero_for_one_sample_and_bessel_corrected_otherwise():
+    one = torch.rand(1, 2, 1, 3, 3, 3)
+    assert torch.equal(ensemble_std(one), torch.zeros(2, 1, 3, 3, 3))
+    two = torch.stack([torch.zeros(1, 1, 2, 2, 2), torch.ones(1, 1, 2, 2, 2)])
+    torch.testing.assert_close(ensemble_std(two), torch.full((1, 1, 2, 2, 2), 2 ** -0.5))
+
+
+def test_first_cases_slices_every_per_case_entry():
+    batch = synthetic_batch(n_cases=3, size=8)
+    head = first_cases(batch, 2)
+    assert head["image"].shape[0] == 2 and head["dose_scale_gy"].shape == (2,)
+    assert head["case_id"] == ["synthetic_0", "synthetic_1"]
+    assert first_cases(batch, 5)["image"].shape[0] == 3
+
+
+@pytest.mark.parametrize("name", GENERATIVE)
+def test_sampling_is_deterministic_for_a_seed(name, tmp_path):
+    model, _ = _model(name, tmp_path, "model.sampling_steps=3", "model.ensemble_size=2")
+    image = _image()
+    torch.manual_seed(1)
+    a = model.predict_dose(image)
+    torch.manual_seed(2)  # the global RNG plays no part
+    b = model.predict_dose(image)
+    assert torch.equal(a, b)
+    model.sampling_seed = 7
+    c = model.predict_dose(image)
+    assert (a - c).abs().mean() > 1e-3
+
+
+@pytest.mark.parametrize("name", GENERATIVE)
+def test_ensemble_std_map_zero_for_one_sample_positive_for_several(name, tmp_path):
+    model, _ = _model(name, tmp_path, "model.sampling_steps=3")
+    image = _image()
+    with model.sampling_settings(3, 1):
+        mean1, std1 = model.predict_with_uncertainty(image)
+    assert torch.equal(std1, torch.zeros_like(mean1))
+    with model.sampling_settings(3, 3):
+        samples = model.sample_doses(image)
+        mean3, std3 = model.predict_with_uncertainty(image)
+    assert samples.shape == (3, 1, 1, 16, 16, 16)
+    assert torch.equal(samples[0], mean1), "member 1 of the ensemble is the 1-sample draw"
+    torch.testing.assert_close(mean3, samples.mean(0))
+    torch.testing.assert_close(std3, samples.std(0))
+    assert std3.min() >= 0 and std3.mean() > 1e-3
+
+
+def test_ddpm_sampling_uses_the_configured_number_of_ddim_steps(tmp_path):
+    model, _ = _model("ddpm", tmp_path, "model.sampling_steps=6", "model.ensemble_size=2")
+    timesteps = []
+    net_forward = model.net.forward
+    model.net.forward = lambda x, c, t: timesteps.append(int(t[0])) or net_forward(x, c, t)
+    model.predict_dose(_image())
+    assert len(timesteps) == 12 and timesteps[:6] == model.ddim.timesteps.tolist()
+
+
+def test_flow_heun_calls_the_network_twice_per_step_but_the_last(tmp_path):
+    model, _ = _model("flow_matching", tmp_path, "model.solver=heun", "model.sampling_steps=4",
+                      "model.ensemble_size=1")
+    times = []
+    net_forward = model.net.forward
+    model.net.forward = lambda x, c, t: times.append(float(t[0])) or net_forward(x, c, t)
+    model.predict_dose(_image())
+    assert times == pytest.approx([0, 250, 250, 500, 500, 750, 750])
+
+
+@pytest.mark.parametrize("name", GENERATIVE)
+def test_validation_samples_only_val_max_cases_with_val_steps(name, tmp_path):
+    model, _ = _model(name, tmp_path, "model.val_max_cases=2", "model.val_sampling_steps=3",
+                      "model.sampling_steps=40", "model.ensemble_size=5")
+    calls = []
+    sample = model.sample
+    model.sample = lambda noise, cond, steps: calls.append(steps) or sample(noise, cond, steps)
+    loader = DataLoader(as_samples(synthetic_batch(n_cases=5, size=16)), batch_size=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        metrics = _trainer().validate(model, loader, verbose=False)[0]
+    assert calls == [3, 3], "one 3-step sample for each of the first two cases"
+    assert 0 < metrics["val/mae_gy"] < 70 and metrics["val/objective"] > 0
+    assert (model.sampling_steps, model.ensemble_size) == (40, 5), "settings restored"
+
+
+class PredictAtValidationEnd(L.Callback):
+    """Predicts a case after each validation epoch, as the dose-image callback does."""
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module) -> None:
+        self.mean, self.std = pl_module.predict_with_uncertainty(_image())
+
+
+def test_predictions_while_fitting_use_the_validation_budget(tmp_path):
+    model, _ = _model("ddpm", tmp_path, "model.val_sampling_steps=2", "model.sampling_steps=7",
+                      "model.ensemble_size=3", "model.val_max_cases=1")
+    calls = []
+    sample = model.sample
+    model.sample = lambda noise, cond, steps: calls.append(steps) or sample(noise, cond, steps)
+    callback = PredictAtValidationEnd()
+    trainer = _trainer(max_steps=1, limit_val_batches=1, num_sanity_val_steps=0,
+                       callbacks=[callback])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(model.train(), DataLoader(as_samples(synthetic_batch(1, 16)), batch_size=1),
+                    DataLoader(as_samples(synthetic_batch(1, 16)), batch_size=1))
+    assert calls == [2, 2], "validation case, then the callback's: one 2-step sample each"
+    assert torch.equal(callback.std, torch.zeros_like(callback.mean))
+    calls.clear()
+    model.eval().predict_dose(_image())
+    assert calls == [7, 7, 7], "after fitting: the configured steps and ensemble"
+
+
+@pytest.mark.parametrize("name", GENERATIVE)
+def test_loss_on_x0_adds_the_voxel_terms_to_the_objective(name, tmp_path):
+    model, _ = _model(name, tmp_path, "model.loss_on_x0_weight=0.5")
+    trainer = _trainer(max_steps=1, limit_val_batches=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(model.train(), DataLoader(as_samples(synthetic_batch(2, 16)), batch_size=2))
+    m = trainer.callback_metrics
+    expected = m["train/loss/objective"] + 0.5 * m["train/loss/x0_voxel"]
+    torch.testing.assert_close(m["train/loss"], expected)
+    assert m["train/loss/x0_voxel"] > 0
+
+
+@pytest.mark.parametrize("name", GENERATIVE)
+def test_checkpoint_reloads_through_the_evaluation_loader(name, tmp_path):
+    model, cfg = _model(name, tmp_path, "model.sampling_steps=2", "model.ensemble_size=2")
+    model.run_config = OmegaConf.to_container(cfg, resolve=True)
+    trainer = _trainer(max_steps=2, limit_val_batches=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(model, DataLoader(as_samples(synthetic_batch(2, 16)), batch_size=2))
+    ckpt = tmp_path / "model.ckpt"
+    trainer.save_checkpoint(ckpt)
+    reloaded, _ = load_module(ckpt)
+    assert type(reloaded) is type(model) and reloaded.loss is None
+    image = _image(20)
+    expected = model.eval().predict_with_uncertainty(image)
+    got = reloaded.predict_with_uncertainty(image)
+    assert torch.equal(expected[0], got[0]) and torch.equal(expected[1], got[1])
+
+
+def test_generative_models_refuse_sliding_window_inference(tmp_path):
+    with pytest.raises(InstantiationException, match="whole volumes"):
+        build_model("ddpm", tmp_path, *TINY, "+model.inference_patch_size=[16,16,16]")
+
+
+@needs_adversarial_loss
+def test_generative_models_refuse_adversarial_losses(tmp_path):
+    with pytest.raises(InstantiationException, match="adversarial"):
+        build_model("flow_matching", tmp_path, *TINY, "loss=adversarial")
+
+
+def test_padding_must_suit_the_network_downsampling(tmp_path):
+    with pytest.raises(InstantiationException, match="downsampling factor 8"):
+        build_model("flow_matching", tmp_path, *TINY, "model.divisible_by=12")
+
+
+def test_condition_channel_count_is_checked(tmp_path):
+    model, _ = _model("flow_matching", tmp_path)
+    with pytest.raises(ValueError, match="condition channels"):
+        model.predict_dose(torch.rand(1, N_CHANNELS + 1, 16, 16, 16))

@@ -1,0 +1,361 @@
+"""Generative dose models behind the :class:`DoseModule` contract.
+
+* :class:`DiffusionDoseModule`: conditional DDPM (MONAI ``DDPMScheduler``) trained to predict
+  the noise, v or the dose; sampled with deterministic DDIM (MONAI ``DDIMScheduler``).
+* :class:`FlowMatchingDoseModule`: rectified flow trained to predict the velocity from noise
+  to dose; sampled with Euler or Heun steps.
+
+Both diffuse the dose mapped to [-1, 1] (``dose_max`` -> +1), are conditioned on the batch
+``image`` by channel concatenation (:class:`vmatdose.models.conditional_unet.
+ConditionalDiffusionUNet`), predict whole volumes as an ensemble of samples (mean dose and
+per-voxel standard deviation), and draw all sampling noise from a ``torch.Generator`` seeded
+with ``sampling_seed`` so predictions repeat exactly.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
+from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
+from torch import nn
+from torch.nn import functional as F
+
+from vmatdose.losses import CompositeLoss
+from vmatdose.models import diffusion, flow
+from vmatdose.training.module import DoseModule, pad_to_multiple
+
+
+def dose_to_model(dose: torch.Tensor, dose_max: float) -> torch.Tensor:
+    """Normalised dose [0, dose_max] -> model range [-1, 1] (same shape)."""
+    return dose * (2.0 / dose_max) - 1.0
+
+
+def model_to_dose(x: torch.Tensor, dose_max: float) -> torch.Tensor:
+    """Model range [-1, 1] -> normalised dose [0, dose_max] (same shape)."""
+    return (x + 1.0) * (dose_max / 2.0)
+
+
+def first_cases(batch: Mapping[str, Any], n: int) -> dict[str, Any]:
+    """The first ``n`` cases of a collated batch (tensors and lists indexed by case)."""
+    size = batch["image"].shape[0]
+    if n >= size:
+        return dict(batch)
+    return {k: v[:n] if isinstance(v, torch.Tensor | list | tuple) and len(v) == size else v
+            for k, v in batch.items()}
+
+
+def ensemble_std(samples: torch.Tensor) -> torch.Tensor:
+    """Per-voxel sample standard deviation over dim 0 (Bessel-corrected); zeros for one
+    sample. (N, B, 1, Z, Y, X) -> (B, 1, Z, Y, X)."""
+    if samples.shape[0] == 1:
+        return torch.zeros_like(samples[0])
+    return samples.std(dim=0, correction=1)
+
+
+def has_discriminator(loss: CompositeLoss | None) -> bool:
+    """Whether a weighted term of ``loss`` trains a discriminator (an adversarial loss)."""
+    if loss is None:
+        return False
+    return any(isinstance(getattr(term, "discriminator", None), nn.Module)
+               and loss.weights.get(name, 1.0) != 0 for name, term in loss.terms.items())
+
+
+class GenerativeDoseModule(DoseModule, abc.ABC):
+    """Shared training, sampling and validation logic of the generative dose models.
+
+    Args:
+        net: a :class:`~vmatdose.models.conditional_unet.ConditionalDiffusionUNet`
+            (``net(state, condition, timesteps)``).
+        loss: voxel loss terms, used on the validation samples (as for every model) and,
+            with ``loss_on_x0_weight`` > 0, on the network's one-step dose estimate in
+            training. ``None`` for inference only.
+        optimizer, scheduler: as for :class:`DoseModule`.
+        sampling_steps: sampler steps at inference (DDIM steps or ODE steps).
+        ensemble_size: samples per case; their mean is the prediction, their standard
+            deviation the uncertainty map.
+        sampling_seed: seed of the generator that draws the initial noise of every
+            prediction call (the ensemble members take successive draws).
+        val_sampling_steps: sampler steps of validation samples and of any prediction made
+            while fitting (one sample per case, see :meth:`sampling_budget`).
+        val_max_cases: validation cases sampled per epoch (``None``: all).
+        loss_on_x0_weight: weight of ``loss`` on the dose estimate x0_hat in training.
+        dose_max: normalised dose mapped to +1 (headroom above the highest prescription
+            keeps hot spots inside the sampler's [-1, 1] range).
+        divisible_by: whole volumes are zero-padded to multiples of this for sampling.
+        val_gamma: as for :class:`DoseModule`.
+        **kwargs: further :class:`DoseModule` arguments.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        loss: CompositeLoss | None,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        scheduler: Callable[..., Any] | None = None,
+        *,
+        sampling_steps: int = 50,
+        ensemble_size: int = 4,
+        sampling_seed: int = 0,
+        val_sampling_steps: int = 10,
+        val_max_cases: int | None = 2,
+        loss_on_x0_weight: float = 0.0,
+        dose_max: float = 1.2,
+        divisible_by: int = 16,
+        val_gamma: Mapping | None = None,
+        **kwargs: Any,
+    ):
+        if has_discriminator(loss):
+            raise ValueError("adversarial loss terms are not supported by generative models")
+        super().__init__(net, loss, optimizer, scheduler, divisible_by=divisible_by,
+                         val_gamma=val_gamma, **kwargs)
+        if self.inference_patch_size:
+            raise ValueError("generative models sample whole volumes; set "
+                             "model.inference_patch_size=null")
+        factor = int(getattr(net, "downsample_factor", 1))
+        if divisible_by % factor:
+            raise ValueError(f"divisible_by={divisible_by} is not a multiple of the network's "
+                             f"downsampling factor {factor}")
+        if sampling_steps < 1 or ensemble_size < 1 or val_sampling_steps < 1:
+            raise ValueError("sampling_steps, ensemble_size and val_sampling_steps must be >= 1")
+        self.sampling_steps = int(sampling_steps)
+        self.ensemble_size = int(ensemble_size)
+        self.sampling_seed = int(sampling_seed)
+        self.val_sampling_steps = int(val_sampling_steps)
+        self.val_max_cases = val_max_cases
+        self.loss_on_x0_weight = float(loss_on_x0_weight)
+        self.dose_max = float(dose_max)
+        self._val_cases_seen = 0
+
+    # -- what a generative model defines ------------------------------------------------
+
+    @abc.abstractmethod
+    def objective(self, clean: torch.Tensor, condition: torch.Tensor,
+                  generator: torch.Generator | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training objective on one batch.
+
+        Args:
+            clean: (B, 1, Z, Y, X) dose in the model range [-1, 1].
+            condition: (B, C, Z, Y, X) the batch ``image``.
+            generator: CPU generator for the noise and times (``None``: global RNG).
+        Returns:
+            (scalar loss, (B, 1, Z, Y, X) one-step estimate of ``clean``).
+        """
+
+    @abc.abstractmethod
+    def sample(self, noise: torch.Tensor, condition: torch.Tensor, steps: int) -> torch.Tensor:
+        """Deterministic map from initial noise (B, 1, Z, Y, X) to a sample in [-1, 1]."""
+
+    # -- randomness ---------------------------------------------------------------------
+
+    @staticmethod
+    def randn(shape: torch.Size, like: torch.Tensor,
+              generator: torch.Generator | None) -> torch.Tensor:
+        """Standard normal float32 noise on ``like``'s device; drawn on the CPU when a
+        generator is given, so a seed gives the same noise on every device."""
+        if generator is None:
+            return torch.randn(shape, device=like.device)
+        return torch.randn(shape, generator=generator).to(like.device)
+
+    @staticmethod
+    def rand(n: int, like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """(n,) uniform [0, 1) float32 on ``like``'s device (see :meth:`randn`)."""
+        if generator is None:
+            return torch.rand(n, device=like.device)
+        return torch.rand(n, generator=generator).to(like.device)
+
+    # -- inference ----------------------------------------------------------------------
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.predict_dose(image)
+
+    def is_fitting(self) -> bool:
+        """Whether a Trainer is running ``fit`` with this module."""
+        trainer = self._trainer
+        return (trainer is not None and trainer.state.fn == TrainerFn.FITTING
+                and trainer.state.status == TrainerStatus.RUNNING)
+
+    def sampling_budget(self) -> tuple[int, int]:
+        """(steps, ensemble size) of a prediction: ``sampling_steps`` and ``ensemble_size``,
+        but ``val_sampling_steps`` and one sample while a Trainer is fitting the module, so
+        that whatever predicts during training (validation, image callbacks) stays cheap."""
+        if self.is_fitting():
+            return self.val_sampling_steps, 1
+        return self.sampling_steps, self.ensemble_size
+
+    @torch.no_grad()
+    def sample_doses(self, image: torch.Tensor, steps: int | None = None,
+                     ensemble_size: int | None = None) -> torch.Tensor:
+        """Ensemble of sampled doses for whole volumes of any size.
+
+        Args:
+            image: (B, C, Z, Y, X) conditioning channels.
+            steps, ensemble_size: default to :meth:`sampling_budget`.
+        Returns:
+            (N, B, 1, Z, Y, X) float32 normalised doses >= 0.
+        """
+        default_steps, default_n = self.sampling_budget()
+        steps = steps or default_steps
+        n = ensemble_size or default_n
+        condition, crop = pad_to_multiple(image, self.divisible_by)
+        shape = torch.Size((condition.shape[0], 1, *condition.shape[2:]))
+        generator = torch.Generator().manual_seed(self.sampling_seed)
+        samples = []
+        for _ in range(n):
+            noise = self.randn(shape, condition, generator)
+            x = self.sample(noise, condition, steps)[crop]
+            samples.append(model_to_dose(x.float(), self.dose_max).clamp_min(0))
+        return torch.stack(samples)
+
+    @torch.no_grad()
+    def predict_with_uncertainty(self, image: torch.Tensor
+                                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ensemble mean dose, per-voxel ensemble std), both (B, 1, Z, Y, X) normalised;
+        the std is zero for a one-sample ensemble (see :meth:`sampling_budget`)."""
+        samples = self.sample_doses(image)
+        return samples.mean(dim=0), ensemble_std(samples)
+
+    @torch.no_grad()
+    def predict_dose(self, image: torch.Tensor) -> torch.Tensor:
+        """(B, C, Z, Y, X) -> (B, 1, Z, Y, X) ensemble mean normalised dose >= 0."""
+        return self.predict_with_uncertainty(image)[0]
+
+    @contextmanager
+    def sampling_settings(self, steps: int, ensemble_size: int) -> Iterator[None]:
+        """Temporarily sample with other ``steps`` and ``ensemble_size``."""
+        saved = self.sampling_steps, self.ensemble_size
+        self.sampling_steps, self.ensemble_size = steps, ensemble_size
+        try:
+            yield
+        finally:
+            self.sampling_steps, self.ensemble_size = saved
+
+    # -- training and validation --------------------------------------------------------
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        clean = dose_to_model(batch["dose"], self.dose_max)
+        objective, clean_hat = self.objective(clean, batch["image"])
+        total, terms = objective, {"objective": objective}
+        if self.loss_on_x0_weight > 0 and self.loss is not None:
+            x0_total, x0_terms = self.loss(model_to_dose(clean_hat, self.dose_max), batch)
+            total = total + self.loss_on_x0_weight * x0_total
+            terms.update({f"x0_{name}": value for name, value in x0_terms.items()})
+        self._log_loss("train", total, terms, batch["image"].shape[0])
+        return total
+
+    def on_validation_epoch_start(self) -> None:
+        super().on_validation_epoch_start()
+        self._val_cases_seen = 0
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        """Sample up to ``val_max_cases`` cases per epoch with ``val_sampling_steps`` steps
+        and one sample each; log the objective (fixed noise) on the same cases."""
+        if self.val_max_cases is not None:
+            room = self.val_max_cases - self._val_cases_seen
+            if room <= 0:
+                return
+            batch = first_cases(batch, room)
+        n = batch["image"].shape[0]
+        self._val_cases_seen += n
+        with self.sampling_settings(self.val_sampling_steps, 1):
+            super().validation_step(batch, batch_idx)
+        generator = torch.Generator().manual_seed(self.sampling_seed + 1 + batch_idx)
+        objective, _ = self.objective(dose_to_model(batch["dose"], self.dose_max),
+                                      batch["image"], generator)
+        self.log("val/objective", objective, batch_size=n, sync_dist=True)
+
+
+class DiffusionDoseModule(GenerativeDoseModule):
+    """Conditional DDPM; DDIM (eta = 0) sampling.
+
+    Args:
+        num_train_timesteps: diffusion steps T of the training chain.
+        schedule: MONAI noise schedule name (``linear_beta``, ``scaled_linear_beta``,
+            ``cosine``, ...); ``schedule_args`` its arguments (e.g. ``beta_start``).
+        prediction_type: network target: ``epsilon`` (noise), ``v_prediction`` or
+            ``sample``.
+        clip_sample: clip DDIM's x0 estimate to [-1, 1] at every step.
+        **kwargs: :class:`GenerativeDoseModule` arguments.
+    """
+
+    def __init__(self, *args: Any, num_train_timesteps: int = 1000,
+                 schedule: str = "linear_beta", schedule_args: Mapping | None = None,
+                 prediction_type: str = "epsilon", clip_sample: bool = True, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        if prediction_type not in diffusion.PREDICTION_TYPES:
+            raise ValueError(f"unknown prediction_type {prediction_type!r}; choose one of "
+                             f"{diffusion.PREDICTION_TYPES}")
+        common = dict(num_train_timesteps=num_train_timesteps, schedule=schedule,
+                      prediction_type=prediction_type, clip_sample=clip_sample,
+                      **dict(schedule_args or {}))
+        self.noise_scheduler = DDPMScheduler(**common)
+        self.ddim = DDIMScheduler(**common)
+        self.num_train_timesteps = num_train_timesteps
+        self.prediction_type = prediction_type
+
+    def objective(self, clean: torch.Tensor, condition: torch.Tensor,
+                  generator: torch.Generator | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """MSE between the network output and the ``prediction_type`` target at a uniform
+        random step t; returns it with the x0 estimate clipped to [-1, 1]."""
+        noise = self.randn(clean.shape, clean, generator)
+        t = (self.rand(clean.shape[0], clean, generator) * self.num_train_timesteps).long()
+        t = t.clamp_max(self.num_train_timesteps - 1)
+        noisy = self.noise_scheduler.add_noise(clean, noise, t)
+        output = self.net(noisy, condition, t).float()
+        target = diffusion.training_target(self.noise_scheduler, clean, noise, t)
+        clean_hat = diffusion.predicted_clean(self.noise_scheduler, output, noisy, t)
+        return F.mse_loss(output, target), clean_hat.clamp(-1.0, 1.0)
+
+    def sample(self, noise: torch.Tensor, condition: torch.Tensor, steps: int) -> torch.Tensor:
+        def denoiser(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return self.net(x, condition, t)
+
+        return diffusion.ddim_sample(denoiser, self.ddim, noise, steps)
+
+
+class FlowMatchingDoseModule(GenerativeDoseModule):
+    """Conditional rectified flow: the network predicts v = x1 - x0 at x_t.
+
+    Args:
+        solver: ``euler`` or ``heun`` (see :func:`vmatdose.models.flow.integrate`).
+        time_scale: the network sees ``t * time_scale`` as its timestep, so its sinusoidal
+            embedding spans the same range as a 1000-step diffusion model's.
+        **kwargs: :class:`GenerativeDoseModule` arguments.
+    """
+
+    def __init__(self, *args: Any, solver: str = "euler", time_scale: float = 1000.0,
+                 **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        if solver not in flow.SOLVERS:
+            raise ValueError(f"unknown solver {solver!r}; choose one of {flow.SOLVERS}")
+        self.solver = solver
+        self.time_scale = float(time_scale)
+
+    def velocity(self, state: torch.Tensor, condition: torch.Tensor,
+                 t: torch.Tensor) -> torch.Tensor:
+        """(B, 1, Z, Y, X) velocity at flow time ``t`` (B,) in [0, 1]."""
+        return self.net(state, condition, t * self.time_scale).float()
+
+    def objective(self, clean: torch.Tensor, condition: torch.Tensor,
+                  generator: torch.Generator | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """MSE between predicted and straight-path velocity at uniform random t; returns it
+        with the one-step estimate x1_hat = x_t + (1 - t) v_hat."""
+        noise = self.randn(clean.shape, clean, generator)
+        t = self.rand(clean.shape[0], clean, generator)
+        state = flow.interpolate(noise, clean, t)
+        v = self.velocity(state, condition, t)
+        loss = F.mse_loss(v, flow.target_velocity(noise, clean))
+        return loss, flow.predicted_data(state, v, t)
+
+    def sample(self, noise: torch.Tensor, condition: torch.Tensor, steps: int) -> torch.Tensor:
+        def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return self.velocity(x, condition, t)
+
+        return flow.integrate(velocity, noise, steps, self.solver)
