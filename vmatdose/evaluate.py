@@ -46,9 +46,10 @@ def evaluate_predictions(pairs: Iterable[tuple[Case, np.ndarray]], data_cfg: Dic
     return run_suite(pairs, settings, output_dir, baseline, total)
 
 
-def read_predictions(predictions_dir: str | Path,
-                     case_paths: Sequence[Path]) -> Iterator[tuple[Case, np.ndarray]]:
-    """Pair each case with ``<predictions_dir>/<case_id>.npz`` (key ``dose``, Gy)."""
+def read_predictions(predictions_dir: str | Path, case_paths: Sequence[Path]
+                     ) -> Iterator[tuple[Case, np.ndarray, np.ndarray | None]]:
+    """Pair each case with ``<predictions_dir>/<case_id>.npz`` (key ``dose``, Gy, and
+    ``dose_std`` when a generative model wrote one)."""
     predictions_dir = Path(predictions_dir)
     for path in case_paths:
         case = load_case(path)
@@ -59,9 +60,13 @@ def read_predictions(predictions_dir: str | Path,
             if "dose" not in data.files:
                 raise ValueError(f"{pred_path}: no 'dose' array")
             dose = data["dose"].astype(np.float32)
+            std = data["dose_std"].astype(np.float32) if "dose_std" in data.files else None
         if not np.all(np.isfinite(dose)):
             raise ValueError(f"{pred_path}: predicted dose has non-finite values")
-        yield case, dose
+        if dose.shape != case.shape:
+            raise ValueError(f"{pred_path}: dose shape {dose.shape} differs from case "
+                             f"{case.case_id!r} grid {case.shape}")
+        yield case, dose, std
 
 
 def _data_config(cfg: DictConfig, ckpt_cfg: DictConfig | None) -> DictConfig:
@@ -101,7 +106,7 @@ def run_evaluation(cfg: DictConfig, output_dir: str | Path) -> tuple[pd.DataFram
         baseline = StructureMeanBaseline(data_cfg.structures).fit(
             load_case(p) for p in datamodule.paths_of("train"))
     if module is not None:
-        pairs = predict_cases(module, data_cfg, paths, device)
+        pairs = predict_cases(module, data_cfg, paths, device, with_uncertainty=True)
     else:
         pairs = read_predictions(cfg.predictions_dir, paths)
     table, summary = evaluate_predictions(pairs, data_cfg, cfg.get("evaluation"), output_dir,

@@ -16,7 +16,12 @@ from vmatdose.evaluation.constraints import (
 )
 from vmatdose.evaluation.openkbp_scores import dose_score, dvh_errors, openkbp_scores
 from vmatdose.evaluation.regions import gamma_regions, region_pass_rates
-from vmatdose.evaluation.suite import EvaluationSettings, evaluate_case, run_suite
+from vmatdose.evaluation.suite import (
+    EvaluationSettings,
+    evaluate_case,
+    run_suite,
+    uncertainty_metrics,
+)
 from vmatdose.metrics.gamma import gamma_index
 
 from conftest import make_box_case
@@ -133,3 +138,18 @@ def test_suite_writes_tables_figures_and_report(tmp_path):
 def test_unknown_evaluation_key_is_refused():
     with pytest.raises(ValueError, match="unknown keys.*gama"):
         EvaluationSettings.from_config(["PTV70"], [], {"gama": []})
+
+
+def test_uncertainty_metrics_rank_the_errors():
+    case = make_box_case()
+    rng = np.random.default_rng(0)
+    error = rng.uniform(0.0, 2.0, case.shape)
+    pred = case.dose + error
+    tracking = uncertainty_metrics(case, pred, 0.5 * error)  # std proportional to |error|
+    assert tracking["uncertainty_error_correlation"] == pytest.approx(1.0)
+    assert tracking["uncertainty_mean_std_gy"] == pytest.approx(0.5 * error[case.body > 0].mean())
+    assert np.isnan(uncertainty_metrics(case, pred, np.ones(case.shape))[
+        "uncertainty_error_correlation"])
+    row = evaluate_case(case, pred, _settings(figures=False, gamma=[]), std_gy=0.5 * error).row
+    assert row["uncertainty_error_correlation"] == pytest.approx(1.0)
+    assert "uncertainty_mean_std_gy" not in evaluate_case(case, pred, _settings(gamma=[])).row

@@ -88,14 +88,19 @@ class CaseResult:
 
 
 def evaluate_case(case: Case, pred_gy: np.ndarray, settings: EvaluationSettings,
-                  baseline: StructureMeanBaseline | None = None) -> CaseResult:
-    """Every metric of one predicted dose (Z, Y, X) in Gy against the case's reference."""
+                  baseline: StructureMeanBaseline | None = None,
+                  std_gy: np.ndarray | None = None) -> CaseResult:
+    """Every metric of one predicted dose (Z, Y, X) in Gy against the case's reference;
+    ``std_gy`` (Z, Y, X), a generative model's per-voxel ensemble std, adds uncertainty
+    metrics."""
     targets = [t for t in settings.targets if case.has_structure(t)]
     row: dict = {"case_id": case.case_id, **basic_case_metrics(case, pred_gy, targets)}
     row["openkbp_dose_score_gy"] = dose_score(case, pred_gy)
     if baseline is not None:
         row["baseline_mae_body_gy"] = basic_case_metrics(
             case, baseline.predict(case), targets)["mae_body_gy"]
+    if std_gy is not None:
+        row.update(uncertainty_metrics(case, pred_gy, std_gy))
     dvh_rows = _dvh_rows(case, pred_gy, targets)
     for r in dvh_rows:
         if r["metric"] == "Dmean":
@@ -116,6 +121,17 @@ def evaluate_case(case: Case, pred_gy: np.ndarray, settings: EvaluationSettings,
     return CaseResult(row, dvh_rows, constraints, dvh_errors(case, pred_gy, targets), gamma_map)
 
 
+def uncertainty_metrics(case: Case, pred_gy: np.ndarray, std_gy: np.ndarray) -> dict:
+    """Mean ensemble std in the body (Gy), and how well it ranks the actual errors:
+    Pearson correlation of std and |pred - ref| over body voxels (NaN if std is flat)."""
+    body = case.body > 0
+    std, error = std_gy[body].astype(np.float64), np.abs(pred_gy - case.dose)[body]
+    flat = std.size < 2 or np.std(std) == 0 or np.std(error) == 0
+    return {"uncertainty_mean_std_gy": float(std.mean()) if std.size else float("nan"),
+            "uncertainty_error_correlation": float("nan") if flat
+            else float(np.corrcoef(std, error)[0, 1])}
+
+
 def _dvh_rows(case: Case, pred_gy: np.ndarray, targets: Sequence[str]) -> list[dict]:
     present = [s for s in case.structures if case.mask(s).any()]
     if not present:
@@ -128,15 +144,16 @@ def _dvh_rows(case: Case, pred_gy: np.ndarray, targets: Sequence[str]) -> list[d
             for s in present for m in ref[s]]
 
 
-def run_suite(pairs: Iterable[tuple[Case, np.ndarray]], settings: EvaluationSettings,
+def run_suite(pairs: Iterable[tuple], settings: EvaluationSettings,
               output_dir: str | Path, baseline: StructureMeanBaseline | None = None,
               total: int | None = None) -> tuple[pd.DataFrame, dict]:
-    """Evaluate every pair, write tables, figures and the report; return (table, summary)."""
+    """Evaluate every ``(case, pred_gy)`` or ``(case, pred_gy, std_gy or None)``, write
+    tables, figures and the report; return (table, summary)."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     results, figure_paths = [], []
-    for case, pred_gy in tqdm(pairs, total=total, desc="evaluate", unit="case"):
-        result = evaluate_case(case, pred_gy, settings, baseline)
+    for case, pred_gy, *std in tqdm(pairs, total=total, desc="evaluate", unit="case"):
+        result = evaluate_case(case, pred_gy, settings, baseline, std[0] if std else None)
         results.append(result)
         if settings.figures and len(results) <= settings.figure_cases:
             figure_paths += _case_figures(case, pred_gy, result, settings, output_dir)
