@@ -104,7 +104,8 @@ def test_loss_weights_search_space_names_existing_terms(monkeypatch):
     # Sweepers resolve the sweep folder before any job runs (no runtime hydra config yet).
     assert cfg.hydra.sweep.dir.startswith("./multirun/train/")
     assert cfg.optimized_metric == "val/mae_gy"
-    assert cfg.hydra.sweeper.direction == "minimize"
+    assert cfg.hydra.sweeper.direction == "maximize"
+    assert cfg.optimized_metric == "val/gamma_pass"
     assert cfg.hydra.sweeper._target_.endswith("OptunaSweeper")
     params = dict(cfg.hydra.sweeper.params)
     assert set(params) == {"loss.terms.gradient.weight", "loss.terms.dvh.weight"}
