@@ -23,6 +23,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
 
 from vmatdose.evaluation.figures import OKABE_ITO, save_figure  # noqa: E402
 
@@ -70,12 +71,27 @@ def best_validation(run: Path, metric: str = "val/mae_gy") -> float | None:
     return float(history[metric].min()) if metric in history else None
 
 
+def config_choices(run: Path, overrides: Sequence[str]) -> dict[str, str]:
+    """Config-group choices (``model: unet``...): Hydra's record of the run when there is
+    one, else the ``group=option`` command-line overrides."""
+    hydra_file = run / ".hydra" / "hydra.yaml"
+    if hydra_file.is_file():
+        choices = OmegaConf.load(hydra_file).hydra.runtime.choices
+        return {str(k): str(v) for k, v in choices.items()
+                if not str(k).startswith("hydra/") and v is not None and str(k) != "paths"}
+    pairs = (o.lstrip("+").split("=", 1) for o in overrides if "=" in o)
+    return {k: v for k, v in pairs if "." not in k and "/" not in k}
+
+
 def run_row(run: Path) -> dict[str, object]:
-    """Config (flattened, ``config.`` prefix) and final metrics of one run."""
+    """Config choices (``choice.`` prefix), config values (flattened, ``config.``) and
+    final metrics of one run."""
     record = json.loads((run / "run_record.json").read_text())
+    overrides = list(record.get("overrides", []))
     row: dict[str, object] = {"run": str(run)}
+    row.update({f"choice.{k}": v for k, v in config_choices(run, overrides).items()})
     row.update({f"config.{k}": v for k, v in flatten(record.get("config", {})).items()})
-    row["overrides"] = " ".join(record.get("overrides", []))
+    row["overrides"] = " ".join(overrides)
     summary_path = run / "eval" / "summary.json"
     if summary_path.is_file():
         summary = json.loads(summary_path.read_text())
@@ -88,16 +104,29 @@ def run_row(run: Path) -> dict[str, object]:
     return row
 
 
+def _differs(values: pd.Series) -> bool:
+    return values.astype(str).nunique(dropna=False) > 1
+
+
 def differing_columns(table: pd.DataFrame) -> list[str]:
-    """Config columns whose values are not the same in every run."""
-    columns = []
+    """Choice and config columns whose values are not the same in every run. Where a
+    group's choice differs (``model=unet`` vs ``model=ddpm``) its config values are
+    implied by the choice and left out, unless a run overrode them explicitly."""
+    choices = [c for c in table.columns if c.startswith("choice.") and _differs(table[c])]
+    changed_groups = {c[len("choice."):] for c in choices}
+    overridden = {o.lstrip("+").split("=", 1)[0]
+                  for text in table.get("overrides", pd.Series(dtype=str)).fillna("")
+                  for o in str(text).split() if "=" in o}
+    columns = list(choices)
     for column in table.columns:
         if not column.startswith("config."):
             continue
-        if column[len("config."):].startswith(IGNORED_PREFIXES):
+        key = column[len("config."):]
+        if key.startswith(IGNORED_PREFIXES) or not _differs(table[column]):
             continue
-        if table[column].astype(str).nunique(dropna=False) > 1:
-            columns.append(column)
+        if key.split(".", 1)[0] in changed_groups and key not in overridden:
+            continue
+        columns.append(column)
     return columns
 
 
@@ -114,7 +143,8 @@ def comparison_table(runs: Sequence[Path], metric: str = DEFAULT_METRIC,
         descending = any(word in metric for word in HIGHER_IS_BETTER)
     table = full[["run", *differing_columns(full), *metrics]]
     table = table.sort_values(metric, ascending=not descending, na_position="last")
-    return table.rename(columns=lambda c: c[len("config."):] if c.startswith("config.") else c)
+    return table.rename(columns=lambda c: c.split(".", 1)[1]
+                        if c.startswith(("config.", "choice.")) else c)
 
 
 def to_markdown(table: pd.DataFrame, root: Path | None = None) -> str:
@@ -126,9 +156,18 @@ def to_markdown(table: pd.DataFrame, root: Path | None = None) -> str:
     rule = "|" + "---|" * len(shown.columns)
     lines = [header, rule]
     for _, row in shown.iterrows():
-        cells = [f"{v:.3f}" if isinstance(v, float) else str(v) for v in row]
+        cells = [_cell(v) for v in row]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _cell(value: object) -> str:
+    if isinstance(value, float):
+        if value != value:  # NaN: the run has no such value
+            return ""
+        return f"{value:.0f}" if value.is_integer() and abs(value) >= 1 else f"{value:.3g}" \
+            if abs(value) < 0.01 else f"{value:.3f}"
+    return str(value)
 
 
 def _relative(path: Path, root: Path) -> str:

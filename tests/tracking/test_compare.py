@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from vmatdose.compare import comparison_table, find_runs, main
+from vmatdose.compare import comparison_table, differing_columns, find_runs, main
 from vmatdose.train import run
 
 from conftest import smoke_config
@@ -53,3 +53,12 @@ def test_unknown_metric_and_missing_folder_are_clear(three_runs, tmp_path):
         comparison_table(runs, "test/nope")
     with pytest.raises(FileNotFoundError, match="no such run folder"):
         find_runs([str(tmp_path / "absent")])
+
+
+def test_a_changed_group_choice_hides_the_values_it_implies():
+    table = pd.DataFrame({
+        "run": ["a", "b"], "choice.model": ["unet", "ddpm"], "choice.loss": ["l1", "l1"],
+        "config.model.net.channels": ["[16]", "[32]"], "config.model.sampling_steps": [None, 10],
+        "config.seed": [1, 1], "config.paths.output_dir": ["x", "y"],
+        "overrides": ["model=unet", "model=ddpm model.sampling_steps=10"]})
+    assert differing_columns(table) == ["choice.model", "config.model.sampling_steps"]
