@@ -126,12 +126,13 @@ class DoseModule(L.LightningModule):
 
     def _log_loss(self, stage: str, total: torch.Tensor, terms: dict[str, torch.Tensor],
                   batch_size: int) -> None:
+        # sync_dist: under DDP epoch values average over every rank (a no-op on one device)
         on_step = stage == "train"
         self.log(f"{stage}/loss", total, prog_bar=True, on_step=on_step, on_epoch=True,
-                 batch_size=batch_size, sync_dist=not on_step)
+                 batch_size=batch_size, sync_dist=True)
         for name, value in terms.items():
             self.log(f"{stage}/loss/{name}", value, on_step=on_step, on_epoch=True,
-                     batch_size=batch_size, sync_dist=not on_step)
+                     batch_size=batch_size, sync_dist=True)
 
     def on_train_epoch_start(self) -> None:
         for term in self.loss.terms.values() if self.loss is not None else ():
