@@ -54,3 +54,21 @@ def make_box_case(shape=(16, 20, 24), spacing=(2.0, 2.5, 3.0), case_id="box",
 @pytest.fixture
 def box_case() -> Case:
     return make_box_case()
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread_for_model_tests(request):
+    """Model tests run torch on one CPU thread: they are many small convolutions, and on a
+    machine whose cores are shared, OpenMP threads waiting for a busy core make them many
+    times slower (a 30-step DDPM run: ~5 s on one thread, 100 s on two under load)."""
+    if "models" not in request.node.path.parts:
+        yield
+        return
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
