@@ -109,14 +109,15 @@ def _differs(values: pd.Series) -> bool:
 
 
 def differing_columns(table: pd.DataFrame) -> list[str]:
-    """Choice and config columns whose values are not the same in every run. Where a
-    group's choice differs (``model=unet`` vs ``model=ddpm``) its config values are
-    implied by the choice and left out, unless a run overrode them explicitly."""
+    """Choice and config columns whose values are not the same in every run. A config
+    value the differing group choices already imply (constant among runs with the same
+    choices: ``model=ddpm`` brings its own ``model.*``, ``debug=short`` its data size) is
+    left out, unless a run overrode it on the command line."""
     choices = [c for c in table.columns if c.startswith("choice.") and _differs(table[c])]
-    changed_groups = {c[len("choice."):] for c in choices}
     overridden = {o.lstrip("+").split("=", 1)[0]
                   for text in table.get("overrides", pd.Series(dtype=str)).fillna("")
                   for o in str(text).split() if "=" in o}
+    keys = table[choices].astype(str) if choices else None
     columns = list(choices)
     for column in table.columns:
         if not column.startswith("config."):
@@ -124,10 +125,16 @@ def differing_columns(table: pd.DataFrame) -> list[str]:
         key = column[len("config."):]
         if key.startswith(IGNORED_PREFIXES) or not _differs(table[column]):
             continue
-        if key.split(".", 1)[0] in changed_groups and key not in overridden:
+        if key not in overridden and keys is not None and _implied(table[column], keys):
             continue
         columns.append(column)
     return columns
+
+
+def _implied(values: pd.Series, keys: pd.DataFrame) -> bool:
+    """True when runs sharing every choice also share this value."""
+    return bool((values.astype(str).groupby([keys[c] for c in keys.columns]).nunique() <= 1)
+                .all())
 
 
 def comparison_table(runs: Sequence[Path], metric: str = DEFAULT_METRIC,

@@ -68,6 +68,9 @@ class DoseModule(L.LightningModule):
             the whole volume to ``divisible_by`` and predicts it in one pass.
         val_gamma: gamma criteria computed on validation cases each epoch, e.g.
             ``{"dose_percent": 3, "distance_mm": 3}``; ``None`` skips it.
+        max_relative_dose: predictions are clipped to ``[0, max_relative_dose]`` in units
+            of the highest prescription: no plan delivers 150 % of it, and an undertrained
+            network's hot spots would otherwise dominate Dmax-type metrics. ``None``: no cap.
 
     A loss term with a ``discriminator`` (:class:`vmatdose.losses.AdversarialLoss`) switches
     training to Lightning's manual optimisation with a generator and a discriminator
@@ -85,8 +88,10 @@ class DoseModule(L.LightningModule):
         sw_overlap: float = 0.25,
         divisible_by: int = 16,
         val_gamma: Mapping | None = None,
+        max_relative_dose: float | None = 1.5,
     ):
         super().__init__()
+        self.max_relative_dose = max_relative_dose
         self.net = net
         self.loss = loss
         self.optimizer_factory = optimizer
@@ -105,14 +110,15 @@ class DoseModule(L.LightningModule):
 
     @torch.no_grad()
     def predict_dose(self, image: torch.Tensor) -> torch.Tensor:
-        """Whole-volume inference: (B, C, Z, Y, X) -> (B, 1, Z, Y, X) normalised dose >= 0."""
+        """Whole-volume inference: (B, C, Z, Y, X) -> (B, 1, Z, Y, X) normalised dose in
+        ``[0, max_relative_dose]``."""
         if self.inference_patch_size:
             pred = sliding_window_inference(image, self.inference_patch_size, 2, self,
                                             overlap=self.sw_overlap, mode="gaussian")
         else:
             padded, crop = pad_to_multiple(image, self.divisible_by)
             pred = self(padded)[crop]
-        return pred.float().clamp_min(0)
+        return pred.float().clamp(0.0, self.max_relative_dose)
 
     @torch.no_grad()
     def predict_with_uncertainty(self, image: torch.Tensor
