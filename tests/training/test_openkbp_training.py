@@ -7,9 +7,10 @@ import json
 
 import pytest
 
-from conftest import OPENKBP_SAMPLE
 from vmatdose.config import CONFIG_DIR
 from vmatdose.train import run
+
+from conftest import OPENKBP_SAMPLE
 
 
 @pytest.mark.skipif(not OPENKBP_SAMPLE.is_dir(),
