@@ -247,7 +247,14 @@ def write_index(table: pd.DataFrame, readme: Path, metric: str, sources: Sequenc
     return readme
 
 
-def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
+def main(argv: Sequence[str] | None = None) -> None:
+    """``vmatdose-compare`` / ``python -m vmatdose.compare`` (returns nothing: a console
+    script's return value becomes its exit status)."""
+    run_compare(argv)
+
+
+def run_compare(argv: Sequence[str] | None = None) -> pd.DataFrame:
+    """Parse ``argv``, write the comparison (and index), print and return the table."""
     parser = argparse.ArgumentParser(description="Compare finished vmatdose runs.")
     parser.add_argument("locations", nargs="+", help="run folders, sweep folders or globs")
     parser.add_argument("--metric", default=DEFAULT_METRIC, help="sort by this metric")
