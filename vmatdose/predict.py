@@ -9,8 +9,6 @@ the case's geometry) per case and, with ``export_rtdose=true``, ``<case_id>_rtdo
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from pathlib import Path
 
 import hydra
@@ -19,7 +17,8 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from vmatdose.config import CONFIG_DIR
-from vmatdose.data.case import Case, list_case_files
+from vmatdose.data.atomic import atomic_path
+from vmatdose.data.case import Case, list_case_files, write_npz
 from vmatdose.evaluation.inference import load_module, predict_cases, resolve_device
 
 log = logging.getLogger(__name__)
@@ -35,15 +34,8 @@ def save_prediction(case: Case, dose_gy: np.ndarray, std_gy: np.ndarray | None,
               "origin_mm": case.origin_mm, "case_id": np.asarray(case.case_id)}
     if std_gy is not None:
         arrays["dose_std"] = std_gy.astype(np.float32)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            np.savez_compressed(handle, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path, ".npz.tmp") as tmp:
+        write_npz(tmp, arrays)
     return path
 
 

@@ -23,11 +23,11 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from vmatdose.config import CONFIG_DIR
+from vmatdose.data.atomic import write_json_atomic
 from vmatdose.data.ingest.batch import (
     convert_cases,
     format_summary,
     is_complete_case_file,
-    write_json_atomic,
 )
 
 log = logging.getLogger(__name__)

@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from vmatdose.data.atomic import atomic_path
 
 SCHEMA_VERSION = 1
 SUPPORTED_SCHEMA_VERSIONS = (1,)
@@ -164,33 +165,19 @@ def save_case(case: Case, path: str | os.PathLike) -> Path:
     }
     if case.dose is not None:
         arrays["dose"] = np.asarray(case.dose, dtype=np.float32)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".npz.tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            _write_npz(handle, arrays)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes files private; cases are data
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path, ".npz.tmp") as tmp:
+        write_npz(tmp, arrays)
     return path
 
 
-def _write_npz(handle, arrays: dict[str, np.ndarray]) -> None:
+def write_npz(path: str | os.PathLike, arrays: dict[str, np.ndarray]) -> None:
     """``np.savez_compressed`` at deflate level 1: a 150 x 512 x 512 case writes in a third
     of the time for a few % more bytes (np.load reads it like any .npz)."""
-    with zipfile.ZipFile(handle, "w", compression=zipfile.ZIP_DEFLATED,
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED,
                          compresslevel=1) as archive:
         for name, array in arrays.items():
             with archive.open(f"{name}.npy", "w", force_zip64=True) as member:
                 np.lib.format.write_array(member, np.asanyarray(array), allow_pickle=False)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def load_case(path: str | os.PathLike, *, load_dose: bool = True) -> Case:

@@ -31,9 +31,7 @@ import logging
 import math
 import os
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +39,10 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from vmatdose.data.case import Case, load_case, save_case
+from vmatdose.data.atomic import write_json_atomic
+from vmatdose.data.case import Case
+from vmatdose.data.geometry import dilate_mm
+from vmatdose.data.ingest.batch import convert_cases
 
 log = logging.getLogger(__name__)
 
@@ -85,14 +86,6 @@ def _ellipsoid(z, y, x, centre, radii) -> np.ndarray:
             + ((x - centre[2]) / radii[2]) ** 2) <= 1.0
 
 
-def _expand(mask: np.ndarray, margin_mm: float, spacing_mm: Sequence[float]) -> np.ndarray:
-    """Isotropic expansion by ``margin_mm`` (exact Euclidean distance, anisotropic voxels)."""
-    if not mask.any():
-        return mask.copy()
-    distance = ndimage.distance_transform_edt(~mask, sampling=spacing_mm)
-    return distance <= margin_mm
-
-
 def make_anatomy(rng: np.random.Generator, shape: Sequence[int],
                  spacing_mm: Sequence[float]) -> Anatomy:
     """Draw one pelvis: structures as boolean masks and a CT in HU (float)."""
@@ -110,8 +103,8 @@ def make_anatomy(rng: np.random.Generator, shape: Sequence[int],
     for side in (-1, 1):
         sv |= _ellipsoid(z, y, x, c + [r[0] * 0.9, r[1] * 0.6, side * u(10, 16)],
                          [u(7, 10), u(5, 7), u(10, 14)])
-    ptv70 = _expand(prostate, 7.0, spacing_mm) & body
-    ptv56 = _expand(prostate | sv, 16.0, spacing_mm) & body & ~ptv70
+    ptv70 = dilate_mm(prostate, 7.0, spacing_mm) & body
+    ptv56 = dilate_mm(prostate | sv, 16.0, spacing_mm) & body & ~ptv70
 
     rect_r = u(12, 17)
     rect_y = c[1] + r[1] + rect_r + u(1, 4)
@@ -123,7 +116,7 @@ def make_anatomy(rng: np.random.Generator, shape: Sequence[int],
     fill = u(0.6, 1.3)
     b_r = np.array([22.0, 26.0, 34.0]) * fill
     bladder = _ellipsoid(z, y, x, c + [r[0] + b_r[0] * 0.6, -r[1] - b_r[1] * 0.5, 0.0], b_r)
-    bladder &= ~_expand(prostate, 2.0, spacing_mm)
+    bladder &= ~dilate_mm(prostate, 2.0, spacing_mm)
 
     femurs, bone = {}, np.zeros(body.shape, bool)
     for name, side in (("Femur_L", 1), ("Femur_R", -1)):
@@ -258,7 +251,7 @@ def compute_vmat_dose(anatomy: Anatomy, spacing_mm: Sequence[float], n_beams: in
                        depth_radius_mm=_in_plane_radius_mm(anatomy.body, spacing_mm, iso),
                        lateral_radius_mm=_in_plane_radius_mm(targets, spacing_mm, iso) + margin)
     density = relative_electron_density(anatomy.hu) * anatomy.body
-    oar = (m["Rectum"] | m["Bladder"]) & ~_expand(targets, 3.0, spacing_mm)
+    oar = (m["Rectum"] | m["Bladder"]) & ~dilate_mm(targets, 3.0, spacing_mm)
     stack = np.stack([density, targets, m["PTV70"], oar]).astype(np.float32)
     frames = geo.into_beams(torch.from_numpy(stack).reshape(-1, *shape[1:]))
     frames = frames.reshape(n_beams, 4, shape[0], geo.n_v, geo.n_u)  # (B, 4, Z, V, U)
@@ -355,10 +348,10 @@ def _case_seed(seed: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
 
 
-def _write_one(args: tuple) -> str:
-    path, seed, shape, spacing, case_id = args
-    save_case(generate_phantom_case(seed, shape, spacing, case_id), path)
-    return path
+def _phantom_from_job(source: tuple, case_id: str) -> Case:
+    """The batch engine's convert function: ``source`` is ``(seed, shape, spacing_mm)``."""
+    seed, shape, spacing = source
+    return generate_phantom_case(seed, shape, spacing, case_id)
 
 
 def _check_dataset_file(folder: Path, params: dict) -> None:
@@ -393,40 +386,10 @@ def generate_phantom_dataset(output_dir: str | os.PathLike, n_cases: int = 32,
               "n_cases": int(n_cases), "shape": shape,
               "spacing_mm": spacing, "seed": int(seed)}
     _check_dataset_file(folder, params)
-    jobs, paths = [], []
-    for i in range(n_cases):
-        path = folder / f"phantom_{i:03d}.npz"
-        paths.append(path)
-        if not _is_valid(path):
-            jobs.append((str(path), _case_seed(seed, i), shape, spacing, path.stem))
-    if jobs:
-        log.info("Generating %d phantom cases in %s", len(jobs), folder)
-        _run_jobs(jobs, num_workers, progress)
-    (folder / DATASET_FILE).write_text(json.dumps(params, indent=2))
-    return paths
-
-
-def _is_valid(path: Path) -> bool:
-    if not path.exists():
-        return False
-    try:
-        load_case(path, load_dose=False)
-        return True
-    except Exception:  # a corrupt leftover is regenerated
-        return False
-
-
-def _run_jobs(jobs: list[tuple], num_workers: int, progress: bool) -> None:
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=len(jobs), desc="phantom cases", disable=not progress)
-    if num_workers <= 1 or len(jobs) == 1:
-        for job in jobs:
-            _write_one(job)
-            bar.update()
-    else:
-        # spawn: forking a process that already ran torch's thread pool can deadlock
-        with ProcessPoolExecutor(num_workers, mp_context=get_context("spawn")) as pool:
-            for _ in pool.map(_write_one, jobs):
-                bar.update()
-    bar.close()
+    jobs = [(f"phantom_{i:03d}", (_case_seed(seed, i), shape, spacing)) for i in range(n_cases)]
+    summary = convert_cases(jobs, _phantom_from_job, folder, num_workers=num_workers,
+                            progress=progress)
+    if summary["failed"]:
+        raise RuntimeError(f"{folder}: phantom generation failed: {summary['failed']}")
+    write_json_atomic(params, folder / DATASET_FILE)
+    return [folder / f"{case_id}.npz" for case_id, _ in jobs]

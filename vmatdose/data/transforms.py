@@ -30,9 +30,9 @@ from monai.transforms import (
     ScaleIntensityRanged,
     SpatialPadd,
 )
-from scipy import ndimage
 
 from vmatdose.data.case import load_case
+from vmatdose.data.geometry import signed_distance_mm
 
 
 class LoadCased(MapTransform):
@@ -66,25 +66,6 @@ class LoadCased(MapTransform):
         if case.dose is not None:
             out["dose"] = (case.dose[None] / self.dose_scale_gy).astype(np.float32)
         return out
-
-
-def signed_distance_mm(mask: np.ndarray, spacing_mm: Sequence[float]) -> np.ndarray:
-    """Signed Euclidean distance to the mask boundary in mm: negative inside, positive outside.
-
-    Args:
-        mask: (Z, Y, X) binary.
-        spacing_mm: (dz, dy, dx).
-    Returns:
-        (Z, Y, X) float32; an empty mask gives +inf-free large positive values (1e3 mm).
-    """
-    inside = mask > 0
-    if not inside.any():
-        return np.full(mask.shape, 1e3, dtype=np.float32)
-    if inside.all():
-        return np.full(mask.shape, -1e3, dtype=np.float32)
-    outside_dist = ndimage.distance_transform_edt(~inside, sampling=spacing_mm)
-    inside_dist = ndimage.distance_transform_edt(inside, sampling=spacing_mm)
-    return (outside_dist - inside_dist).astype(np.float32)
 
 
 class SignedDistanced(MapTransform):

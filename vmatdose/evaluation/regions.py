@@ -13,18 +13,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-from scipy import ndimage
 
 from vmatdose.data.case import Case
+from vmatdose.data.geometry import dilate_mm
 from vmatdose.metrics.gamma import pass_rate_from_gamma
-
-
-def dilate_mm(mask: np.ndarray, margin_mm: float, spacing_mm: Sequence[float]) -> np.ndarray:
-    """Isotropic dilation of a (Z, Y, X) mask by ``margin_mm`` (Euclidean, anisotropic voxels)."""
-    mask = mask.astype(bool)
-    if not mask.any() or margin_mm <= 0:
-        return mask
-    return ndimage.distance_transform_edt(~mask, sampling=spacing_mm) <= margin_mm
 
 
 def gamma_regions(case: Case, targets: Sequence[str],

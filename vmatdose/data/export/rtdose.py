@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from datetime import datetime
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from pydicom.uid import (
 )
 from pydicom.valuerep import format_number_as_ds
 
+from vmatdose.data.atomic import atomic_path
 from vmatdose.data.case import Case
 
 log = logging.getLogger(__name__)
@@ -193,14 +193,6 @@ def _ds(value: float) -> str:
 
 
 def _save_atomic(ds: FileDataset, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".dcm.tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path, ".dcm.tmp") as tmp:
         pydicom.dcmwrite(tmp, ds, enforce_file_format=True)
-        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; DICOM nodes read it too
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path

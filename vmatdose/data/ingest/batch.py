@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -29,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from vmatdose.data.atomic import write_json_atomic
 from vmatdose.data.case import Case, save_case
 
 log = logging.getLogger(__name__)
@@ -233,21 +233,6 @@ def _exclusive(output_dir: Path):
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def write_json_atomic(data: dict, path: str | os.PathLike) -> Path:
-    """Write ``data`` as indented JSON via a temporary file and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(data, handle, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def format_summary(summary: dict, max_rows: int = 20) -> str:
