@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from omegaconf import OmegaConf
+from omegaconf import ListConfig, OmegaConf
 
 #: Absolute path of the repository's ``conf/`` folder, so configs are found from any
 #: working directory.
@@ -34,8 +34,20 @@ def max_prescription(prescriptions: dict) -> float:
     return float(max(prescriptions.values()))
 
 
+def keys(mapping: dict) -> ListConfig:
+    """The keys of a mapping, in order (a protocol's targets from its prescriptions)."""
+    return OmegaConf.create([str(k) for k in mapping])
+
+
+def concat(*lists: list) -> ListConfig:
+    """The lists joined in order (a protocol's structures: targets, then OARs)."""
+    return OmegaConf.create([item for part in lists for item in part])
+
+
 def _register() -> None:
     resolvers = {
+        "vmatdose.keys": keys,
+        "vmatdose.concat": concat,
         "vmatdose.input_channels": input_channels,
         "vmatdose.auto_precision": auto_precision,
         "vmatdose.max_prescription": max_prescription,

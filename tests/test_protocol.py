@@ -1,0 +1,52 @@
+"""Protocols: one source per treatment site, composed by Hydra and read by the code."""
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from vmatdose.config import CONFIG_DIR
+from vmatdose.protocol import Protocol, available_protocols
+
+
+def test_the_three_sites_are_provided():
+    assert {"prostate_sib", "prostate_sib3", "head_neck"} <= set(available_protocols())
+
+
+def test_prostate_sib3_adds_the_nodal_level_to_prostate_sib():
+    base, three = Protocol.load("prostate_sib"), Protocol.load("prostate_sib3")
+    assert base.prescriptions_gy == {"PTV70": 70.0, "PTV56": 56.0}
+    assert three.prescriptions_gy == {"PTV70": 70.0, "PTV56": 56.0, "PTV50.4": 50.4}
+    assert three.structures == ("PTV70", "PTV56", "PTV50.4", *base.oars)
+    assert three.fractions == base.fractions == 28
+    assert three.synonyms["Rectum"] == base.synonyms["Rectum"]
+    assert len(three.constraints) == len(base.constraints) + 1
+
+
+def test_head_neck_needs_any_one_target_and_prostate_needs_both():
+    hn, pr = Protocol.load("head_neck"), Protocol.load("prostate_sib")
+    assert hn.dose_scale_gy == 70.0 and hn.fractions == 35
+    assert hn.missing_targets(["PTV63", "SpinalCord"]) == []
+    assert hn.missing_targets(["SpinalCord"]) == ["PTV70", "PTV63", "PTV56"]
+    assert pr.missing_targets(["PTV70"]) == ["PTV56"]
+    assert "at least one of" in hn.requirement_text()
+
+
+def test_data_config_reads_the_protocol_and_openkbp_selects_head_neck():
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        default = compose("train")
+        openkbp = compose("train", overrides=["data=openkbp"])
+    assert default.protocol.name == "prostate_sib"
+    assert list(default.data.structures) == list(Protocol.load("prostate_sib").structures)
+    assert openkbp.protocol.name == "head_neck"
+    assert openkbp.data.dose_scale_gy == 70.0
+    assert openkbp.model.net.in_channels == 1 + 10
+
+
+def test_round_trip_and_bad_protocols_are_refused():
+    hn = Protocol.load("head_neck")
+    assert Protocol.from_dict(hn.to_dict()) == hn
+    with pytest.raises(ValueError, match="required targets"):
+        Protocol.from_dict({**hn.to_dict(), "required_targets": ["PTV80"]})
+    with pytest.raises(ValueError, match="unknown structures"):
+        Protocol.from_dict({**hn.to_dict(), "lr_pairs": [["LeftEye", "RightEye"]]})
+    with pytest.raises(ValueError, match="unknown protocol"):
+        Protocol.load("liver")
