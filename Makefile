@@ -21,6 +21,10 @@ $(PY):
 $(STAMP): pyproject.toml | $(PY)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "torch==2.13.0"
 	$(PY) -m pip install -q -e ".[dev]"
+	@# rt-utils pulls the GUI opencv-python; without libGL its cv2 cannot load: keep headless
+	$(PY) -c "import cv2" 2>/dev/null || { $(PY) -m pip uninstall -q -y opencv-python && \
+	  $(PY) -m pip install -q --force-reinstall --no-deps opencv-python-headless; }
+	$(PY) -c "import cv2"
 	touch $(STAMP)
 
 install: $(STAMP)

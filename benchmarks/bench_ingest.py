@@ -17,6 +17,7 @@ Goal (issue 4): under 10 s per case on 2 cores (the founding script: 120-180 s).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import os
@@ -30,21 +31,20 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import SimpleITK as sitk
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "data"))
 
-from vmatdose.config import CONFIG_DIR  # noqa: E402
 from vmatdose.data.case import save_case  # noqa: E402
 from vmatdose.data.ingest import dicom as dicom_ingest  # noqa: E402
 from vmatdose.data.ingest.batch import convert_cases  # noqa: E402
 from vmatdose.data.ingest.dicom import DicomIngestSettings, ingest_dicom_case  # noqa: E402
+from vmatdose.protocol import Protocol  # noqa: E402
 
 from dicom_builders import SCENE, GridSpec, PatientSpec, write_patient  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "bench_ingest.json"
-TEN_STRUCTURES = {"CTV70": ["CTV70"], "Couch": ["Couch"]}  # + the 7 prostate ones + Body
+TEN_STRUCTURES = {"CTV70": ("CTV70",), "Couch": ("Couch",)}  # + the 7 prostate ones + Body
 
 
 def bench_spec(slices: int) -> PatientSpec:
@@ -63,14 +63,11 @@ def bench_spec(slices: int) -> PatientSpec:
                        beam_weights=(0.4, 0.6))
 
 
-def structure_map(folder: Path) -> Path:
-    """The prostate mapping plus CTV70 and Couch, so all 10 ROIs are rasterised."""
-    mapping = yaml.safe_load((Path(CONFIG_DIR) / "structure_names" / "prostate.yaml")
-                             .read_text())
-    mapping["structures"].update(TEN_STRUCTURES)
-    path = folder / "bench_names.yaml"
-    path.write_text(yaml.safe_dump(mapping))
-    return path
+def bench_protocol() -> Protocol:
+    """The prostate protocol plus CTV70 and Couch, so all 10 ROIs are rasterised."""
+    prostate = Protocol.load("prostate_sib")
+    return dataclasses.replace(prostate, oars=(*prostate.oars, *TEN_STRUCTURES),
+                               synonyms={**prostate.synonyms, **TEN_STRUCTURES})
 
 
 def timed_phases(folder: Path, settings: DicomIngestSettings, out: Path) -> dict[str, float]:
@@ -127,7 +124,7 @@ def main() -> None:
         for folder in folders:
             write_patient(folder, bench_spec(args.slices))
         build_s = time.perf_counter() - start
-        settings = DicomIngestSettings(structure_names=str(structure_map(work)))
+        settings = DicomIngestSettings(protocol=bench_protocol(), id_salt="bench")
         phases = timed_phases(folders[0], settings, work / "serial")
         jobs = [(f"bench_{i}", f) for i, f in enumerate(folders)]
         start = time.perf_counter()

@@ -1,14 +1,16 @@
 """Ingest raw data into case files: DICOM-RT folders, OpenKBP patients, or phantoms.
 
-    python -m vmatdose.preprocess source=dicom input_dir=<patients> output_dir=<cases>
+    python -m vmatdose.preprocess source=dicom protocol=head_neck input_dir=<dir> output_dir=<dir>
     python -m vmatdose.preprocess source=openkbp input_dir=<openkbp root>
     python -m vmatdose.preprocess source=phantom source.n_cases=8
 
-Parallel over spawned workers, idempotent and resumable (cases already on disk are kept,
-every file is written atomically), with a progress bar, a summary JSON
-(``summary_path``) and a printed table. The ``source`` config names the function that
-runs (``_target_``); each returns the summary of
-:func:`vmatdose.data.ingest.batch.convert_cases`.
+Parallel over spawned workers (which exit if this process dies), idempotent and resumable
+(cases already on disk are kept, every file is written atomically), with a progress bar,
+a summary JSON (``summary_path``) and a printed table. The ``source`` config names the
+function that runs (``_target_``); each returns the summary of
+:func:`vmatdose.data.ingest.batch.convert_cases`. The exit status is 1 when any case
+failed (the last line names the count and the summary file; ``allow_failures=true``
+exits 0) and 2 for a bad configuration (one line saying what to fix).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -34,13 +37,23 @@ log = logging.getLogger(__name__)
 
 
 def preprocess_dicom(input_dir: str | os.PathLike | None, output_dir: str | os.PathLike,
-                     num_workers: int = 2, progress: bool = True,
+                     protocol, num_workers: int = 2, progress: bool = True,
                      summary_path: str | os.PathLike | None = None,
                      case_id_map: str | None = None, record_sources: bool = False,
                      **settings) -> dict:
     """Every patient folder below ``input_dir`` -> ``output_dir/<case_id>.npz``.
 
-    ``settings`` are the :class:`~vmatdose.data.ingest.dicom.DicomIngestSettings` fields.
+    Args:
+        protocol: the treatment-site protocol (:class:`~vmatdose.protocol.Protocol` or its
+            config): structures, synonyms, targets, prescriptions, fractions.
+        case_id_map: mapping file (PatientID or folder name -> case id).
+        record_sources: keep source paths in the summary and source DICOM UIDs in the
+            case files.
+        settings: the other :class:`~vmatdose.data.ingest.dicom.DicomIngestSettings`
+            fields (``require_dose``, ``body_threshold_hu``, ``id_salt``).
+
+    Raises:
+        SaltError: ``id_salt`` is empty and no ``case_id_map`` is given (before any work).
     """
     from vmatdose.data.ingest.dicom import (
         DicomIngestSettings,
@@ -48,16 +61,20 @@ def preprocess_dicom(input_dir: str | os.PathLike | None, output_dir: str | os.P
         find_dicom_patients,
         ingest_dicom_case,
         load_case_id_map,
+        require_salt,
     )
 
     if input_dir is None:
         raise ValueError("source=dicom needs input_dir=<folder of patient folders>")
-    ingest_settings = DicomIngestSettings.from_config(settings)
+    ingest_settings = DicomIngestSettings.from_config(
+        {**settings, "record_sources": record_sources}, protocol)
     id_map = load_case_id_map(case_id_map) if case_id_map else None
+    require_salt(ingest_settings.id_salt, id_map)
     folders = find_dicom_patients(input_dir)
     jobs = [(case_id_for_folder(f, ingest_settings.id_salt, id_map), f) for f in folders]
     convert = functools.partial(ingest_dicom_case, settings=ingest_settings)
-    log.info("DICOM: %d patient folders -> %s", len(jobs), output_dir)
+    log.info("DICOM (protocol %s): %d patient folders -> %s", ingest_settings.protocol.name,
+             len(jobs), output_dir)
     return convert_cases(jobs, convert, output_dir, num_workers=num_workers, progress=progress,
                          summary_path=summary_path, record_sources=record_sources)
 
@@ -112,13 +129,33 @@ def run_preprocess(cfg: DictConfig) -> dict:
                summary_path=summary_path)
 
 
+def failure_line(summary: dict, summary_path: str | os.PathLike | None) -> str | None:
+    """The closing line of a batch with failed cases (``None`` when none failed)."""
+    failed = summary["counts"]["failed"]
+    if not failed:
+        return None
+    where = f"see {summary_path}" if summary_path else "see the table above"
+    return (f"preprocess: {failed} of {summary['counts']['jobs']} case(s) failed; {where} "
+            "(allow_failures=true exits 0)")
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="preprocess")
 def main(cfg: DictConfig) -> None:
+    from vmatdose.data.ingest.dicom import SaltError
+
     log.info("source config:\n%s", OmegaConf.to_yaml(cfg.source))
-    summary = run_preprocess(cfg)
+    try:
+        summary = run_preprocess(cfg)
+    except (SaltError, FileNotFoundError, ValueError) as err:  # bad input: one line, exit 2
+        log.error("preprocess: %s", err)
+        sys.exit(2)
     log.info("\n%s", format_summary(summary))
     if cfg.get("summary_path"):
         log.info("summary: %s", cfg.summary_path)
+    line = failure_line(summary, cfg.get("summary_path"))
+    if line and not cfg.get("allow_failures", False):
+        log.error(line)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -52,6 +52,25 @@ SCENE = {
     "Couch": ("Couch", [(5, 62, 70, 3)], (0.0, 1.0)),
 }
 
+# Head and neck (protocol head_neck): three nested dose levels, a thin spinal cord (about
+# 3 voxels wide), paired parotids, a mandible with a hole; ROI names are synonyms.
+HEAD_NECK_SCENE = {
+    "Body": ("External", [(0, 0, 72, 60)], (0.0, 1.0)),
+    "PTV56": ("ptv_56", [(0, -8, 48, 30), (0, -8, 38, 22)], (0.15, 0.85)),
+    "PTV70": ("PTV_70", [(-14, -8, 12, 10)], (0.3, 0.7)),
+    "PTV63": ("PTV 63Gy", [(18, -8, 10, 9)], (0.25, 0.75)),
+    "Brainstem": ("BrainStem", [(0, 30, 7, 6)], (0.7, 1.0)),
+    "SpinalCord": ("Spinal_Cord", [(0, 42, 2.6, 2.6)], (0.0, 0.75)),
+    "RightParotid": ("Parotid_R", [(-45, 15, 9, 11)], (0.45, 0.9)),
+    "LeftParotid": ("Parotid_L", [(45, 15, 9, 11)], (0.45, 0.9)),
+    "Esophagus": ("Oesophagus", [(0, 28, 5, 4)], (0.0, 0.4)),
+    "Larynx": ("Larynx", [(0, -12, 7, 6)], (0.2, 0.5)),
+    "Mandible": ("Bone_Mandible", [(0, -40, 32, 14), (0, -40, 26, 9)], (0.5, 0.8)),
+    "CTV70": ("CTV_high", [(-14, -8, 8, 7)], (0.35, 0.65)),
+    "Couch": ("Couch", [(0, 66, 70, 3)], (0.0, 1.0)),
+}
+HEAD_NECK_PRESCRIPTIONS = {"PTV70": 70.0, "PTV63": 63.0, "PTV56": 56.0}
+
 
 @dataclass
 class GridSpec:
@@ -77,6 +96,7 @@ class PatientSpec:
     """What :func:`write_patient` writes; defaults give a valid prostate SIB patient."""
 
     orientation: str = "HFS"
+    scene: dict = field(default_factory=lambda: SCENE)
     ct: GridSpec = field(default_factory=GridSpec)
     dose_grid: GridSpec | None = None  # default: coarser, offset, covering the CT
     gfov: str = "relative"  # or "absolute"
@@ -93,6 +113,17 @@ class PatientSpec:
     with_struct: bool = True
     with_dose: bool = True
     vertices: int = 96
+
+
+def head_neck_spec(targets: tuple[str, ...] = ("PTV70", "PTV63", "PTV56"), **kwargs
+                   ) -> PatientSpec:
+    """A head-and-neck patient (protocol ``head_neck``) with the given subset of targets."""
+    dropped = {"PTV70", "PTV63", "PTV56"} - set(targets)
+    structures = tuple(n for n in HEAD_NECK_SCENE if n not in dropped)
+    defaults = {"scene": HEAD_NECK_SCENE, "structures": structures, "fractions": 35,
+                "plan_prescriptions": {t: g for t, g in HEAD_NECK_PRESCRIPTIONS.items()
+                                       if t in targets}}
+    return PatientSpec(**{**defaults, **kwargs})
 
 
 @dataclass
@@ -128,12 +159,12 @@ def _ellipse(cx, cy, a, b, n) -> np.ndarray:
 def _shapes(spec: PatientSpec, name: str) -> list[tuple[float, float, float, float]]:
     cx0, cy0 = spec.ct.centre_xy()
     return [(cx0 + cx * spec.scale, cy0 + cy * spec.scale, a * spec.scale, b * spec.scale)
-            for cx, cy, a, b in SCENE[name][1]]
+            for cx, cy, a, b in spec.scene[name][1]]
 
 
 def _slices_of(spec: PatientSpec, name: str) -> np.ndarray:
     """Canonical CT slice indices a structure is contoured on."""
-    lo, hi = SCENE[name][2]
+    lo, hi = spec.scene[name][2]
     n = spec.ct.shape[0]
     return np.arange(int(round(lo * (n - 1))), int(round(hi * (n - 1))) + 1)
 
@@ -165,7 +196,8 @@ def _file_dataset(sop_class: str, modality: str, uids: dict) -> FileDataset:
     ds.PatientName, ds.PatientID = PATIENT_NAME, PATIENT_ID
     ds.PatientBirthDate, ds.PatientSex = PATIENT_BIRTH_DATE, "F"
     ds.StudyInstanceUID = uids["study"]
-    ds.StudyDate, ds.StudyTime = "20240102", "101500"
+    ds.StudyDate, ds.StudyTime, ds.StudyID = "20240102", "101500", "S-4417"
+    ds.AccessionNumber, ds.ReferringPhysicianName = "ACC-99812", "Welby^Marcus"
     ds.SeriesInstanceUID = generate_uid()
     ds.FrameOfReferenceUID = uids["frame"]
     return ds
@@ -246,7 +278,7 @@ def write_rtstruct(folder: Path, spec: PatientSpec, uids: dict) -> Path:
     for number, name in enumerate(spec.structures, start=1):
         roi = Dataset()
         roi.ROINumber, roi.ReferencedFrameOfReferenceUID = number, frame
-        roi.ROIName, roi.ROIGenerationAlgorithm = SCENE[name][0], "MANUAL"
+        roi.ROIName, roi.ROIGenerationAlgorithm = spec.scene[name][0], "MANUAL"
         rois.append(roi)
         items = []
         for k in _slices_of(spec, name):
@@ -334,7 +366,7 @@ def write_rtplan(folder: Path, spec: PatientSpec, uids: dict) -> Path:
         item.DoseReferenceNumber = i
         item.DoseReferenceStructureType = "VOLUME"
         item.DoseReferenceType = "TARGET"
-        item.DoseReferenceDescription = SCENE[target][0]
+        item.DoseReferenceDescription = spec.scene[target][0]
         if target in spec.structures:
             item.ReferencedROINumber = spec.structures.index(target) + 1
         item.TargetPrescriptionDose = _ds(gy)
@@ -375,3 +407,53 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     """Dice coefficient of two boolean volumes."""
     a, b = a.astype(bool), b.astype(bool)
     return 2.0 * np.count_nonzero(a & b) / max(1, np.count_nonzero(a) + np.count_nonzero(b))
+
+
+def rt_utils_masks(masks: dict[str, np.ndarray], orientation: str) -> dict[str, np.ndarray]:
+    """Canonical (Z, Y, X) masks -> rt-utils' layout: (rows, columns, slices) of the
+    stored pixels, slices sorted along the slice normal (as rt-utils sorts the series)."""
+    return {name: np.ascontiguousarray(np.transpose(_native(mask, orientation)[0], (1, 2, 0)))
+            for name, mask in masks.items()}
+
+
+def write_rt_utils_rtstruct(folder: Path, masks: dict[str, np.ndarray], orientation: str,
+                            approximate_contours: bool = True) -> Path:
+    """An RTSTRUCT written by rt-utils (OpenCV ``findContours``) from canonical masks, on
+    the CT series in ``folder`` (which must hold no other image with pixel data).
+
+    rt-utils scales contour columns by PixelSpacing[0] and rows by PixelSpacing[1], which
+    is only right for square pixels: use grids with dy == dx.
+    """
+    from rt_utils import RTStructBuilder
+
+    rtstruct = RTStructBuilder.create_new(dicom_series_path=str(folder))
+    for name, mask in rt_utils_masks(masks, orientation).items():
+        rtstruct.add_roi(mask=mask.astype(bool), name=name,
+                         approximate_contours=approximate_contours)
+    path = folder / "RS_rt_utils.dcm"
+    rtstruct.save(str(path))
+    return path
+
+
+def dicom_uids(folder: Path) -> set[str]:
+    """Every instance UID (VR UI, nested sequences included) in the DICOM files below
+    ``folder``: Study, Series, FrameOfReference, SOP instances, references. The standard's
+    own UIDs (SOP classes, transfer syntaxes: ``1.2.840.10008.*``) and pydicom's
+    implementation UID are left out: they identify nothing."""
+    import pydicom
+    from pydicom.uid import PYDICOM_IMPLEMENTATION_UID
+
+    found: set[str] = set()
+
+    def visit(ds: Dataset) -> None:
+        for element in ds.iterall():
+            if element.VR == "UI" and element.value:
+                values = element.value if element.VM > 1 else [element.value]
+                found.update(str(v) for v in values)
+
+    for path in folder.rglob("*.dcm"):
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        visit(ds)
+        visit(ds.file_meta)
+    return {uid for uid in found if not uid.startswith("1.2.840.10008.")
+            and uid != PYDICOM_IMPLEMENTATION_UID}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import logging
 import shutil
@@ -9,13 +11,14 @@ import zipfile
 
 import numpy as np
 import pytest
-from matplotlib.path import Path as MplPath
 
 from vmatdose.data.case import load_case, save_case
 from vmatdose.data.ingest.batch import SkipCase, convert_cases
 from vmatdose.data.ingest.dicom import (
     DicomIngestError,
     DicomIngestSettings,
+    MissingTargetsError,
+    SaltError,
     anonymous_case_id,
     case_id_for_folder,
     ingest_dicom_case,
@@ -23,6 +26,7 @@ from vmatdose.data.ingest.dicom import (
 )
 from vmatdose.data.ingest.rasterize import rasterize_polygons
 from vmatdose.data.ingest.structure_names import StructureNameMap
+from vmatdose.protocol import Protocol
 
 from dicom_builders import (
     PATIENT_BIRTH_DATE,
@@ -31,10 +35,19 @@ from dicom_builders import (
     GridSpec,
     PatientSpec,
     dice,
+    dicom_uids,
     write_patient,
 )
 
 CANONICAL = ["PTV70", "PTV56", "Rectum", "Bladder", "Femur_L", "Femur_R", "Bowel"]
+SALT = "test-salt"
+PROSTATE = Protocol.load("prostate_sib")
+SETTINGS = DicomIngestSettings(protocol=PROSTATE, id_salt=SALT)
+
+
+def ingest(folder, **settings):
+    """Ingest with the prostate protocol and a test salt (``settings`` override)."""
+    return ingest_dicom_case(folder, settings=dataclasses.replace(SETTINGS, **settings))
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +57,7 @@ def patients(tmp_path_factory):
     out = {}
     for orientation in ("HFS", "FFS"):
         truth = write_patient(root / orientation, PatientSpec(orientation=orientation))
-        out[orientation] = (root / orientation, truth, ingest_dicom_case(root / orientation))
+        out[orientation] = (root / orientation, truth, ingest(root / orientation))
     return out
 
 
@@ -54,19 +67,6 @@ def _variant(tmp_path, **spec) -> tuple:
 
 
 # ----------------------------------------------------------------- rasteriser, names
-
-
-def test_rasterizer_equals_even_odd_point_in_polygon_reference():
-    rng = np.random.default_rng(1)
-    rows, cols = np.mgrid[0:40, 0:50]
-    centres = np.column_stack([cols.ravel(), rows.ravel()])
-    for _ in range(100):
-        polygons = [rng.uniform(-5, 55, (rng.integers(3, 10), 2)) for _ in range(3)]
-        expected = np.zeros(centres.shape[0], bool)
-        for polygon in polygons:
-            expected ^= MplPath(polygon).contains_points(centres)
-        got = rasterize_polygons(polygons, (40, 50))
-        assert np.array_equal(got.ravel(), expected)
 
 
 def test_rasterized_ring_with_hole_matches_the_analytic_annulus():
@@ -81,7 +81,7 @@ def test_rasterized_ring_with_hole_matches_the_analytic_annulus():
 
 
 def test_structure_names_are_case_and_separator_insensitive():
-    names = StructureNameMap.load("prostate")
+    names = StructureNameMap.from_protocol(PROSTATE)
     for roi in ("PTV70", "PTV_70", "PTV 70Gy", "ptv-70"):
         assert names.canonical_name(roi) == "PTV70"
     for roi in ("Femur_L", "FemoralHead_L", "Left Femur", "LEFT FEMUR"):
@@ -121,25 +121,34 @@ def test_head_first_and_feet_first_give_the_same_canonical_arrays(patients):
     assert ffs.meta["dicom"]["image_orientation_patient"] == [-1, 0, 0, 0, 1, 0]
 
 
-def test_prescriptions_fractions_uids_and_names_come_from_the_dicom(patients):
+def test_prescriptions_fractions_protocol_and_names_come_from_the_dicom(patients):
     folder, truth, case = patients["HFS"]
     assert case.prescriptions_gy == {"PTV70": 70.0, "PTV56": 56.0}
     assert case.meta["prescription_source"] == "rtplan" and case.fractions == 28
-    dicom = case.meta["dicom"]
-    assert dicom["frame_of_reference_uid"] == truth.uids["frame"]
-    assert dicom["ct_series_instance_uid"] == truth.uids["ct_series"]
-    assert dicom["rtplan_sop_instance_uid"] == truth.uids["plan"]
-    assert len(dicom["ct_sop_instance_uids"]) == case.shape[0]
+    assert case.meta["protocol"] == "prostate_sib"
     assert case.meta["roi_names"]["Femur_L"] == "Left Femur"
     assert set(case.meta["unmapped_rois"]) == {"CTV70", "Couch"}
+
+
+def test_case_keeps_no_source_uid_unless_record_sources(patients):
+    folder, truth, case = patients["HFS"]
+    planted = dicom_uids(folder)
+    assert len(planted) > case.shape[0]  # every CT slice, RTSTRUCT, RTDOSE, RTPLAN, ...
+    text = json.dumps(case.meta)
+    assert not [uid for uid in planted if uid in text]
+    recorded = ingest(folder, record_sources=True).meta["dicom"]
+    assert recorded["frame_of_reference_uid"] == truth.uids["frame"]
+    assert recorded["ct_series_instance_uid"] == truth.uids["ct_series"]
+    assert recorded["rtplan_sop_instance_uid"] == truth.uids["plan"]
+    assert len(recorded["ct_sop_instance_uids"]) == case.shape[0]
 
 
 def test_per_beam_doses_are_summed_and_absolute_frame_offsets_read(tmp_path):
     folder, truth = _variant(tmp_path, orientation="FFS", beam_weights=(0.3, 0.7),
                              gfov="absolute")
-    case = ingest_dicom_case(folder)
+    case = ingest(folder)
     assert case.meta["dicom"]["dose_summation"] == "BEAM"
-    assert len(case.meta["dicom"]["rtdose_sop_instance_uids"]) == 2
+    assert case.meta["dicom"]["rtdose_files"] == 2
     assert (np.abs(case.dose - truth.dose) / truth.dose).max() < 0.01
 
 
@@ -161,20 +170,24 @@ def test_fast_dose_coverage_agrees_with_itk_on_a_partial_dose_grid(tmp_path):
         np.testing.assert_allclose(dose, full, atol=1e-4)
 
 
-def test_prescriptions_from_the_plan_win_and_config_fills_the_rest(tmp_path):
+def test_prescriptions_from_the_plan_win_and_the_protocol_fills_the_rest(tmp_path):
     folder, _ = _variant(tmp_path, plan_prescriptions={"PTV70": 72.0})
-    case = ingest_dicom_case(folder)
+    case = ingest(folder)
     assert case.prescriptions_gy == {"PTV70": 72.0, "PTV56": 56.0}
-    assert case.meta["prescription_source"] == "rtplan+config"
+    assert case.meta["prescription_source"] == "rtplan+protocol"
+    assert any("differ from protocol prostate_sib: PTV70 72 Gy" in w
+               for w in case.meta["warnings"])
     (folder / "RP_plan.dcm").unlink()
-    settings = DicomIngestSettings(prescriptions_gy={"PTV70": 74.0, "PTV56": 60.0}, fractions=20)
-    case = ingest_dicom_case(folder, settings=settings)
+    protocol = dataclasses.replace(PROSTATE, prescriptions_gy={"PTV70": 74.0, "PTV56": 60.0},
+                                   fractions=20)
+    case = ingest(folder, protocol=protocol)
     assert case.prescriptions_gy == {"PTV70": 74.0, "PTV56": 60.0} and case.fractions == 20
+    assert case.meta["prescription_source"] == "protocol"
 
 
 def test_missing_slice_is_interpolated_and_reported(tmp_path):
     folder, truth = _variant(tmp_path, skip_slices=(7,))
-    case = ingest_dicom_case(folder)
+    case = ingest(folder)
     assert case.shape == truth.ct.shape and case.meta["missing_slices"] == 1
     assert any("missing CT slice" in w for w in case.meta["warnings"])
     expected = (truth.ct[6].astype(float) + truth.ct[8]) / 2
@@ -190,15 +203,18 @@ def test_no_patient_name_id_or_birth_date_in_case_file_summary_or_logs(tmp_path,
     good, _ = _variant(tmp_path / "in2")
     caplog.set_level(logging.DEBUG)
     jobs = [(case_id_for_folder(f, "s3cret"), f) for f in (folder, good)]
-    summary = convert_cases(jobs, ingest_dicom_case, tmp_path / "out", num_workers=1,
+    convert = functools.partial(ingest_dicom_case, settings=SETTINGS)
+    summary = convert_cases(jobs, convert, tmp_path / "out", num_workers=1,
                             progress=False, summary_path=tmp_path / "out" / "summary.json",
                             record_sources=False)
-    assert summary["counts"]["processed"] == 1 and summary["counts"]["skipped"] == 1
+    assert summary["counts"]["processed"] == 1 and summary["counts"]["failed"] == 1
+    assert "pt: missing required target(s) PTV56" in summary["failed"][0]["error"]
     case_file = tmp_path / "out" / f"{jobs[1][0]}.npz"
     with zipfile.ZipFile(case_file) as archive:
         blob = b"".join(archive.read(name) for name in archive.namelist())
     texts = [blob, (tmp_path / "out" / "summary.json").read_bytes(), caplog.text.encode()]
-    for secret in (PATIENT_NAME, PATIENT_ID, PATIENT_BIRTH_DATE, "Doe"):
+    uids = dicom_uids(good) | dicom_uids(folder)
+    for secret in (PATIENT_NAME, PATIENT_ID, PATIENT_BIRTH_DATE, "Doe", *uids):
         assert not any(secret.encode() in text for text in texts), secret
     case = load_case(case_file)
     assert case.case_id == jobs[1][0] == anonymous_case_id(PATIENT_ID, truth_study(good), "s3cret")
@@ -230,20 +246,20 @@ def test_truncated_file_is_a_clear_error_naming_it(tmp_path):
     data = victim.read_bytes()
     victim.write_bytes(data[: len(data) // 2])
     with pytest.raises(DicomIngestError, match=victim.name) as err:
-        ingest_dicom_case(folder)
+        ingest(folder)
     assert err.value.path == victim.name
 
 
 def test_missing_rtstruct_is_a_clear_error(tmp_path):
     folder, _ = _variant(tmp_path, with_struct=False)
     with pytest.raises(DicomIngestError, match="no RTSTRUCT"):
-        ingest_dicom_case(folder)
+        ingest(folder)
 
 
 def test_structure_set_on_another_frame_of_reference_is_refused(tmp_path):
     folder, _ = _variant(tmp_path, struct_frame_uid="1.2.3.4.5.6.7")
     with pytest.raises(DicomIngestError, match="frame of reference") as err:
-        ingest_dicom_case(folder)
+        ingest(folder)
     assert err.value.path == "RS_structures.dcm"
 
 
@@ -251,21 +267,36 @@ def test_dose_grid_not_covering_the_targets_is_refused(tmp_path):
     shifted = GridSpec((8, 40, 15), (4.0, 3.0, 3.0), (-20.0, -70.0, -80.0))  # x < -38 mm only
     folder, _ = _variant(tmp_path, dose_grid=shifted)
     with pytest.raises(DicomIngestError, match="does not cover the CT region of PTV70: 100.0 %"):
-        ingest_dicom_case(folder)
+        ingest(folder)
 
 
-def test_non_sib_case_is_skipped_with_the_reason(tmp_path):
+def test_case_without_the_required_targets_fails_naming_the_folder(tmp_path):
     folder, _ = _variant(tmp_path, structures=("Body", "PTV70", "Rectum"),
                          plan_prescriptions={"PTV70": 70.0})
-    with pytest.raises(SkipCase, match=r"missing required target\(s\) \['PTV56'\]"):
-        ingest_dicom_case(folder)
+    with pytest.raises(MissingTargetsError,
+                       match=r"^pt: missing required target\(s\) PTV56 \(protocol "
+                             r"prostate_sib needs PTV70 and PTV56; found targets: PTV70") as err:
+        ingest(folder)
+    assert err.value.path == "pt"
+
+
+def test_empty_salt_is_refused_with_how_to_set_it(tmp_path):
+    folder, _ = _variant(tmp_path)
+    for salt in ("", "  "):
+        with pytest.raises(SaltError, match="export VMATDOSE_ID_SALT="):
+            ingest(folder, id_salt=salt)
+        with pytest.raises(SaltError, match="pt: not in the case-id map"):
+            case_id_for_folder(folder, salt)
+    assert ingest_dicom_case(folder, "given_id", dataclasses.replace(SETTINGS, id_salt="")
+                             ).case_id == "given_id"  # a mapped id needs no salt
+    assert case_id_for_folder(folder, "", id_map={"pt": "mapped"}) == "mapped"
 
 
 def test_missing_dose_is_a_skip_unless_allowed(tmp_path):
     folder, _ = _variant(tmp_path, with_dose=False)
     with pytest.raises(SkipCase, match="no RTDOSE"):
-        ingest_dicom_case(folder)
-    case = ingest_dicom_case(folder, settings=DicomIngestSettings(require_dose=False))
+        ingest(folder)
+    case = ingest(folder, require_dose=False)
     assert case.dose is None
     save_case(case, tmp_path / "c.npz")
 
@@ -280,7 +311,7 @@ def test_oblique_orientation_and_uneven_slices_are_clear_errors(tmp_path):
                                float(ds.ImagePositionPatient[2]) + 0.9]
     ds.save_as(path)
     with pytest.raises(DicomIngestError, match="uneven CT slice spacing"):
-        ingest_dicom_case(folder)
+        ingest(folder)
     shutil.rmtree(folder)
     folder, truth = _variant(tmp_path)
     for path in truth.files["CT"]:
@@ -288,4 +319,4 @@ def test_oblique_orientation_and_uneven_slices_are_clear_errors(tmp_path):
         ds.ImageOrientationPatient = [1, 0, 0, 0, 0.8, -0.6]
         ds.save_as(path)
     with pytest.raises(DicomIngestError, match="unsupported ImageOrientationPatient"):
-        ingest_dicom_case(folder)
+        ingest(folder)

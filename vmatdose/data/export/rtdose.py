@@ -1,17 +1,26 @@
 """A dose on a case's grid -> a DICOM RTDOSE file a planning system or 3D Slicer can show.
 
+    source = find_source_patient(case.case_id, "patients/", id_salt=salt)  # or None
+    write_rtdose(dose_gy, case, "out/case_rtdose.dcm", source=source)
+
 The file carries DoseUnits GY, DoseType PHYSICAL, DoseSummationType PLAN, 32-bit unsigned
-pixels with DoseGridScaling, a relative GridFrameOffsetVector and, when the case came from
-DICOM (``case.meta["dicom"]``), the CT's FrameOfReferenceUID, StudyInstanceUID and
-orientation, and references to the RTPLAN, RTSTRUCT and CT series. Cases from other
-sources get UIDs derived from the case id (stable between exports) and a head-first
-supine orientation.
+pixels with DoseGridScaling and a relative GridFrameOffsetVector. Case files keep no
+patient identity and no source UIDs, so these are read **at export time from the source
+DICOM** (:class:`SourcePatient`, found by recomputing the case id of each patient folder
+with the salt or mapping used at ingest): PatientName, PatientID, birth date and sex, the
+Study and FrameOfReference UIDs, and references to the RTPLAN, RTSTRUCT and CT series, so
+a planning system attaches the dose to the right patient and plan. Without a source the
+file carries the case id as PatientID and PatientName, UIDs derived from the case id
+(stable between exports), and says so in its SeriesDescription.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
@@ -33,6 +42,7 @@ from pydicom.valuerep import format_number_as_ds
 
 from vmatdose.data.atomic import atomic_path
 from vmatdose.data.case import Case
+from vmatdose.data.ingest.dicom_ct import CanonicalGrid
 
 log = logging.getLogger(__name__)
 
@@ -42,30 +52,173 @@ MAX_PIXEL = 2**31 - 1
 _HFS = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 
 
-def write_rtdose(dose: np.ndarray, case: Case, path: str | os.PathLike) -> Path:
-    """Write ``dose`` as a DICOM RTDOSE on ``case``'s geometry, atomically; return the path.
+#: SeriesDescription of a dose exported without its source DICOM (at most 64 characters).
+NO_SOURCE_DESCRIPTION = "vmatdose dose; no source DICOM: PatientID is the case id"
+#: A case grid and its source CT grid agree to this much (mm).
+GRID_TOLERANCE_MM = 1e-3
+
+
+@dataclass(frozen=True)
+class SourcePatient:
+    """What an exported RTDOSE copies from the case's source DICOM (read at export time).
+
+    Attributes:
+        folder: the patient folder.
+        patient: PatientName, PatientID, PatientBirthDate, PatientSex and the study's
+            StudyDate, StudyTime, StudyID, AccessionNumber, ReferringPhysicianName.
+        study_instance_uid, frame_of_reference_uid: of the CT.
+        ct_series_instance_uid, ct_sop_instance_uids: the CT series and its slices.
+        rtstruct_sop_instance_uid, rtplan_sop_instance_uid: ``""`` when absent.
+        image_orientation_patient, patient_position: of the CT.
+        grid: the CT's canonical grid (checked against the case's).
+    """
+
+    folder: Path
+    patient: Mapping[str, str]
+    study_instance_uid: str
+    frame_of_reference_uid: str
+    ct_series_instance_uid: str
+    ct_sop_instance_uids: tuple[str, ...]
+    rtstruct_sop_instance_uid: str
+    rtplan_sop_instance_uid: str
+    image_orientation_patient: tuple[float, ...]
+    patient_position: str
+    grid: CanonicalGrid
+
+    def __repr__(self) -> str:  # never print a patient's identity by accident
+        return f"SourcePatient(folder={self.folder.name!r})"
+
+
+_PATIENT_KEYWORDS = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex",
+                     "StudyDate", "StudyTime", "StudyID", "AccessionNumber",
+                     "ReferringPhysicianName")
+
+
+def read_source_patient(folder: str | os.PathLike) -> SourcePatient:
+    """Identity and UIDs of one patient folder, choosing its CT series, RTSTRUCT and RTPLAN
+    as ingest does."""
+    from vmatdose.data.ingest.dicom_ct import plan_ct_series, select_ct_series
+    from vmatdose.data.ingest.dicom_files import DicomIngestError, scan_folder
+    from vmatdose.data.ingest.dicom_plan import select_plan
+    from vmatdose.data.ingest.dicom_struct import read_structure_sets, select_structure_set
+
+    files = scan_folder(folder)
+    sets = read_structure_sets(files)
+    headers = select_ct_series(files, set().union(*(ss.series for ss in sets)))
+    series = plan_ct_series(files, headers)
+    frame = str(series.uids["frame_of_reference_uid"])
+    try:
+        rtstruct = select_structure_set(sets, frame, str(series.uids["ct_series_instance_uid"]))
+        rtstruct_uid = rtstruct[0].sop_instance_uid
+    except DicomIngestError:
+        rtstruct_uid = ""
+    plan, _ = select_plan(files, frame)
+    first = headers[0][1]
+    return SourcePatient(
+        folder=Path(folder),
+        patient={k: str(first.get(k, "") or "") for k in _PATIENT_KEYWORDS},
+        study_instance_uid=str(series.uids["study_instance_uid"]),
+        frame_of_reference_uid=frame,
+        ct_series_instance_uid=str(series.uids["ct_series_instance_uid"]),
+        ct_sop_instance_uids=tuple(series.uids["ct_sop_instance_uids"]),
+        rtstruct_sop_instance_uid=rtstruct_uid,
+        rtplan_sop_instance_uid=str(plan[1].get("SOPInstanceUID", "")) if plan else "",
+        image_orientation_patient=tuple(series.uids["image_orientation_patient"]),
+        patient_position=str(series.uids["patient_position"]),
+        grid=series.grid)
+
+
+def find_source_patient(case_id: str, source_dicom: str | os.PathLike,
+                        id_salt: str | None = None,
+                        case_id_map: str | os.PathLike | Mapping[str, str] | None = None
+                        ) -> SourcePatient:
+    """The patient folder below ``source_dicom`` whose case id is ``case_id``, read.
+
+    The case id of every folder is recomputed as ingest computed it, so give the same
+    salt (default: ``$VMATDOSE_ID_SALT``) or case-id map (a file or a mapping).
+
+    Raises:
+        LookupError: no folder has that case id (names the folder and how many were tried).
+        SaltError: empty salt and no map.
+    """
+    from vmatdose.data.ingest.dicom import SALT_ENV, load_case_id_map, require_salt
+
+    salt = os.environ.get(SALT_ENV, "") if id_salt is None else id_salt
+    if isinstance(case_id_map, str | os.PathLike):
+        case_id_map = load_case_id_map(case_id_map)
+    require_salt(salt, case_id_map)
+    index = _source_index(str(Path(source_dicom).resolve()), salt,
+                          tuple(sorted((case_id_map or {}).items())))
+    if case_id not in index:
+        raise LookupError(
+            f"{source_dicom}: none of its {len(index)} patient folders has case id "
+            f"{case_id!r}; give the {SALT_ENV} salt or case_id_map used at preprocess")
+    return read_source_patient(index[case_id])
+
+
+@functools.lru_cache(maxsize=4)
+def _source_index(root: str, salt: str, id_map: tuple[tuple[str, str], ...]
+                  ) -> dict[str, Path]:
+    """Case id -> patient folder for every folder below ``root`` (cached per batch)."""
+    from vmatdose.data.ingest.dicom import SaltError, case_id_for_folder, find_dicom_patients
+
+    mapping = dict(id_map) or None
+    index = {}
+    for folder in find_dicom_patients(root):
+        try:
+            index[case_id_for_folder(folder, salt, mapping)] = folder
+        except SaltError:  # not in the map and no salt: it cannot be the case looked for
+            continue
+    return index
+
+
+def write_rtdose(dose_gy: np.ndarray, case: Case, path: str | os.PathLike,
+                 source: SourcePatient | None = None) -> Path:
+    """Write ``dose_gy`` as a DICOM RTDOSE on ``case``'s geometry, atomically; return the path.
 
     Args:
-        dose: (Z, Y, X) dose in Gy on the case grid (canonical LPS orientation); negative
-            values (a network's undershoot) are written as 0.
-        case: the case the dose belongs to (grid, ``meta["dicom"]`` UIDs when known).
+        dose_gy: (Z, Y, X) dose in Gy on the case grid (canonical LPS orientation);
+            negative values (a network's undershoot) are written as 0.
+        case: the case the dose belongs to (grid; orientation from ``meta["dicom"]``).
         path: the ``.dcm`` file to write.
+        source: the case's source DICOM (:func:`find_source_patient`): patient identity,
+            study and frame UIDs and references come from it; ``None``: the case id.
+
+    Raises:
+        ValueError: dose off the case grid or not finite, or a ``source`` whose CT grid is
+            not the case's (another patient).
     """
     path = Path(path)
-    dose = np.asarray(dose, dtype=np.float64)
+    dose = np.asarray(dose_gy, dtype=np.float64)
     if dose.shape != case.shape:
         raise ValueError(f"{path}: dose shape {dose.shape} is not the case grid {case.shape}")
     if not np.all(np.isfinite(dose)):
         raise ValueError(f"{path}: refusing to write a dose with non-finite values")
+    if source is not None:
+        _check_source_grid(source, case, path)
     if np.any(dose < 0):
         log.info("%s: %d negative dose voxels written as 0", path, int(np.sum(dose < 0)))
-    dicom = dict(case.meta.get("dicom") or {})
-    iop = _orientation(dicom.get("image_orientation_patient"))
+    recorded = dict(case.meta.get("dicom") or {})
+    iop = _orientation(source.image_orientation_patient if source
+                       else recorded.get("image_orientation_patient"))
     native, ipp = to_native(np.maximum(dose, 0.0), case, iop)
-    ds = _dataset(case, dicom, iop)
+    position = source.patient_position if source else recorded.get("patient_position")
+    ds = _dataset(case, source, iop, position)
     _set_geometry(ds, native.shape, ipp, iop, case.spacing_mm)
     _set_pixels(ds, native)
     return _save_atomic(ds, path)
+
+
+def _check_source_grid(source: SourcePatient, case: Case, path: Path) -> None:
+    grid = source.grid
+    same = (tuple(grid.shape) == tuple(case.shape)
+            and np.allclose(grid.spacing_mm, case.spacing_mm, atol=GRID_TOLERANCE_MM)
+            and np.allclose(grid.origin_mm, case.origin_mm, atol=GRID_TOLERANCE_MM))
+    if not same:
+        raise ValueError(f"{path}: the CT of source folder {source.folder.name} "
+                         f"({grid.shape}, spacing {grid.spacing_mm} mm) is not the grid of case "
+                         f"{case.case_id!r} ({case.shape}, spacing "
+                         f"{tuple(case.spacing_mm)} mm): wrong source patient?")
 
 
 def _orientation(iop) -> tuple[float, ...]:
@@ -96,7 +249,8 @@ def to_native(dose: np.ndarray, case: Case, iop: tuple[float, ...]
     return np.ascontiguousarray(native), zyx[::-1].copy()
 
 
-def _dataset(case: Case, dicom: dict, iop: tuple[float, ...]) -> FileDataset:
+def _dataset(case: Case, source: SourcePatient | None, iop: tuple[float, ...],
+             position: str | None) -> FileDataset:
     """Patient, study, series, frame of reference, equipment and reference attributes."""
     sop_uid = generate_uid()
     meta = FileMetaDataset()
@@ -109,23 +263,30 @@ def _dataset(case: Case, dicom: dict, iop: tuple[float, ...]) -> FileDataset:
     date, time = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
     ds.SOPClassUID, ds.SOPInstanceUID = RTDoseStorage, sop_uid
     ds.Modality = "RTDOSE"
-    ds.PatientName = case.case_id  # anonymous: the case id, never the source's patient data
-    ds.PatientID = case.case_id
-    ds.PatientBirthDate, ds.PatientSex = "", ""
-    ds.StudyInstanceUID = (dicom.get("study_instance_uid")
-                           or generate_uid(entropy_srcs=[case.case_id, "study"]))
-    ds.StudyDate, ds.StudyTime, ds.ContentDate, ds.ContentTime = date, time, date, time
+    ds.ContentDate, ds.ContentTime = date, time
     ds.InstanceCreationDate, ds.InstanceCreationTime = date, time
-    ds.ReferringPhysicianName, ds.StudyID, ds.AccessionNumber = "", "", ""
+    if source is not None:
+        for keyword, value in source.patient.items():
+            setattr(ds, keyword, value)
+        ds.StudyInstanceUID = source.study_instance_uid
+        ds.FrameOfReferenceUID = source.frame_of_reference_uid
+        ds.SeriesDescription = "vmatdose predicted dose"
+    else:
+        ds.PatientName = case.case_id  # anonymous: the case id, never patient data
+        ds.PatientID = case.case_id
+        ds.PatientBirthDate, ds.PatientSex = "", ""
+        ds.StudyDate, ds.StudyTime = date, time
+        ds.ReferringPhysicianName, ds.StudyID, ds.AccessionNumber = "", "", ""
+        ds.StudyInstanceUID = generate_uid(entropy_srcs=[case.case_id, "study"])
+        ds.FrameOfReferenceUID = generate_uid(entropy_srcs=[case.case_id, "frame"])
+        ds.SeriesDescription = NO_SOURCE_DESCRIPTION
     ds.SeriesInstanceUID = generate_uid()
     ds.SeriesNumber, ds.InstanceNumber = 900, 1
-    ds.SeriesDescription = "vmatdose predicted dose"
-    ds.FrameOfReferenceUID = (dicom.get("frame_of_reference_uid")
-                              or generate_uid(entropy_srcs=[case.case_id, "frame"]))
     ds.PositionReferenceIndicator = ""
     ds.Manufacturer = "vmatdose"
-    ds.PatientPosition = _patient_position(dicom.get("patient_position"), iop)
-    _set_references(ds, dicom)
+    ds.PatientPosition = _patient_position(position, iop)
+    if source is not None:
+        _set_references(ds, source)
     return ds
 
 
@@ -137,20 +298,19 @@ def _patient_position(recorded: str | None, iop: tuple[float, ...]) -> str:
     return ("FF" if feet_first else "HF") + ("S" if supine else "P")
 
 
-def _set_references(ds: Dataset, dicom: dict) -> None:
-    """References to the RTPLAN, RTSTRUCT and CT series of the source, when known."""
-    if dicom.get("rtplan_sop_instance_uid"):
-        ds.ReferencedRTPlanSequence = Sequence([_reference(RTPlanStorage,
-                                                           dicom["rtplan_sop_instance_uid"])])
-    if dicom.get("rtstruct_sop_instance_uid"):
+def _set_references(ds: Dataset, source: SourcePatient) -> None:
+    """References to the source's RTPLAN, RTSTRUCT and CT series."""
+    if source.rtplan_sop_instance_uid:
+        ds.ReferencedRTPlanSequence = Sequence(
+            [_reference(RTPlanStorage, source.rtplan_sop_instance_uid)])
+    if source.rtstruct_sop_instance_uid:
         ds.ReferencedStructureSetSequence = Sequence(
-            [_reference(RTStructureSetStorage, dicom["rtstruct_sop_instance_uid"])])
-    if dicom.get("ct_series_instance_uid"):
-        series = Dataset()
-        series.SeriesInstanceUID = dicom["ct_series_instance_uid"]
-        series.ReferencedInstanceSequence = Sequence(
-            [_reference(CTImageStorage, uid) for uid in dicom.get("ct_sop_instance_uids", [])])
-        ds.ReferencedSeriesSequence = Sequence([series])
+            [_reference(RTStructureSetStorage, source.rtstruct_sop_instance_uid)])
+    series = Dataset()
+    series.SeriesInstanceUID = source.ct_series_instance_uid
+    series.ReferencedInstanceSequence = Sequence(
+        [_reference(CTImageStorage, uid) for uid in source.ct_sop_instance_uids])
+    ds.ReferencedSeriesSequence = Sequence([series])
 
 
 def _reference(sop_class: str, sop_instance: str) -> Dataset:

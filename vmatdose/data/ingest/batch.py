@@ -8,15 +8,20 @@ error is recorded and the batch goes on). Workers write their case with the atom
 :func:`~vmatdose.data.case.save_case`, so a killed run leaves complete files or nothing, and
 a restarted run skips the cases already on disk: every case is written exactly once.
 ``convert`` must be picklable (a module-level function or a ``functools.partial`` of one)
-when ``num_workers > 1``: workers are *spawned*, never forked.
+when ``num_workers > 1``: workers are *spawned*, never forked, and exit when the parent
+process dies (even by ``kill -9``): see :func:`exit_with_parent`.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import os
 import re
+import signal
+import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -164,9 +169,41 @@ def _run_serial(convert: Convert, pending: list) -> Iterator[dict]:
         yield _run_job(convert, case_id, source, str(path))
 
 
+#: Seconds between two checks of the parent in :func:`exit_with_parent`'s polling thread.
+PARENT_POLL_S = 0.5
+_PR_SET_PDEATHSIG = 1
+
+
+def exit_with_parent(parent_pid: int) -> None:
+    """Worker initializer: end this process when ``parent_pid`` dies.
+
+    A pool worker blocks forever on its job queue when the parent is killed (every worker
+    holds the queue's write end, so it never sees end-of-file). On Linux the kernel sends
+    SIGKILL at the parent's death (``prctl(PR_SET_PDEATHSIG)``); everywhere a daemon thread
+    also polls ``os.getppid()`` and exits when the process has been re-parented.
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError):  # no prctl: the polling thread still works
+            pass
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
+    threading.Thread(target=_poll_parent, args=(parent_pid,), name="parent-watchdog",
+                     daemon=True).start()
+
+
+def _poll_parent(parent_pid: int) -> None:
+    while os.getppid() == parent_pid:
+        time.sleep(PARENT_POLL_S)
+    os._exit(1)
+
+
 def _run_parallel(convert: Convert, pending: list, num_workers: int) -> Iterator[dict]:
     """Results in completion order from spawned workers; a crashed worker fails its cases."""
-    pool = ProcessPoolExecutor(min(num_workers, len(pending)), mp_context=get_context("spawn"))
+    pool = ProcessPoolExecutor(min(num_workers, len(pending)), mp_context=get_context("spawn"),
+                               initializer=exit_with_parent, initargs=(os.getpid(),))
     try:
         futures = {pool.submit(_run_job, convert, case_id, source, str(path)): case_id
                    for case_id, source, path in pending}

@@ -1,34 +1,45 @@
 """One DICOM-RT patient folder (CT series, RTSTRUCT, RTDOSE, RTPLAN) -> :class:`Case`.
 
-    case = ingest_dicom_case("patients/0001", settings=DicomIngestSettings())
+    settings = DicomIngestSettings(protocol=Protocol.load("head_neck"), id_salt=salt)
+    case = ingest_dicom_case("patients/0001", settings=settings)
+
+The treatment-site protocol (:class:`~vmatdose.protocol.Protocol`) is the one source of
+the site's facts: canonical structures and their ROI-name synonyms, the external
+contour's synonyms, targets and prescriptions, fractions and the required targets.
 
 * CT: sorted along the slice normal, head/feet-first flipped into the canonical LPS grid,
   HU from RescaleSlope/Intercept, missing slices interpolated and reported
   (:mod:`~vmatdose.data.ingest.dicom_ct`);
-* RTSTRUCT on the CT's FrameOfReferenceUID, names mapped to canonical ones by a YAML in
-  ``conf/structure_names``, contours rasterised by the even-odd rule
-  (:mod:`~vmatdose.data.ingest.dicom_struct`);
+* RTSTRUCT on the CT's FrameOfReferenceUID, ROI names mapped to the protocol's canonical
+  names by its synonyms, contours rasterised with their boundary, even-odd for holes
+  (:mod:`~vmatdose.data.ingest.dicom_struct`, :mod:`~vmatdose.data.ingest.rasterize`);
 * RTDOSE scaled by DoseGridScaling, resampled linearly on the CT grid, per-beam doses summed
   (:mod:`~vmatdose.data.ingest.dicom_dose`);
-* prescriptions from the RTPLAN's DoseReferenceSequence, else from the settings
-  (:mod:`~vmatdose.data.ingest.dicom_plan`).
+* prescriptions from the RTPLAN's DoseReferenceSequence, else the protocol's; the case's
+  ``prescriptions_gy`` holds exactly the targets it has (:mod:`~vmatdose.data.ingest.dicom_plan`).
 
-A case without the required targets raises :class:`~vmatdose.data.ingest.batch.SkipCase`;
-broken input raises :class:`DicomIngestError` naming the file (relative to the patient
-folder). No patient name, ID or birth date reaches the case or a message: the case id is
-a salted hash of PatientID and StudyInstanceUID unless a mapping gives one.
+A case lacking the protocol's required targets raises :class:`MissingTargetsError` naming
+the folder and what is missing; a case without RTDOSE (when one is required) raises
+:class:`~vmatdose.data.ingest.batch.SkipCase`; broken input raises
+:class:`DicomIngestError` naming the file (relative to the patient folder).
+
+Privacy: no patient name, ID or birth date reaches the case or a message, and no source
+DICOM UID (Study, Series, FrameOfReference, SOP instance) is kept unless
+``record_sources=True``. The case id is a salted hash of PatientID and StudyInstanceUID
+(an empty salt is refused: :func:`require_salt`) unless a mapping gives one. The RTDOSE
+export reads identity and UIDs back from the source DICOM
+(:mod:`vmatdose.data.export.rtdose`).
 """
 
 from __future__ import annotations
 
 import csv
-import functools
 import hashlib
 import json
 import os
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +56,7 @@ from vmatdose.data.ingest.dicom_ct import (
     select_ct_series,
 )
 from vmatdose.data.ingest.dicom_dose import DoseOnGrid, dose_on_grid, select_dose_files
-from vmatdose.data.ingest.dicom_files import DicomIngestError, scan_folder
+from vmatdose.data.ingest.dicom_files import DicomFolder, DicomIngestError, scan_folder
 from vmatdose.data.ingest.dicom_plan import plan_fractions, plan_prescriptions, select_plan
 from vmatdose.data.ingest.dicom_struct import (
     StructureSet,
@@ -55,42 +66,70 @@ from vmatdose.data.ingest.dicom_struct import (
     select_structure_set,
 )
 from vmatdose.data.ingest.structure_names import BODY, StructureNameMap
+from vmatdose.protocol import Protocol
 
-__all__ = ["DicomIngestError", "DicomIngestSettings", "anonymous_case_id", "case_id_for_folder",
-           "find_dicom_patients", "ingest_dicom_case", "load_case_id_map"]
+__all__ = ["DicomIngestError", "DicomIngestSettings", "MissingTargetsError", "SaltError",
+           "anonymous_case_id", "case_id_for_folder", "find_dicom_patients",
+           "ingest_dicom_case", "load_case_id_map", "require_salt"]
+
+SALT_ENV = "VMATDOSE_ID_SALT"
+
+
+class MissingTargetsError(DicomIngestError):
+    """A patient folder without the protocol's required targets (``path``: the folder)."""
+
+
+class SaltError(ValueError):
+    """Case ids would be an unsalted hash of PatientID: refused."""
 
 
 @dataclass
 class DicomIngestSettings:
-    """What a DICOM case must contain and the fall-backs when the plan is silent.
+    """How DICOM cases are read; the site's facts come from ``protocol``.
 
     Attributes:
-        structure_names: mapping name in ``conf/structure_names`` or a YAML path.
-        required_targets: canonical targets a case must have (else skipped: non-SIB).
-        prescriptions_gy: target -> Gy, used when the RTPLAN gives none for a target.
-        fractions: number of fractions when the RTPLAN gives none.
-        structures: canonical structures to keep, in this order (``None``: the mapping's).
+        protocol: the treatment-site protocol (structures, synonyms, targets,
+            prescriptions, fractions, required targets).
         require_dose: skip cases without RTDOSE (``False`` for cases to predict).
         body_threshold_hu: external from the CT (largest component above it, holes
             filled) when the RTSTRUCT has no body contour.
         id_salt: secret mixed into the case-id hash (keep it private, keep it fixed).
+        record_sources: keep the source DICOM UIDs in ``meta["dicom"]`` (off: a case file
+            must not let a guessed patient be confirmed offline).
     """
 
-    structure_names: str = "prostate"
-    required_targets: Sequence[str] = ("PTV70", "PTV56")
-    prescriptions_gy: Mapping[str, float] = field(
-        default_factory=lambda: {"PTV70": 70.0, "PTV56": 56.0})
-    fractions: int | None = 28
-    structures: Sequence[str] | None = None
+    protocol: Protocol
     require_dose: bool = True
     body_threshold_hu: float = -500.0
     id_salt: str = ""
+    record_sources: bool = False
 
     @classmethod
-    def from_config(cls, cfg: Mapping) -> DicomIngestSettings:
-        """From a plain mapping (e.g. the resolved ``source`` config); unknown keys ignored."""
-        known = {k: cfg[k] for k in cls.__dataclass_fields__ if k in cfg and cfg[k] is not None}
-        return cls(**known)
+    def from_config(cls, cfg: Mapping, protocol: Protocol | Mapping) -> DicomIngestSettings:
+        """From a plain mapping (e.g. the resolved ``source`` config; unknown keys ignored)
+        and the protocol (a :class:`Protocol` or its config)."""
+        if not isinstance(protocol, Protocol):
+            protocol = Protocol.from_dict(protocol)
+        known = {k: cfg[k] for k in cls.__dataclass_fields__
+                 if k != "protocol" and k in cfg and cfg[k] is not None}
+        return cls(protocol=protocol, **known)
+
+
+def require_salt(salt: str | None, id_map: Mapping | None = None) -> None:
+    """Refuse an empty salt unless a case-id mapping gives every id.
+
+    Raises:
+        SaltError: with how to set ``VMATDOSE_ID_SALT``.
+    """
+    if id_map or (salt and str(salt).strip()):
+        return
+    raise SaltError(
+        "DICOM ingest refuses an empty id salt: case ids are a hash of PatientID and "
+        "StudyInstanceUID, and without a secret salt a guessed PatientID can be confirmed "
+        f"from a case id. Set one: export {SALT_ENV}=<a private random string> (keep it "
+        "fixed, it decides the case ids; e.g. from `python -c \"import secrets; "
+        "print(secrets.token_hex(16))\"`), or give source.case_id_map=<CSV/JSON/YAML file "
+        "of PatientID or folder name -> case id>.")
 
 
 def ingest_dicom_case(folder: str | os.PathLike, case_id: str | None = None,
@@ -99,15 +138,22 @@ def ingest_dicom_case(folder: str | os.PathLike, case_id: str | None = None,
 
     Args:
         folder: the patient folder (searched recursively).
-        case_id: anonymous case id; by default :func:`anonymous_case_id` of the CT.
-        settings: see :class:`DicomIngestSettings`.
+        case_id: anonymous case id; by default :func:`anonymous_case_id` of the CT (needs
+            a non-empty ``settings.id_salt``).
+        settings: see :class:`DicomIngestSettings` (required: it carries the protocol).
 
     Raises:
-        SkipCase: required targets or the reference dose missing.
+        MissingTargetsError: the protocol's required targets are missing (names the folder).
+        SkipCase: the reference dose is missing and required.
         DicomIngestError: anything unreadable or inconsistent, naming the file.
+        SaltError: no ``case_id`` and an empty salt.
     """
-    settings = settings or DicomIngestSettings()
-    names = _load_names(settings.structure_names)
+    if settings is None:
+        raise TypeError("ingest_dicom_case needs settings=DicomIngestSettings(protocol=...)")
+    if case_id is None:
+        require_salt(settings.id_salt)
+    protocol = settings.protocol
+    names = StructureNameMap.from_protocol(protocol)
     files = scan_folder(folder)
     sets = read_structure_sets(files)
     ct_headers = select_ct_series(files, set().union(*(ss.series for ss in sets)))
@@ -117,44 +163,40 @@ def ingest_dicom_case(folder: str | os.PathLike, case_id: str | None = None,
     notes = list(series.warnings)
     ss, more = select_structure_set(sets, frame, str(series.uids["ct_series_instance_uid"]))
     notes += more
-    rois, roi_meta = _choose_rois(ss, frame, names, settings, notes)
+    rois, roi_meta = _choose_rois(files, ss, frame, names, protocol, notes)
     plan, more = select_plan(files, frame)
     notes += more
-    prescriptions, fractions, source = _prescriptions(plan, ss, names, settings, rois, notes)
     dose_files, summation, more = select_dose_files(
         files, frame, str(plan[1].get("SOPInstanceUID", "")) if plan else None)
     notes += more
     if not dose_files and settings.require_dose:
-        raise SkipCase("no RTDOSE in the patient folder (set require_dose=false to ingest "
-                       "cases to predict)")
+        raise SkipCase("no RTDOSE in the patient folder (set source.require_dose=false to "
+                       "ingest cases to predict)")
     ct = read_ct_volume(files, series)
     masks, body = _rasterize(ss, rois, series, ct, settings, notes)
+    _require_targets(files, protocol, masks, sorted(ss.roi_names.values()), "on the CT grid ")
+    prescriptions, fractions, source = _prescriptions(plan, ss, names, protocol, masks, notes)
     dose = None
     if dose_files:
         on_grid = dose_on_grid(files, series.grid, dose_files, summation, fractions)
-        _check_coverage(on_grid, masks, body, settings, files.rel(dose_files[0][0]), notes)
+        _check_coverage(on_grid, masks, body, protocol, files.rel(dose_files[0][0]), notes)
         dose = on_grid.dose
-    meta = _meta(series, ss, plan, dose_files, summation, fractions, source, roi_meta, notes)
+    meta = _meta(series, ss, plan, dose_files, summation, settings, fractions, source,
+                 roi_meta, notes)
     return Case(case_id=case_id, ct=ct, masks=np.stack(list(masks.values())).view(np.uint8),
                 structures=list(masks), body=body.view(np.uint8),
                 spacing_mm=np.asarray(series.grid.spacing_mm, float),
                 origin_mm=np.asarray(series.grid.origin_mm, float),
-                prescriptions_gy={t: g for t, g in prescriptions.items() if t in masks},
-                dose=dose, meta=meta)
+                prescriptions_gy=prescriptions, dose=dose, meta=meta)
 
 
-@functools.lru_cache(maxsize=8)
-def _load_names(name_or_path: str) -> StructureNameMap:
-    return StructureNameMap.load(name_or_path)
-
-
-def _choose_rois(ss: StructureSet, frame: str, names: StructureNameMap,
-                 settings: DicomIngestSettings, notes: list[str]
-                 ) -> tuple[dict[str, int], dict]:
+def _choose_rois(files: DicomFolder, ss: StructureSet, frame: str, names: StructureNameMap,
+                 protocol: Protocol, notes: list[str]) -> tuple[dict[str, int], dict]:
     """Canonical name -> ROI number of the ROIs to rasterise (``BODY`` included if found).
 
     Raises:
-        SkipCase: a required target has no ROI on the CT's frame of reference.
+        MissingTargetsError: the required targets have no ROI on the CT's frame of
+            reference.
     """
     on_frame = {n: name for n, name in ss.roi_names.items()
                 if ss.roi_frames.get(n, frame) in (frame, "")}
@@ -165,48 +207,61 @@ def _choose_rois(ss: StructureSet, frame: str, names: StructureNameMap,
     if duplicates:
         notes.append(f"ROIs mapping to an already matched canonical name (dropped): "
                      f"{duplicates}")
-    missing = [t for t in settings.required_targets if t not in chosen]
-    if missing:
-        raise SkipCase(f"missing required target(s) {missing} (not a "
-                       f"{'/'.join(settings.required_targets)} case); ROIs: "
-                       f"{sorted(ss.roi_names.values())}")
-    wanted = _unique([*(settings.structures or names.canonical), *settings.required_targets])
-    absent = [s for s in wanted if s not in chosen]
+    _require_targets(files, protocol, chosen, sorted(ss.roi_names.values()))
+    absent = [s for s in protocol.structures if s not in chosen]
     if absent:
         notes.append(f"no ROI for {absent}")
     number = {name: n for n, name in on_frame.items()}
-    rois = {c: number[chosen[c]] for c in [*wanted, BODY] if c in chosen}
+    rois = {c: number[chosen[c]] for c in [*protocol.structures, BODY] if c in chosen}
     return rois, {"roi_names": {c: chosen[c] for c in rois}, "unmapped_rois": unmapped}
 
 
-def _unique(items: Sequence[str]) -> list[str]:
-    return list(dict.fromkeys(items))
+def _require_targets(files: DicomFolder, protocol: Protocol, present, roi_names: list[str],
+                     where: str = "") -> None:
+    """Raise :class:`MissingTargetsError` naming the folder when required targets lack."""
+    missing = protocol.missing_targets(present)
+    if missing:
+        have = [t for t in protocol.targets if t in present]
+        raise MissingTargetsError(
+            f"missing required target(s) {', '.join(missing)} {where}(protocol "
+            f"{protocol.name} needs {protocol.requirement_text()}; found targets: "
+            f"{', '.join(have) or 'none'}; ROIs in the RTSTRUCT: {roi_names}). Add the "
+            f"ROI names as synonyms in conf/protocol/{protocol.name}.yaml or choose "
+            "another protocol=", files.root.name)
 
 
-def _prescriptions(plan, ss: StructureSet, names: StructureNameMap,
-                   settings: DicomIngestSettings, rois: dict[str, int], notes: list[str]
+def _prescriptions(plan, ss: StructureSet, names: StructureNameMap, protocol: Protocol,
+                   masks: Mapping[str, np.ndarray], notes: list[str]
                    ) -> tuple[dict[str, float], int | None, str]:
-    """Target -> Gy (RTPLAN first, then settings), fractions, and where they came from."""
+    """Target -> Gy for exactly the targets the case has (RTPLAN first, then the
+    protocol's), fractions (RTPLAN, then the protocol's), and where they came from."""
     from_plan: dict[str, float] = {}
     fractions = None
     if plan is not None:
         from_plan, more = plan_prescriptions(plan[1], ss.roi_names, names)
         notes += more
         fractions = plan_fractions(plan[1])
-    prescriptions = {t: g for t, g in from_plan.items() if t in rois}
-    fallback = [t for t in settings.prescriptions_gy if t in rois and t not in prescriptions]
+    present = [t for t in protocol.targets if t in masks]
+    prescriptions = {t: float(from_plan[t]) for t in present if t in from_plan}
+    fallback = [t for t in present if t not in prescriptions]
     for target in fallback:
-        prescriptions[target] = float(settings.prescriptions_gy[target])
+        prescriptions[target] = float(protocol.prescriptions_gy[target])
     if fallback and plan is not None:
-        notes.append(f"RTPLAN has no prescription for {fallback}; used the config's")
-    source = "rtplan" if not fallback else ("config" if not from_plan else "rtplan+config")
-    return prescriptions, fractions or settings.fractions, source
+        notes.append(f"RTPLAN has no prescription for {fallback}; used protocol "
+                     f"{protocol.name}'s")
+    differ = [f"{t} {g:g} Gy" for t, g in prescriptions.items()
+              if t not in fallback and g != protocol.prescriptions_gy[t]]
+    if differ:
+        notes.append(f"RTPLAN prescriptions differ from protocol {protocol.name}: "
+                     f"{', '.join(differ)} (kept the RTPLAN's)")
+    source = "rtplan" if not fallback else ("protocol" if not from_plan else "rtplan+protocol")
+    return prescriptions, fractions or protocol.fractions, source
 
 
 def _rasterize(ss: StructureSet, rois: dict[str, int], series: CTSeries, ct: np.ndarray,
                settings: DicomIngestSettings, notes: list[str]
                ) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """Canonical name -> (Z, Y, X) bool mask, and the body mask."""
+    """Canonical name -> (Z, Y, X) bool mask (non-empty ones), and the body mask."""
     masks: dict[str, np.ndarray] = {}
     body = None
     for name, number in rois.items():
@@ -214,9 +269,6 @@ def _rasterize(ss: StructureSet, rois: dict[str, int], series: CTSeries, ct: np.
         fill_missing_slices(mask, series.missing)
         notes += more
         if not mask.any():
-            if name in settings.required_targets:
-                raise DicomIngestError(f"required target {name} has no voxel on the CT grid "
-                                       "(contours outside the scan?)", ss.label)
             notes.append(f"{name}: empty on the CT grid (dropped)")
         elif name == BODY:
             body = mask
@@ -258,12 +310,12 @@ def body_from_ct(ct: np.ndarray, threshold_hu: float) -> np.ndarray:
 
 
 def _check_coverage(on_grid: DoseOnGrid, masks: dict[str, np.ndarray], body: np.ndarray,
-                    settings: DicomIngestSettings, label: str, notes: list[str]) -> None:
-    """Targets must lie inside the dose grid; body voxels outside it are reported."""
+                    protocol: Protocol, label: str, notes: list[str]) -> None:
+    """Every target must lie inside the dose grid; body voxels outside it are reported."""
     notes += on_grid.warnings
     if not on_grid.covered.any():
         raise DicomIngestError("the dose grid does not overlap the CT at all", label)
-    for target in settings.required_targets:
+    for target in (t for t in protocol.targets if t in masks):
         outside = int(np.count_nonzero(masks[target] & ~on_grid.covered))
         if outside:
             share = 100.0 * outside / np.count_nonzero(masks[target])
@@ -276,15 +328,23 @@ def _check_coverage(on_grid: DoseOnGrid, masks: dict[str, np.ndarray], body: np.
 
 
 def _meta(series: CTSeries, ss: StructureSet, plan, dose_files: list, summation: str,
-          fractions: int | None, prescription_source: str, roi_meta: dict,
-          notes: list[str]) -> dict:
-    """JSON metadata: UIDs for the RTDOSE export, provenance, warnings (no patient data)."""
-    dicom = {**series.uids, "rtstruct_sop_instance_uid": ss.sop_instance_uid,
-             "rtplan_sop_instance_uid": str(plan[1].get("SOPInstanceUID", "")) if plan else "",
-             "rtdose_sop_instance_uids": [str(ds.get("SOPInstanceUID", ""))
-                                          for _, ds in dose_files],
-             "dose_summation": summation if dose_files else None}
-    return {"source": "dicom", "fractions": fractions,
+          settings: DicomIngestSettings, fractions: int | None, prescription_source: str,
+          roi_meta: dict, notes: list[str]) -> dict:
+    """JSON metadata: protocol, provenance, warnings; no patient data, and source UIDs
+    only with ``record_sources`` (the RTDOSE export reads them from the source DICOM)."""
+    dicom = {"image_orientation_patient": series.uids["image_orientation_patient"],
+             "patient_position": series.uids["patient_position"],
+             "dose_summation": summation if dose_files else None,
+             "rtdose_files": len(dose_files), "ct_slices": len(series.files)}
+    if settings.record_sources:
+        dicom.update({key: value for key, value in series.uids.items()
+                      if key.endswith(("_uid", "_uids"))})
+        dicom["rtstruct_sop_instance_uid"] = ss.sop_instance_uid
+        dicom["rtplan_sop_instance_uid"] = (str(plan[1].get("SOPInstanceUID", ""))
+                                            if plan else "")
+        dicom["rtdose_sop_instance_uids"] = [str(ds.get("SOPInstanceUID", ""))
+                                             for _, ds in dose_files]
+    return {"source": "dicom", "protocol": settings.protocol.name, "fractions": fractions,
             "prescription_source": prescription_source, "dicom": dicom,
             "missing_slices": len(series.missing), **roi_meta, "warnings": list(notes)}
 
@@ -309,6 +369,9 @@ def case_id_for_folder(folder: str | os.PathLike, salt: str = "",
     ``id_map`` (PatientID or folder name -> case id) wins; otherwise the hash of the first
     CT header's PatientID and StudyInstanceUID (as :func:`ingest_dicom_case` computes it);
     the hash of the folder name when the folder holds no readable CT.
+
+    Raises:
+        SaltError: the id would be hashed and ``salt`` is empty.
     """
     folder = Path(folder)
     if id_map and folder.name in id_map:
@@ -325,8 +388,16 @@ def case_id_for_folder(folder: str | os.PathLike, salt: str = "",
             patient_id, study = _patient_keys(ds)
             if id_map and patient_id in id_map:
                 return str(id_map[patient_id])
-            return anonymous_case_id(patient_id, study, salt)
-    return anonymous_case_id(f"folder:{folder.name}", "", salt)
+            return _hashed_id(folder, patient_id, study, salt)
+    return _hashed_id(folder, f"folder:{folder.name}", "", salt)
+
+
+def _hashed_id(folder: Path, patient_id: str, study_uid: str, salt: str) -> str:
+    if not (salt and str(salt).strip()):
+        raise SaltError(f"{folder.name}: not in the case-id map, and case ids need a salt. "
+                        f"Add the folder or its PatientID to the map, or export "
+                        f"{SALT_ENV}=<a private random string>.")
+    return anonymous_case_id(patient_id, study_uid, salt)
 
 
 def load_case_id_map(path: str | os.PathLike) -> dict[str, str]:

@@ -69,8 +69,8 @@ def select_dose_files(folder: DicomFolder, frame_uid: str, plan_uid: str | None
     if len(doses) < len(all_doses):
         others = [folder.rel(p) for (p, _), ok in zip(all_doses, on_frame) if not ok]
         if not doses:
-            raise DicomIngestError(f"every RTDOSE is on another frame of reference than the CT "
-                                   f"({frame_uid})", others[0])
+            raise DicomIngestError("every RTDOSE is on another frame of reference than the CT "
+                                   "(FrameOfReferenceUID differs)", others[0])
         warnings.append(f"ignored RTDOSE on another frame of reference: {', '.join(others)}")
     if plan_uid and any(referenced_plan(ds) == plan_uid for _, ds in doses):
         doses = [(p, ds) for p, ds in doses if referenced_plan(ds) == plan_uid]

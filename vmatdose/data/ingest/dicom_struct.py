@@ -2,7 +2,8 @@
 
 Contour points (patient mm) are converted to continuous indices of the canonical CT grid;
 each contour goes to the nearest CT slice, and all CLOSED_PLANAR contours of a ROI on one
-slice are filled together by the even-odd rule (holes and several polygons).
+slice are filled together: voxel centres inside by the even-odd rule (holes, several
+polygons) or on a contour (see :mod:`~vmatdose.data.ingest.rasterize` for why).
 """
 
 from __future__ import annotations
@@ -78,10 +79,10 @@ def select_structure_set(sets: list[StructureSet], frame_uid: str,
     if not sets:
         raise DicomIngestError("no RTSTRUCT in the patient folder: cannot make the masks")
     matching = [ss for ss in sets if frame_uid in ss.frames]
-    if not matching:
-        other = ", ".join(f"{ss.label} -> {sorted(ss.frames)}" for ss in sets)
-        raise DicomIngestError(f"no RTSTRUCT on the CT's frame of reference {frame_uid} "
-                               f"({other})", sets[0].label)
+    if not matching:  # UIDs are not quoted: they must not leave ingest
+        other = ", ".join(ss.label for ss in sets)
+        raise DicomIngestError(f"no RTSTRUCT on the CT's frame of reference (FrameOfReferenceUID "
+                               f"differs; RTSTRUCTs: {other})", sets[0].label)
     warnings = []
     if len(matching) > 1:
         preferred = [ss for ss in matching if series_uid in ss.series] or matching
@@ -94,7 +95,8 @@ def select_structure_set(sets: list[StructureSet], frame_uid: str,
 
 
 def roi_contours(ss: StructureSet, roi_number: int) -> list[np.ndarray]:
-    """(N, 3) arrays of patient points ``(x, y, z)`` mm of the CLOSED_PLANAR contours."""
+    """(N, 3) arrays of patient points ``(x, y, z)`` mm of the CLOSED_PLANAR contours
+    (N >= 1: exported masks one voxel wide give contours of one or two points)."""
     contours = []
     for item in ss.ds.get("ROIContourSequence", []):
         if int(item.get("ReferencedROINumber", -1)) != roi_number:
@@ -103,7 +105,7 @@ def roi_contours(ss: StructureSet, roi_number: int) -> list[np.ndarray]:
             if str(contour.get("ContourGeometricType", "CLOSED_PLANAR")) != "CLOSED_PLANAR":
                 continue
             points = _contour_points(contour)
-            if points.size >= 9:
+            if points.size >= 3:  # one or two points: a dot or a line of voxels
                 contours.append(points.reshape(-1, 3))
     return contours
 
@@ -126,7 +128,7 @@ def _contour_points(contour: Dataset) -> np.ndarray:
 
 def rasterize_roi(contours: list[np.ndarray], grid: CanonicalGrid, name: str
                   ) -> tuple[np.ndarray, list[str]]:
-    """Even-odd fill of a ROI's contours on the canonical grid.
+    """Fill of a ROI's contours on the canonical grid (boundary included, even-odd holes).
 
     Returns:
         ``(mask, warnings)``: (Z, Y, X) bool mask and messages about contours off the CT

@@ -1,12 +1,12 @@
-"""Structure (ROI) names -> canonical names, from a YAML mapping in ``conf/structure_names``.
+"""Structure (ROI) names -> canonical names, built from a treatment-site protocol.
 
-The YAML maps each canonical name to its synonyms, plus a ``body`` list for the external
-contour::
+The protocol (``conf/protocol/<name>.yaml``, :class:`~vmatdose.protocol.Protocol`) maps
+each canonical structure to its DICOM synonyms and names the external contour's synonyms::
 
-    structures:
-      PTV70: [PTV70, PTV 70Gy, PTV_7000]
-      Femur_L: [Femur_L, FemoralHead_L, Left Femur]
-    body: [Body, External]
+    synonyms:
+      PTV70: [PTV 70Gy, PTV_7000]
+      Femur_L: [FemoralHead_L, Left Femur]
+    body_synonyms: [Body, External]
 
 Matching is case-insensitive and ignores spaces, ``_``, ``-`` and ``.``: the synonym
 ``PTV70`` also matches ``ptv_70`` and ``PTV-70``. The canonical name always matches itself.
@@ -14,15 +14,11 @@ Matching is case-insensitive and ignores spaces, ``_``, ``-`` and ``.``: the syn
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
-import yaml
-
-from vmatdose.config import CONFIG_DIR
+from vmatdose.protocol import Protocol
 
 #: Canonical name given to the external contour (becomes ``Case.body``).
 BODY = "Body"
@@ -36,7 +32,7 @@ def normalise(name: str) -> str:
 
 @dataclass(frozen=True)
 class StructureNameMap:
-    """Case-insensitive synonym lookup; build with :meth:`load` or :meth:`from_dict`.
+    """Case-insensitive synonym lookup; build with :meth:`from_protocol`.
 
     Attributes:
         canonical: canonical structure names in the mapping's order (body excluded).
@@ -67,12 +63,12 @@ class StructureNameMap:
         return cls(tuple(str(k) for k in structures), lookup)
 
     @classmethod
-    def load(cls, name_or_path: str | os.PathLike) -> StructureNameMap:
-        """A YAML file path, or the name of a file in ``conf/structure_names/``."""
-        path = resolve_mapping_path(name_or_path)
-        with open(path, encoding="utf-8") as handle:
-            data = yaml.safe_load(handle) or {}
-        return cls.from_dict(data, where=str(path))
+    def from_protocol(cls, protocol: Protocol) -> StructureNameMap:
+        """The protocol's structures (mask channel order), synonyms and body synonyms."""
+        structures = {name: list(protocol.synonyms.get(name, ())) for name in
+                      protocol.structures}
+        return cls.from_dict({"structures": structures, "body": list(protocol.body_synonyms)},
+                             where=f"protocol {protocol.name!r}")
 
     def canonical_name(self, roi_name: str) -> str | None:
         """The canonical name of ``roi_name`` (``BODY`` for the external), or ``None``."""
@@ -98,19 +94,6 @@ class StructureNameMap:
             else:
                 chosen[canonical] = roi
         return chosen, unmapped, duplicates
-
-
-def resolve_mapping_path(name_or_path: str | os.PathLike) -> Path:
-    """``prostate`` -> ``conf/structure_names/prostate.yaml``; an existing path as is."""
-    path = Path(name_or_path)
-    if path.is_file():
-        return path
-    candidate = Path(CONFIG_DIR) / "structure_names" / f"{name_or_path}.yaml"
-    if candidate.is_file():
-        return candidate
-    available = sorted(p.stem for p in (Path(CONFIG_DIR) / "structure_names").glob("*.yaml"))
-    raise FileNotFoundError(f"structure name mapping {str(name_or_path)!r}: neither a file nor "
-                            f"one of conf/structure_names/ ({', '.join(available)})")
 
 
 def _as_list(value) -> list[str]:
