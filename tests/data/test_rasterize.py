@@ -188,7 +188,7 @@ def test_head_and_neck_anatomy_through_rt_utils_keeps_every_structure(tmp_path):
     masks, spacing = _openkbp_masks(patient)
     assert {"PTV70", "SpinalCord", "Mandible"} <= set(masks)
     z = np.flatnonzero(np.any(np.stack(list(masks.values())), axis=(0, 2, 3)))
-    masks = {n: m[z[0] - 1:z[-1] + 2] for n, m in masks.items()}  # contoured slices only
+    masks = {n: m[max(z[0] - 1, 0):z[-1] + 2] for n, m in masks.items()}  # contoured slices
     grid = GridSpec(masks["PTV70"].shape, tuple(float(s) for s in spacing),
                     (-100.0, -250.0, -250.0))
     case = _round_trip(tmp_path / "hn", grid, "HFS", masks)
