@@ -92,7 +92,7 @@ def evaluate_best(cfg: DictConfig, trainer: L.Trainer, output_dir: Path) -> dict
                                  "accelerator": cfg.trainer.get("accelerator", "auto"),
                                  "evaluation": cfg.get("evaluation", {})})
     table, summary = run_evaluation(eval_cfg, output_dir / "eval")
-    log_evaluation(trainer.loggers, table, summary)
+    log_evaluation(trainer.loggers, table, summary, output_dir / "eval")
     return summary
 
 
