@@ -29,6 +29,7 @@ th { background: #f3f3f3; } td:first-child, th:first-child { text-align: left; }
 img { max-width: 100%; border: 1px solid #eee; margin: 0.5em 0; }
 .warning { background: #fff3e0; border-left: 4px solid #D55E00; padding: 0.5em 1em; }
 .note { color: #555; font-size: 0.9em; }
+#provenance td { text-align: left; font-family: ui-monospace, monospace; }
 """
 
 HEADLINE = ("mae_body_gy", "baseline_mae_body_gy", "gamma_3pct_3mm_pass",
