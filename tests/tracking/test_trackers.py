@@ -36,14 +36,15 @@ def test_wandb_multirun_gives_two_named_runs_in_one_group_with_evaluation_images
     done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    files = sorted(tmp_path.glob("multirun/train/*/*/wandb/offline-run-*/run-*.wandb"))
+    sweeps = tmp_path / "outputs" / "debug" / "multirun" / "train"  # debug=smoke's place
+    files = sorted(sweeps.glob("*/*/wandb/offline-run-*/run-*.wandb"))
     assert len(files) == 2, files
     infos = [run_info(f) for f in files]
     assert {i["name"] for i in infos} == {
         "train: debug=smoke,loss=l1,evaluation.dpi=50,"
         "evaluation.gamma=[{dose_percent:3.0,distance_mm:3.0}]".replace("loss=l1", name)
         for name in ("loss=l1", "loss=mse")}
-    sweep = next(tmp_path.glob("multirun/train/*")).name
+    sweep = next(sweeps.iterdir()).name
     assert {i["group"] for i in infos} == {f"train/{sweep}"}
     assert all(i["tags"] == ["sweep_test"] for i in infos)
     for file in files:
@@ -74,4 +75,5 @@ def test_tensorboard_event_files_hold_hparams_and_test_metrics(tmp_path):
     experiment = plugin_data_pb2.HParamsPluginData.FromString(
         content["_hparams_/experiment"]).experiment
     assert "test/mae_body_gy" in {m.name.tag for m in experiment.metric_infos}
+    assert any(t.startswith("test/per_case") for t in events.Tags()["tensors"])
     assert (run_dir / "training_curves.png").is_file()

@@ -2,8 +2,8 @@
 
 W&B gets the test metrics (history and run summary), the per-case table and every
 evaluation figure (``eval/<kind>``, one image per case); TensorBoard gets the metrics,
-the figures, and the run's hyperparameters written together with the test metrics so a
-sweep fills its HParams tab.
+the figures, the per-case table (text), and the run's hyperparameters written together
+with the test metrics so a sweep fills its HParams tab.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from pathlib import Path
 import matplotlib.image as mpimg
 import pandas as pd
 from lightning.pytorch.loggers import Logger, TensorBoardLogger, WandbLogger
+
+from vmatdose.tracking.compare import to_markdown
 
 
 def summary_metrics(summary: dict) -> dict[str, float]:
@@ -52,6 +54,7 @@ def log_evaluation(loggers: Sequence[Logger], table: pd.DataFrame, summary: dict
         if isinstance(logger, TensorBoardLogger):
             # hparams + metrics in one summary: what the HParams tab reads
             logger.log_hyperparams(logger.hparams, metrics=metrics)
+            logger.experiment.add_text("test/per_case", to_markdown(table))
         else:
             logger.log_metrics(metrics)
         if isinstance(logger, WandbLogger):
