@@ -45,10 +45,12 @@ smoke: install
 bench: install
 	@for f in benchmarks/bench_*.py; do echo "== $$f"; $(PY) $$f || exit 1; done
 
-## Regenerate experiments/README.md (the experiment index) from the runs on disk.
+## Index the runs on disk (debug runs left out) into experiments/runs_index.md and
+## experiments/runs_comparison/ (both git-ignored); experiments/README.md, the committed
+## history, is not touched.
 experiments: install
-	$(PY) -m vmatdose.compare $(wildcard outputs multirun) --output experiments/comparison \
-		--readme experiments/README.md
+	$(PY) -m vmatdose.compare $(wildcard outputs multirun) --output experiments/runs_comparison \
+		--index experiments/runs_index.md --exclude '*/debug/*'
 
 lint: install
 	$(PY) -m ruff check .

@@ -21,6 +21,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from vmatdose.config import CONFIG_DIR
+from vmatdose.tracking.console import setup_console
 from vmatdose.tracking.evaluation_log import finish_loggers, log_evaluation
 from vmatdose.training.run_record import write_run_record
 
@@ -67,7 +68,6 @@ def fit(cfg: DictConfig, output_dir: str | Path) -> tuple[L.Trainer, L.Lightning
     model.run_config = OmegaConf.to_container(cfg, resolve=True)
     n_params = sum(p.numel() for p in model.parameters())
     log.info("model %s: %.2f M parameters", type(model.net).__name__, n_params / 1e6)
-    print(f"model {type(model.net).__name__}: {n_params / 1e6:.2f} M parameters")
     trainer = hydra.utils.instantiate(cfg.trainer, callbacks=instantiate_dict(cfg.callbacks),
                                       logger=instantiate_dict(cfg.get("logger")) or False,
                                       **trainer_overrides(cfg, model))
@@ -92,7 +92,7 @@ def evaluate_best(cfg: DictConfig, trainer: L.Trainer, output_dir: Path) -> dict
                                  "accelerator": cfg.trainer.get("accelerator", "auto"),
                                  "evaluation": cfg.get("evaluation", {})})
     table, summary = run_evaluation(eval_cfg, output_dir / "eval")
-    log_evaluation(trainer.loggers, table, summary)
+    log_evaluation(trainer.loggers, table, summary, output_dir / "eval")
     return summary
 
 
@@ -139,6 +139,7 @@ def optimized_metric(trainer: L.Trainer, name: str | None) -> float | None:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    setup_console()
     with open_dict(cfg):
         cfg.paths.output_dir = HydraConfig.get().runtime.output_dir
     return run(cfg)

@@ -55,3 +55,13 @@ def config_keys(path: Path) -> set[str]:
         if record.WhichOneof("record_type") == "config":
             keys |= {item.key for item in record.config.update}
     return keys
+
+
+def run_info(path: Path) -> dict:
+    """The run's display name, group, job type and tags (the first run record)."""
+    for record in read_records(path):
+        if record.WhichOneof("record_type") == "run":
+            run = record.run
+            return {"name": run.display_name, "group": run.run_group,
+                    "job_type": run.job_type, "tags": list(run.tags)}
+    raise AssertionError(f"{path}: no run record")

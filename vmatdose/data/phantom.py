@@ -388,7 +388,7 @@ def generate_phantom_dataset(output_dir: str | os.PathLike, n_cases: int = 32,
     _check_dataset_file(folder, params)
     jobs = [(f"phantom_{i:03d}", (_case_seed(seed, i), shape, spacing)) for i in range(n_cases)]
     summary = convert_cases(jobs, _phantom_from_job, folder, num_workers=num_workers,
-                            progress=progress)
+                            progress=progress and "generating phantom cases")
     if summary["failed"]:
         raise RuntimeError(f"{folder}: phantom generation failed: {summary['failed']}")
     write_json_atomic(params, folder / DATASET_FILE)

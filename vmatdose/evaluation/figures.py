@@ -1,6 +1,14 @@
-"""Figures a physicist reads: dose slices with isodose lines, DVH overlays, gamma maps,
-per-structure error box plots. Colour-blind-safe: viridis for dose, a purple-orange
-diverging map for differences, the Okabe-Ito palette for curves.
+"""Figures a physicist reads at a glance: dose slices with isodose lines and structure
+contours, DVH overlays, gamma pass/fail maps, per-structure error box plots.
+
+Slices are drawn in patient millimetres (``origin_mm`` + index x ``spacing_mm``) in the
+radiological convention of the case files' LPS orientation (:mod:`vmatdose.data.case`):
+axial and coronal views have the patient's right on the image left, axial rows run
+anterior -> posterior, coronal and sagittal rows superior -> inferior, and each panel's
+edges carry the orientation letters. Isodose lines are at fixed percentages of the
+highest prescription. Colours: viridis for dose, a purple-orange diverging map for
+differences, blue/vermillion (colour-blind safe) for gamma pass/fail; targets in warm
+hues with thick lines, organs at risk in cool hues (tab10/tab20).
 """
 
 from __future__ import annotations
@@ -14,16 +22,49 @@ matplotlib.use("Agg")  # headless: figures are files, never windows
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.colors import ListedColormap  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
 
 from vmatdose.data.case import Case  # noqa: E402
 from vmatdose.metrics.dvh import cumulative_dvh  # noqa: E402
+from vmatdose.metrics.gamma import pass_rate_from_gamma  # noqa: E402
 
 OKABE_ITO = ["#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442",
              "#000000"]
 DOSE_CMAP = "viridis"
 DIFF_CMAP = "PuOr_r"
-GAMMA_CMAP = "cividis"
+#: Gamma pass (<= 1) and fail (> 1) colours: Okabe-Ito sky blue and vermillion.
+GAMMA_COLOURS = ("#56B4E9", "#D55E00")
+#: Isodose levels (% of the highest prescription) and their line colours.
+ISODOSE_PERCENT = (95.0, 80.0, 50.0, 20.0)
+ISODOSE_COLOURS = ("#FF2020", "#FF9A00", "#FFF200", "#00E5FF")
+# Structure hues stay clear of the isodose red/orange/yellow/cyan.
+TARGET_COLOURS = ("#E6007E", "#F781BF", "#A65628", "#BC80BD", "#7B2D26")
+OAR_COLOURS = ("#1F77B4", "#2CA02C", "#9467BD", "#7F7F7F", "#BCBD22", "#393B79",
+               "#637939", "#8C6D31", "#AEC7E8", "#98DF8A", "#C5B0D5", "#C7C7C7")
 VIEWS = ("axial", "coronal", "sagittal")
+FONT = {"font.size": 11, "axes.titlesize": 12, "axes.labelsize": 11, "legend.fontsize": 10,
+        "xtick.labelsize": 9, "ytick.labelsize": 9}
+# (row axis, column axis, fixed axis) as array axes (0 z, 1 y, 2 x) and edge letters
+# (left, right, top, bottom) of each view.
+_VIEW_AXES = {"axial": (1, 2, 0), "coronal": (0, 2, 1), "sagittal": (0, 1, 2)}
+_VIEW_LETTERS = {"axial": ("R", "L", "A", "P"), "coronal": ("R", "L", "S", "I"),
+                 "sagittal": ("A", "P", "S", "I")}
+_AXIS_NAMES = ("z", "y", "x")
+
+
+def structure_colours(names: Sequence[str], targets: Sequence[str]) -> dict[str, str]:
+    """One colour per structure: targets from a warm list, the others from a cool one, so
+    a PTV never shares a hue family with an organ at risk."""
+    colours, n_target, n_oar = {}, 0, 0
+    for name in names:
+        if name in targets:
+            colours[name] = TARGET_COLOURS[n_target % len(TARGET_COLOURS)]
+            n_target += 1
+        else:
+            colours[name] = OAR_COLOURS[n_oar % len(OAR_COLOURS)]
+            n_oar += 1
+    return colours
 
 
 def slice_centre(case: Case, targets: Sequence[str]) -> tuple[int, int, int]:
@@ -37,115 +78,229 @@ def slice_centre(case: Case, targets: Sequence[str]) -> tuple[int, int, int]:
 
 
 def _view(volume: np.ndarray, view: str, centre: Sequence[int]) -> np.ndarray:
-    """A 2-D slice of a (Z, Y, X) volume through ``centre``: axial (rows anterior ->
-    posterior), coronal and sagittal (rows superior -> inferior)."""
+    """The 2-D slice of a (Z, Y, X) volume through ``centre`` as displayed: axial rows
+    y (anterior at the top), coronal and sagittal rows z flipped (superior at the top)."""
     z, y, x = centre
     if view == "axial":
-        return volume[z]  # rows y (anterior up), columns x
+        return volume[z]
     if view == "coronal":
-        return volume[::-1, y]  # rows z (superior up), columns x
-    return volume[::-1, :, x]  # sagittal: rows z, columns y
+        return volume[::-1, y]
+    return volume[::-1, :, x]
+
+
+def _coordinates_mm(case: Case, axis: int) -> np.ndarray:
+    """Patient coordinate (mm) of every voxel centre along array ``axis``."""
+    return case.origin_mm[axis] + case.spacing_mm[axis] * np.arange(case.shape[axis])
 
 
 def _extent(case: Case, view: str) -> list[float]:
-    dz, dy, dx = case.spacing_mm
-    nz, ny, nx = case.shape
-    width = {"axial": nx * dx, "coronal": nx * dx, "sagittal": ny * dy}[view]
-    height = {"axial": ny * dy, "coronal": nz * dz, "sagittal": nz * dz}[view]
-    return [0.0, width, height, 0.0]
+    """imshow extent (left, right, bottom, top) in mm matching :func:`_view`'s layout."""
+    rows, cols, _ = _VIEW_AXES[view]
+    c, r = _coordinates_mm(case, cols), _coordinates_mm(case, rows)
+    half_c, half_r = case.spacing_mm[cols] / 2, case.spacing_mm[rows] / 2
+    left, right = c[0] - half_c, c[-1] + half_c
+    if view == "axial":  # row 0 (smallest y, anterior) at the top: y grows downwards
+        return [left, right, r[-1] + half_r, r[0] - half_r]
+    return [left, right, r[0] - half_r, r[-1] + half_r]  # flipped z: superior at the top
+
+
+def _aspect(case: Case, view: str) -> float:
+    """Height / width of a view in mm."""
+    left, right, bottom, top = _extent(case, view)
+    return abs(top - bottom) / abs(right - left)
+
+
+def slice_position_mm(case: Case, view: str, centre: Sequence[int]) -> tuple[str, float]:
+    """The fixed axis of a view and its position in mm, e.g. ``("z", 12.0)`` for axial."""
+    axis = _VIEW_AXES[view][2]
+    return _AXIS_NAMES[axis], float(_coordinates_mm(case, axis)[centre[axis]])
+
+
+def isodose_levels(case: Case) -> list[tuple[float, float, str]]:
+    """(percent, Gy, colour) of each isodose line, from the highest prescription (the
+    reference maximum when the case has no prescription)."""
+    top = max(case.prescriptions_gy.values(), default=float(np.max(case.dose)))
+    return [(p, p / 100.0 * top, c) for p, c in zip(ISODOSE_PERCENT, ISODOSE_COLOURS)]
+
+
+def _label_edges(ax: plt.Axes, view: str) -> None:
+    left, right, top, bottom = _VIEW_LETTERS[view]
+    style = dict(transform=ax.transAxes, color="white", fontsize=11, fontweight="bold")
+    ax.text(0.02, 0.5, left, ha="left", va="center", **style)
+    ax.text(0.98, 0.5, right, ha="right", va="center", **style)
+    ax.text(0.5, 0.97, top, ha="center", va="top", **style)
+    ax.text(0.5, 0.03, bottom, ha="center", va="bottom", **style)
+
+
+def _contours(ax: plt.Axes, case: Case, view: str, centre: Sequence[int], extent,
+              colours: dict[str, str], lw: float, ls: str = "-") -> None:
+    for name, colour in colours.items():
+        mask = _view(case.mask(name), view, centre)
+        if mask.any() and mask.min() == 0:
+            ax.contour(mask, levels=[0.5], colors=[colour], linewidths=lw, linestyles=ls,
+                       extent=extent, origin="upper")
 
 
 def dose_slices_figure(case: Case, pred_gy: np.ndarray, targets: Sequence[str],
-                       gamma: np.ndarray | None = None) -> plt.Figure:
-    """Axial, coronal and sagittal slices through the main target: reference and
-    predicted dose with isodose lines, their difference, and the gamma map if given."""
+                       gamma: np.ndarray | None = None, gamma_label: str = "gamma"
+                       ) -> plt.Figure:
+    """Axial, coronal and sagittal slices through the main target (rows, each titled with
+    its position in mm): CT with structure contours, reference and predicted dose with
+    isodose lines and contours, their difference, and the gamma pass/fail map if given
+    (``gamma`` (Z, Y, X), NaN where not scored; ``gamma_label`` e.g. ``"gamma 3%/3mm"``).
+    """
+    with plt.rc_context(FONT):
+        return _dose_slices(case, pred_gy, targets, gamma, gamma_label)
+
+
+def _dose_slices(case, pred_gy, targets, gamma, gamma_label) -> plt.Figure:
     centre = slice_centre(case, targets)
-    top = max(case.prescriptions_gy.values(), default=float(case.dose.max()))
-    levels = sorted({0.2 * top, 0.5 * top, *(0.95 * g for g in case.prescriptions_gy.values())})
-    columns = [("reference", case.dose), ("prediction", pred_gy),
-               ("prediction - reference", pred_gy - case.dose)]
+    present = [s for s in case.structures if case.has_structure(s) and case.mask(s).any()]
+    colours = structure_colours(present, [t for t in targets if t in present]
+                                or list(case.prescriptions_gy))
+    levels = isodose_levels(case)
+    top = levels[0][1] / 0.95
+    diff = pred_gy - case.dose
+    diff_limit = max(float(np.abs(diff).max()), 1e-3)
+    columns = ["CT and structures", "reference dose", "predicted dose",
+               "prediction - reference"]
     if gamma is not None:
-        columns.append(("gamma", gamma))
-    fig, axes = plt.subplots(3, len(columns), figsize=(3.4 * len(columns), 8.4),
-                             constrained_layout=True, squeeze=False)
-    diff_limit = max(float(np.abs(columns[2][1]).max()), 1e-3)
+        columns.append(f"{gamma_label}: {pass_rate_from_gamma(gamma):.1f} % pass")
+    ratios = [_aspect(case, view) for view in VIEWS]
+    panel_in = 3.1
+    fig, axes = plt.subplots(3, len(columns), squeeze=False, constrained_layout=True,
+                             figsize=(panel_in * len(columns) + 2.0,
+                                      panel_in * sum(ratios) + 3.2),
+                             gridspec_kw={"height_ratios": ratios})
+    images = {}
     for row, view in enumerate(VIEWS):
         extent = _extent(case, view)
-        for col, (title, volume) in enumerate(columns):
+        ct = _view(case.ct, view, centre)
+        for col, title in enumerate(columns):
             ax = axes[row, col]
-            ax.imshow(_view(case.ct, view, centre), cmap="gray", vmin=-400, vmax=600,
-                      extent=extent)
-            image = _draw_panel(ax, title, _view(volume, view, centre), extent, top,
-                                diff_limit, levels)
-            ax.set_xticks([]), ax.set_yticks([])
+            ax.imshow(ct, cmap="gray", vmin=-400, vmax=600, extent=extent)
+            if col == 0:
+                _contours(ax, case, view, centre, extent, colours, lw=1.4)
+            elif col in (1, 2):
+                dose = _view(case.dose if col == 1 else pred_gy, view, centre)
+                images["dose"] = ax.imshow(np.ma.masked_less(dose, 0.05 * top),
+                                           cmap=DOSE_CMAP, vmin=0, vmax=1.1 * top,
+                                           extent=extent, alpha=0.55)
+                _contours(ax, case, view, centre, extent, colours, lw=0.7, ls=":")
+                for _, gy, colour in levels:
+                    if dose.max() > gy:
+                        ax.contour(dose, levels=[gy], colors=[colour], linewidths=1.3,
+                                   extent=extent, origin="upper")
+            elif col == 3:
+                images["diff"] = ax.imshow(_view(diff, view, centre), cmap=DIFF_CMAP,
+                                           vmin=-diff_limit, vmax=diff_limit, extent=extent,
+                                           alpha=0.9)
+            else:
+                failed = (_view(gamma, view, centre) > 1.0).astype(float)
+                failed[np.isnan(_view(gamma, view, centre))] = np.nan
+                images["gamma"] = ax.imshow(np.ma.masked_invalid(failed),
+                                            cmap=ListedColormap(GAMMA_COLOURS), vmin=0,
+                                            vmax=1, extent=extent, interpolation="nearest")
+            _label_edges(ax, view)
             if row == 0:
-                ax.set_title(title, fontsize=10)
-                fig.colorbar(image, ax=axes[:, col], shrink=0.6,
-                             label={"gamma": "gamma"}.get(title, "Gy"))
-        axes[row, 0].set_ylabel(view)
-    fig.suptitle(f"{case.case_id}: isodose lines at {', '.join(f'{v:.0f}' for v in levels)} Gy",
-                 fontsize=10)
+                ax.set_title(title)
+        axis, position = slice_position_mm(case, view, centre)
+        rows_axis, cols_axis, _ = _VIEW_AXES[view]
+        axes[row, 0].set_ylabel(f"{view}, {axis} = {position:.1f} mm\n"
+                                f"{_AXIS_NAMES[rows_axis]} (mm)")
+        for ax in axes[row]:
+            ax.set_xlabel(f"{_AXIS_NAMES[cols_axis]} (mm)")
+    _colour_bars(fig, axes, images)
+    _slice_legends(fig, colours, levels, targets)
+    fig.suptitle(f"{case.case_id}: slices through the centre of the highest-dose target",
+                 fontsize=13)
     return fig
 
 
-def _draw_panel(ax, title: str, image: np.ndarray, extent, top: float, diff_limit: float,
-                levels: Sequence[float]):
-    if title == "gamma":
-        return ax.imshow(np.ma.masked_invalid(image), cmap=GAMMA_CMAP, vmin=0, vmax=2,
-                         extent=extent)
-    if title.startswith("prediction -"):
-        return ax.imshow(image, cmap=DIFF_CMAP, vmin=-diff_limit, vmax=diff_limit,
-                         extent=extent, alpha=0.9)
-    shown = ax.imshow(np.ma.masked_less(image, 0.05 * top), cmap=DOSE_CMAP, vmin=0,
-                      vmax=1.1 * top, extent=extent, alpha=0.75)
-    if image.max() > min(levels):
-        ax.contour(image, levels=levels, colors="white", linewidths=0.7, extent=extent,
-                   origin="upper")
-    return shown
+def _colour_bars(fig: plt.Figure, axes: np.ndarray, images: dict) -> None:
+    if "dose" in images:
+        fig.colorbar(images["dose"], ax=axes[:, 2], shrink=0.5, label="dose (Gy)")
+    if "diff" in images:
+        fig.colorbar(images["diff"], ax=axes[:, 3], shrink=0.5, label="difference (Gy)")
+    if "gamma" in images:
+        bar = fig.colorbar(images["gamma"], ax=axes[:, 4], shrink=0.3, ticks=[0.25, 0.75])
+        bar.ax.set_yticklabels(["pass\n(γ ≤ 1)", "fail\n(γ > 1)"])
 
 
-def dvh_figure(case: Case, pred_gy: np.ndarray, structures: Sequence[str] | None = None
-               ) -> plt.Figure:
-    """Cumulative DVHs: reference solid, prediction dashed, one colour per structure."""
+def _slice_legends(fig: plt.Figure, colours: dict[str, str], levels, targets) -> None:
+    isodose = [Line2D([], [], color=c, lw=2, label=f"{p:g} % ({gy:.1f} Gy)")
+               for p, gy, c in levels]
+    structures = [Line2D([], [], color=c, lw=2 if n in targets else 1.4, label=n)
+                  for n, c in colours.items()]
+    fig.legend(handles=isodose, title="isodose (% of highest prescription)",
+               loc="outside lower left", ncol=len(isodose), frameon=False)
+    if structures:
+        fig.legend(handles=structures, title="structures (dotted on dose)",
+                   loc="outside lower right", ncol=min(len(structures), 6), frameon=False)
+
+
+def dvh_figure(case: Case, pred_gy: np.ndarray, structures: Sequence[str] | None = None,
+               targets: Sequence[str] | None = None) -> plt.Figure:
+    """Cumulative DVHs: reference solid, prediction dashed; targets (default: the case's
+    prescribed structures) in warm colours and thick lines, organs at risk in cool ones;
+    a dotted vertical marker at each prescription; the legend outside the curves."""
+    with plt.rc_context(FONT):
+        return _dvh(case, pred_gy, structures, targets)
+
+
+def _dvh(case, pred_gy, structures, targets) -> plt.Figure:
+    targets = list(targets if targets is not None else case.prescriptions_gy)
     names = [s for s in (structures or case.structures)
              if case.has_structure(s) and case.mask(s).any()]
-    masks = np.stack([case.mask(s) for s in names]) if names else np.zeros((0, *case.shape))
+    names = [s for s in names if s in targets] + [s for s in names if s not in targets]
+    colours = structure_colours(names, targets)
     top = float(max(case.dose.max(), pred_gy.max()))
     bins = np.linspace(0.0, top * 1.02 + 1e-6, 256)
-    fig, ax = plt.subplots(figsize=(7, 4.5), constrained_layout=True)
+    fig, ax = plt.subplots(figsize=(9, 5), constrained_layout=True)
     if names:
+        masks = np.stack([case.mask(s) for s in names])
         _, ref = cumulative_dvh(case.dose, masks, bins=bins, unit="percent")
         _, pred = cumulative_dvh(pred_gy.astype(np.float64), masks, bins=bins, unit="percent")
         for i, name in enumerate(names):
-            colour = OKABE_ITO[i % len(OKABE_ITO)]
-            ax.plot(bins, ref[i], color=colour, lw=1.6, label=name)
-            ax.plot(bins, pred[i], color=colour, lw=1.6, ls="--")
-    ax.plot([], [], color="grey", ls="-", label="reference")
-    ax.plot([], [], color="grey", ls="--", label="prediction")
-    ax.set(xlabel="dose (Gy)", ylabel="volume (%)", ylim=(0, 102), xlim=(0, bins[-1]),
-           title=f"{case.case_id}: DVH")
+            lw = 2.4 if name in targets else 1.5
+            ax.plot(bins, ref[i], color=colours[name], lw=lw, label=name)
+            ax.plot(bins, pred[i], color=colours[name], lw=lw, ls="--")
+    for name, gy in sorted(case.prescriptions_gy.items(), key=lambda kv: -kv[1]):
+        ax.axvline(gy, color=colours.get(name, "black"), ls=":", lw=1.2)
+        ax.text(gy, 103, f"{name}\n{gy:g} Gy", ha="center", va="bottom", fontsize=9,
+                color=colours.get(name, "black"))
+    handles, labels = ax.get_legend_handles_labels()
+    handles += [Line2D([], [], color="grey", ls="-"), Line2D([], [], color="grey", ls="--"),
+                Line2D([], [], color="black", ls=":")]
+    labels += ["reference", "prediction", "prescription"]
+    ax.set(xlabel="dose (Gy)", ylabel="volume (%)", ylim=(0, 102), xlim=(0, bins[-1]))
+    ax.set_title(f"{case.case_id}: DVH", pad=30)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, ncol=2, loc="lower left")
+    ax.legend(handles, labels, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     return fig
 
 
-def error_boxplot_figure(table: pd.DataFrame, structures: Sequence[str]) -> plt.Figure:
+def error_boxplot_figure(table: pd.DataFrame, structures: Sequence[str],
+                         targets: Sequence[str] = ()) -> plt.Figure:
     """Per-structure box plots over cases of the mean-dose error (pred - ref, Gy)."""
-    columns = [(s, f"dmean_{s}_error_gy") for s in structures
-               if f"dmean_{s}_error_gy" in table]
-    fig, ax = plt.subplots(figsize=(max(5.0, 0.9 * len(columns) + 2), 4.5),
-                           constrained_layout=True)
-    data = [table[c].dropna().to_numpy() for _, c in columns]
-    if columns:
-        box = ax.boxplot(data, patch_artist=True, tick_labels=[s for s, _ in columns])
-        for patch, colour in zip(box["boxes"], OKABE_ITO * 4):
-            patch.set_facecolor(colour)
-            patch.set_alpha(0.6)
-    ax.axhline(0.0, color="black", lw=0.8)
-    ax.set(ylabel="Dmean error, prediction - reference (Gy)",
-           title=f"per-structure error over {len(table)} cases")
-    ax.tick_params(axis="x", rotation=30)
-    ax.grid(axis="y", alpha=0.3)
+    with plt.rc_context(FONT):
+        columns = [(s, f"dmean_{s}_error_gy") for s in structures
+                   if f"dmean_{s}_error_gy" in table]
+        fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(columns) + 2), 4.8),
+                               constrained_layout=True)
+        data = [table[c].dropna().to_numpy() for _, c in columns]
+        if columns:
+            box = ax.boxplot(data, patch_artist=True, tick_labels=[s for s, _ in columns])
+            colours = structure_colours([s for s, _ in columns], targets)
+            for patch, (name, _) in zip(box["boxes"], columns):
+                patch.set_facecolor(colours[name])
+                patch.set_alpha(0.6)
+        ax.axhline(0.0, color="black", lw=0.8)
+        n = len(table)
+        ax.set(ylabel="Dmean error, prediction - reference (Gy)",
+               title=f"per-structure error over {n} case{'' if n == 1 else 's'}")
+        ax.tick_params(axis="x", rotation=30)
+        ax.grid(axis="y", alpha=0.3)
     return fig
 
 

@@ -44,7 +44,8 @@ class DoseImageCallback(L.Callback):
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         epoch = trainer.current_epoch
         if (trainer.sanity_checking or not trainer.is_global_zero
-                or (epoch + 1) % self.every_n_epochs or pl_module.run_config is None):
+                or ((epoch + 1) % self.every_n_epochs and epoch + 1 != trainer.max_epochs)
+                or pl_module.run_config is None):
             return
         paths = trainer.datamodule.paths_of("val")
         if not paths:

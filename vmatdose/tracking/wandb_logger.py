@@ -13,6 +13,8 @@ from pathlib import Path
 
 from lightning.pytorch.loggers import WandbLogger
 
+from vmatdose.tracking.naming import run_name, sweep_group
+
 log = logging.getLogger(__name__)
 _announced = False
 
@@ -30,9 +32,11 @@ def wandb_credentials_available() -> bool:
 def make_wandb_logger(project: str, save_dir: str, name: str | None = None,
                       offline: bool | None = None, log_model: bool | str = False,
                       tags: list[str] | None = None, group: str | None = None,
-                      entity: str | None = None) -> WandbLogger:
+                      entity: str | None = None, task_name: str = "train") -> WandbLogger:
     """Build a :class:`WandbLogger`; ``offline=None`` decides from ``WANDB_MODE`` and the
-    credentials, and says once where offline files go."""
+    credentials, and says once where offline files go. ``name=None`` names the run from
+    ``task_name`` and the overrides, ``group=None`` groups a multirun's jobs by their sweep
+    folder (:mod:`vmatdose.tracking.naming`)."""
     global _announced
     if offline is None:
         offline = (os.environ.get("WANDB_MODE") in ("offline", "dryrun")
@@ -46,6 +50,6 @@ def make_wandb_logger(project: str, save_dir: str, name: str | None = None,
                         save_dir)
             _announced = True
     Path(save_dir).mkdir(parents=True, exist_ok=True)
-    return WandbLogger(project=project, save_dir=save_dir, name=name, offline=offline,
-                       log_model=log_model, tags=list(tags or []), group=group,
-                       entity=entity)
+    return WandbLogger(project=project, save_dir=save_dir, name=name or run_name(task_name),
+                       offline=offline, log_model=log_model, tags=list(tags or []),
+                       group=group or sweep_group(), job_type=task_name, entity=entity)

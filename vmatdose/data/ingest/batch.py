@@ -54,7 +54,7 @@ class SkipCase(Exception):
 
 
 def convert_cases(jobs: list[tuple[str, object]], convert: Convert,
-                  output_dir: str | os.PathLike, num_workers: int = 2, progress: bool = True,
+                  output_dir: str | os.PathLike, num_workers: int = 2, progress: bool | str = True,
                   summary_path: str | os.PathLike | None = None,
                   record_sources: bool = True) -> dict:
     """Convert every ``(case_id, source)`` job into ``output_dir/<case_id>.npz``.
@@ -64,7 +64,7 @@ def convert_cases(jobs: list[tuple[str, object]], convert: Convert,
         convert: ``convert(source, case_id) -> Case`` or raise :class:`SkipCase`.
         output_dir: folder of the case files (created).
         num_workers: worker processes (spawned); ``<= 1`` runs in this process.
-        progress: show a tqdm progress bar.
+        progress: show a tqdm progress bar (a string: labelled with it).
         summary_path: also write the summary there as JSON (atomically).
         record_sources: put ``str(source)`` into skipped / failed entries (turn off when
             source paths may name patients).
@@ -219,13 +219,14 @@ def _run_parallel(convert: Convert, pending: list, num_workers: int) -> Iterator
     pool.shutdown(wait=True)
 
 
-def _collect(results: Iterator[dict], pending: list, summary: dict, progress: bool,
+def _collect(results: Iterator[dict], pending: list, summary: dict, progress: bool | str,
              record_sources: bool) -> None:
     """Fold the job results into ``summary``, with a progress bar."""
     from tqdm.auto import tqdm
 
     sources = {case_id: source for case_id, source, _ in pending}
-    with tqdm(total=len(pending), desc="preprocess", unit="case", disable=not progress) as bar:
+    label = progress if isinstance(progress, str) else "preprocess"  # a str labels the bar
+    with tqdm(total=len(pending), desc=label, unit="case", disable=not progress) as bar:
         for result in results:
             case_id, status = result["case_id"], result["status"]
             if status == "processed":

@@ -123,7 +123,7 @@ def import_openkbp_dataset(output_dir: str | os.PathLike, source_dir: str | os.P
 
     jobs = [(f"openkbp_{folder.name}", folder) for folder in find_openkbp_patients(source_dir)]
     summary = convert_cases(jobs, import_openkbp_patient, output_dir, num_workers=num_workers,
-                            progress=progress)
+                            progress=progress and "importing OpenKBP patients")
     if summary.get("failed"):
         log.warning("OpenKBP import: %d patients failed: %s", len(summary["failed"]),
                     summary["failed"])

@@ -1,0 +1,133 @@
+"""One registry of metric names: what each logged or tabulated metric is called for a
+reader, its unit and which direction is better. The report, ``compare`` and the train
+summary line all read it, so a metric is named the same everywhere.
+
+Names are those of ``per_case.csv`` / ``summary.json`` (``mae_body_gy``,
+``gamma_3pct_3mm_targets_pass``, ``d95_PTV70_error_gy``...), optionally prefixed by the
+logger's stage (``test/``, ``val/``, ``train/``).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+#: ``direction`` values: lower or higher is better, nearer zero is better (signed
+#: errors), or neither (reference values, descriptive numbers).
+DIRECTIONS = ("lower", "higher", "zero", "none")
+_STAGES = {"test": "test", "val": "validation", "train": "training"}
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A metric as a reader sees it.
+
+    Attributes:
+        name: the machine name, e.g. ``test/mae_body_gy``.
+        label: readable name, e.g. ``MAE in body``.
+        unit: ``Gy``, ``%`` or ``""``.
+        direction: one of :data:`DIRECTIONS`.
+    """
+
+    name: str
+    label: str
+    unit: str
+    direction: str
+
+    @property
+    def higher_is_better(self) -> bool:
+        return self.direction == "higher"
+
+    @property
+    def heading(self) -> str:
+        """``label (unit)``, e.g. ``MAE in body (Gy)``."""
+        return f"{self.label} ({self.unit})" if self.unit else self.label
+
+    def format(self, value: float | None, digits: int = 2) -> str:
+        """``value`` with its unit (``17.48 Gy``, ``92.7 %``); empty for a missing value."""
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return ""
+        digits = 1 if self.unit == "%" else digits
+        return f"{value:.{digits}f} {self.unit}".rstrip()
+
+
+_GAMMA = r"gamma_(?P<dose>[\d.]+)pct_(?P<mm>[\d.]+)mm"
+# (pattern, label template, unit, direction); the first full match wins.
+_PATTERNS: list[tuple[str, str, str, str]] = [
+    (r"mae_body_gy", "MAE in body", "Gy", "lower"),
+    (r"baseline_mae_body_gy", "mean-dose baseline MAE in body", "Gy", "lower"),
+    (r"mae_gy", "MAE", "Gy", "lower"),
+    (r"mae_gy_best", "best MAE", "Gy", "lower"),
+    (r"mae_(?P<s>.+)_gy", "MAE in {s}", "Gy", "lower"),
+    (r"(?P<m>d\d+|dmean|dmax)_(?P<s>.+)_abs_error_gy", "{s} {M} absolute error", "Gy",
+     "lower"),
+    (r"(?P<m>d\d+|dmean|dmax)_(?P<s>.+)_error_gy", "{s} {M} error (prediction - reference)",
+     "Gy", "zero"),
+    (r"(?P<m>d\d+|dmean|dmax)_(?P<s>.+)_ref_gy", "{s} {M}, reference", "Gy", "none"),
+    (r"(?P<m>d\d+|dmean|dmax)_(?P<s>.+)_pred_gy", "{s} {M}, prediction", "Gy", "none"),
+    (_GAMMA + r"_pass", "gamma {dose}%/{mm} mm pass rate", "%", "higher"),
+    (_GAMMA + r"_targets_pass", "gamma {dose}%/{mm} mm pass rate in targets", "%", "higher"),
+    (_GAMMA + r"_remainder_pass", "gamma {dose}%/{mm} mm pass rate elsewhere", "%",
+     "higher"),
+    (_GAMMA + r"_oar_(?P<s>.+)_pass", "gamma {dose}%/{mm} mm pass rate near {s}", "%",
+     "higher"),
+    (r"gamma_pass", "gamma pass rate", "%", "higher"),
+    (r"openkbp_dose_score_gy", "OpenKBP dose score", "Gy", "lower"),
+    (r"openkbp_dvh_score_gy", "OpenKBP DVH score", "Gy", "lower"),
+    (r"uncertainty_mean_std_gy", "mean ensemble std in body", "Gy", "none"),
+    (r"uncertainty_error_correlation", "ensemble std - error correlation", "", "higher"),
+    (r"loss(?:_epoch|_step)?", "loss", "", "lower"),
+    (r"loss/(?P<s>[^_]+)(?:_epoch|_step)?", "loss term {s}", "", "lower"),
+]
+_COMPILED = [(re.compile(p), label, unit, d) for p, label, unit, d in _PATTERNS]
+
+
+def metric(name: str) -> Metric | None:
+    """The registry entry of ``name`` (``test/``, ``val/``, ``train/`` prefixes allowed),
+    ``None`` when the name is not a known metric."""
+    head, sep, rest = name.partition("/")
+    stage, bare = (head, rest) if sep and head in _STAGES else ("", name)
+    for pattern, label, unit, direction in _COMPILED:
+        match = pattern.fullmatch(bare)
+        if match:
+            groups = {k: v for k, v in match.groupdict().items() if v is not None}
+            if "m" in groups:
+                groups["M"] = groups["m"].upper() if groups["m"][0] == "d" and \
+                    groups["m"][1:].isdigit() else groups["m"].capitalize()
+            text = label.format(**groups)
+            if stage and stage != "test":
+                text = f"{_STAGES[stage]} {text}"
+            return Metric(name, text, unit, direction)
+    return None
+
+
+def label(name: str) -> str:
+    """The readable name of a metric (the name itself when it is not in the registry)."""
+    entry = metric(name)
+    return entry.label if entry else name
+
+
+def heading(name: str) -> str:
+    """``label (unit)`` of a metric, the name itself when unknown."""
+    entry = metric(name)
+    return entry.heading if entry else name
+
+
+def higher_is_better(name: str) -> bool:
+    """Whether larger values of ``name`` are better (unknown names: no)."""
+    entry = metric(name)
+    return bool(entry and entry.higher_is_better)
+
+
+def summary_line(task_name: str, means: dict[str, float], primary_target: str,
+                 seconds: float) -> str:
+    """The one line a training run ends with, from metric means (``mae_body_gy`` ...):
+    ``<task>: test MAE x Gy (mean-dose baseline y Gy), PTV70 D95 error z Gy, t s``."""
+    nan = float("nan")
+    mae = means.get("mae_body_gy", nan)
+    baseline = means.get("baseline_mae_body_gy", nan)
+    d95 = means.get(f"d95_{primary_target}_abs_error_gy", nan)
+    unit = metric("mae_body_gy").unit
+    return (f"{task_name}: test MAE {mae:.2f} {unit} (mean-dose baseline {baseline:.2f} "
+            f"{unit}), {primary_target} D95 error {d95:.2f} {unit}, {seconds:.0f} s")
