@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from vmatdose.compare import comparison_table, differing_columns, find_runs, main
-from vmatdose.train import run
+from vmatdose.training.fit import run_training as run
 
 from conftest import smoke_config
 
