@@ -129,7 +129,7 @@ def raise_for_problems(problems: Mapping[Path, Sequence[str] | str], what: str) 
 
 def check_cases(paths: Sequence[Path], protocol: Protocol,
                 structures: Sequence[str] | None = None, spacing: SpacingRange | None = None,
-                what: str = "do not match the protocol") -> None:
+                what: str = "not matching the protocol") -> None:
     """Raise one :class:`CaseSetError` naming every case file that is unreadable, of
     another protocol or structure set, lacks a required target, or (with ``spacing``) is
     more than 10 % off those spacings."""
@@ -159,7 +159,7 @@ def check_training_cases(paths_by_split: Mapping[str, Sequence[Path]], protocol:
             found[path] = issues
     train = [headers[p].spacing_mm for p in paths_by_split.get("train", []) if p in headers]
     if not train:
-        raise_for_problems(found, "are not usable for training")
+        raise_for_problems(found, "not usable for training")
         raise CaseSetError("no readable case file in the training split")
     trained = SpacingRange.of(train)
     for split, split_paths in paths_by_split.items():
@@ -168,5 +168,5 @@ def check_training_cases(paths_by_split: Mapping[str, Sequence[Path]], protocol:
                 split != "train" and path in headers) else None
             if issue:
                 found.setdefault(path, []).append(f"{issue} ({split} split)")
-    raise_for_problems(dict(sorted(found.items())), "are not usable for training")
+    raise_for_problems(dict(sorted(found.items())), "not usable for training")
     return trained

@@ -97,7 +97,7 @@ class Predictor:
         or (``refuse``) is more than 10 % off the training spacing."""
         refuse = self.spacing if self.spacing_mismatch == "refuse" else None
         check_cases(paths, self.protocol, self.contract.structures, refuse,
-                    what="do not match the checkpoint")
+                    what="not matching the checkpoint")
 
     def predict_all(self, paths: Sequence[Path]) -> Iterator[Prediction]:
         """:meth:`check` every case first, then yield their predictions in order."""
