@@ -124,8 +124,10 @@ def test_val_and_test_cases_at_another_spacing_are_found_before_training(trained
     assert spacing.median_mm == (4.0, 8.0, 12.0)
     odd = write(with_spacing(load_case(paths[3]), [2.5, 2.0, 1.75], "odd"),
                 paths[0].parent.parent / "odd_spacing")
+    splits = {"train": paths[:2], "val": paths[2:3], "test": [odd]}
+    assert check_training_cases(splits, protocol) == spacing  # resampled at evaluation
     with pytest.raises(CaseSetError) as err:
-        check_training_cases({"train": paths[:2], "val": paths[2:3], "test": [odd]}, protocol)
+        check_training_cases(splits, protocol, spacing_mismatch="refuse")
     assert str(err.value) == (
         f"1 case file not usable for training: {odd}: voxel spacing 2.5x2x1.75 mm differs by "
         "more than 10% from the training spacing 4x8x12 mm (test split)")

@@ -8,6 +8,7 @@ reported as one line (:class:`CaseSetError`) naming each file and its problem.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,8 @@ import numpy as np
 from vmatdose.data.case import CaseHeader, CaseValidationError, read_case_header
 from vmatdose.errors import InputError
 from vmatdose.protocol import Protocol
+
+log = logging.getLogger(__name__)
 
 #: Relative spacing difference (per axis) beyond which a case is "at another spacing".
 SPACING_TOLERANCE = 0.10
@@ -146,10 +149,16 @@ def check_cases(paths: Sequence[Path], protocol: Protocol,
 
 def check_training_cases(paths_by_split: Mapping[str, Sequence[Path]], protocol: Protocol,
                          structures: Sequence[str] | None = None,
+                         spacing_mismatch: str = "resample",
                          tolerance: float = SPACING_TOLERANCE) -> SpacingRange:
     """Check every case file of every split (schema, structures and required targets
     against ``protocol``; val/test spacing against the training spacings) and return the
-    training spacing range; raise one :class:`CaseSetError` naming every bad file."""
+    training spacing range; raise one :class:`CaseSetError` naming every bad file.
+
+    A val/test case more than ``tolerance`` off the training spacings is an error with
+    ``spacing_mismatch="refuse"``; with ``resample`` (evaluation will resample it) it is
+    logged as a warning.
+    """
     paths = [p for split in paths_by_split.values() for p in split]
     headers, problems = read_headers(paths)
     found: dict[Path, list[str]] = {p: [msg] for p, msg in problems.items()}
@@ -166,7 +175,9 @@ def check_training_cases(paths_by_split: Mapping[str, Sequence[Path]], protocol:
         for path in split_paths:
             issue = spacing_problem(headers[path], trained, tolerance) if (
                 split != "train" and path in headers) else None
-            if issue:
+            if issue and spacing_mismatch == "refuse":
                 found.setdefault(path, []).append(f"{issue} ({split} split)")
+            elif issue:
+                log.warning("%s: %s (%s split); evaluation resamples it", path, issue, split)
     raise_for_problems(dict(sorted(found.items())), "not usable for training")
     return trained

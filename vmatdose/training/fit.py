@@ -61,7 +61,8 @@ def checked_datamodule(cfg: DictConfig) -> tuple[L.LightningDataModule, dict]:
     datamodule.prepare_data()
     paths = {name: datamodule.paths_of(name) for name in SPLITS}
     spacing = check_training_cases(paths, Protocol.from_dict(cfg.protocol),
-                                   datamodule.structures)
+                                   datamodule.structures,
+                                   cfg.get("spacing_mismatch", "resample"))
     contract = training_contract(cfg, spacing, datamodule.cases_dir, datamodule.ensure_split())
     return datamodule, contract.to_dict()
 
@@ -98,7 +99,8 @@ def evaluate_best(cfg: DictConfig, trainer: L.Trainer, output_dir: Path) -> dict
         return None
     evaluation = OmegaConf.to_container(cfg.evaluation) if cfg.get("evaluation") else None
     table, summary = evaluate_checkpoint(ckpt, output_dir / "eval", evaluation=evaluation,
-                                         accelerator=cfg.trainer.get("accelerator", "auto"))
+                                         accelerator=cfg.trainer.get("accelerator", "auto"),
+                                         spacing_mismatch=cfg.get("spacing_mismatch", "resample"))
     log_evaluation(trainer.loggers, table, summary)
     return summary
 
