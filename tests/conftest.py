@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -72,3 +75,31 @@ def one_torch_thread_for_model_tests(request):
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+    """One ``debug=smoke`` training run, evaluated on its test split (``evaluation=fast``),
+    shared by every test that needs a checkpoint: ``(root, run_dir, last.ckpt)``; the
+    phantom cases live in ``root/data/phantom_smoke``. Do not modify its files."""
+    from vmatdose.training.fit import run_training
+
+    root = tmp_path_factory.mktemp("trained")
+    run_dir = root / "run"
+    run_training(smoke_config(root, run_dir, "evaluation=fast"))
+    return root, run_dir, run_dir / "checkpoints" / "last.ckpt"
+
+
+def run_cli(module: str, *overrides: str, cwd) -> subprocess.CompletedProcess:
+    """``python -m <module> <overrides>`` in ``cwd`` with this checkout on the path; stdout
+    and stderr together in ``.stdout``."""
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "HYDRA_FULL_ERROR": "0"}
+    return subprocess.run([sys.executable, "-m", module, *overrides,
+                           f"hydra.run.dir={Path(cwd) / 'hydra'}"], cwd=cwd, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          timeout=600)
+
+
+def last_line(output: str) -> str:
+    """The last non-empty line of a command's output."""
+    return [line for line in output.splitlines() if line.strip()][-1]

@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from vmatdose.losses import AdversarialLoss, CompositeLoss, PatchDiscriminator3D, VoxelLoss
-from vmatdose.train import trainer_overrides
+from vmatdose.training.fit import trainer_overrides
 from vmatdose.training.module import DoseModule
 
 from loss_testing import as_samples, box_batch

@@ -8,10 +8,10 @@ import lightning as L
 import pytest
 import torch
 from hydra.errors import InstantiationException
-from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
-from vmatdose.evaluation.inference import load_module
+from vmatdose.data.validation import SpacingRange
+from vmatdose.inference import read_checkpoint, training_contract
 from vmatdose.training.generative import (
     dose_to_model,
     ensemble_std,
@@ -179,14 +179,15 @@ def test_loss_on_x0_adds_the_voxel_terms_to_the_objective(name, tmp_path):
 @pytest.mark.parametrize("name", GENERATIVE)
 def test_checkpoint_reloads_through_the_evaluation_loader(name, tmp_path):
     model, cfg = _model(name, tmp_path, "model.sampling_steps=2", "model.ensemble_size=2")
-    model.run_config = OmegaConf.to_container(cfg, resolve=True)
+    model.contract = training_contract(cfg, SpacingRange.of([[2.0, 2.0, 2.0]]), tmp_path,
+                                       {"train": [], "val": [], "test": []}).to_dict()
     trainer = _trainer(max_steps=2, limit_val_batches=0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.fit(model, DataLoader(as_samples(synthetic_batch(2, 16)), batch_size=2))
     ckpt = tmp_path / "model.ckpt"
     trainer.save_checkpoint(ckpt)
-    reloaded, _ = load_module(ckpt)
+    reloaded = read_checkpoint(ckpt).build_module()
     assert type(reloaded) is type(model) and reloaded.loss is None
     image = _image(20)
     expected = model.eval().predict_with_uncertainty(image)

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from vmatdose.config import CONFIG_DIR
-from vmatdose.train import run
+from vmatdose.training.fit import run_training as run
 
 from conftest import OPENKBP_SAMPLE
 

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from vmatdose.data.atomic import atomic_path
+from vmatdose.errors import InputError
 
 SCHEMA_VERSION = 1
 SUPPORTED_SCHEMA_VERSIONS = (1,)
@@ -33,7 +34,7 @@ _REQUIRED_KEYS = ("ct", "masks", "structures", "body", "spacing_mm", "origin_mm"
                   "prescriptions_gy", "meta")
 
 
-class CaseValidationError(ValueError):
+class CaseValidationError(InputError):
     """A case file (or an in-memory case about to be written) breaks the contract."""
 
 
@@ -92,49 +93,97 @@ class Case:
         return self.masks[self.structures.index(name)]
 
 
+@dataclass(frozen=True)
+class CaseHeader:
+    """What a case file says about itself without its voxel arrays: enough to check it
+    against a protocol or a checkpoint before any long work starts.
+
+    Attributes:
+        shapes: array name -> shape, for ``ct``, ``masks``, ``body`` and ``dose`` (when
+            present), read from the ``.npy`` headers.
+        spacing_mm, origin_mm: (3,) float64 ``(dz, dy, dx)`` / ``(z, y, x)`` in mm.
+    """
+
+    case_id: str
+    structures: list[str]
+    spacing_mm: np.ndarray
+    origin_mm: np.ndarray
+    prescriptions_gy: dict[str, float]
+    meta: dict[str, Any]
+    shapes: dict[str, tuple[int, ...]]
+
+    @property
+    def protocol(self) -> str | None:
+        """The protocol ingest recorded (``meta["protocol"]``), if any."""
+        value = self.meta.get("protocol")
+        return str(value) if value is not None else None
+
+
+def header_of(case: Case) -> CaseHeader:
+    """The header of an in-memory case."""
+    shapes = {"ct": case.ct.shape, "masks": case.masks.shape, "body": case.body.shape}
+    if case.dose is not None:
+        shapes["dose"] = case.dose.shape
+    return CaseHeader(case.case_id, list(case.structures), np.asarray(case.spacing_mm),
+                      np.asarray(case.origin_mm), dict(case.prescriptions_gy), case.meta,
+                      {k: tuple(v) for k, v in shapes.items()})
+
+
+def validate_header(header: CaseHeader, where: str | os.PathLike | None = None) -> None:
+    """Check the contract's rules on shapes, names, geometry, prescriptions and schema;
+    raise :class:`CaseValidationError` naming ``where``."""
+    label = f"{where}" if where is not None else f"case {header.case_id!r}"
+
+    def fail(problem: str) -> None:
+        raise CaseValidationError(f"{label}: {problem}")
+
+    if not header.case_id:
+        fail("empty case_id")
+    shape = header.shapes["ct"]
+    if len(shape) != 3:
+        fail(f"ct must be 3-D (Z, Y, X), got shape {shape}")
+    masks = header.shapes["masks"]
+    if len(masks) != 4 or masks[1:] != shape:
+        fail(f"masks shape {masks} does not match ct shape (S, *{shape})")
+    if masks[0] != len(header.structures):
+        fail(f"{masks[0]} mask channels but {len(header.structures)} structure names")
+    if len(set(header.structures)) != len(header.structures):
+        fail(f"duplicate structure names in {header.structures}")
+    if header.shapes["body"] != shape:
+        fail(f"body shape {header.shapes['body']} does not match ct shape {shape}")
+    if "dose" in header.shapes and header.shapes["dose"] != shape:
+        fail(f"dose shape {header.shapes['dose']} does not match ct shape {shape}")
+    for name, arr in (("spacing_mm", header.spacing_mm), ("origin_mm", header.origin_mm)):
+        if np.shape(arr) != (3,) or not np.all(np.isfinite(arr)):
+            fail(f"{name} must be 3 finite numbers, got {arr!r}")
+    if np.any(np.asarray(header.spacing_mm) <= 0):
+        fail(f"spacing_mm must be positive, got {header.spacing_mm!r}")
+    for target, gy in header.prescriptions_gy.items():
+        if target not in header.structures:
+            fail(f"prescription names target {target!r} but the case has no such structure "
+                 f"(has: {', '.join(header.structures)})")
+        if not np.isfinite(gy) or gy <= 0:
+            fail(f"prescription for {target!r} must be a positive dose in Gy, got {gy!r}")
+    version = header.meta.get("schema_version", SCHEMA_VERSION)
+    if version not in SUPPORTED_SCHEMA_VERSIONS:
+        fail(f"unknown schema version {version!r} (this vmatdose reads {SUPPORTED_SCHEMA_VERSIONS})")
+
+
 def validate_case(case: Case, where: str | os.PathLike | None = None) -> None:
     """Check every rule of the contract; raise :class:`CaseValidationError` naming ``where``."""
+    validate_header(header_of(case), where)
     label = f"{where}" if where is not None else f"case {case.case_id!r}"
 
     def fail(problem: str) -> None:
         raise CaseValidationError(f"{label}: {problem}")
 
-    if not case.case_id:
-        fail("empty case_id")
-    if case.ct.ndim != 3:
-        fail(f"ct must be 3-D (Z, Y, X), got shape {case.ct.shape}")
-    shape = case.ct.shape
-    if case.masks.ndim != 4 or case.masks.shape[1:] != shape:
-        fail(f"masks shape {case.masks.shape} does not match ct shape (S, *{shape})")
-    if case.masks.shape[0] != len(case.structures):
-        fail(f"{case.masks.shape[0]} mask channels but {len(case.structures)} structure names")
-    if len(set(case.structures)) != len(case.structures):
-        fail(f"duplicate structure names in {case.structures}")
-    if case.body.shape != shape:
-        fail(f"body shape {case.body.shape} does not match ct shape {shape}")
     _check_binary(case.masks, "masks", fail)
     _check_binary(case.body, "body", fail)
-    for name, arr in (("spacing_mm", case.spacing_mm), ("origin_mm", case.origin_mm)):
-        if np.shape(arr) != (3,) or not np.all(np.isfinite(arr)):
-            fail(f"{name} must be 3 finite numbers, got {arr!r}")
-    if np.any(np.asarray(case.spacing_mm) <= 0):
-        fail(f"spacing_mm must be positive, got {case.spacing_mm!r}")
     if case.dose is not None:
-        if case.dose.shape != shape:
-            fail(f"dose shape {case.dose.shape} does not match ct shape {shape}")
         if not np.all(np.isfinite(case.dose)):
             fail(f"dose has {int(np.sum(~np.isfinite(case.dose)))} non-finite voxels (NaN/inf)")
         if np.any(case.dose < 0):
             fail(f"dose has negative values (min {float(case.dose.min()):.4g} Gy)")
-    for target, gy in case.prescriptions_gy.items():
-        if target not in case.structures:
-            fail(f"prescription names target {target!r} but the case has no such structure "
-                 f"(has: {', '.join(case.structures)})")
-        if not np.isfinite(gy) or gy <= 0:
-            fail(f"prescription for {target!r} must be a positive dose in Gy, got {gy!r}")
-    version = case.meta.get("schema_version", SCHEMA_VERSION)
-    if version not in SUPPORTED_SCHEMA_VERSIONS:
-        fail(f"unknown schema version {version!r} (this vmatdose reads {SUPPORTED_SCHEMA_VERSIONS})")
 
 
 def _check_binary(arr: np.ndarray, name: str, fail) -> None:
@@ -211,6 +260,45 @@ def load_case(path: str | os.PathLike, *, load_dose: bool = True) -> Case:
         raise CaseValidationError(f"{path}: not a readable case file ({err})") from err
     validate_case(case, path)
     return case
+
+
+def read_case_header(path: str | os.PathLike) -> CaseHeader:
+    """Read and validate a case file's header: names, geometry, prescriptions, meta and the
+    array shapes (from the ``.npy`` headers, so the voxel arrays are not decompressed)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such case file")
+    try:
+        with zipfile.ZipFile(path) as archive, np.load(path, allow_pickle=False) as data:
+            missing = [k for k in _REQUIRED_KEYS if k not in data.files]
+            if missing:
+                raise CaseValidationError(f"{path}: missing keys {missing}")
+            shapes = {name: _npy_shape(archive, f"{name}.npy")
+                      for name in ("ct", "masks", "body", "dose") if name in data.files}
+            meta = json.loads(str(data["meta"]))
+            header = CaseHeader(
+                case_id=str(meta.get("case_id", path.stem)),
+                structures=[str(s) for s in data["structures"]],
+                spacing_mm=data["spacing_mm"].astype(np.float64),
+                origin_mm=data["origin_mm"].astype(np.float64),
+                prescriptions_gy={k: float(v) for k, v in
+                                  json.loads(str(data["prescriptions_gy"])).items()},
+                meta=meta, shapes=shapes)
+    except CaseValidationError:
+        raise
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
+        raise CaseValidationError(f"{path}: not a readable case file ({err})") from err
+    validate_header(header, path)
+    return header
+
+
+def _npy_shape(archive: zipfile.ZipFile, member: str) -> tuple[int, ...]:
+    with archive.open(member) as stream:
+        version = np.lib.format.read_magic(stream)
+        read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                else np.lib.format.read_array_header_2_0)
+        shape, _, _ = read(stream)
+    return tuple(shape)
 
 
 def list_case_files(folder: str | os.PathLike) -> list[Path]:

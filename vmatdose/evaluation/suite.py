@@ -177,7 +177,8 @@ def run_suite(pairs: Iterable[tuple], settings: EvaluationSettings,
     if settings.figures:
         stem = output_dir / "figures" / "structure_errors"
         figure_paths += figures.save_figure(
-            figures.error_boxplot_figure(table, _structure_order(dvh_table)), stem, settings.dpi)
+            figures.error_boxplot_figure(table, _structure_order(dvh_table), settings.targets),
+            stem, settings.dpi)
         write_report(output_dir, summary, table, constraint_table, figure_paths)
     return table, summary
 
@@ -185,8 +186,13 @@ def run_suite(pairs: Iterable[tuple], settings: EvaluationSettings,
 def _case_figures(case: Case, pred_gy: np.ndarray, result: CaseResult,
                   settings: EvaluationSettings, output_dir: Path) -> list[Path]:
     folder = output_dir / "figures"
-    slices = figures.dose_slices_figure(case, pred_gy, settings.targets, result.gamma_map)
-    dvh = figures.dvh_figure(case, pred_gy)
+    label = "gamma"
+    if settings.gamma:
+        first = settings.gamma[0]
+        label = f"gamma {first['dose_percent']:g}%/{first['distance_mm']:g} mm"
+    slices = figures.dose_slices_figure(case, pred_gy, settings.targets, result.gamma_map,
+                                        gamma_label=label)
+    dvh = figures.dvh_figure(case, pred_gy, targets=settings.targets)
     return (figures.save_figure(slices, folder / f"{case.case_id}_slices", settings.dpi)
             + figures.save_figure(dvh, folder / f"{case.case_id}_dvh", settings.dpi))
 

@@ -9,10 +9,10 @@ import lightning as L
 import matplotlib.pyplot as plt
 import numpy as np
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
-from omegaconf import OmegaConf
 
+from vmatdose.data.case import load_case
 from vmatdose.evaluation import figures
-from vmatdose.evaluation.inference import predict_cases
+from vmatdose.inference.predictor import predict_image
 
 
 def figure_to_array(fig: plt.Figure) -> np.ndarray:
@@ -44,16 +44,19 @@ class DoseImageCallback(L.Callback):
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         epoch = trainer.current_epoch
         if (trainer.sanity_checking or not trainer.is_global_zero
-                or ((epoch + 1) % self.every_n_epochs and epoch + 1 != trainer.max_epochs)
-                or pl_module.run_config is None):
+                or ((epoch + 1) % self.every_n_epochs and epoch + 1 != trainer.max_epochs)):
             return
-        paths = trainer.datamodule.paths_of("val")
+        datamodule = trainer.datamodule
+        paths = datamodule.paths_of("val")
         if not paths:
             return
-        data_cfg = OmegaConf.create(pl_module.run_config["data"])
         path = paths[min(self.case_index, len(paths) - 1)]
-        case, pred_gy = next(predict_cases(pl_module, data_cfg, [path], pl_module.device))
-        targets = list(data_cfg.targets)
+        # The data module's own evaluation transforms: the inputs the model validates on.
+        sample = datamodule.eval_transform({"path": str(path)})
+        mean, _ = predict_image(pl_module, sample["image"][None], sample["body"][None])
+        pred_gy = mean[0, 0].numpy() * datamodule.dose_scale_gy
+        case = load_case(path)
+        targets = list(datamodule.targets)
         drawn = {"dose_slices": figures.dose_slices_figure(case, pred_gy, targets),
                  "dvh": figures.dvh_figure(case, pred_gy)}
         for kind, fig in drawn.items():

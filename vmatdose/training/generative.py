@@ -213,10 +213,11 @@ class GenerativeDoseModule(DoseModule, abc.ABC):
         return torch.stack(samples)
 
     @torch.no_grad()
-    def predict_with_uncertainty(self, image: torch.Tensor
+    def predict_with_uncertainty(self, image: torch.Tensor, body: torch.Tensor | None = None
                                  ) -> tuple[torch.Tensor, torch.Tensor]:
         """(ensemble mean dose, per-voxel ensemble std), both (B, 1, Z, Y, X) normalised;
-        the std is zero for a one-sample ensemble (see :meth:`sampling_budget`)."""
+        the std is zero for a one-sample ensemble (see :meth:`sampling_budget`).
+        ``body``: (B, 1, Z, Y, X) or ``None`` (not used here yet)."""
         samples = self.sample_doses(image)
         return samples.mean(dim=0), ensemble_std(samples)
 

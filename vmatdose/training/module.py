@@ -11,6 +11,7 @@ from monai.inferers import sliding_window_inference
 from torch import nn
 from torch.nn import functional as F
 
+from vmatdose.inference.checkpoint import CHECKPOINT_KEY
 from vmatdose.losses import CompositeLoss
 
 
@@ -100,7 +101,9 @@ class DoseModule(L.LightningModule):
         self.sw_overlap = sw_overlap
         self.divisible_by = divisible_by
         self.val_gamma = dict(val_gamma) if val_gamma else None
-        self.run_config: dict | None = None  # set by train.py, stored in every checkpoint
+        # The checkpoint contract (vmatdose.inference.checkpoint): set before fitting,
+        # stored in every checkpoint, restored on resume.
+        self.contract: dict | None = None
         self.adversarial_term = adversarial_term_name(loss)
         if self.adversarial_term is not None:
             self.automatic_optimization = False
@@ -121,9 +124,10 @@ class DoseModule(L.LightningModule):
         return pred.float().clamp(0.0, self.max_relative_dose)
 
     @torch.no_grad()
-    def predict_with_uncertainty(self, image: torch.Tensor
+    def predict_with_uncertainty(self, image: torch.Tensor, body: torch.Tensor | None = None
                                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(mean dose, per-voxel std or ``None``), both (B, 1, Z, Y, X) normalised.
+        ``body``: (B, 1, Z, Y, X) scoring region or ``None`` (not used here yet).
 
         Deterministic models have no spread; generative models override this with an
         ensemble of samples.
@@ -231,5 +235,8 @@ class DoseModule(L.LightningModule):
         return optimizers, [{"scheduler": scheduler, "interval": "epoch"}]
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        if self.run_config is not None:
-            checkpoint["vmatdose_config"] = self.run_config
+        if self.contract is not None:
+            checkpoint[CHECKPOINT_KEY] = self.contract
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.contract = checkpoint.get(CHECKPOINT_KEY, self.contract)

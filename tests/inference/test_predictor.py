@@ -1,0 +1,75 @@
+"""The predictor refuses cases that do not match its checkpoint, and resamples cases at
+another voxel spacing onto the training spacing and back."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from monai.transforms import Resize
+
+from vmatdose.data.validation import CaseSetError, SpacingRange
+from vmatdose.inference import Predictor
+
+from case_variants import as_head_and_neck, first_case, upsampled, with_spacing, write
+from conftest import last_line, run_cli
+
+
+@pytest.fixture(scope="module")
+def phantom(trained_run):
+    root, _, ckpt = trained_run
+    return ckpt, first_case(root / "data" / "phantom_smoke")
+
+
+def test_prostate_checkpoint_refuses_head_and_neck_cases(phantom, tmp_path):
+    ckpt, case = phantom
+    path = write(as_head_and_neck(case), tmp_path / "hn")
+    result = run_cli("vmatdose.predict", f"ckpt_path={ckpt}", f"cases_dir={tmp_path / 'hn'}",
+                     f"output_dir={tmp_path / 'pred'}", "accelerator=cpu", cwd=tmp_path)
+    assert result.returncode == 1
+    line = last_line(result.stdout)
+    assert line.startswith(f"error: 1 case file not matching the checkpoint: {path}: ")
+    assert "case protocol 'head_neck' differs from 'prostate_sib'" in line
+    assert "structures ['PTV63', 'SpinalCord', 'Brainstem', 'LeftParotid', 'RightParotid', " \
+           "'Mandible'] are not among the prostate_sib channels" in line
+    assert "missing required target PTV56" in line
+    assert not (tmp_path / "pred").exists() or not list((tmp_path / "pred").iterdir())
+
+
+def test_other_spacing_is_refused_by_choice(phantom, tmp_path):
+    ckpt, case = phantom
+    path = write(with_spacing(case, [2.5, 2.0, 1.75], "fine"), tmp_path)
+    predictor = Predictor.from_checkpoint(ckpt, "cpu", spacing_mismatch="refuse")
+    with pytest.raises(CaseSetError) as err:
+        next(predictor.predict_all([path]))
+    assert str(err.value) == (
+        f"1 case file not matching the checkpoint: {path}: voxel spacing 2.5x2x1.75 mm "
+        "differs by more than 10% from the training spacing 4x8x12 mm")
+
+
+def test_other_spacing_is_resampled_and_the_dose_put_back_on_the_case_grid(phantom, tmp_path):
+    ckpt, case = phantom
+    predictor = Predictor.from_checkpoint(ckpt, "cpu")  # spacing_mismatch=resample
+    coarse = predictor.predict(write(case, tmp_path)).dose_gy
+    fine_case = upsampled(case, 2)
+    fine = predictor.predict(write(fine_case, tmp_path)).dose_gy
+    assert fine.shape == fine_case.shape == tuple(2 * s for s in case.shape)
+    # The same anatomy on a 2x finer grid: resampled to the training spacing it is the
+    # training-spacing case again (repeated voxels averaged back, masks picked), so the
+    # prediction is the coarse one, interpolated trilinearly onto the fine grid.
+    expected = np.asarray(Resize(fine.shape, mode="trilinear")(coarse[None]))[0]
+    np.testing.assert_allclose(fine, expected, atol=1e-3 * coarse.max())
+    # Predicted at its own spacing (no resampling) the same model gives another dose.
+    native = Predictor(predictor.module, predictor.contract)
+    native.spacing = SpacingRange.of([fine_case.spacing_mm])
+    unresampled = native.predict(tmp_path / f"{fine_case.case_id}.npz").dose_gy
+    inside = fine_case.body > 0
+    assert np.abs(unresampled - expected)[inside].mean() > 1.0  # Gy
+
+
+def test_spacing_within_ten_percent_is_predicted_as_is(phantom, tmp_path):
+    ckpt, case = phantom
+    predictor = Predictor.from_checkpoint(ckpt, "cpu", spacing_mismatch="refuse")
+    near = write(with_spacing(case, [4.3, 7.4, 13.0], "near"), tmp_path)
+    original = write(case, tmp_path)
+    np.testing.assert_array_equal(predictor.predict(near).dose_gy,
+                                  predictor.predict(original).dose_gy)

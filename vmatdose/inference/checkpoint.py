@@ -1,0 +1,198 @@
+"""The checkpoint contract: what a vmatdose checkpoint carries, and the one way to read it.
+
+Training stores one plain-JSON dict under ``checkpoint["vmatdose"]`` (the module's
+``on_save_checkpoint``; Lightning's ``save_hyperparameters`` is not used, so the config is
+in the file once). Every value in it is a str, number, bool, None, list or dict, and the
+rest of a Lightning checkpoint (state dicts, loop and callback state) is tensors and plain
+containers, so the file loads with ``torch.load(..., weights_only=True)``: nothing in it is
+unpickled as an object and nothing in it runs. :func:`read_checkpoint` is the only place
+that opens a checkpoint file.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vmatdose.data.validation import SpacingRange
+from vmatdose.errors import InputError
+from vmatdose.protocol import Protocol
+
+#: The checkpoint key holding the contract.
+CHECKPOINT_KEY = "vmatdose"
+#: Version of the contract layout; a checkpoint of another version is refused.
+CONTRACT_VERSION = 1
+#: ``_target_`` prefixes a checkpoint's model config may name. The config is rebuilt with
+#: Hydra, so without this a crafted (weights-only loadable) config could call anything.
+ALLOWED_TARGETS = ("vmatdose.models.", "vmatdose.training.", "monai.networks.")
+
+
+class CheckpointError(InputError):
+    """A file given as a checkpoint is not a usable vmatdose checkpoint."""
+
+
+@dataclass(frozen=True)
+class CheckpointContract:
+    """What inference needs to use a trained model on new cases.
+
+    Attributes:
+        config: the composed, resolved training config (the model is rebuilt from
+            ``config["model"]``).
+        protocol: :meth:`vmatdose.protocol.Protocol.to_dict` of the training protocol.
+        structures: mask channel order of the network input.
+        inputs: input transform settings: ``ct_window`` (HU, HU), ``signed_distance``,
+            ``sdf_scale_mm``, ``dose_scale_gy`` (the network's dose unit, Gy).
+        spacing: :meth:`SpacingRange.to_dict` of the training cases' voxel spacings.
+        cases_dir: absolute path of the folder of case files it was trained on.
+        split: ``{"train": [...], "val": [...], "test": [...]}`` case ids (file stems).
+        version: :data:`CONTRACT_VERSION`.
+    """
+
+    config: dict
+    protocol: dict
+    structures: list[str]
+    inputs: dict
+    spacing: dict
+    cases_dir: str
+    split: dict[str, list[str]]
+    version: int = CONTRACT_VERSION
+
+    @property
+    def protocol_obj(self) -> Protocol:
+        return Protocol.from_dict(self.protocol)
+
+    @property
+    def spacing_range(self) -> SpacingRange:
+        return SpacingRange.from_dict(self.spacing)
+
+    @property
+    def dose_scale_gy(self) -> float:
+        return float(self.inputs["dose_scale_gy"])
+
+    def split_paths(self, name: str) -> list[Path]:
+        """Case file paths of split ``name`` (``all``: every split) in ``cases_dir``."""
+        names = [n for part in self.split.values() for n in part] if name == "all" \
+            else self.split[name]
+        return [Path(self.cases_dir) / f"{case_id}.npz" for case_id in names]
+
+    def to_dict(self) -> dict:
+        """Plain JSON-able form (what the checkpoint stores)."""
+        return json.loads(json.dumps(asdict(self)))
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str | Path = "checkpoint") -> CheckpointContract:
+        if not isinstance(data, Mapping):
+            raise CheckpointError(f"{where}: the vmatdose contract is not a mapping")
+        if data.get("version") != CONTRACT_VERSION:
+            raise CheckpointError(f"{where}: checkpoint contract version "
+                                  f"{data.get('version')!r}; this vmatdose reads "
+                                  f"{CONTRACT_VERSION} (retrain or use a matching vmatdose)")
+        try:
+            return cls(**{k: data[k] for k in cls.__dataclass_fields__})
+        except KeyError as err:
+            raise CheckpointError(f"{where}: checkpoint contract lacks {err.args[0]!r}") from err
+
+
+def training_contract(cfg: Mapping, spacing: SpacingRange, cases_dir: str | Path,
+                      split: Mapping[str, list[str]]) -> CheckpointContract:
+    """The contract of a training run composed as ``cfg`` (resolved mapping or DictConfig)."""
+    from omegaconf import DictConfig, OmegaConf
+
+    plain = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+    data = plain["data"]
+    protocol = Protocol.from_dict(plain["protocol"])
+    return CheckpointContract(
+        config=json.loads(json.dumps(plain)),
+        protocol=protocol.to_dict(),
+        structures=[str(s) for s in data["structures"]],
+        inputs={"ct_window": [float(v) for v in data["ct_window"]],
+                "signed_distance": bool(data["signed_distance"]),
+                "sdf_scale_mm": float(data.get("sdf_scale_mm", 50.0)),
+                "dose_scale_gy": float(data["dose_scale_gy"])},
+        spacing=spacing.to_dict(),
+        cases_dir=str(Path(cases_dir).resolve()),
+        split={k: [str(i) for i in v] for k, v in split.items()})
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A checkpoint file read once: its contract and its weights."""
+
+    path: Path
+    contract: CheckpointContract
+    state_dict: dict[str, torch.Tensor]
+
+    def build_module(self, device: str | torch.device = "cpu") -> torch.nn.Module:
+        """The LightningModule rebuilt from the contract's model config with these
+        weights, in eval mode on ``device`` (no loss, optimizer or scheduler)."""
+        import hydra
+        from omegaconf import OmegaConf
+
+        model_cfg = self.contract.config.get("model")
+        if not isinstance(model_cfg, Mapping):
+            raise CheckpointError(f"{self.path}: the contract's config has no model section")
+        # Inference needs no optimizer or scheduler: their configs are dropped unread.
+        model_cfg = {**model_cfg, "loss": None, "optimizer": None, "scheduler": None}
+        _check_targets(model_cfg, self.path)
+        try:
+            module = hydra.utils.instantiate(OmegaConf.create(model_cfg))
+        except Exception as err:  # instantiate wraps any constructor error
+            raise CheckpointError(f"{self.path}: cannot rebuild the model from the "
+                                  f"checkpoint's config ({str(err).splitlines()[0]})") from err
+        # Loss modules with parameters (a discriminator) are not needed for inference.
+        state = {k: v for k, v in self.state_dict.items() if not k.startswith("loss.")}
+        missing, _ = module.load_state_dict(state, strict=False)
+        if missing:
+            raise CheckpointError(f"{self.path}: weights missing for {len(missing)} "
+                                  f"parameters of the rebuilt model (first: {missing[0]})")
+        module.contract = self.contract.to_dict()
+        return module.eval().to(device)
+
+
+def _check_targets(cfg: Any, path: Path) -> None:
+    if isinstance(cfg, Mapping):
+        target = cfg.get("_target_")
+        if target is not None and not str(target).startswith(ALLOWED_TARGETS):
+            raise CheckpointError(f"{path}: the checkpoint's model config names "
+                                  f"{target!r}, which is not a vmatdose or MONAI network")
+        for value in cfg.values():
+            _check_targets(value, path)
+    elif isinstance(cfg, list):
+        for value in cfg:
+            _check_targets(value, path)
+
+
+def read_checkpoint(path: str | Path) -> Checkpoint:
+    """Open ``path`` once with ``weights_only=True`` and check it is a vmatdose checkpoint;
+    any other file raises :class:`CheckpointError` with one line naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch.load raises a zoo of errors on foreign files
+        raise CheckpointError(f"{path}: not a vmatdose checkpoint ({_load_problem(err)})") from None
+    if not isinstance(raw, Mapping) or CHECKPOINT_KEY not in raw:
+        raise CheckpointError(f"{path}: not a vmatdose checkpoint (no {CHECKPOINT_KEY!r} "
+                              "contract; a checkpoint of another project?)")
+    contract = CheckpointContract.from_dict(raw[CHECKPOINT_KEY], path)
+    state = raw.get("state_dict")
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor)
+                                                 for v in state.values()):
+        raise CheckpointError(f"{path}: the checkpoint has no state_dict of tensors")
+    return Checkpoint(path, contract, dict(state))
+
+
+def _load_problem(err: Exception) -> str:
+    """A short reason why ``torch.load`` refused a file (its own messages run to pages)."""
+    text = str(err)
+    if "Weights only load failed" in text:
+        return "it holds Python objects that a weights-only load refuses to run"
+    if "inline_container" in text or "data.pkl" in text or "central directory" in text:
+        return "a zip archive, such as an .npz, but not a PyTorch checkpoint"
+    return f"not a PyTorch checkpoint file: unreadable as one ({type(err).__name__})"

@@ -1,0 +1,146 @@
+"""A trained model applied to case files: doses in Gy on each case's own grid.
+
+:class:`Predictor` is built once from a checkpoint and owns the module, its device, the
+input transforms the model was trained with, and the checks of a case against the
+checkpoint's contract (protocol, structures, required targets, voxel spacing).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.transforms import Compose, Resize
+
+from vmatdose.data.case import Case, load_case
+from vmatdose.data.transforms import build_transforms
+from vmatdose.data.validation import SPACING_TOLERANCE, check_cases
+from vmatdose.inference.checkpoint import CheckpointContract, read_checkpoint
+
+#: What to do with a case whose spacing is off the training spacing by more than 10 %.
+SPACING_POLICIES = ("resample", "refuse")
+
+
+@dataclass
+class Prediction:
+    """One case's predicted dose: ``dose_gy`` and ``std_gy`` (generative ensembles, else
+    ``None``) are (Z, Y, X) float32 in Gy on ``case``'s grid."""
+
+    case: Case
+    path: Path
+    dose_gy: np.ndarray
+    std_gy: np.ndarray | None
+
+
+def resolve_device(accelerator: str = "auto") -> torch.device:
+    """``cuda`` for ``gpu``/``cuda``, or ``auto`` with a GPU present; else ``cpu``."""
+    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+@torch.no_grad()
+def predict_image(module: torch.nn.Module, image: torch.Tensor, body: torch.Tensor | None
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``module.predict_with_uncertainty`` on the module's device: image (B, C, Z, Y, X)
+    and body (B, 1, Z, Y, X) -> (mean, std or ``None``), (B, 1, Z, Y, X) float32 on the
+    CPU, normalised by the dose scale."""
+    device = next(module.parameters()).device
+    image = image.to(device)
+    body = body.to(device) if body is not None else None
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        mean, std = module.predict_with_uncertainty(image, body=body)
+    return mean.float().cpu(), (None if std is None else std.float().cpu())
+
+
+class Predictor:
+    """Predict doses for case files with one trained model.
+
+    Args:
+        module: a vmatdose LightningModule in eval mode.
+        contract: the checkpoint contract it was trained under.
+        spacing_mismatch: ``resample`` (a case more than 10 % off the training spacing is
+            resampled to the training median, predicted, and the dose resampled back onto
+            the case's grid) or ``refuse`` (such a case is an error).
+    """
+
+    def __init__(self, module: torch.nn.Module, contract: CheckpointContract,
+                 spacing_mismatch: str = "resample"):
+        if spacing_mismatch not in SPACING_POLICIES:
+            raise ValueError(f"spacing_mismatch must be one of {SPACING_POLICIES}, "
+                             f"not {spacing_mismatch!r}")
+        self.module = module
+        self.contract = contract
+        self.spacing_mismatch = spacing_mismatch
+        self.protocol = contract.protocol_obj
+        self.spacing = contract.spacing_range
+        inputs = contract.inputs
+        self.transform: Compose = build_transforms(
+            contract.structures, contract.dose_scale_gy, train=False,
+            ct_window=list(inputs["ct_window"]), signed_distance=bool(inputs["signed_distance"]),
+            sdf_scale_mm=float(inputs["sdf_scale_mm"]), with_dose=False)
+
+    @classmethod
+    def from_checkpoint(cls, ckpt_path: str | Path, accelerator: str = "auto",
+                        spacing_mismatch: str = "resample") -> Predictor:
+        """Read ``ckpt_path`` (once) and rebuild its model on the chosen device."""
+        checkpoint = read_checkpoint(ckpt_path)
+        module = checkpoint.build_module(resolve_device(accelerator))
+        return cls(module, checkpoint.contract, spacing_mismatch)
+
+    def check(self, paths: Sequence[Path]) -> None:
+        """Raise one :class:`~vmatdose.data.validation.CaseSetError` naming every case file
+        that is unreadable, of another protocol or structure set, lacks a required target,
+        or (``refuse``) is more than 10 % off the training spacing."""
+        refuse = self.spacing if self.spacing_mismatch == "refuse" else None
+        check_cases(paths, self.protocol, self.contract.structures, refuse,
+                    what="not matching the checkpoint")
+
+    def predict_all(self, paths: Sequence[Path]) -> Iterator[Prediction]:
+        """:meth:`check` every case first, then yield their predictions in order."""
+        paths = [Path(p) for p in paths]
+        self.check(paths)
+        for path in paths:
+            yield self.predict(path)
+
+    def predict(self, path: Path) -> Prediction:
+        """The dose of one (checked) case file, on its own grid."""
+        case = load_case(path)
+        sample = self.transform({"path": str(path)})
+        image, body = sample["image"], sample["body"]
+        target = self._resampled_shape(case)
+        if target is not None:
+            image, body = self._resample_inputs(image, body, target)
+        mean, std = predict_image(self.module, image[None], body[None])
+        mean, std = mean[0], (None if std is None else std[0])
+        if target is not None:
+            back = Resize(case.shape, mode="trilinear")
+            mean = back(mean)
+            std = None if std is None else back(std)
+        scale = self.contract.dose_scale_gy
+        dose = (np.asarray(mean[0]) * scale).astype(np.float32)
+        std_gy = None if std is None else (np.asarray(std[0]) * scale).astype(np.float32)
+        return Prediction(case, Path(path), dose, std_gy)
+
+    def _resampled_shape(self, case: Case) -> tuple[int, int, int] | None:
+        """The grid shape at the training spacing, when the case needs resampling."""
+        if self.spacing.contains(case.spacing_mm, SPACING_TOLERANCE):
+            return None
+        extent = np.asarray(case.shape) * np.asarray(case.spacing_mm)
+        shape = np.maximum(1, np.round(extent / np.asarray(self.spacing.median_mm)))
+        return tuple(int(v) for v in shape)
+
+    def _resample_inputs(self, image: torch.Tensor, body: torch.Tensor,
+                         shape: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image channels [CT, masks..., SDFs...] and body to ``shape``: the CT and SDFs
+        trilinearly, the masks and body by nearest neighbour (they stay binary)."""
+        n = len(self.contract.structures)
+        smooth, nearest = Resize(shape, mode="trilinear"), Resize(shape, mode="nearest")
+        parts = [smooth(image[:1]), nearest(image[1:1 + n])]
+        if image.shape[0] > 1 + n:
+            parts.append(smooth(image[1 + n:]))
+        return (torch.cat([torch.as_tensor(p) for p in parts]),
+                torch.as_tensor(nearest(body)))

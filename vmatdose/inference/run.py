@@ -1,0 +1,41 @@
+"""Predict a folder of case files with a checkpoint (``python -m vmatdose.predict``)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+
+from tqdm import tqdm
+
+from vmatdose.data.case import list_case_files
+from vmatdose.errors import InputError
+from vmatdose.inference.predictor import Predictor
+from vmatdose.inference.writers import chosen_writers
+
+log = logging.getLogger(__name__)
+
+
+def run_prediction(cfg: Mapping) -> list[Path]:
+    """Predict every case file in ``cfg.cases_dir`` into ``cfg.output_dir``; return the
+    written paths. Keys: ``ckpt_path``, ``cases_dir``, ``output_dir``, ``accelerator``,
+    ``spacing_mismatch``, ``export_rtdose``, ``source_dicom``, ``export_openkbp``."""
+    cases_dir = Path(cfg["cases_dir"])
+    paths = list_case_files(cases_dir)
+    if not paths:
+        raise InputError(f"{cases_dir}: no case files (*.npz) to predict")
+    if cfg.get("source_dicom") and not cfg.get("export_rtdose"):
+        raise InputError("source_dicom is read by the RTDOSE export only; add export_rtdose=true")
+    predictor = Predictor.from_checkpoint(cfg["ckpt_path"], cfg.get("accelerator", "auto"),
+                                          cfg.get("spacing_mismatch", "resample"))
+    writers = chosen_writers(bool(cfg.get("export_rtdose")), bool(cfg.get("export_openkbp")))
+    options = {"source_dicom": cfg.get("source_dicom")}
+    output_dir = Path(cfg["output_dir"])
+    output_dir.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    for prediction in tqdm(predictor.predict_all(paths), total=len(paths), desc="predict",
+                           unit="case"):
+        for writer in writers:
+            written += writer(prediction, output_dir, options)
+    log.info("wrote %d files to %s", len(written), output_dir)
+    return written

@@ -1,0 +1,62 @@
+"""Per-case writers of a prediction, chosen by predict's config.
+
+Each writer takes ``(prediction, output_dir, options)`` and returns the paths it wrote.
+``npz`` always runs (the prediction file evaluate reads); ``export_rtdose=true`` adds
+``rtdose`` and ``export_openkbp=true`` adds ``openkbp``. A new export is one function and
+one entry in :data:`WRITERS`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+from vmatdose.inference.predictions import prediction_path, save_prediction
+from vmatdose.inference.predictor import Prediction
+
+Writer = Callable[[Prediction, Path, Mapping], list[Path]]
+
+
+def write_npz_prediction(prediction: Prediction, output_dir: Path, options: Mapping
+                         ) -> list[Path]:
+    """``<case_id>.npz`` (see :mod:`vmatdose.inference.predictions`)."""
+    case = prediction.case
+    return [save_prediction(case, prediction.dose_gy, prediction.std_gy,
+                            prediction_path(output_dir, case.case_id))]
+
+
+def write_rtdose_file(prediction: Prediction, output_dir: Path, options: Mapping
+                      ) -> list[Path]:
+    """``<case_id>_rtdose.dcm``: a DICOM RTDOSE of the predicted dose. With
+    ``options["source_dicom"]`` (the patients' DICOM folder) the export reads the patient
+    identity and study/frame UIDs from there."""
+    from vmatdose.data.export.rtdose import write_rtdose
+
+    case = prediction.case
+    path = output_dir / f"{case.case_id}_rtdose.dcm"
+    source = options.get("source_dicom")
+    if source:
+        return [write_rtdose(prediction.dose_gy, case, path, source_dicom=Path(source))]
+    return [write_rtdose(prediction.dose_gy, case, path)]
+
+
+def write_openkbp_file(prediction: Prediction, output_dir: Path, options: Mapping
+                       ) -> list[Path]:
+    """``openkbp/<case_id>.csv``: the OpenKBP challenge submission format."""
+    from vmatdose.data.export.openkbp import write_submission
+
+    case = prediction.case
+    path = output_dir / "openkbp" / f"{case.case_id}.csv"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return [write_submission(prediction.dose_gy, case, path)]
+
+
+WRITERS: dict[str, Writer] = {"npz": write_npz_prediction, "rtdose": write_rtdose_file,
+                              "openkbp": write_openkbp_file}
+
+
+def chosen_writers(export_rtdose: bool = False, export_openkbp: bool = False) -> list[Writer]:
+    """The writers predict runs for each case, in order."""
+    names = ["npz"] + (["rtdose"] if export_rtdose else []) + (["openkbp"] if export_openkbp
+                                                                else [])
+    return [WRITERS[name] for name in names]

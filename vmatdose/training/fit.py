@@ -1,0 +1,136 @@
+"""A training run as library functions: check the cases, fit, record, evaluate.
+
+``python -m vmatdose.train`` composes the config and calls :func:`run_training`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import hydra
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, OmegaConf
+
+from vmatdose.data.datamodule import SPLITS
+from vmatdose.data.validation import check_training_cases
+from vmatdose.evaluation.pipeline import evaluate_checkpoint
+from vmatdose.inference.checkpoint import training_contract
+from vmatdose.metrics.registry import summary_line
+from vmatdose.protocol import Protocol
+from vmatdose.tracking.evaluation_log import finish_loggers, log_evaluation
+from vmatdose.training.run_record import write_run_record
+
+log = logging.getLogger(__name__)
+
+
+def instantiate_dict(cfg: DictConfig | None) -> list:
+    """Instantiate every non-null entry of a name -> config mapping (callbacks, loggers)."""
+    if not cfg:
+        return []
+    return [hydra.utils.instantiate(c) for c in cfg.values() if c is not None and "_target_" in c]
+
+
+def best_checkpoint(trainer: L.Trainer) -> str | None:
+    callback = trainer.checkpoint_callback
+    if callback is None:
+        return None
+    return callback.best_model_path or callback.last_model_path or None
+
+
+def trainer_overrides(cfg: DictConfig, model: L.LightningModule) -> dict:
+    """Trainer arguments the model needs changed.
+
+    A model that optimises manually (an adversarial loss term: generator and discriminator
+    steps) clips its own gradients; Lightning refuses ``trainer.gradient_clip_val`` then,
+    so it is dropped with a note instead of failing the run.
+    """
+    if model.automatic_optimization or not cfg.trainer.get("gradient_clip_val"):
+        return {}
+    log.info("manual optimisation: trainer.gradient_clip_val=%s is not used; the model "
+             "clips its own gradients", cfg.trainer.gradient_clip_val)
+    return {"gradient_clip_val": None}
+
+
+def checked_datamodule(cfg: DictConfig) -> tuple[L.LightningDataModule, dict]:
+    """The data module of ``cfg.data`` with every case file of every split checked
+    against the protocol (before any model is built), and the checkpoint contract."""
+    datamodule = hydra.utils.instantiate(cfg.data)
+    datamodule.prepare_data()
+    paths = {name: datamodule.paths_of(name) for name in SPLITS}
+    spacing = check_training_cases(paths, Protocol.from_dict(cfg.protocol),
+                                   datamodule.structures,
+                                   cfg.get("spacing_mismatch", "resample"))
+    contract = training_contract(cfg, spacing, datamodule.cases_dir, datamodule.ensure_split())
+    return datamodule, contract.to_dict()
+
+
+def fit(cfg: DictConfig, output_dir: str | Path) -> tuple[L.Trainer, L.LightningModule]:
+    """Build data, model, loss, trainer from ``cfg`` and fit."""
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule, contract = checked_datamodule(cfg)
+    # Loss terms with random initialisation (a discriminator) draw from their own RNG
+    # stream, so one seed gives the same initial network whatever the loss.
+    with torch.random.fork_rng(devices=[]):
+        loss = hydra.utils.instantiate(cfg.loss)
+    model = hydra.utils.instantiate(cfg.model, loss=loss)
+    model.contract = contract
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info("model %s: %.2f M parameters", type(model.net).__name__, n_params / 1e6)
+    trainer = hydra.utils.instantiate(cfg.trainer, callbacks=instantiate_dict(cfg.callbacks),
+                                      logger=instantiate_dict(cfg.get("logger")) or False,
+                                      **trainer_overrides(cfg, model))
+    for logger in trainer.loggers:  # the composed config, for every tracker
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    return trainer, model
+
+
+def evaluate_best(cfg: DictConfig, trainer: L.Trainer, output_dir: Path) -> dict | None:
+    """Evaluate the best checkpoint on the test split of its own data into
+    ``output_dir/eval`` (as ``python -m vmatdose.evaluate ckpt_path=<it>`` does) and send
+    the results to the run's loggers; return the summary (``None`` without checkpoint)."""
+    ckpt = best_checkpoint(trainer)
+    if ckpt is None:
+        log.warning("no checkpoint was saved; skipping evaluation")
+        return None
+    evaluation = OmegaConf.to_container(cfg.evaluation) if cfg.get("evaluation") else None
+    table, summary = evaluate_checkpoint(ckpt, output_dir / "eval", evaluation=evaluation,
+                                         accelerator=cfg.trainer.get("accelerator", "auto"),
+                                         spacing_mismatch=cfg.get("spacing_mismatch", "resample"))
+    log_evaluation(trainer.loggers, table, summary, output_dir / "eval")
+    return summary
+
+
+def run_training(cfg: DictConfig, overrides: list[str] | None = None) -> float | None:
+    """Fit, record, evaluate; return the optimised metric (for sweepers)."""
+    start = time.perf_counter()
+    output_dir = Path(cfg.paths.output_dir)
+    if rank_zero_only.rank == 0:  # DDP: only rank zero writes files
+        write_run_record(cfg, output_dir, overrides)
+    trainer, _ = fit(cfg, output_dir)
+    metric = optimized_metric(trainer, cfg.get("optimized_metric"))
+    if not trainer.is_global_zero:
+        return metric
+    if cfg.get("evaluate_after_training", True):
+        summary = evaluate_best(cfg, trainer, output_dir)
+        if summary is not None:
+            primary = Protocol.from_dict(cfg.protocol).targets[0]
+            means = {k: v["mean"] for k, v in summary["metrics"].items()}
+            print(summary_line(cfg.task_name, means, primary, time.perf_counter() - start))
+    finish_loggers(trainer.loggers)
+    return metric
+
+
+def optimized_metric(trainer: L.Trainer, name: str | None) -> float | None:
+    """The best value of ``name`` when the checkpoint callback monitors it, else its last."""
+    if not name:
+        return None
+    callback = trainer.checkpoint_callback
+    if callback is not None and callback.monitor == name and callback.best_model_score is not None:
+        return float(callback.best_model_score)
+    value = trainer.callback_metrics.get(name)
+    return float(value) if value is not None else None
