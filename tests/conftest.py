@@ -15,6 +15,8 @@ from vmatdose.data.case import Case
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 OPENKBP_SAMPLE = REPO_ROOT.parent / "shared" / "data" / "openkbp-sample"
+# The DICOM builders (tests/data/dicom_builders.py) serve tests in other folders too.
+sys.path.insert(0, str(Path(__file__).parent / "data"))
 
 
 def smoke_config(root, run_dir, *overrides):

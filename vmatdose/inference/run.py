@@ -20,6 +20,17 @@ def run_prediction(cfg: Mapping) -> list[Path]:
     """Predict every case file in ``cfg.cases_dir`` into ``cfg.output_dir``; return the
     written paths. Keys: ``ckpt_path``, ``cases_dir``, ``output_dir``, ``accelerator``,
     ``spacing_mismatch``, ``export_rtdose``, ``source_dicom``, ``export_openkbp``."""
+    if cfg.get("dicom_dir"):
+        if cfg.get("cases_dir"):
+            raise InputError("give cases_dir (case files) or dicom_dir (DICOM-RT patient "
+                             "folders), not both")
+        from vmatdose.inference.dicom_input import predict_dicom
+
+        predictor = Predictor.from_checkpoint(cfg["ckpt_path"], cfg.get("accelerator", "auto"),
+                                              cfg.get("spacing_mismatch", "resample"))
+        return predict_dicom(cfg, predictor)
+    if not cfg.get("cases_dir"):
+        raise InputError("predict needs cases_dir=<case files> or dicom_dir=<DICOM folders>")
     cases_dir = Path(cfg["cases_dir"])
     paths = list_case_files(cases_dir)
     if not paths:
@@ -29,7 +40,7 @@ def run_prediction(cfg: Mapping) -> list[Path]:
     predictor = Predictor.from_checkpoint(cfg["ckpt_path"], cfg.get("accelerator", "auto"),
                                           cfg.get("spacing_mismatch", "resample"))
     writers = chosen_writers(bool(cfg.get("export_rtdose")), bool(cfg.get("export_openkbp")))
-    options = {"source_dicom": cfg.get("source_dicom")}
+    options = {key: cfg.get(key) for key in ("source_dicom", "id_salt", "case_id_map")}
     output_dir = Path(cfg["output_dir"])
     output_dir.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []

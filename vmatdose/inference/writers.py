@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
+from vmatdose.errors import InputError
 from vmatdose.inference.predictions import prediction_path, save_prediction
 from vmatdose.inference.predictor import Prediction
 
@@ -30,14 +31,20 @@ def write_rtdose_file(prediction: Prediction, output_dir: Path, options: Mapping
     """``<case_id>_rtdose.dcm``: a DICOM RTDOSE of the predicted dose. With
     ``options["source_dicom"]`` (the patients' DICOM folder) the export reads the patient
     identity and study/frame UIDs from there."""
-    from vmatdose.data.export.rtdose import write_rtdose
+    from vmatdose.data.export.rtdose import find_source_patient, write_rtdose
+    from vmatdose.data.ingest.dicom import SaltError
 
     case = prediction.case
     path = output_dir / f"{case.case_id}_rtdose.dcm"
-    source = options.get("source_dicom")
-    if source:
-        return [write_rtdose(prediction.dose_gy, case, path, source_dicom=Path(source))]
-    return [write_rtdose(prediction.dose_gy, case, path)]
+    source = None
+    if options.get("source_dicom"):
+        try:
+            source = find_source_patient(case.case_id, options["source_dicom"],
+                                         options.get("id_salt") or None,
+                                         options.get("case_id_map"))
+        except (LookupError, SaltError) as err:
+            raise InputError(f"{case.case_id}: {err}") from err
+    return [write_rtdose(prediction.dose_gy, case, path, source=source)]
 
 
 def write_openkbp_file(prediction: Prediction, output_dir: Path, options: Mapping
