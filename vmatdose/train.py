@@ -41,20 +41,6 @@ def best_checkpoint(trainer: L.Trainer) -> str | None:
     return callback.best_model_path or callback.last_model_path or None
 
 
-def trainer_overrides(cfg: DictConfig, model: L.LightningModule) -> dict:
-    """Trainer arguments the model needs changed.
-
-    A model that optimises manually (an adversarial loss term: generator and discriminator
-    steps) clips its own gradients; Lightning refuses ``trainer.gradient_clip_val`` then,
-    so it is dropped with a note instead of failing the run.
-    """
-    if model.automatic_optimization or not cfg.trainer.get("gradient_clip_val"):
-        return {}
-    log.info("manual optimisation: trainer.gradient_clip_val=%s is not used; the model "
-             "clips its own gradients", cfg.trainer.gradient_clip_val)
-    return {"gradient_clip_val": None}
-
-
 def fit(cfg: DictConfig, output_dir: str | Path) -> tuple[L.Trainer, L.LightningModule]:
     """Build data, model, loss, trainer from ``cfg`` and fit."""
     L.seed_everything(cfg.seed, workers=True)
@@ -69,8 +55,7 @@ def fit(cfg: DictConfig, output_dir: str | Path) -> tuple[L.Trainer, L.Lightning
     log.info("model %s: %.2f M parameters", type(model.net).__name__, n_params / 1e6)
     print(f"model {type(model.net).__name__}: {n_params / 1e6:.2f} M parameters")
     trainer = hydra.utils.instantiate(cfg.trainer, callbacks=instantiate_dict(cfg.callbacks),
-                                      logger=instantiate_dict(cfg.get("logger")) or False,
-                                      **trainer_overrides(cfg, model))
+                                      logger=instantiate_dict(cfg.get("logger")) or False)
     for logger in trainer.loggers:  # the composed config, for every tracker
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))

@@ -24,7 +24,6 @@ from model_testing import (
     N_CHANNELS,
     as_samples,
     build_model,
-    needs_adversarial_loss,
     synthetic_batch,
 )
 
@@ -197,12 +196,6 @@ def test_checkpoint_reloads_through_the_evaluation_loader(name, tmp_path):
 def test_generative_models_refuse_sliding_window_inference(tmp_path):
     with pytest.raises(InstantiationException, match="whole volumes"):
         build_model("ddpm", tmp_path, *TINY, "+model.inference_patch_size=[16,16,16]")
-
-
-@needs_adversarial_loss
-def test_generative_models_refuse_adversarial_losses(tmp_path):
-    with pytest.raises(InstantiationException, match="adversarial"):
-        build_model("flow_matching", tmp_path, *TINY, "loss=adversarial")
 
 
 def test_padding_must_suit_the_network_downsampling(tmp_path):
