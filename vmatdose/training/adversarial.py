@@ -20,7 +20,6 @@ import torch
 from monai.losses import PatchAdversarialLoss
 from torch import nn
 
-from vmatdose.losses import CompositeLoss
 from vmatdose.training.module import DoseModule
 
 
@@ -34,8 +33,8 @@ class AdversarialDoseModule(DoseModule):
     """:class:`DoseModule` trained against a conditional patch discriminator.
 
     Args:
-        net, loss, optimizer, scheduler: as for :class:`DoseModule`; ``optimizer`` and
-            ``scheduler`` drive the dose network (the generator).
+        *args: :class:`DoseModule`'s ``net, loss, optimizer, scheduler``; ``optimizer``
+            and ``scheduler`` drive the dose network (the generator).
         discriminator: maps (B, C + 1, Z, Y, X) ``[image, dose]`` to a list of features
             whose last entry is the (B, 1, z, y, x) patch logits (MONAI
             ``PatchDiscriminator``). Inputs need at
@@ -51,16 +50,12 @@ class AdversarialDoseModule(DoseModule):
         gradient_clip_val: gradient-norm clip of both networks (Lightning refuses
             ``trainer.gradient_clip_val`` under manual optimisation: set it to null);
             ``None`` disables it.
-        **kwargs: further :class:`DoseModule` arguments.
+        **kwargs: further :class:`DoseModule` arguments (by name, as Hydra passes them).
     """
 
     def __init__(
         self,
-        net: nn.Module,
-        loss: CompositeLoss | None,
-        optimizer: Callable[..., torch.optim.Optimizer],
-        scheduler: Callable[..., Any] | None = None,
-        *,
+        *args: Any,
         discriminator: nn.Module,
         adversarial_loss: nn.Module | None = None,
         adversarial_weight: float = 0.01,
@@ -69,7 +64,7 @@ class AdversarialDoseModule(DoseModule):
         gradient_clip_val: float | None = 1.0,
         **kwargs: Any,
     ):
-        super().__init__(net, loss, optimizer, scheduler, **kwargs)
+        super().__init__(*args, **kwargs)
         if warmup_epochs < 0:
             raise ValueError(f"warmup_epochs must be >= 0, got {warmup_epochs}")
         self.automatic_optimization = False
