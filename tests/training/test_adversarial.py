@@ -57,7 +57,7 @@ def make_module(critic: nn.Module | None = None, warmup_epochs: int = 0, schedul
     loss = CompositeLoss({"voxel": {"weight": 1.0, "term": VoxelLoss("l1")}})
     return AdversarialDoseModule(
         net, loss, partial(torch.optim.Adam, lr=1e-3), scheduler=scheduler, divisible_by=4,
-        discriminator=critic, adversarial_weight=0.1, warmup_epochs=warmup_epochs,
+        discriminator=lambda: critic, adversarial_weight=0.1, warmup_epochs=warmup_epochs,
         adversarial_loss=adversarial_loss,
         discriminator_optimizer=partial(torch.optim.Adam, lr=1e-3, betas=(0.5, 0.999)))
 
@@ -143,7 +143,19 @@ def test_plain_dose_module_keeps_automatic_optimisation():
     assert plain.automatic_optimization
     with pytest.raises(ValueError, match="warmup_epochs"):
         AdversarialDoseModule(plain.net, plain.loss, plain.optimizer_factory,
-                              discriminator=ConstantCritic(0.0), warmup_epochs=-1)
+                              discriminator=partial(ConstantCritic, 0.0), warmup_epochs=-1)
+
+
+def test_the_critic_draws_on_its_own_rng_stream():
+    net = nn.Conv3d(N_CHANNELS, 1, 1)
+    torch.manual_seed(3)
+    expected = torch.rand(3)
+    torch.manual_seed(3)
+    make_critic = partial(PatchDiscriminator, spatial_dims=3, channels=4,
+                          in_channels=N_CHANNELS + 1, num_layers_d=2, norm="INSTANCE")
+    module = AdversarialDoseModule(net, None, torch.optim.Adam, discriminator=make_critic)
+    assert torch.equal(torch.rand(3), expected)  # building the critic drew nothing
+    assert isinstance(module.discriminator, PatchDiscriminator)
 
 
 def test_experiment_config_builds_the_module_on_monai_parts(tmp_path):

@@ -35,9 +35,12 @@ class AdversarialDoseModule(DoseModule):
     Args:
         *args: :class:`DoseModule`'s ``net, loss, optimizer, scheduler``; ``optimizer``
             and ``scheduler`` drive the dose network (the generator).
-        discriminator: maps (B, C + 1, Z, Y, X) ``[image, dose]`` to a list of features
+        discriminator: builds the critic (a partial, ``_partial_: true`` in the config),
+            a network mapping (B, C + 1, Z, Y, X) ``[image, dose]`` to a list of features
             whose last entry is the (B, 1, z, y, x) patch logits (MONAI
-            ``PatchDiscriminator``). Inputs need at
+            ``PatchDiscriminator``). It is built on a forked RNG stream, so one seed gives
+            the same dose network, data order and warm-up epochs as without a critic.
+            Inputs need at
             least ``2 ** (num_layers_d + 1)`` voxels a side (instance norm needs more than
             one voxel per channel).
         adversarial_loss: ``loss(logits, target_is_real, for_discriminator)``; default
@@ -56,7 +59,7 @@ class AdversarialDoseModule(DoseModule):
     def __init__(
         self,
         *args: Any,
-        discriminator: nn.Module,
+        discriminator: Callable[[], nn.Module],
         adversarial_loss: nn.Module | None = None,
         adversarial_weight: float = 0.01,
         warmup_epochs: int = 0,
@@ -68,7 +71,8 @@ class AdversarialDoseModule(DoseModule):
         if warmup_epochs < 0:
             raise ValueError(f"warmup_epochs must be >= 0, got {warmup_epochs}")
         self.automatic_optimization = False
-        self.discriminator = discriminator
+        with torch.random.fork_rng(devices=[]):
+            self.discriminator = discriminator()
         self.adversarial_loss = adversarial_loss or least_squares_gan()
         self.adversarial_weight = float(adversarial_weight)
         self.warmup_epochs = int(warmup_epochs)
