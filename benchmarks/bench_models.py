@@ -48,7 +48,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from vmatdose.config import CONFIG_DIR  # noqa: E402
+from vmatdose.config import CONFIG_DIR, input_channels  # noqa: E402
 from vmatdose.models.flow import network_evaluations  # noqa: E402
 from vmatdose.training.generative import (  # noqa: E402
     FlowMatchingDoseModule,
@@ -73,8 +73,7 @@ def build(name: str, root: str, device: torch.device, with_loss: bool):
                                           "model.val_gamma=null"])
     loss = hydra.utils.instantiate(cfg.loss) if with_loss else None
     module = hydra.utils.instantiate(cfg.model, loss=loss).to(device)
-    channels = cfg.model.net.get("in_channels") or cfg.model.net.get("condition_channels")
-    return module, int(channels)
+    return module, input_channels(cfg.protocol.structures, cfg.data.signed_distance)
 
 
 def synthetic_batch(channels: int, size: int, device: torch.device) -> dict[str, Any]:

@@ -22,11 +22,12 @@ def options(group: str) -> list[str]:
     return sorted(p.stem for p in (Path(CONFIG_DIR) / group).glob("*.yaml"))
 
 
-@pytest.mark.parametrize("group", ["data", "model", "loss", "trainer", "logger", "callbacks",
-                                   "evaluation", "experiment", "debug", "hparams_search"])
+@pytest.mark.parametrize("group", ["data", "model", "optimizer", "loss", "trainer", "logger",
+                                   "callbacks", "evaluation", "experiment", "debug",
+                                   "hparams_search"])
 def test_every_option_of_every_group_composes_and_resolves(tmp_path, group):
     opts = options(group)
-    if group in ("data", "model", "loss", "trainer", "logger", "callbacks"):
+    if group in ("data", "model", "optimizer", "loss", "trainer", "logger", "callbacks"):
         assert opts, f"config group {group} is empty"
     for option in opts:
         cfg = compose_train(tmp_path, [f"{group}={option}"])
@@ -42,6 +43,17 @@ def test_default_train_config_instantiates_every_object(tmp_path):
     assert model.net.in_channels == 1 + len(cfg.data.structures)
     trainer_precision = cfg.trainer.precision
     assert trainer_precision in ("32-true", "bf16-mixed")
+
+
+@pytest.mark.parametrize("model, lr", [("unet", 2e-3), ("dynunet", 2e-3), ("ddpm", 1e-3),
+                                       ("flow_matching", 1e-3)])
+def test_optimizer_group_feeds_every_model_which_may_set_its_learning_rate(tmp_path, model, lr):
+    cfg = compose_train(tmp_path, [f"model={model}", "trainer.max_epochs=7"])
+    assert cfg.model.optimizer._target_ == "torch.optim.AdamW"
+    assert (cfg.model.optimizer.lr, cfg.model.optimizer.weight_decay) == (lr, 1e-4)
+    assert cfg.model.scheduler.T_max == 7
+    constant = compose_train(tmp_path, [f"model={model}", "optimizer=adamw_constant"])
+    assert constant.model.scheduler is None and constant.model.optimizer.lr == lr
 
 
 def test_user_config_folder_via_searchpath(tmp_path):

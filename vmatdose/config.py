@@ -15,10 +15,11 @@ from omegaconf import ListConfig, OmegaConf
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 
-def input_channels(structures: list, signed_distance: bool) -> int:
-    """Network input channels: CT + one mask per structure (+ one SDF per structure)."""
+def input_channels(structures: list, signed_distance: bool, extra: int = 0) -> int:
+    """Network input channels: CT + one mask per structure (+ one SDF per structure), plus
+    ``extra`` (the dose channel of networks that also see a dose: critic, denoiser)."""
     n = len(structures)
-    return 1 + n + (n if signed_distance else 0)
+    return 1 + n + (n if signed_distance else 0) + int(extra)
 
 
 def auto_precision(accelerator: str) -> str:

@@ -57,6 +57,21 @@ def test_constraints_become_objectives():
         DVHLoss(["PTV70"], PRESCRIPTIONS, SCALE_GY)
 
 
+def test_constraints_use_the_metric_grammar_of_the_evaluation():
+    # one parser (vmatdose.metrics.dvh.parse_dvh_metric): spelling variants and Dmin too
+    rx = PRESCRIPTIONS
+    d95 = constraint_objective({"structure": "PTV70", "metric": "d_95 %", "op": ">=",
+                                "limit": 66.5}, rx)
+    assert (d95.quantity, d95.level, d95.upper) == ("percentile", 5.0, False)
+    v70 = constraint_objective({"structure": "Rectum", "metric": "v70gy", "op": "<",
+                                "limit": 15.0}, rx)
+    assert (v70.level, v70.limit) == (85.0, 70.0)
+    dmin = constraint_objective({"structure": "PTV56", "metric": "DMIN", "op": ">",
+                                 "limit": 50.0}, rx)
+    assert (dmin.quantity, dmin.level, dmin.limit, dmin.upper) == ("percentile", 0.0, 50.0,
+                                                                    False)
+
+
 def test_zero_when_every_goal_is_met():
     batch = box_batch()
     loss = dvh_loss()

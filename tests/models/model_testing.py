@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import hydra
-import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
@@ -16,10 +15,6 @@ MODEL_CONFIGS = sorted(p.stem for p in (Path(CONFIG_DIR) / "model").glob("*.yaml
 GENERATIVE = ("ddpm", "flow_matching")
 #: Phantom data config: CT + 7 structure masks.
 N_CHANNELS = 8
-#: Tests that combine a model with the adversarial loss (developed alongside, in conf/loss).
-needs_adversarial_loss = pytest.mark.skipif(
-    not (Path(CONFIG_DIR) / "loss" / "adversarial.yaml").is_file(),
-    reason="conf/loss/adversarial.yaml is not in this checkout")
 
 
 def model_config(name: str, root: Path, *overrides: str) -> DictConfig:

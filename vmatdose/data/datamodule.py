@@ -105,11 +105,6 @@ class DoseDataModule(L.LightningDataModule):
         self.eval_transform = build_transforms(self.structures, self.dose_scale_gy,
                                                train=False, **common)
 
-    @property
-    def num_input_channels(self) -> int:
-        n = len(self.structures)
-        return 1 + n + (n if self.signed_distance else 0)
-
     def prepare_data(self) -> None:
         if not list_case_files(self.cases_dir) and self.generator is not None:
             self.generator(output_dir=str(self.cases_dir))

@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from vmatdose.data.atomic import atomic_path
 from vmatdose.data.case import Case
 from vmatdose.evaluation import figures
 from vmatdose.evaluation.baseline import StructureMeanBaseline
@@ -173,7 +174,8 @@ def run_suite(pairs: Iterable[tuple], settings: EvaluationSettings,
         "constraints": constraint_summary([c for r in results for c in r.constraint_rows]),
         "dvh": _dvh_summary(dvh_table),
     }
-    (output_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=_json))
+    with atomic_path(output_dir / "summary.json", ".json.tmp") as tmp:
+        tmp.write_text(json.dumps(summary, indent=2, default=_json), encoding="utf-8")
     if settings.figures:
         stem = output_dir / "figures" / "structure_errors"
         figure_paths += figures.save_figure(

@@ -1,22 +1,18 @@
 """Composable dose-prediction losses (see :class:`CompositeLoss`)."""
 
-from vmatdose.losses.adversarial import AdversarialLoss
 from vmatdose.losses.composite import CompositeLoss
 from vmatdose.losses.dvh import DVHLoss, DVHMatchLoss
 from vmatdose.losses.gradient import GradientLoss
-from vmatdose.losses.patch_discriminator import PatchDiscriminator3D
 from vmatdose.losses.perceptual import PerceptualLoss
 from vmatdose.losses.structure_weighted import StructureWeightedLoss
 from vmatdose.losses.vgg import VGG16Features
 from vmatdose.losses.voxel import VoxelLoss
 
 __all__ = [
-    "AdversarialLoss",
     "CompositeLoss",
     "DVHLoss",
     "DVHMatchLoss",
     "GradientLoss",
-    "PatchDiscriminator3D",
     "PerceptualLoss",
     "StructureWeightedLoss",
     "VGG16Features",

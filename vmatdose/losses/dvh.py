@@ -2,8 +2,8 @@
 
 * :class:`DVHLoss` penalises the predicted dose for missing the data set's goals: target
   D95 below the prescription, target D2 above the hot limit (e.g. 107 % of it), and each
-  structure constraint of the data config (``V<x>Gy``, ``V<x>%``, ``Dmax``, ``Dmean``,
-  ``D<x>%``). Dose errors are divided by the highest prescription and volume errors are
+  structure constraint of the data config (``V<x>Gy``, ``V<x>%``, ``Dmax``, ``Dmin``,
+  ``Dmean``, ``D<x>%``, parsed by :func:`vmatdose.metrics.dvh.parse_dvh_metric`). Dose errors are divided by the highest prescription and volume errors are
   fractions, so every penalty is on the scale of the normalised voxel loss.
 * :class:`DVHMatchLoss` is the founding project's DVH-aware term: the mean absolute
   difference between the predicted and the reference plan's smoothed cumulative DVHs.
@@ -14,7 +14,6 @@ normalised dose to Gy with ``batch["dose_scale_gy"]``.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -22,9 +21,11 @@ import torch
 from torch import nn
 
 from vmatdose.losses.soft_dvh import smooth_percentile, soft_cumulative_dvh
+from vmatdose.metrics.dvh import DVHMetric, parse_dvh_metric
 
 _UPPER_OPS, _LOWER_OPS = ("<", "<="), (">", ">=")
-_NUMBER = r"(\d+(?:\.\d+)?)"
+#: max / min dose as the percentile of the structure's voxel doses they are
+_STAT_PERCENTILES = {"Dmax": 100.0, "Dmin": 0.0}
 
 
 @dataclass(frozen=True)
@@ -82,30 +83,32 @@ def constraint_objective(constraint: Mapping, prescriptions_gy: Mapping[str, flo
                          f"{_UPPER_OPS + _LOWER_OPS}")
     upper = op in _UPPER_OPS
     label = f"{name} {metric} {op} {limit:g}"
-    if metric == "Dmax":
-        return Objective(name, "percentile", 100.0, limit, upper, label)
-    if metric == "Dmean":
+    spec = parse_dvh_metric(metric)
+    if spec.quantity in _STAT_PERCENTILES:
+        return Objective(name, "percentile", _STAT_PERCENTILES[spec.quantity], limit, upper,
+                         label)
+    if spec.quantity == "Dmean":
         return Objective(name, "mean", 0.0, limit, upper, label)
-    if match := re.fullmatch(rf"D{_NUMBER}%", metric):
-        return Objective(name, "percentile", 100.0 - float(match[1]), limit, upper, label)
-    level_gy = _volume_metric_level(name, metric, prescriptions_gy)
+    if spec.quantity == "D" and spec.unit == "%":
+        return Objective(name, "percentile", 100.0 - spec.value, limit, upper, label)
+    if spec.quantity != "V":
+        raise ValueError(f"unsupported DVH metric {metric!r} for {name} in a DVH loss: use "
+                         "V<x>Gy, V<x>%, Dmax, Dmin, Dmean or D<x>%")
+    level_gy = _volume_metric_level(name, spec, prescriptions_gy)
     if volume_as_dose:
         return Objective(name, "percentile", 100.0 - limit, level_gy, upper, label)
     return Objective(name, "volume", level_gy, limit / 100.0, upper, label)
 
 
-def _volume_metric_level(name: str, metric: str, prescriptions_gy: Mapping[str, float]
+def _volume_metric_level(name: str, spec: DVHMetric, prescriptions_gy: Mapping[str, float]
                          ) -> float:
     """Dose level (Gy) of ``V<x>Gy`` or ``V<x>%`` (x % of the structure's prescription)."""
-    if match := re.fullmatch(rf"V{_NUMBER}Gy", metric):
-        return float(match[1])
-    if match := re.fullmatch(rf"V{_NUMBER}%", metric):
-        if name not in prescriptions_gy:
-            raise ValueError(f"{name} {metric}: a V<x>% metric needs a prescription for "
-                             f"{name}; prescriptions are {dict(prescriptions_gy)}")
-        return float(match[1]) / 100.0 * float(prescriptions_gy[name])
-    raise ValueError(f"unsupported DVH metric {metric!r} for {name}: use V<x>Gy, V<x>%, "
-                     "Dmax, Dmean or D<x>%")
+    if not spec.needs_prescription:
+        return float(spec.value)
+    if name not in prescriptions_gy:
+        raise ValueError(f"{name} {spec.name}: a V<x>% metric needs a prescription for "
+                         f"{name}; prescriptions are {dict(prescriptions_gy)}")
+    return float(spec.value) / 100.0 * float(prescriptions_gy[name])
 
 
 def structure_doses_gy(pred: torch.Tensor, batch: Mapping) -> tuple[torch.Tensor,

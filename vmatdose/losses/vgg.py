@@ -6,6 +6,12 @@ them). The feature stack is a plain ``nn.Sequential`` of 3x3 convolutions, ReLUs
 max-pools, so it is rebuilt here with torchvision's exact indices: the keys
 ``features.<i>.weight`` / ``features.<i>.bias`` of a torchvision ``vgg16`` state_dict (e.g.
 ``vgg16-397923af.pth``) load into it unchanged. Nothing is ever downloaded.
+
+Checked against the kept libraries (MONAI 1.6.1, 2026-12): MONAI's
+``monai.losses.PerceptualLoss`` offers VGG only through the ``lpips`` package (not
+installed, and it fetches its own weights) and its other networks through ``torch.hub``
+downloads (MedicalNet, RadImageNet) or torchvision (ResNet50); no installed package ships a
+VGG16 that loads weights from a local path without torchvision. So the stack stays here.
 """
 
 from __future__ import annotations

@@ -1,4 +1,7 @@
-"""Denoising diffusion maths on MONAI's schedulers: DDPM targets, x0 estimates, DDIM sampling.
+"""Denoising diffusion maths on MONAI's schedulers: DDPM training targets and x0 estimates.
+
+Sampling is MONAI's: :class:`~monai.inferers.DiffusionInferer` with concatenation
+conditioning over :class:`~monai.networks.schedulers.DDIMScheduler` steps.
 
 Notation: ``clean`` is the data sample x0 (the dose in the model's [-1, 1] range),
 ``noisy`` the diffused x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, ``abar`` the
@@ -7,15 +10,10 @@ cumulative product of the scheduler's alphas.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
-from monai.networks.schedulers import DDIMScheduler, Scheduler
+from monai.networks.schedulers import Scheduler
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
-
-#: ``denoiser(noisy (B, 1, Z, Y, X), timesteps (B,)) -> network output (B, 1, Z, Y, X)``
-Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def alpha_bar(scheduler: Scheduler, timesteps: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -34,8 +32,7 @@ def training_target(scheduler: Scheduler, clean: torch.Tensor, noise: torch.Tens
     if kind == "sample":
         return clean
     if kind == "v_prediction":
-        abar = alpha_bar(scheduler, timesteps, clean)
-        return abar.sqrt() * noise - (1 - abar).sqrt() * clean
+        return scheduler.get_velocity(clean, noise, timesteps)
     raise ValueError(f"unknown prediction_type {kind!r}; choose one of {PREDICTION_TYPES}")
 
 
@@ -51,25 +48,3 @@ def predicted_clean(scheduler: Scheduler, output: torch.Tensor, noisy: torch.Ten
     if kind == "v_prediction":
         return abar.sqrt() * noisy - (1 - abar).sqrt() * output
     raise ValueError(f"unknown prediction_type {kind!r}; choose one of {PREDICTION_TYPES}")
-
-
-@torch.no_grad()
-def ddim_sample(denoiser: Denoiser, scheduler: DDIMScheduler, noise: torch.Tensor,
-                steps: int) -> torch.Tensor:
-    """Deterministic DDIM (eta = 0) from pure noise x_T to x0.
-
-    Args:
-        denoiser: the conditioned network, see :data:`Denoiser`.
-        scheduler: MONAI DDIM scheduler with the training noise schedule.
-        noise: (B, 1, Z, Y, X) x_T ~ N(0, I), float32; all randomness of the sample.
-        steps: number of denoising steps (network evaluations).
-    Returns:
-        (B, 1, Z, Y, X) float32 sample in the model's [-1, 1] range.
-    """
-    scheduler.set_timesteps(steps)
-    x = noise
-    for t in scheduler.timesteps.tolist():
-        timesteps = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-        output = denoiser(x, timesteps).float()
-        x, _ = scheduler.step(output, t, x, eta=0.0)
-    return x.float()

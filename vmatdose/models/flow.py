@@ -1,8 +1,10 @@
-"""Rectified flow (flow matching on straight paths) and its ODE samplers.
+"""Rectified flow (flow matching on straight paths) on MONAI's :class:`RFlowScheduler`.
 
-Convention: time runs from noise to data. With x0 ~ N(0, I) and x1 the data sample (the
-dose in the model's [-1, 1] range), x_t = (1 - t) x0 + t x1 and the velocity to learn is
-v = x1 - x0 (constant along each straight path).
+MONAI's convention: timestep t in [0, T] counts noise, x_t = (1 - t/T) x1 + (t/T) eps
+(``RFlowScheduler.add_noise``), and the network predicts the velocity v = x1 - eps that
+carries noise (t = T) to the data x1 (t = 0). Euler sampling is
+:class:`~monai.inferers.DiffusionInferer` over ``RFlowScheduler.step``. MONAI has no
+higher-order solver, so Heun's (Karras et al. 2022) is here, built on the same ``step``.
 """
 
 from __future__ import annotations
@@ -10,75 +12,66 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from monai.networks.schedulers import RFlowScheduler
 
 SOLVERS = ("euler", "heun")
 
-#: ``velocity(x_t (B, 1, Z, Y, X), t (B,) in [0, 1]) -> v (B, 1, Z, Y, X)``
+#: ``velocity(x_t (B, 1, Z, Y, X), timesteps (B,) in [0, T]) -> v (B, 1, Z, Y, X)``
 Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def _per_sample(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return t.to(like).reshape(-1, *([1] * (like.ndim - 1)))
+def rflow_scheduler(num_train_timesteps: int = 1000) -> RFlowScheduler:
+    """MONAI's rectified-flow scheduler with discrete timesteps, usable as a submodule.
+
+    MONAI 1.6's ``RFlowScheduler.__init__`` never calls ``nn.Module.__init__`` (its other
+    schedulers do), so a LightningModule holding one fails in ``train()``/``to()``; the
+    missing module state is added here.
+    """
+    scheduler = RFlowScheduler(num_train_timesteps=num_train_timesteps)
+    if "_modules" not in scheduler.__dict__:
+        torch.nn.Module.__init__(scheduler)
+    return scheduler
 
 
-def interpolate(noise: torch.Tensor, data: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """x_t = (1 - t) x0 + t x1 with ``t`` of shape (B,) broadcast over the volume."""
-    tt = _per_sample(t, data)
-    return (1 - tt) * noise + tt * data
+def predicted_data(noisy: torch.Tensor, velocity: torch.Tensor, timesteps: torch.Tensor,
+                   num_train_timesteps: int) -> torch.Tensor:
+    """One Euler jump to t = 0: x1_hat = x_t + (t / T) v_hat (``timesteps`` (B,))."""
+    t = timesteps.to(noisy).reshape(-1, *([1] * (noisy.ndim - 1))) / num_train_timesteps
+    return noisy + t * velocity
 
 
-def target_velocity(noise: torch.Tensor, data: torch.Tensor) -> torch.Tensor:
-    """v = x1 - x0, the straight path's velocity."""
-    return data - noise
-
-
-def predicted_data(state: torch.Tensor, velocity: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """One Euler jump to t = 1: x1_hat = x_t + (1 - t) v_hat."""
-    return state + (1 - _per_sample(t, state)) * velocity
-
-
-def _times(steps: int, x: torch.Tensor) -> torch.Tensor:
-    return torch.linspace(0.0, 1.0, steps + 1, device=x.device)
+def step_pairs(scheduler: RFlowScheduler) -> list[tuple[int, int]]:
+    """(t, next t) of every step of the scheduler's inference grid, ending at 0."""
+    times = scheduler.timesteps.tolist()
+    return list(zip(times, times[1:] + [0]))
 
 
 @torch.no_grad()
-def integrate(velocity: Velocity, noise: torch.Tensor, steps: int,
-              solver: str = "euler") -> torch.Tensor:
-    """Integrate dx/dt = v(x, t) from t = 0 (``noise``) to t = 1 on a uniform grid.
-
-    ``euler`` uses ``steps`` network evaluations. ``heun`` (2nd order) adds a corrector
-    evaluation at the end of every step but the last, which is a plain Euler step (as in
-    Karras et al. 2022), so the network is never queried at t = 1: 2 * steps - 1
-    evaluations.
+def heun_sample(velocity: Velocity, scheduler: RFlowScheduler,
+                noise: torch.Tensor) -> torch.Tensor:
+    """Heun (2nd order) integration from ``noise`` (t = T) to data over the scheduler's
+    grid (``set_timesteps`` first): an Euler predictor, then the step taken with the mean
+    of both end velocities. The last step stays Euler, so the network is never queried at
+    t = 0: 2 * steps - 1 evaluations.
 
     Args:
         velocity: the conditioned velocity network, see :data:`Velocity`.
-        noise: (B, 1, Z, Y, X) x0 ~ N(0, I), float32; all randomness of the sample.
-        steps: number of time steps (>= 1).
-        solver: ``euler`` or ``heun``.
+        noise: (B, 1, Z, Y, X) float32; all randomness of the sample.
     Returns:
-        (B, 1, Z, Y, X) float32 sample x1.
+        (B, 1, Z, Y, X) float32 sample.
     """
-    if solver not in SOLVERS:
-        raise ValueError(f"unknown solver {solver!r}; choose one of {SOLVERS}")
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    times = _times(steps, noise)
     x = noise.float()
-    batch = x.shape[0]
-    for i in range(steps):
-        t, t_next = times[i], times[i + 1]
-        dt = t_next - t
-        v = velocity(x, t.expand(batch)).float()
-        if solver == "euler" or i == steps - 1:
-            x = x + dt * v
-            continue
-        x_pred = x + dt * v
-        v_next = velocity(x_pred, t_next.expand(batch)).float()
-        x = x + dt * 0.5 * (v + v_next)
+    pairs = step_pairs(scheduler)
+    for i, (t, t_next) in enumerate(pairs):
+        v = velocity(x, torch.full((x.shape[0],), t, device=x.device)).float()
+        x_euler, _ = scheduler.step(v, t, x, t_next)
+        if i == len(pairs) - 1:
+            return x_euler
+        v_next = velocity(x_euler, torch.full((x.shape[0],), t_next, device=x.device)).float()
+        x, _ = scheduler.step(0.5 * (v + v_next), t, x, t_next)
     return x
 
 
 def network_evaluations(steps: int, solver: str) -> int:
-    """Network calls :func:`integrate` makes for ``steps`` steps of ``solver``."""
+    """Network calls of ``steps`` steps of ``solver``."""
     return steps if solver == "euler" else 2 * steps - 1

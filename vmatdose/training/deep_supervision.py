@@ -3,16 +3,20 @@
 MONAI's :class:`~monai.networks.nets.DynUNet` with ``deep_supervision=True`` returns, in
 training mode, the main output and ``deep_supr_num`` lower-resolution heads (upsampled to
 full size) stacked on dim 1: (B, 1 + deep_supr_num, 1, Z, Y, X). In eval mode it returns
-the main output only.
+the main output only. The weighted sum over heads is MONAI's
+:class:`~monai.losses.DeepSupervisionLoss`, around the composite loss.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+from monai.losses import DeepSupervisionLoss
+from torch import nn
 
+from vmatdose.losses import CompositeLoss
 from vmatdose.training.module import DoseModule
 
 
@@ -25,20 +29,28 @@ def normalised_weights(weights: Sequence[float]) -> list[float]:
     return [float(w) / total for w in weights]
 
 
-def halving_weights(n_heads: int) -> list[float]:
-    """nnU-Net's default: 1, 1/2, 1/4, ... for the main head and then coarser heads."""
-    return [0.5 ** i for i in range(n_heads)]
+class HeadLoss(nn.Module):
+    """A :class:`CompositeLoss` seen as ``loss(head, target)`` for
+    :class:`DeepSupervisionLoss`; it scores each head against ``batch`` and keeps each
+    head's ``(total, terms)`` for logging."""
+
+    def __init__(self, loss: CompositeLoss, batch: Mapping):
+        super().__init__()
+        self.loss, self.batch = loss, batch
+        self.per_head: list[tuple[torch.Tensor, dict[str, torch.Tensor]]] = []
+
+    def forward(self, head: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        total, terms = self.loss(head, self.batch)
+        self.per_head.append((total.detach(), terms))
+        return total
 
 
 class DeepSupervisionDoseModule(DoseModule):
     """:class:`DoseModule` for networks that return stacked auxiliary heads in training.
 
-    With an adversarial loss term, training uses :class:`DoseModule`'s adversarial step on
-    the main head alone (the auxiliary heads get no loss).
-
     Args:
         head_weights: loss weight of each head, main head first (normalised to sum 1);
-            ``None`` halves the weight per head (1, 1/2, 1/4, ...).
+            ``None``: MONAI's ``exp`` weights (1, 1/2, 1/4, ...), normalised.
         *args, **kwargs: :class:`DoseModule` arguments.
     """
 
@@ -48,7 +60,7 @@ class DeepSupervisionDoseModule(DoseModule):
 
     def weights_for(self, n_heads: int) -> list[float]:
         """Normalised weights for ``n_heads`` outputs (checks the configured count)."""
-        weights = self.head_weights or halving_weights(n_heads)
+        weights = self.head_weights or DeepSupervisionLoss(nn.L1Loss()).get_weights(n_heads)
         if len(weights) != n_heads:
             raise ValueError(f"{len(weights)} head_weights for a network with {n_heads} "
                              "outputs (main head + deep_supr_num)")
@@ -60,19 +72,14 @@ class DeepSupervisionDoseModule(DoseModule):
         return out[:, 0] if out.ndim == image.ndim + 1 else out
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        if getattr(self, "adversarial_term", None) is not None:
-            # DoseModule's adversarial (manual-optimisation) step sees the main head only.
-            return super().training_step(batch, batch_idx)
+        """Weighted loss over every head; logs the main head's terms and ``head<i>``
+        totals of the auxiliary heads."""
         out = self.net(batch["image"])
-        heads = out.unbind(dim=1) if out.ndim == batch["image"].ndim + 1 else (out,)
-        total = out.new_zeros(())
-        terms: dict[str, torch.Tensor] = {}
-        for i, (weight, head) in enumerate(zip(self.weights_for(len(heads)), heads)):
-            head_total, head_terms = self.loss(head, batch)
-            total = total + weight * head_total
-            if i == 0:
-                terms.update(head_terms)
-            else:
-                terms[f"head{i}"] = head_total
+        heads = list(out.unbind(dim=1)) if out.ndim == batch["image"].ndim + 1 else [out]
+        head_loss = HeadLoss(self.loss, batch)
+        total = DeepSupervisionLoss(head_loss, weights=self.weights_for(len(heads)))(
+            heads, batch["dose"])
+        (_, terms), *auxiliary = head_loss.per_head
+        terms = {**terms, **{f"head{i}": t for i, (t, _) in enumerate(auxiliary, start=1)}}
         self._log_loss("train", total, terms, batch["image"].shape[0])
         return total

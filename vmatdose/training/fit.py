@@ -41,20 +41,6 @@ def best_checkpoint(trainer: L.Trainer) -> str | None:
     return callback.best_model_path or callback.last_model_path or None
 
 
-def trainer_overrides(cfg: DictConfig, model: L.LightningModule) -> dict:
-    """Trainer arguments the model needs changed.
-
-    A model that optimises manually (an adversarial loss term: generator and discriminator
-    steps) clips its own gradients; Lightning refuses ``trainer.gradient_clip_val`` then,
-    so it is dropped with a note instead of failing the run.
-    """
-    if model.automatic_optimization or not cfg.trainer.get("gradient_clip_val"):
-        return {}
-    log.info("manual optimisation: trainer.gradient_clip_val=%s is not used; the model "
-             "clips its own gradients", cfg.trainer.gradient_clip_val)
-    return {"gradient_clip_val": None}
-
-
 def checked_datamodule(cfg: DictConfig) -> tuple[L.LightningDataModule, dict]:
     """The data module of ``cfg.data`` with every case file of every split checked
     against the protocol (before any model is built), and the checkpoint contract."""
@@ -72,8 +58,8 @@ def fit(cfg: DictConfig, output_dir: str | Path) -> tuple[L.Trainer, L.Lightning
     """Build data, model, loss, trainer from ``cfg`` and fit."""
     L.seed_everything(cfg.seed, workers=True)
     datamodule, contract = checked_datamodule(cfg)
-    # Loss terms with random initialisation (a discriminator) draw from their own RNG
-    # stream, so one seed gives the same initial network whatever the loss.
+    # Loss terms with random initialisation draw from their own RNG stream, so one seed
+    # gives the same initial network whatever the loss.
     with torch.random.fork_rng(devices=[]):
         loss = hydra.utils.instantiate(cfg.loss)
     model = hydra.utils.instantiate(cfg.model, loss=loss)
@@ -81,8 +67,7 @@ def fit(cfg: DictConfig, output_dir: str | Path) -> tuple[L.Trainer, L.Lightning
     n_params = sum(p.numel() for p in model.parameters())
     log.info("model %s: %.2f M parameters", type(model.net).__name__, n_params / 1e6)
     trainer = hydra.utils.instantiate(cfg.trainer, callbacks=instantiate_dict(cfg.callbacks),
-                                      logger=instantiate_dict(cfg.get("logger")) or False,
-                                      **trainer_overrides(cfg, model))
+                                      logger=instantiate_dict(cfg.get("logger")) or False)
     for logger in trainer.loggers:  # the composed config, for every tracker
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))

@@ -2,14 +2,15 @@
 
 * :class:`DiffusionDoseModule`: conditional DDPM (MONAI ``DDPMScheduler``) trained to predict
   the noise, v or the dose; sampled with deterministic DDIM (MONAI ``DDIMScheduler``).
-* :class:`FlowMatchingDoseModule`: rectified flow trained to predict the velocity from noise
-  to dose; sampled with Euler or Heun steps.
+* :class:`FlowMatchingDoseModule`: rectified flow (MONAI ``RFlowScheduler``) trained to
+  predict the velocity from noise to dose; sampled with Euler or Heun steps.
 
-Both diffuse the dose mapped to [-1, 1] (``dose_max`` -> +1), are conditioned on the batch
-``image`` by channel concatenation (:class:`vmatdose.models.conditional_unet.
-ConditionalDiffusionUNet`), predict whole volumes as an ensemble of samples (mean dose and
-per-voxel standard deviation), and draw all sampling noise from a ``torch.Generator`` seeded
-with ``sampling_seed`` so predictions repeat exactly.
+Both diffuse the dose mapped to [-1, 1] (``dose_max`` -> +1) with a MONAI
+``DiffusionModelUNet`` conditioned on the batch ``image`` by channel concatenation
+(MONAI ``DiffusionInferer``, ``mode="concat"``: network input ``[state, image]``), predict
+whole volumes as an ensemble of samples (mean dose and per-voxel standard deviation), and
+draw all noise from a ``torch.Generator`` seeded with ``sampling_seed`` so predictions
+repeat exactly.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from typing import Any
 
 import torch
 from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
-from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
+from monai.inferers import DiffusionInferer
+from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, Scheduler
 from torch import nn
 from torch.nn import functional as F
 
@@ -57,20 +59,12 @@ def ensemble_std(samples: torch.Tensor) -> torch.Tensor:
     return samples.std(dim=0, correction=1)
 
 
-def has_discriminator(loss: CompositeLoss | None) -> bool:
-    """Whether a weighted term of ``loss`` trains a discriminator (an adversarial loss)."""
-    if loss is None:
-        return False
-    return any(isinstance(getattr(term, "discriminator", None), nn.Module)
-               and loss.weights.get(name, 1.0) != 0 for name, term in loss.terms.items())
-
-
 class GenerativeDoseModule(DoseModule, abc.ABC):
     """Shared training, sampling and validation logic of the generative dose models.
 
     Args:
-        net: a :class:`~vmatdose.models.conditional_unet.ConditionalDiffusionUNet`
-            (``net(state, condition, timesteps)``).
+        net: a MONAI :class:`~monai.networks.nets.DiffusionModelUNet` with
+            ``in_channels`` = 1 (the diffused dose) + the ``image`` channels, one output.
         loss: voxel loss terms, used on the validation samples (as for every model) and,
             with ``loss_on_x0_weight`` > 0, on the network's one-step dose estimate in
             training. ``None`` for inference only.
@@ -109,14 +103,12 @@ class GenerativeDoseModule(DoseModule, abc.ABC):
         val_gamma: Mapping | None = None,
         **kwargs: Any,
     ):
-        if has_discriminator(loss):
-            raise ValueError("adversarial loss terms are not supported by generative models")
         super().__init__(net, loss, optimizer, scheduler, divisible_by=divisible_by,
                          val_gamma=val_gamma, **kwargs)
         if self.inference_patch_size:
             raise ValueError("generative models sample whole volumes; set "
                              "model.inference_patch_size=null")
-        factor = int(getattr(net, "downsample_factor", 1))
+        factor = 2 ** (len(net.block_out_channels) - 1)
         if divisible_by % factor:
             raise ValueError(f"divisible_by={divisible_by} is not a multiple of the network's "
                              f"downsampling factor {factor}")
@@ -131,21 +123,19 @@ class GenerativeDoseModule(DoseModule, abc.ABC):
         self.dose_max = float(dose_max)
         self._val_cases_seen = 0
 
-    # -- what a generative model defines ------------------------------------------------
+    # -- what a generative model defines
+
+    @property
+    @abc.abstractmethod
+    def train_scheduler(self) -> Scheduler:
+        """The MONAI scheduler that noises the training samples (``add_noise``)."""
 
     @abc.abstractmethod
-    def objective(self, clean: torch.Tensor, condition: torch.Tensor,
-                  generator: torch.Generator | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Training objective on one batch.
-
-        Args:
-            clean: (B, 1, Z, Y, X) dose in the model range [-1, 1].
-            condition: (B, C, Z, Y, X) the batch ``image``.
-            generator: CPU generator for the noise and times (``None``: global RNG).
-        Returns:
-            (scalar loss, (B, 1, Z, Y, X) one-step estimate of ``clean``).
-        """
+    def target_and_estimate(self, clean: torch.Tensor, noise: torch.Tensor,
+                            noisy: torch.Tensor, output: torch.Tensor,
+                            timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(what the network should have output, its one-step estimate of ``clean``) for
+        the network ``output`` at ``noisy``; all (B, 1, Z, Y, X), ``timesteps`` (B,)."""
 
     @abc.abstractmethod
     def sample(self, noise: torch.Tensor, condition: torch.Tensor, steps: int) -> torch.Tensor:
@@ -168,6 +158,42 @@ class GenerativeDoseModule(DoseModule, abc.ABC):
         if generator is None:
             return torch.rand(n, device=like.device)
         return torch.rand(n, generator=generator).to(like.device)
+
+    def objective(self, clean: torch.Tensor, condition: torch.Tensor,
+                  generator: torch.Generator | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training objective on one batch: MSE between the network output and its target
+        at a uniform random training step.
+
+        Args:
+            clean: (B, 1, Z, Y, X) dose in the model range [-1, 1].
+            condition: (B, C, Z, Y, X) the batch ``image``.
+            generator: CPU generator for the noise and times (``None``: global RNG).
+        Returns:
+            (scalar loss, (B, 1, Z, Y, X) one-step estimate of ``clean`` in [-1, 1]).
+        """
+        scheduler = self.train_scheduler
+        noise = self.randn(clean.shape, clean, generator)
+        t = (self.rand(clean.shape[0], clean, generator) * scheduler.num_train_timesteps).long()
+        t = t.clamp_max(scheduler.num_train_timesteps - 1)
+        output = self.inferer(clean, self.net, noise, t, condition=condition.to(clean.dtype),
+                              mode="concat").float()
+        noisy = scheduler.add_noise(clean, noise, t)
+        target, clean_hat = self.target_and_estimate(clean, noise, noisy, output, t)
+        return F.mse_loss(output, target), clean_hat.clamp(-1.0, 1.0)
+
+    def denoise(self, state: torch.Tensor, condition: torch.Tensor,
+                timesteps: torch.Tensor) -> torch.Tensor:
+        """Network output (B, 1, Z, Y, X) at ``state`` given the ``image`` channels."""
+        return self.net(torch.cat([state, condition.to(state.dtype)], dim=1),
+                        timesteps=timesteps).float()
+
+    def inferer_sample(self, scheduler: Scheduler, noise: torch.Tensor,
+                       condition: torch.Tensor) -> torch.Tensor:
+        """MONAI's sampling loop over ``scheduler``'s steps, concatenation conditioning."""
+        return self.inferer.sample(noise, self.net, scheduler=scheduler,
+                                   conditioning=condition.to(noise.dtype), mode="concat",
+                                   verbose=False).float()
 
     # -- inference ----------------------------------------------------------------------
 
@@ -202,6 +228,9 @@ class GenerativeDoseModule(DoseModule, abc.ABC):
         default_steps, default_n = self.sampling_budget()
         steps = steps or default_steps
         n = ensemble_size or default_n
+        if image.shape[1] + 1 != self.net.in_channels:
+            raise ValueError(f"expected {self.net.in_channels - 1} condition channels, "
+                             f"got {image.shape[1]}")
         condition, crop = pad_to_multiple(image, self.divisible_by)
         shape = torch.Size((condition.shape[0], 1, *condition.shape[2:]))
         generator = torch.Generator().manual_seed(self.sampling_seed)
@@ -296,67 +325,63 @@ class DiffusionDoseModule(GenerativeDoseModule):
                       **dict(schedule_args or {}))
         self.noise_scheduler = DDPMScheduler(**common)
         self.ddim = DDIMScheduler(**common)
+        self.inferer = DiffusionInferer(self.noise_scheduler)
         self.num_train_timesteps = num_train_timesteps
         self.prediction_type = prediction_type
 
-    def objective(self, clean: torch.Tensor, condition: torch.Tensor,
-                  generator: torch.Generator | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-        """MSE between the network output and the ``prediction_type`` target at a uniform
-        random step t; returns it with the x0 estimate clipped to [-1, 1]."""
-        noise = self.randn(clean.shape, clean, generator)
-        t = (self.rand(clean.shape[0], clean, generator) * self.num_train_timesteps).long()
-        t = t.clamp_max(self.num_train_timesteps - 1)
-        noisy = self.noise_scheduler.add_noise(clean, noise, t)
-        output = self.net(noisy, condition, t).float()
-        target = diffusion.training_target(self.noise_scheduler, clean, noise, t)
-        clean_hat = diffusion.predicted_clean(self.noise_scheduler, output, noisy, t)
-        return F.mse_loss(output, target), clean_hat.clamp(-1.0, 1.0)
+    @property
+    def train_scheduler(self) -> Scheduler:
+        return self.noise_scheduler
+
+    def target_and_estimate(self, clean: torch.Tensor, noise: torch.Tensor,
+                            noisy: torch.Tensor, output: torch.Tensor,
+                            timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``prediction_type`` target and the x0 estimate from the output."""
+        return (diffusion.training_target(self.noise_scheduler, clean, noise, timesteps),
+                diffusion.predicted_clean(self.noise_scheduler, output, noisy, timesteps))
 
     def sample(self, noise: torch.Tensor, condition: torch.Tensor, steps: int) -> torch.Tensor:
-        def denoiser(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return self.net(x, condition, t)
-
-        return diffusion.ddim_sample(denoiser, self.ddim, noise, steps)
+        self.ddim.set_timesteps(steps)
+        return self.inferer_sample(self.ddim, noise, condition)
 
 
 class FlowMatchingDoseModule(GenerativeDoseModule):
-    """Conditional rectified flow: the network predicts v = x1 - x0 at x_t.
+    """Conditional rectified flow: the network predicts v = dose - noise at x_t (MONAI's
+    :class:`RFlowScheduler` convention, see :mod:`vmatdose.models.flow`).
 
     Args:
-        solver: ``euler`` or ``heun`` (see :func:`vmatdose.models.flow.integrate`).
-        time_scale: the network sees ``t * time_scale`` as its timestep, so its sinusoidal
-            embedding spans the same range as a 1000-step diffusion model's.
+        solver: ``euler`` (MONAI's ``RFlowScheduler.step`` through the inferer) or
+            ``heun`` (:func:`vmatdose.models.flow.heun_sample`).
+        num_train_timesteps: T, the range of the network's timestep input.
         **kwargs: :class:`GenerativeDoseModule` arguments.
     """
 
-    def __init__(self, *args: Any, solver: str = "euler", time_scale: float = 1000.0,
+    def __init__(self, *args: Any, solver: str = "euler", num_train_timesteps: int = 1000,
                  **kwargs: Any):
         super().__init__(*args, **kwargs)
         if solver not in flow.SOLVERS:
             raise ValueError(f"unknown solver {solver!r}; choose one of {flow.SOLVERS}")
         self.solver = solver
-        self.time_scale = float(time_scale)
+        self.rflow = flow.rflow_scheduler(num_train_timesteps)
+        self.inferer = DiffusionInferer(self.rflow)
 
-    def velocity(self, state: torch.Tensor, condition: torch.Tensor,
-                 t: torch.Tensor) -> torch.Tensor:
-        """(B, 1, Z, Y, X) velocity at flow time ``t`` (B,) in [0, 1]."""
-        return self.net(state, condition, t * self.time_scale).float()
+    @property
+    def train_scheduler(self) -> Scheduler:
+        return self.rflow
 
-    def objective(self, clean: torch.Tensor, condition: torch.Tensor,
-                  generator: torch.Generator | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-        """MSE between predicted and straight-path velocity at uniform random t; returns it
-        with the one-step estimate x1_hat = x_t + (1 - t) v_hat."""
-        noise = self.randn(clean.shape, clean, generator)
-        t = self.rand(clean.shape[0], clean, generator)
-        state = flow.interpolate(noise, clean, t)
-        v = self.velocity(state, condition, t)
-        loss = F.mse_loss(v, flow.target_velocity(noise, clean))
-        return loss, flow.predicted_data(state, v, t)
+    def target_and_estimate(self, clean: torch.Tensor, noise: torch.Tensor,
+                            noisy: torch.Tensor, output: torch.Tensor,
+                            timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The straight path's velocity and the one-step estimate x1_hat."""
+        return clean - noise, flow.predicted_data(noisy, output, timesteps,
+                                                  self.rflow.num_train_timesteps)
 
     def sample(self, noise: torch.Tensor, condition: torch.Tensor, steps: int) -> torch.Tensor:
-        def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return self.velocity(x, condition, t)
+        self.rflow.set_timesteps(steps)
+        if self.solver == "euler":
+            return self.inferer_sample(self.rflow, noise, condition)
 
-        return flow.integrate(velocity, noise, steps, self.solver)
+        def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return self.denoise(x, condition, t)
+
+        return flow.heun_sample(velocity, self.rflow, noise)

@@ -45,18 +45,6 @@ def mae_in_body_gy(pred: torch.Tensor, dose: torch.Tensor, body: torch.Tensor,
     return per_case * scale_gy.to(per_case)
 
 
-def adversarial_term_name(loss: CompositeLoss | None) -> str | None:
-    """Name of the loss term that owns a ``discriminator`` (and a non-zero weight), if any."""
-    if loss is None:
-        return None
-    names = [name for name, term in loss.terms.items()
-             if isinstance(getattr(term, "discriminator", None), nn.Module)
-             and loss.weights[name] != 0]
-    if len(names) > 1:
-        raise ValueError(f"at most one adversarial loss term is supported, got {names}")
-    return names[0] if names else None
-
-
 class DoseModule(L.LightningModule):
     """Image -> dose regression.
 
@@ -73,10 +61,9 @@ class DoseModule(L.LightningModule):
             of the highest prescription: no plan delivers 150 % of it, and an undertrained
             network's hot spots would otherwise dominate Dmax-type metrics. ``None``: no cap.
 
-    A loss term with a ``discriminator`` (:class:`vmatdose.losses.AdversarialLoss`) switches
-    training to Lightning's manual optimisation with a generator and a discriminator
-    optimizer (see :meth:`adversarial_training_step`). Loss terms with a ``set_epoch``
-    method are told the epoch at the start of every training epoch (warm-ups).
+    Subclasses change what is optimised through :meth:`compute_loss` (adversarial
+    training, :mod:`vmatdose.training.adversarial`) or :meth:`training_step` (deep
+    supervision, generative models).
     """
 
     def __init__(
@@ -104,9 +91,6 @@ class DoseModule(L.LightningModule):
         # The checkpoint contract (vmatdose.inference.checkpoint): set before fitting,
         # stored in every checkpoint, restored on resume.
         self.contract: dict | None = None
-        self.adversarial_term = adversarial_term_name(loss)
-        if self.adversarial_term is not None:
-            self.automatic_optimization = False
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return self.net(image)
@@ -144,22 +128,21 @@ class DoseModule(L.LightningModule):
             self.log(f"{stage}/loss/{name}", value, on_step=on_step, on_epoch=True,
                      batch_size=batch_size, sync_dist=True)
 
-    def on_train_epoch_start(self) -> None:
-        for term in self.loss.terms.values() if self.loss is not None else ():
-            if callable(getattr(term, "set_epoch", None)):
-                term.set_epoch(self.current_epoch)
+    def compute_loss(self, pred: torch.Tensor, batch: dict
+                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(total, {term name: unweighted value}) of a (B, 1, Z, Y, X) prediction: the
+        composite ``loss``, in training and validation."""
+        return self.loss(pred, batch)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        if self.adversarial_term is not None:
-            return self.adversarial_training_step(batch, batch_idx)
         pred = self(batch["image"])
-        total, terms = self.loss(pred, batch)
+        total, terms = self.compute_loss(pred, batch)
         self._log_loss("train", total, terms, batch["image"].shape[0])
         return total
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         pred = self.predict_dose(batch["image"])
-        total, terms = self.loss(pred, batch)
+        total, terms = self.compute_loss(pred, batch)
         n = batch["image"].shape[0]
         self._log_loss("val", total, terms, n)
         mae = mae_in_body_gy(pred, batch["dose"], batch["body"], batch["dose_scale_gy"])
@@ -179,60 +162,13 @@ class DoseModule(L.LightningModule):
                                          batch["spacing_mm"][i].tolist(), **self.val_gamma))
         return torch.tensor(rates, dtype=torch.float32).nanmean()
 
-    def adversarial_training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        """One discriminator step (once the term's warm-up is over), then one generator
-        step on the full composite loss; each network's gradients are clipped to the
-        term's ``gradient_clip_val``."""
-        term = self.loss.terms[self.adversarial_term]
-        generator_opt, discriminator_opt = self.optimizers()
-        n = batch["image"].shape[0]
-        pred = self(batch["image"])
-        if term.active:
-            with self.toggled_optimizer(discriminator_opt):
-                critic = term.discriminator_loss(pred.detach(), batch)
-                self._manual_step(discriminator_opt, critic, term.gradient_clip_val)
-            self.log("train/discriminator_loss", critic, on_step=True, on_epoch=True,
-                     batch_size=n)
-        with self.toggled_optimizer(generator_opt):
-            total, terms = self.loss(pred, batch)
-            self._manual_step(generator_opt, total, term.gradient_clip_val)
-        self._log_loss("train", total, terms, n)
-        return total.detach()
-
-    def _manual_step(self, optimizer: Any, loss: torch.Tensor, clip: float | None) -> None:
-        optimizer.zero_grad()
-        self.manual_backward(loss)
-        if clip:
-            self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm="norm")
-        optimizer.step()
-
-    def on_train_epoch_end(self) -> None:
-        # Manual optimisation leaves the (epoch-interval) LR scheduler to the module.
-        if self.adversarial_term is not None and self.lr_schedulers() is not None:
-            self.lr_schedulers().step()
-
     def configure_optimizers(self) -> Any:
-        if self.adversarial_term is not None:
-            return self.configure_adversarial_optimizers()
         optimizer = self.optimizer_factory(params=self.parameters())
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer=optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler,
                                                          "interval": "epoch"}}
-
-    def configure_adversarial_optimizers(self) -> Any:
-        """[generator optimizer (every parameter but the discriminator's), discriminator
-        optimizer], and the LR scheduler of the generator's."""
-        term = self.loss.terms[self.adversarial_term]
-        critic_params = {id(p) for p in term.discriminator.parameters()}
-        generator = self.optimizer_factory(
-            params=[p for p in self.parameters() if id(p) not in critic_params])
-        optimizers = [generator, term.configure_optimizer()]
-        if self.scheduler_factory is None:
-            return optimizers
-        scheduler = self.scheduler_factory(optimizer=generator)
-        return optimizers, [{"scheduler": scheduler, "interval": "epoch"}]
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if self.contract is not None:
