@@ -29,7 +29,8 @@ CHECKPOINT_KEY = "vmatdose"
 CONTRACT_VERSION = 1
 #: ``_target_`` prefixes a checkpoint's model config may name. The config is rebuilt with
 #: Hydra, so without this a crafted (weights-only loadable) config could call anything.
-ALLOWED_TARGETS = ("vmatdose.models.", "vmatdose.training.", "monai.networks.")
+ALLOWED_TARGETS = ("vmatdose.models.", "vmatdose.training.", "monai.networks.", "monai.losses.",
+                   "torch.optim.")
 
 
 class CheckpointError(InputError):
