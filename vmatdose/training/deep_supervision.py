@@ -68,7 +68,7 @@ class DeepSupervisionDoseModule(DoseModule):
         total = out.new_zeros(())
         terms: dict[str, torch.Tensor] = {}
         for i, (weight, head) in enumerate(zip(self.weights_for(len(heads)), heads)):
-            head_total, head_terms = self.loss(head, batch)
+            head_total, head_terms = self.loss(self.masked_for_loss(head, batch), batch)
             total = total + weight * head_total
             if i == 0:
                 terms.update(head_terms)
