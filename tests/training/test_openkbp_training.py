@@ -58,10 +58,10 @@ def test_flip_tta_swaps_paired_input_channels_and_unflips():
 
 def test_flip_tta_averages_every_flip_combination():
     assert flip_sets([-1, -3]) == [(), (-3,), (-1,), (-3, -1)]
-    image = torch.rand(1, 2, 4, 4, 4)
+    image = torch.rand(1, 2, 16, 16, 16)  # no padding to divisible_by
     tta = module(PickChannel(0, ramp=1.0), tta="flips", tta_axes=[-3, -2],
                  lr_channel_permutation=[0, 1])
-    ramp = torch.linspace(0, 1, 4).expand(1, 1, 4, 4, 4)
+    ramp = torch.linspace(0, 1, 16).expand(1, 1, 16, 16, 16)
     # z/y flips leave an x ramp alone and un-flip the image channel exactly
     torch.testing.assert_close(tta.predict_with_uncertainty(image)[0], image[:, :1] + ramp)
     with pytest.raises(ValueError, match="model.tta"):
@@ -174,3 +174,19 @@ def test_openkbp_sample_trains_with_the_challenge_split_and_evaluates(tmp_path):
     assert summary["n_cases"] == 3
     assert summary["openkbp"]["dose_score_gy"] > 0
     assert summary["openkbp"]["dvh_score_gy"] > 0
+
+
+def test_time_cosine_schedule_follows_the_wall_clock(monkeypatch):
+    from vmatdose.training import schedules
+
+    clock = [100.0]
+    monkeypatch.setattr(schedules.time, "monotonic", lambda: clock[0])
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(()))], lr=1.0)
+    scheduler = schedules.TimeCosineLR(optimizer, budget_minutes="10", eta_min=0.0)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1.0)
+    clock[0] += 300.0  # half the budget
+    scheduler.step()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.5)
+    clock[0] += 600.0  # past the budget: stays at eta_min
+    scheduler.step()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.0)

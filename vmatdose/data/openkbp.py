@@ -13,6 +13,7 @@ import json
 import logging
 from pathlib import Path
 
+from vmatdose.data.case import list_case_files
 from vmatdose.data.datamodule import DoseDataModule
 from vmatdose.data.ingest.openkbp import SPLIT_FILE, default_source, import_openkbp_dataset
 
@@ -63,7 +64,7 @@ class OpenKBPDataModule(DoseDataModule):
             raise FileNotFoundError(f"{path}: no OpenKBP split file; run prepare_data() (the "
                                     "import writes it) or give data.split.file=")
         official = json.loads(path.read_text())
-        known = set(self.case_paths_all())
+        known = set(self.case_paths())
         split = {k: [i for i in official[k] if i in known] for k in ("train", "val", "test")}
         if self.max_cases:
             split = {k: v[: self.max_cases] for k, v in split.items()}
@@ -78,16 +79,6 @@ class OpenKBPDataModule(DoseDataModule):
             Path(self.split_output).write_text(json.dumps(self.split, indent=2))
         return self.split
 
-    def case_paths_all(self) -> dict[str, Path]:
-        """Every case file, ignoring ``max_cases`` (the split applies it per split)."""
-        saved, self.max_cases = self.max_cases, None
-        try:
-            return self.case_paths()
-        finally:
-            self.max_cases = saved
-
-    def paths_of(self, name: str) -> list[Path]:
-        paths = self.case_paths_all()
-        if name == "all":
-            return list(paths.values())
-        return [paths[i] for i in self.ensure_split()[name]]
+    def case_paths(self) -> dict[str, Path]:
+        """Every case file (``max_cases`` applies per split, see :meth:`ensure_split`)."""
+        return {p.stem: p for p in list_case_files(self.cases_dir)}
