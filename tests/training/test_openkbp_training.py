@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from vmatdose.config import CONFIG_DIR
-from vmatdose.training.module import DoseModule, flip_sets
 from vmatdose.train import run
+from vmatdose.training.module import DoseModule, flip_sets
 
 from conftest import OPENKBP_SAMPLE
 
@@ -174,6 +174,25 @@ def test_openkbp_sample_trains_with_the_challenge_split_and_evaluates(tmp_path):
     assert summary["n_cases"] == 3
     assert summary["openkbp"]["dose_score_gy"] > 0
     assert summary["openkbp"]["dvh_score_gy"] > 0
+    # import -> predict -> export -> re-read in the challenge's layout, voxel for voxel
+    from vmatdose.data.case import load_case
+    from vmatdose.data.export.openkbp import read_submission, write_submission
+    from vmatdose.data.ingest.openkbp import read_sparse, to_canonical
+    from vmatdose.data.transforms import inference_transform
+    from vmatdose.evaluation.inference import load_module
+
+    module, ckpt_cfg = load_module(run_dir / "checkpoints" / "last.ckpt")
+    case_path = cases / "openkbp_pt_201.npz"
+    case = load_case(case_path)
+    image = inference_transform(ckpt_cfg.data)({"path": str(case_path)})["image"][None]
+    body = torch.from_numpy(case.body[None, None].astype(np.float32))
+    mean, _ = module.predict_with_uncertainty(image, body=body)
+    pred = mean[0, 0].numpy() * float(ckpt_cfg.data.dose_scale_gy)
+    assert pred[case.body == 0].max() == 0.0 and pred.max() > 0
+    original = read_submission(write_submission(pred, case, tmp_path))
+    np.testing.assert_array_equal(to_canonical(original), pred.astype(np.float32))
+    mask = read_sparse(OPENKBP_SAMPLE / "validation-pats/pt_201/possible_dose_mask.csv")
+    assert original[mask == 0].max() == 0.0  # on the original (row, column, slice) grid
 
 
 def test_time_cosine_schedule_follows_the_wall_clock(monkeypatch):

@@ -13,9 +13,10 @@ Options (all off by default): ``prior_dose`` adds a prior-dose input channel (la
 (the network then works at 1/f of the grid, see ``DoseModule.resolution_factor``);
 ``patch_sampling="dose"`` centres a fraction of the training patches on the dose region;
 ``compact=True`` ends the pipeline before the float ``image`` is built, with CT, dose,
-prior and SDFs in float16 and masks/body in uint8 (float16 once pooled), so a cached
-128^3 OpenKBP case takes about 30 MB instead of 109 MB: :func:`assemble_batch` casts
-and concatenates per batch.
+prior and SDFs in float16, the body in uint8 and the masks cached as bits (8 structures
+per byte; float16 fractions once pooled), so a cached 128^3 OpenKBP case takes about
+14 MB instead of 109 MB; the bits are unpacked per sample after the cache
+(:class:`UnpackMasks`) and :func:`assemble_batch` casts and concatenates per batch.
 """
 
 from __future__ import annotations
@@ -158,17 +159,42 @@ class RandFlipLeftRightd(RandomizableTransform, MapTransform):
 
 class Compactd(MapTransform):
     """Cast the volumes to their cache dtypes: :data:`HALF_KEYS` to float16, masks and
-    body to uint8 (or float16 when pooled to fractions, ``masks_dtype``)."""
+    body to uint8 (or float16 when pooled to fractions, ``masks_dtype``); with
+    ``pack_masks``, the binary masks (S, Z, Y, X) become bits (ceil(S / 8), Z, Y, X)
+    uint8 (``np.packbits`` over the channel axis)."""
 
-    def __init__(self, keys: KeysCollection, masks_dtype: torch.dtype = torch.uint8):
+    def __init__(self, keys: KeysCollection, masks_dtype: torch.dtype = torch.uint8,
+                 pack_masks: bool = False):
         super().__init__(keys, allow_missing_keys=True)
         self.masks_dtype = masks_dtype
+        self.pack_masks = pack_masks
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         out = dict(data)
         for key in self.key_iterator(out):
+            if key == "masks" and self.pack_masks:
+                masks = np.asarray(torch.as_tensor(out[key]).cpu().numpy()) > 0
+                out[key] = torch.from_numpy(np.packbits(masks, axis=0))
+                continue
             dtype = torch.float16 if key in HALF_KEYS else self.masks_dtype
             out[key] = torch.as_tensor(out[key]).to(dtype)
+        return out
+
+
+class UnpackMasks:
+    """Bits (ceil(S / 8), Z, Y, X) -> masks (S, Z, Y, X) uint8, per sample.
+
+    Deliberately not a MONAI ``Transform``: MONAI's ``CacheDataset`` caches everything up
+    to the first step that is random *or not a Transform*, so the packed masks are what
+    stays in memory and this runs on every fetch."""
+
+    def __init__(self, n_masks: int):
+        self.n_masks = int(n_masks)
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        out = dict(data)
+        packed = torch.as_tensor(out["masks"]).cpu().numpy()
+        out["masks"] = torch.from_numpy(np.unpackbits(packed, axis=0, count=self.n_masks))
         return out
 
 
@@ -345,7 +371,10 @@ def build_transforms(
         steps += [Zoomd(keys, zoom=1.0 / resolution_factor, mode="area", keep_size=False),
                   MaskMeand(), PoolSpacingd(resolution_factor)]
     if compact:
-        steps.append(Compactd(keys, torch.float16 if resolution_factor > 1 else torch.uint8))
+        pooled = resolution_factor > 1
+        steps += [Compactd(keys, torch.float16 if pooled else torch.uint8, pack_masks=not pooled)]
+        if not pooled:
+            steps.append(UnpackMasks(len(structures)))
     if train:
         steps += _augmentations(keys, structures, lr_pairs, augment)
     if train and patch_size:
