@@ -1,21 +1,36 @@
-"""OpenKBP import: sparse CSV reading, canonical orientation, the real sample when present."""
+"""OpenKBP: sparse CSV reading, canonical orientation, the challenge split, archive
+unpacking, compact caching, dose-focused patches, the device cache and the submission
+format (the real sample when present)."""
 
 from __future__ import annotations
 
+import io
+import json
+import tarfile
+
 import numpy as np
 import pytest
+import torch
 
-from vmatdose.data.case import load_case
+from vmatdose.data.case import load_case, save_case
+from vmatdose.data.device_cache import DeviceBatches
+from vmatdose.data.export.openkbp import read_submission, to_original, write_submission
 from vmatdose.data.ingest.openkbp import (
+    SPLIT_FILE,
     OpenKBPFormatError,
     find_openkbp_patients,
     import_openkbp_dataset,
     import_openkbp_patient,
+    official_split,
+    openkbp_cases,
     read_sparse,
     to_canonical,
+    unpack_archive,
 )
+from vmatdose.data.prior import fit_falloff_profile, prior_dose
+from vmatdose.data.transforms import assemble_batch, build_transforms, image_lr_permutation
 
-from conftest import OPENKBP_SAMPLE
+from conftest import OPENKBP_SAMPLE, make_box_case
 
 needs_sample = pytest.mark.skipif(
     not OPENKBP_SAMPLE.is_dir(),
@@ -54,7 +69,7 @@ def test_canonical_orientation_moves_slices_to_superior_first():
 
 def test_missing_files_name_the_folder(tmp_path):
     (tmp_path / "ct.csv").write_text(",data\n")
-    with pytest.raises(OpenKBPFormatError, match="missing.*dose.csv"):
+    with pytest.raises(OpenKBPFormatError, match="missing.*possible_dose_mask.csv"):
         import_openkbp_patient(tmp_path)
 
 
@@ -86,3 +101,192 @@ def test_sample_imports_into_case_files_once(tmp_path):
     assert paths[0].stat().st_mtime_ns == stamp
     case = load_case(tmp_path / "openkbp_pt_61.npz")
     assert "PTV63" not in case.prescriptions_gy  # only the targets the patient has
+    assert case.meta["protocol"] == "head_neck"
+    assert case.meta["openkbp_split"] == "train-pats"
+    split = json.loads((tmp_path / SPLIT_FILE).read_text())
+    assert (len(split["train"]), len(split["val"])) == (17, 4)
+    assert split["test"] == split["val"]  # no test-pats: validation stands in
+    assert "openkbp_pt_61" in split["train"]
+
+
+def test_official_split_follows_the_folders(tmp_path):
+    folders = [tmp_path / "train-pats" / "pt_1", tmp_path / "train-pats" / "pt_2",
+               tmp_path / "validation-pats" / "pt_201", tmp_path / "test-pats" / "pt_241"]
+    split = official_split(folders)
+    assert split == {"train": ["openkbp_pt_1", "openkbp_pt_2"], "val": ["openkbp_pt_201"],
+                     "test": ["openkbp_pt_241"]}
+
+
+def fake_patient_archive(path, names=("pt_1", "pt_2")):
+    """A .tar.xz shaped like the challenge's: train-pats/pt_N/<files>."""
+    with tarfile.open(path, "w:xz") as tar:
+        for name in names:
+            for file in ("ct.csv", "dose.csv"):
+                data = f",data\n0,{len(name)}\n".encode()
+                info = tarfile.TarInfo(f"train-pats/{name}/{file}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_unpack_is_idempotent_and_resumes(tmp_path):
+    archive = fake_patient_archive(tmp_path / "train-pats.tar.xz")
+    dest = tmp_path / "out"
+    unpack_archive(archive, dest, progress=False)
+    files = sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*.csv"))
+    assert files == ["train-pats/pt_1/ct.csv", "train-pats/pt_1/dose.csv",
+                     "train-pats/pt_2/ct.csv", "train-pats/pt_2/dose.csv"]
+    done = dest / "train-pats/pt_1/ct.csv"
+    stamp = done.stat().st_mtime_ns
+    unpack_archive(archive, dest, progress=False)  # finished: nothing rewritten
+    assert done.stat().st_mtime_ns == stamp
+    # an interrupted run: the stamp is missing and one file was never written
+    (dest / ".train-pats.tar.xz.done").unlink()
+    (dest / "train-pats/pt_2/dose.csv").unlink()
+    unpack_archive(archive, dest, progress=False)
+    assert (dest / "train-pats/pt_2/dose.csv").read_text() == ",data\n0,4\n"
+    assert done.stat().st_mtime_ns == stamp  # complete files are kept
+
+
+def test_unpack_refuses_members_outside_the_patient_folders(tmp_path):
+    archive = tmp_path / "evil-pats.tar.xz"
+    with tarfile.open(archive, "w:xz") as tar:
+        info = tarfile.TarInfo("../escape.csv")
+        info.size = 1
+        tar.addfile(info, io.BytesIO(b"x"))
+    with pytest.raises(OpenKBPFormatError, match="evil-pats.tar.xz.*unexpected member"):
+        unpack_archive(archive, tmp_path / "out", progress=False)
+
+
+@needs_sample
+def test_submission_round_trip_is_voxel_exact(tmp_path):
+    case = import_openkbp_patient(OPENKBP_SAMPLE / "validation-pats" / "pt_201")
+    path = write_submission(case.dose, case, tmp_path)
+    assert path.name == "pt_201.csv"
+    assert path.read_text().splitlines()[0] == ",data"
+    original = read_submission(path)
+    # the challenge's layout: the same array its own dose.csv gives
+    np.testing.assert_array_equal(original, read_sparse(
+        OPENKBP_SAMPLE / "validation-pats" / "pt_201" / "dose.csv"))
+    np.testing.assert_array_equal(to_canonical(original), case.dose)
+    np.testing.assert_array_equal(to_original(case.dose), original)
+
+
+def test_submission_refuses_other_grids(box_case):
+    with pytest.raises(ValueError, match="case 'box'.*128"):
+        write_submission(box_case.dose, box_case, "unused.csv")
+
+
+@needs_sample
+def test_openkbp_folder_imports_on_the_fly(tmp_path):
+    folder = tmp_path / "to_predict"
+    patient = folder / "pt_201"
+    patient.mkdir(parents=True)
+    for src in (OPENKBP_SAMPLE / "validation-pats" / "pt_201").iterdir():
+        if src.name != "dose.csv":  # a case to predict has no reference dose
+            (patient / src.name).symlink_to(src)
+    paths = openkbp_cases(folder, tmp_path / "cases")
+    assert [p.name for p in paths] == ["openkbp_pt_201.npz"]
+    assert load_case(paths[0]).dose is None
+
+
+def test_prior_dose_is_the_prescription_falloff_of_the_nearest_target():
+    masks = np.zeros((2, 1, 1, 30), np.uint8)
+    masks[0, 0, 0, 0:5] = 1  # target at level 1.0
+    masks[1, 0, 0, 20:25] = 1  # target at level 0.8
+    body = np.ones((1, 1, 30), np.uint8)
+    body[0, 0, 29] = 0
+    prior = prior_dose(masks, body, [1.0, 0.8], (1.0, 1.0, 2.0), [0.0, 10.0, 20.0],
+                       [1.0, 0.5, 0.0])
+    assert prior[0, 0, 2] == pytest.approx(1.0)
+    assert prior[0, 0, 22] == pytest.approx(0.8)
+    assert prior[0, 0, 5] == pytest.approx(1.0 - 0.05 * 2.0)  # 2 mm from target 1
+    assert prior[0, 0, 10] == pytest.approx(0.4)  # 12 mm from target 1, 20 mm from 2
+    assert prior[0, 0, 29] == 0.0  # outside the body
+
+
+def test_falloff_profile_fit_recovers_a_known_falloff(tmp_path):
+    case = make_box_case(shape=(24, 24, 24), spacing=(2.0, 2.0, 2.0))
+    dist = prior_dose(case.masks[:1], case.body, [1.0], case.spacing_mm,
+                      [0.0, 40.0], [1.0, 0.0])  # 1 - d / 40 mm
+    case.dose = (70.0 * dist).astype(np.float32)
+    case.masks = case.masks[:1]
+    case.structures = ["PTV70"]
+    case.prescriptions_gy = {"PTV70": 70.0}
+    save_case(case, tmp_path / "c.npz")
+    knots = [0, 2, 4, 6, 8, 10]
+    profile = fit_falloff_profile([tmp_path / "c.npz"], {"PTV70": 70.0}, knots_mm=knots)
+    assert profile["distance_mm"] == knots
+    assert profile["relative_dose"] == pytest.approx([1 - k / 40 for k in knots], abs=0.03)
+
+
+def test_compact_samples_assemble_into_the_float_ones(tmp_path):
+    save_case(make_box_case(), tmp_path / "box.npz")
+    kw = dict(signed_distance=True, prescriptions_gy={"PTV70": 70.0, "PTV56": 56.0},
+              prior_dose={"distance_mm": [0.0, 30.0], "relative_dose": [1.0, 0.1]})
+    names = ["PTV70", "PTV56", "Rectum"]
+    full = build_transforms(names, 70.0, train=False, **kw)({"path": str(tmp_path / "box.npz")})
+    compact = build_transforms(names, 70.0, train=False, compact=True, **kw)(
+        {"path": str(tmp_path / "box.npz")})
+    assert compact["masks"].dtype == torch.uint8 and compact["ct"].dtype == torch.float16
+    assert compact["dose"].dtype == torch.float16 and "image" not in compact
+    assembled = assemble_batch(compact, signed_distance=True, prior=True)
+    assert assembled["image"].shape == full["image"].shape == (1 + 3 + 3 + 1, 16, 20, 24)
+    torch.testing.assert_close(assembled["image"], full["image"], atol=2e-3, rtol=1e-3)
+    torch.testing.assert_close(assembled["dose"], full["dose"], atol=1e-3, rtol=1e-3)
+    assert float(full["image"][-1].max()) == pytest.approx(1.0)  # prior inside PTV70
+
+
+def test_resolution_factor_pools_volumes_and_spacing(tmp_path):
+    save_case(make_box_case(), tmp_path / "box.npz")
+    sample = build_transforms(["PTV70", "PTV56", "Rectum"], 70.0, train=False,
+                              resolution_factor=2)({"path": str(tmp_path / "box.npz")})
+    full = build_transforms(["PTV70", "PTV56", "Rectum"], 70.0, train=False)(
+        {"path": str(tmp_path / "box.npz")})
+    assert sample["image"].shape == (4, 8, 10, 12)
+    torch.testing.assert_close(sample["dose"][0, 3, 4, 5], full["dose"][0, 6:8, 8:10, 10:12].mean())
+    np.testing.assert_allclose(sample["spacing_mm"], [4.0, 5.0, 6.0])
+
+
+def test_dose_patches_centre_on_the_dose_region(tmp_path):
+    case = make_box_case(shape=(40, 40, 40))
+    case.dose = np.zeros_like(case.dose)
+    case.dose[2:6, 2:6, 2:6] = 70.0  # a small corner dose region
+    save_case(case, tmp_path / "box.npz")
+
+    def hit_rate(sampling: str) -> float:
+        transform = build_transforms(["PTV70", "PTV56", "Rectum"], 70.0, train=True,
+                                     patch_size=[8, 8, 8], patch_sampling=sampling,
+                                     dose_patch_fraction=1.0)
+        transform.set_random_state(seed=0)
+        patches = [transform({"path": str(tmp_path / "box.npz")}) for _ in range(40)]
+        return float(np.mean([float((p["dose"] >= 0.1).any()) for p in patches]))
+
+    assert hit_rate("dose") == 1.0
+    assert hit_rate("uniform") < 0.3
+    with pytest.raises(ValueError, match="patch_sampling"):
+        build_transforms(["PTV70"], 70.0, train=True, patch_sampling="random")
+
+
+def test_device_batches_flip_and_swap_paired_channels():
+    masks = torch.zeros(2, 4, 4, 6, dtype=torch.uint8)
+    masks[0, :, :, 0] = 1  # "Left" structure at low x
+    sample = {"ct": torch.rand(1, 4, 4, 6).half(), "masks": masks,
+              "body": torch.ones(1, 4, 4, 6, dtype=torch.uint8),
+              "dose": torch.rand(1, 4, 4, 6).half(), "spacing_mm": torch.ones(3),
+              "dose_scale_gy": 70.0, "case_id": "a"}
+    always = DeviceBatches([sample], 1, "cpu", ["Left", "Right"], [["Left", "Right"]],
+                           augment={"flip_lr": 1.0})
+    batch = next(iter(always))
+    assert batch["masks"].shape == (1, 2, 4, 4, 6)
+    assert batch["masks"][0, 1, :, :, 5].all() and not batch["masks"][0, 0].any()
+    torch.testing.assert_close(batch["dose"][0], torch.flip(sample["dose"], [-1]))
+    patches = DeviceBatches([sample], 1, "cpu", ["Left", "Right"], patch_size=[2, 2, 2])
+    assert next(iter(patches))["ct"].shape == (1, 1, 2, 2, 2)
+    assert len(always) == 1 and always.nbytes() > 0
+
+
+def test_image_lr_permutation_swaps_mask_and_sdf_blocks_only():
+    order = image_lr_permutation(["PTV70", "ParotidL", "ParotidR"],
+                                 [["ParotidL", "ParotidR"]], 8, signed_distance=True)
+    assert order == [0, 1, 3, 2, 4, 6, 5, 7]

@@ -66,8 +66,11 @@ def test_constraint_config_typos_fail_early():
 
 def test_openkbp_scores_of_a_uniform_offset():
     case = make_box_case()
-    pred = case.dose + 1.0  # +1 Gy everywhere: every score is exactly 1 Gy
+    pred = case.dose + 1.0 * (case.body > 0)  # +1 Gy in the body: every score is 1 Gy
     assert dose_score(case, pred) == pytest.approx(1.0)
+    # outside the possible-dose mask counts too (the official formula)
+    everywhere = case.dose + 1.0
+    assert dose_score(case, everywhere) == pytest.approx(case.body.size / case.body.sum())
     errors = dvh_errors(case, pred, ["PTV70", "PTV56"])
     # targets: D99, D95, D1; the OAR: D0.1cc, Dmean
     assert len(errors) == 3 + 3 + 2

@@ -12,7 +12,7 @@ import torch
 from monai.data import CacheDataset, DataLoader, Dataset
 
 from vmatdose.data.case import list_case_files
-from vmatdose.data.transforms import build_transforms
+from vmatdose.data.transforms import assemble_batch, build_transforms
 
 SPLITS = ("train", "val", "test")
 
@@ -75,10 +75,25 @@ class DoseDataModule(L.LightningDataModule):
         cache: bool = True,
         divisible_by: int = 16,
         max_cases: int | None = None,
+        prior_dose: Mapping | None = None,
+        resolution_factor: int = 1,
+        patch_sampling: str = "uniform",
+        dose_patch_fraction: float = 0.8,
+        compact: bool = False,
+        device_cache: bool = False,
+        cache_workers: int = 1,
         **clinical: object,
     ):
         """``clinical`` holds data-set facts other parts read from the same config
-        (``fractions``, ``constraints``, ...); the data module keeps them as attributes."""
+        (``fractions``, ``constraints``, ...); the data module keeps them as attributes.
+
+        Memory and sampling (see :mod:`vmatdose.data.transforms`): ``compact`` caches
+        volumes in 8/16 bits and casts them to float per batch on the device;
+        ``device_cache`` stacks the whole training split on the training device and
+        augments it there (:mod:`vmatdose.data.device_cache`); ``patch_sampling`` is
+        ``uniform`` or ``dose`` (``dose_patch_fraction`` of the patches centred on voxels
+        above 10 % of the highest prescription); ``prior_dose`` adds the prior-dose
+        channel; ``resolution_factor`` pools every volume by that factor."""
         super().__init__()
         self.cases_dir = Path(cases_dir)
         self.structures = list(structures)
@@ -97,11 +112,28 @@ class DoseDataModule(L.LightningDataModule):
         self.clinical = dict(clinical)
         self.split: dict[str, list[str]] | None = None
         self._datasets: dict[str, Dataset] = {}
+        self.prior_dose = dict(prior_dose) if prior_dose else None
+        self.compact = bool(compact or device_cache)
+        self.device_cache = bool(device_cache)
+        self.cache_workers = int(cache_workers)
+        self.lr_pairs = [list(p) for p in lr_pairs]
+        self.augment = dict(augment or {})
+        self.patch_sampling = patch_sampling
+        self.dose_patch_fraction = float(dose_patch_fraction)
+        self._device_batches = None
         common = dict(ct_window=ct_window, signed_distance=signed_distance,
-                      sdf_scale_mm=sdf_scale_mm, divisible_by=divisible_by)
-        self.train_transform = build_transforms(
-            self.structures, self.dose_scale_gy, train=True, patch_size=self.patch_size,
-            lr_pairs=lr_pairs, augment=augment, **common)
+                      sdf_scale_mm=sdf_scale_mm, divisible_by=divisible_by,
+                      prior_dose=self.prior_dose, resolution_factor=int(resolution_factor),
+                      compact=self.compact, prescriptions_gy=self.prescriptions_gy)
+        if device_cache:
+            # The device does augmentation and patches: the cached pipeline stops before.
+            self.train_transform = build_transforms(
+                self.structures, self.dose_scale_gy, train=False, **common)
+        else:
+            self.train_transform = build_transforms(
+                self.structures, self.dose_scale_gy, train=True, patch_size=self.patch_size,
+                lr_pairs=lr_pairs, augment=augment, patch_sampling=patch_sampling,
+                dose_patch_fraction=self.dose_patch_fraction, **common)
         self.eval_transform = build_transforms(self.structures, self.dose_scale_gy,
                                                train=False, **common)
 
@@ -149,7 +181,8 @@ class DoseDataModule(L.LightningDataModule):
             # re-seeds it per worker.
             transform.set_random_state(seed=int(torch.initial_seed() % 2**32))
             # CacheDataset keeps everything up to the first random transform in memory.
-            self._datasets[name] = (CacheDataset(items, transform, progress=False)
+            self._datasets[name] = (CacheDataset(items, transform, progress=False,
+                                                 num_workers=self.cache_workers)
                                     if self.cache else Dataset(items, transform))
         return self._datasets[name]
 
@@ -165,8 +198,32 @@ class DoseDataModule(L.LightningDataModule):
                           num_workers=self.num_workers,
                           persistent_workers=self.num_workers > 0)
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self):
+        if self.device_cache:
+            return self.device_batches()
         return self._loader("train", True, self.batch_size)
+
+    def device_batches(self, device: torch.device | str | None = None):
+        """The training split stacked on ``device`` (default: the trainer's), built once."""
+        from vmatdose.data.device_cache import DeviceBatches
+
+        if self._device_batches is None:
+            if device is None:
+                device = (self.trainer.strategy.root_device if self.trainer is not None
+                          else "cpu")
+            dataset = self.dataset("train")
+            self._device_batches = DeviceBatches(
+                [dataset[i] for i in range(len(dataset))], self.batch_size, device,
+                self.structures, self.lr_pairs, self.augment, self.patch_size,
+                self.dose_patch_fraction if self.patch_sampling == "dose" else 0.0,
+                seed=int(torch.initial_seed() % 2**31))
+        return self._device_batches
+
+    def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        """Compact batches become float32 ones with their ``image`` here, on the device."""
+        if not self.compact:
+            return batch
+        return assemble_batch(batch, self.signed_distance, self.prior_dose is not None)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", False, 1)

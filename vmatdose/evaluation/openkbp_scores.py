@@ -1,7 +1,12 @@
 """The OpenKBP challenge scores (Babier et al. 2021), as the challenge code computes them.
 
-* dose score of a patient: ``sum(|pred - ref|) / N`` over the N voxels of the
-  possible-dose mask (our ``body``), Gy;
+* dose score of a patient: ``sum(|pred - ref|)`` over the **whole** volume divided by the
+  number N of voxels of the possible-dose mask (our ``body``), Gy. Dose a prediction puts
+  outside the mask counts in the sum (the challenge zeroes its own predictions outside
+  the mask before writing them); averaged over patients;
+* :func:`mae_in_mask` is the mean absolute error *inside* the mask, a different number
+  (smaller for a prediction with dose outside the mask): never report it as the dose
+  score;
 * DVH score: mean absolute error over patients, ROIs and metrics of D99, D95, D1 for
   targets and D0.1cc, Dmean for OARs, with OpenKBP's percentile definitions
   (``method="openkbp"`` in :mod:`vmatdose.metrics.dvh`). It is pooled over every
@@ -22,7 +27,18 @@ OAR_METRICS = ("D0.1cc", "Dmean")
 
 
 def dose_score(case: Case, pred_gy: np.ndarray) -> float:
-    """Mean absolute dose error (Gy) over the possible-dose mask (``case.body``)."""
+    """The challenge's dose score of one patient (Gy): ``sum |pred - ref|`` over the
+    whole grid / the number of possible-dose-mask voxels (``case.body``)."""
+    n_mask = int(np.count_nonzero(case.body))
+    if n_mask == 0:
+        return float("nan")
+    error = np.abs(np.asarray(pred_gy, np.float64) - case.dose)
+    return float(error.sum() / n_mask)
+
+
+def mae_in_mask(case: Case, pred_gy: np.ndarray) -> float:
+    """Mean absolute dose error (Gy) over the possible-dose-mask voxels only (not the
+    challenge's dose score: dose outside the mask is ignored)."""
     region = case.body > 0
     if not region.any():
         return float("nan")
@@ -61,3 +77,19 @@ def openkbp_scores(dose_scores: Sequence[float],
     pooled = [e for errors in dvh_error_lists for e in errors]
     return {"dose_score_gy": float(np.nanmean(dose_scores)) if len(dose_scores) else np.nan,
             "dvh_score_gy": float(np.mean(pooled)) if pooled else float("nan")}
+
+
+def score_patients(pairs, targets: Sequence[str]) -> dict:
+    """Both challenge scores of ``(case, predicted dose Gy)`` pairs, plus the per-patient
+    dose scores and in-mask MAE: ``{"dose_score_gy", "dvh_score_gy", "per_patient": {...}}``.
+    """
+    per_patient, dose_scores, dvh_lists = {}, [], []
+    for case, pred in pairs:
+        dose_scores.append(dose_score(case, pred))
+        dvh_lists.append(dvh_errors(case, pred, targets))
+        per_patient[case.case_id] = {"dose_score_gy": dose_scores[-1],
+                                     "mae_in_mask_gy": mae_in_mask(case, pred),
+                                     "dvh_mean_error_gy": float(np.mean(dvh_lists[-1]))
+                                     if dvh_lists[-1] else float("nan")}
+    return {**openkbp_scores(dose_scores, dvh_lists), "n_patients": len(dose_scores),
+            "per_patient": per_patient}

@@ -114,7 +114,8 @@ def training_contract(cfg: Mapping, spacing: SpacingRange, cases_dir: str | Path
         inputs={"ct_window": [float(v) for v in data["ct_window"]],
                 "signed_distance": bool(data["signed_distance"]),
                 "sdf_scale_mm": float(data.get("sdf_scale_mm", 50.0)),
-                "dose_scale_gy": float(data["dose_scale_gy"])},
+                "dose_scale_gy": float(data["dose_scale_gy"]),
+                "prior_dose": data.get("prior_dose")},
         spacing=spacing.to_dict(),
         cases_dir=str(Path(cases_dir).resolve()),
         split={k: [str(i) for i in v] for k, v in split.items()})

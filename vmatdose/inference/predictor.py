@@ -16,7 +16,7 @@ import torch
 from monai.transforms import Compose, Resize
 
 from vmatdose.data.case import Case, load_case
-from vmatdose.data.transforms import build_transforms
+from vmatdose.data.transforms import inference_transform
 from vmatdose.data.validation import SPACING_TOLERANCE, check_cases
 from vmatdose.inference.checkpoint import CheckpointContract, read_checkpoint
 
@@ -77,11 +77,9 @@ class Predictor:
         self.spacing_mismatch = spacing_mismatch
         self.protocol = contract.protocol_obj
         self.spacing = contract.spacing_range
-        inputs = contract.inputs
-        self.transform: Compose = build_transforms(
-            contract.structures, contract.dose_scale_gy, train=False,
-            ct_window=list(inputs["ct_window"]), signed_distance=bool(inputs["signed_distance"]),
-            sdf_scale_mm=float(inputs["sdf_scale_mm"]), with_dose=False)
+        self.transform: Compose = inference_transform(
+            {**contract.inputs, "structures": contract.structures,
+             "prescriptions_gy": self.protocol.prescriptions_gy})
 
     @classmethod
     def from_checkpoint(cls, ckpt_path: str | Path, accelerator: str = "auto",

@@ -9,6 +9,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from vmatdose.data.case import list_case_files
+from vmatdose.data.ingest.openkbp import is_openkbp_folder, openkbp_cases
 from vmatdose.errors import InputError
 from vmatdose.inference.predictor import Predictor
 from vmatdose.inference.writers import chosen_writers
@@ -33,6 +34,8 @@ def run_prediction(cfg: Mapping) -> list[Path]:
         raise InputError("predict needs cases_dir=<case files> or dicom_dir=<DICOM folders>")
     cases_dir = Path(cfg["cases_dir"])
     paths = list_case_files(cases_dir)
+    if not paths and is_openkbp_folder(cases_dir):
+        paths = openkbp_cases(cases_dir)  # imported on the fly into a temporary folder
     if not paths:
         raise InputError(f"{cases_dir}: no case files (*.npz) to predict")
     if cfg.get("source_dicom") and not cfg.get("export_rtdose"):

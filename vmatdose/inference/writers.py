@@ -49,13 +49,14 @@ def write_rtdose_file(prediction: Prediction, output_dir: Path, options: Mapping
 
 def write_openkbp_file(prediction: Prediction, output_dir: Path, options: Mapping
                        ) -> list[Path]:
-    """``openkbp/<case_id>.csv``: the OpenKBP challenge submission format."""
+    """``pt_N.csv``: the OpenKBP challenge's sparse submission format, on the original
+    (row, column, slice) layout (:mod:`vmatdose.data.export.openkbp`)."""
     from vmatdose.data.export.openkbp import write_submission
 
-    case = prediction.case
-    path = output_dir / "openkbp" / f"{case.case_id}.csv"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return [write_submission(prediction.dose_gy, case, path)]
+    try:
+        return [write_submission(prediction.dose_gy, prediction.case, output_dir)]
+    except ValueError as err:
+        raise InputError(str(err)) from err
 
 
 WRITERS: dict[str, Writer] = {"npz": write_npz_prediction, "rtdose": write_rtdose_file,

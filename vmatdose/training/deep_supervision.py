@@ -76,6 +76,7 @@ class DeepSupervisionDoseModule(DoseModule):
         totals of the auxiliary heads."""
         out = self.net(batch["image"])
         heads = list(out.unbind(dim=1)) if out.ndim == batch["image"].ndim + 1 else [out]
+        heads = [self.masked_for_loss(head, batch) for head in heads]
         head_loss = HeadLoss(self.loss, batch)
         total = DeepSupervisionLoss(head_loss, weights=self.weights_for(len(heads)))(
             heads, batch["dose"])

@@ -242,18 +242,25 @@ class GenerativeDoseModule(DoseModule, abc.ABC):
         return torch.stack(samples)
 
     @torch.no_grad()
-    def predict_with_uncertainty(self, image: torch.Tensor, body: torch.Tensor | None = None
-                                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(ensemble mean dose, per-voxel ensemble std), both (B, 1, Z, Y, X) normalised;
-        the std is zero for a one-sample ensemble (see :meth:`sampling_budget`).
-        ``body``: (B, 1, Z, Y, X) or ``None`` (not used here yet)."""
+    def ensemble_stats(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ensemble mean dose, per-voxel ensemble std) of ``image`` as it is (no TTA);
+        the std is zero for a one-sample ensemble (see :meth:`sampling_budget`)."""
         samples = self.sample_doses(image)
         return samples.mean(dim=0), ensemble_std(samples)
 
     @torch.no_grad()
+    def predict_with_uncertainty(self, image: torch.Tensor, body: torch.Tensor | None = None
+                                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ensemble mean dose, per-voxel ensemble std), both (B, 1, Z, Y, X) normalised,
+        with the module's resolution factor, flip TTA (means and stds averaged over the
+        flips) and zeroing outside ``body`` (see :meth:`DoseModule.infer`)."""
+        return self.infer(image, body, self.ensemble_stats)
+
+    @torch.no_grad()
     def predict_dose(self, image: torch.Tensor) -> torch.Tensor:
-        """(B, C, Z, Y, X) -> (B, 1, Z, Y, X) ensemble mean normalised dose >= 0."""
-        return self.predict_with_uncertainty(image)[0]
+        """(B, C, Z, Y, X) -> (B, 1, Z, Y, X) ensemble mean normalised dose >= 0 on the
+        network's grid (no TTA)."""
+        return self.ensemble_stats(image)[0]
 
     @contextmanager
     def sampling_settings(self, steps: int, ensemble_size: int) -> Iterator[None]:
@@ -272,7 +279,8 @@ class GenerativeDoseModule(DoseModule, abc.ABC):
         objective, clean_hat = self.objective(clean, batch["image"])
         total, terms = objective, {"objective": objective}
         if self.loss_on_x0_weight > 0 and self.loss is not None:
-            x0_total, x0_terms = self.loss(model_to_dose(clean_hat, self.dose_max), batch)
+            x0 = self.masked_for_loss(model_to_dose(clean_hat, self.dose_max), batch)
+            x0_total, x0_terms = self.loss(x0, batch)
             total = total + self.loss_on_x0_weight * x0_total
             terms.update({f"x0_{name}": value for name, value in x0_terms.items()})
         self._log_loss("train", total, terms, batch["image"].shape[0])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -45,6 +46,26 @@ def mae_in_body_gy(pred: torch.Tensor, dose: torch.Tensor, body: torch.Tensor,
     return per_case * scale_gy.to(per_case)
 
 
+TTA_MODES = (None, "none", "flips")
+Predictor = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
+
+
+def pool_image(image: torch.Tensor, factor: int) -> torch.Tensor:
+    """(B, C, Z, Y, X) average-pooled by ``factor`` exactly as the data pipeline pools
+    (MONAI ``Zoom``, ``mode="area"``)."""
+    if factor == 1:
+        return image
+    return F.interpolate(image, scale_factor=[1.0 / factor] * 3, mode="area",
+                         recompute_scale_factor=True)
+
+
+def flip_sets(axes: Sequence[int]) -> list[tuple[int, ...]]:
+    """Every subset of the spatial ``axes`` (-3 z, -2 y, -1 x): the flips of flip TTA,
+    identity first."""
+    axes = sorted({int(a) for a in axes})
+    return [combo for r in range(len(axes) + 1) for combo in itertools.combinations(axes, r)]
+
+
 class DoseModule(L.LightningModule):
     """Image -> dose regression.
 
@@ -60,6 +81,27 @@ class DoseModule(L.LightningModule):
         max_relative_dose: predictions are clipped to ``[0, max_relative_dose]`` in units
             of the highest prescription: no plan delivers 150 % of it, and an undertrained
             network's hot spots would otherwise dominate Dmax-type metrics. ``None``: no cap.
+        tta: ``"flips"``: :meth:`predict_with_uncertainty` averages the predictions of
+            every combination of flips of ``tta_axes`` (un-flipped back); a left/right
+            (x) flip also swaps the paired structure channels of the input (see
+            ``lr_channel_permutation``). ``None``: one pass.
+        tta_axes: spatial axes flip TTA mirrors (-3 z, -2 y, -1 x = left/right).
+        lr_channel_permutation: input channel order after a left/right flip; ``None``
+            derives it from the checkpoint contract's structures and protocol ``lr_pairs``.
+        zero_outside_body: :meth:`predict_with_uncertainty` zeroes the dose outside the
+            ``body`` it is given (OpenKBP: the possible-dose mask, as the challenge does).
+        resolution_factor: the network works at 1/f of the case grid: full-resolution
+            inference average-pools the input by f and upsamples the dose trilinearly
+            (train with ``data.resolution_factor`` = f).
+            With a ``body``, the upsampling is mask-normalised (the coarse dose is the mean
+            over the body part of each coarse voxel, see ``data.resolution_factor``), so
+            the dose at the mask's edge is not diluted by the zeros outside it.
+        prior_residual: with ``resolution_factor`` > 1, the network's coarse dose is
+            taken as the prior-dose channel (the image's last) plus a correction: only
+            the correction is upsampled and the full-resolution prior is added back, which
+            keeps the target edges sharp.
+        loss_in_body: the training loss sees the prediction zeroed outside ``body``, so
+            no gradient asks for dose where it is never scored.
 
     Subclasses change what is optimised through :meth:`compute_loss` (adversarial
     training, :mod:`vmatdose.training.adversarial`) or :meth:`training_step` (deep
@@ -77,9 +119,28 @@ class DoseModule(L.LightningModule):
         divisible_by: int = 16,
         val_gamma: Mapping | None = None,
         max_relative_dose: float | None = 1.5,
+        tta: str | None = None,
+        tta_axes: Sequence[int] = (-3, -2, -1),
+        lr_channel_permutation: Sequence[int] | None = None,
+        zero_outside_body: bool = False,
+        resolution_factor: int = 1,
+        loss_in_body: bool = False,
+        prior_residual: bool = False,
     ):
         super().__init__()
+        if tta not in TTA_MODES:
+            raise ValueError(f"model.tta must be one of {TTA_MODES}, got {tta!r}")
+        if int(resolution_factor) < 1:
+            raise ValueError(f"resolution_factor must be >= 1, got {resolution_factor}")
         self.max_relative_dose = max_relative_dose
+        self.tta = None if tta == "none" else tta
+        self.tta_axes = [int(a) for a in tta_axes]
+        self.lr_channel_permutation = (list(lr_channel_permutation)
+                                       if lr_channel_permutation is not None else None)
+        self.zero_outside_body = bool(zero_outside_body)
+        self.resolution_factor = int(resolution_factor)
+        self.loss_in_body = bool(loss_in_body)
+        self.prior_residual = bool(prior_residual)
         self.net = net
         self.loss = loss
         self.optimizer_factory = optimizer
@@ -110,13 +171,105 @@ class DoseModule(L.LightningModule):
     @torch.no_grad()
     def predict_with_uncertainty(self, image: torch.Tensor, body: torch.Tensor | None = None
                                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(mean dose, per-voxel std or ``None``), both (B, 1, Z, Y, X) normalised.
-        ``body``: (B, 1, Z, Y, X) scoring region or ``None`` (not used here yet).
+        """(mean dose, per-voxel std or ``None``), both (B, 1, Z, Y, X) normalised, on the
+        grid of ``image`` (B, C, Z, Y, X); ``body`` (B, 1, Z, Y, X) {0, 1} or ``None``.
 
-        Deterministic models have no spread; generative models override this with an
-        ensemble of samples.
+        The full inference: resolution pooling, flip TTA and zeroing outside ``body`` as
+        the model config says (see the class arguments). Deterministic models have no
+        spread; generative models pass their ensemble here (:meth:`infer`).
         """
-        return self.predict_dose(image), None
+        return self.infer(image, body, lambda x: (self.predict_dose(x), None))
+
+    def infer(self, image: torch.Tensor, body: torch.Tensor | None,
+              predictor: Predictor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Run ``predictor`` (network-grid image -> (mean, std|None)) under the module's
+        resolution factor, flip TTA and body zeroing; see :meth:`predict_with_uncertainty`.
+        """
+        x = pool_image(image, self.resolution_factor)
+        flips = flip_sets(self.tta_axes) if self.tta == "flips" else [()]
+        means, stds = [], []
+        for dims in flips:
+            flipped = self.flip_input(x, dims) if dims else x
+            mean, std = predictor(flipped)
+            means.append(torch.flip(mean, dims) if dims else mean)
+            if std is not None:
+                stds.append(torch.flip(std, dims) if dims else std)
+        mean = torch.stack(means).mean(0)
+        std = torch.stack(stds).mean(0) if stds else None
+        if self.resolution_factor > 1:
+            size = list(image.shape[2:])
+            mean = self.upsample(mean, image, body)
+            if std is not None:
+                std = F.interpolate(std, size=size, mode="trilinear", align_corners=False)
+        if self.zero_outside_body and body is not None:
+            inside = (body > 0).to(mean.dtype)
+            mean = mean * inside
+            std = None if std is None else std * inside
+        return mean, std
+
+    def upsample(self, coarse: torch.Tensor, image: torch.Tensor,
+                 body: torch.Tensor | None) -> torch.Tensor:
+        """Coarse dose (B, 1, z, y, x) -> the grid of ``image`` (B, C, Z, Y, X).
+
+        Without ``body``: trilinear. With it: mask-normalised trilinear inside the body
+        (each coarse voxel's value spread only over the fine voxels inside the mask) plus,
+        with ``prior_residual``, the full-resolution prior (last image channel) back;
+        trilinear outside the body.
+        """
+        size = list(image.shape[2:])
+        plain = F.interpolate(coarse, size=size, mode="trilinear", align_corners=False)
+        if body is None:
+            return plain
+        inside = (body > 0).to(coarse.dtype)
+        fraction = pool_image(inside, self.resolution_factor)
+        valid = (fraction > 0).to(coarse.dtype)
+        correction = coarse
+        if self.prior_residual:
+            prior = image[:, -1:]
+            coarse_prior = pool_image(prior * inside, self.resolution_factor)
+            correction = coarse - coarse_prior / fraction.clamp_min(1e-6) * valid
+        num = F.interpolate(correction * valid, size=size, mode="trilinear", align_corners=False)
+        den = F.interpolate(valid, size=size, mode="trilinear", align_corners=False)
+        fine = torch.where(den > 1e-6, num / den.clamp_min(1e-6), torch.zeros_like(num))
+        if self.prior_residual:
+            fine = fine + image[:, -1:]
+        top = self.max_relative_dose if self.max_relative_dose is not None else float("inf")
+        return torch.where(inside > 0, fine.clamp(0.0, top), plain)
+
+    def flip_input(self, image: torch.Tensor, dims: Sequence[int]) -> torch.Tensor:
+        """Mirror ``image`` (B, C, Z, Y, X) along ``dims``; a left/right (x) mirror also
+        reorders the channels so each paired structure stays on its side (the data
+        module's left/right augmentation does the same)."""
+        flipped = torch.flip(image, list(dims))
+        if -1 in dims or 4 in dims:
+            flipped = flipped[:, self.input_lr_permutation(image.shape[1])]
+        return flipped
+
+    def input_lr_permutation(self, n_channels: int) -> list[int]:
+        """Input channel order after a left/right mirror (see ``lr_channel_permutation``)."""
+        if self.lr_channel_permutation is not None:
+            if len(self.lr_channel_permutation) != n_channels:
+                raise ValueError(f"model.lr_channel_permutation has "
+                                 f"{len(self.lr_channel_permutation)} entries for an image of "
+                                 f"{n_channels} channels")
+            return self.lr_channel_permutation
+        contract = self.contract or {}
+        if "structures" not in contract:
+            raise ValueError("left/right flip TTA needs the input's structure channels: set "
+                             "model.lr_channel_permutation or use a module built by training "
+                             "or loaded from a checkpoint (its contract names the channels)")
+        from vmatdose.data.transforms import image_lr_permutation
+
+        inputs = contract.get("inputs") or {}
+        return image_lr_permutation(contract["structures"],
+                                    (contract.get("protocol") or {}).get("lr_pairs") or [],
+                                    n_channels, bool(inputs.get("signed_distance")))
+
+    def masked_for_loss(self, pred: torch.Tensor, batch: dict) -> torch.Tensor:
+        """``pred`` zeroed outside ``batch["body"]`` when ``loss_in_body`` (else as is)."""
+        if not self.loss_in_body or "body" not in batch:
+            return pred
+        return pred * (batch["body"] > 0).to(pred.dtype)
 
     def _log_loss(self, stage: str, total: torch.Tensor, terms: dict[str, torch.Tensor],
                   batch_size: int) -> None:
@@ -135,13 +288,13 @@ class DoseModule(L.LightningModule):
         return self.loss(pred, batch)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        pred = self(batch["image"])
+        pred = self.masked_for_loss(self(batch["image"]), batch)
         total, terms = self.compute_loss(pred, batch)
         self._log_loss("train", total, terms, batch["image"].shape[0])
         return total
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        pred = self.predict_dose(batch["image"])
+        pred = self.masked_for_loss(self.predict_dose(batch["image"]), batch)
         total, terms = self.compute_loss(pred, batch)
         n = batch["image"].shape[0]
         self._log_loss("val", total, terms, n)

@@ -1,1 +1,2 @@
-"""Case-grid arrays -> files other tools read: :mod:`~vmatdose.data.export.rtdose` (DICOM RTDOSE)."""
+"""Case-grid arrays -> files other tools read: :mod:`~vmatdose.data.export.rtdose` (DICOM RTDOSE),
+:mod:`~vmatdose.data.export.openkbp` (OpenKBP challenge submissions)."""

@@ -1,0 +1,136 @@
+"""``make bench-openkbp``: train ``experiment=openkbp_cpu`` from scratch, then score the
+validation patients (33 with the full set) with the official OpenKBP formulas, on the
+predictions as a challenge submission would carry them.
+
+    python benchmarks/bench_openkbp.py [hydra overrides ...]
+
+Prints a table and writes ``benchmarks/results/openkbp_cpu.json``: wall time (training and
+evaluation; the one-time unpacking and import of the archives is done first and not
+counted), epochs, steps, the validation dose and DVH scores next to the challenge winner's
+2.43 / 1.48 Gy, and the same scores recomputed from the exported ``pt_N.csv`` files read
+back by :func:`vmatdose.data.export.openkbp.read_submission`, which knows only the
+challenge's format.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+from hydra import compose, initialize_config_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from vmatdose.config import CONFIG_DIR  # noqa: E402
+from vmatdose.data.case import Case, load_case  # noqa: E402
+from vmatdose.data.export.openkbp import read_submission, to_original, write_submission  # noqa: E402
+from vmatdose.data.ingest.openkbp import to_canonical  # noqa: E402
+from vmatdose.data.transforms import inference_transform  # noqa: E402
+from vmatdose.evaluation.inference import load_module  # noqa: E402
+from vmatdose.evaluation.openkbp_scores import score_patients  # noqa: E402
+
+WINNER = {"dose_score_gy": 2.429, "dvh_score_gy": 1.478}
+RESULT = ROOT / "benchmarks" / "results" / "openkbp_cpu.json"
+
+
+def compose_config(run_dir: Path, overrides: list[str]):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose("train", overrides=[
+            "experiment=openkbp_cpu", f"paths.root_dir={ROOT}", f"paths.output_dir={run_dir}",
+            "logger=csv", *overrides])
+
+
+def predict_validation(module, data_cfg, paths: list[Path]) -> list[tuple[Case, np.ndarray]]:
+    """(case, predicted dose Gy on the case grid) for every case file, with the model's
+    full inference (pooling, TTA, zero outside the possible-dose mask)."""
+    transform = inference_transform(data_cfg)
+    scale = float(data_cfg.dose_scale_gy)
+    pairs = []
+    for path in paths:
+        case = load_case(path)
+        image = transform({"path": str(path)})["image"][None]
+        body = torch.from_numpy(case.body[None, None].astype(np.float32))
+        mean, _ = module.predict_with_uncertainty(image, body=body)
+        pairs.append((case, (mean[0, 0].numpy() * scale).astype(np.float32)))
+    return pairs
+
+
+def reread_submissions(pairs, folder: Path) -> tuple[list, float]:
+    """Export every prediction as ``pt_N.csv``, read it back with the challenge-format
+    reader, and return the re-read pairs and the largest voxel difference (Gy)."""
+    reread, worst = [], 0.0
+    for case, pred in pairs:
+        path = write_submission(pred, case, folder)
+        original = read_submission(path)
+        worst = max(worst, float(np.abs(original - to_original(pred)).max()))
+        reread.append((case, to_canonical(original)))
+    return reread, worst
+
+
+def main(overrides: list[str]) -> dict:
+    import hydra
+
+    from vmatdose.train import best_checkpoint, fit
+
+    torch.set_num_threads(2)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    run_dir = ROOT / "outputs" / "bench_openkbp" / stamp
+    cfg = compose_config(run_dir, overrides)
+    datamodule = hydra.utils.instantiate(cfg.data)
+    datamodule.prepare_data()  # one-time unpack + import: not part of the budget
+    val_paths = datamodule.paths_of("val")
+    start = time.perf_counter()
+    trainer, _ = fit(cfg, run_dir)
+    train_s = time.perf_counter() - start
+    ckpt = best_checkpoint(trainer)
+    module, ckpt_cfg = load_module(ckpt, "cpu")
+    pairs = predict_validation(module, ckpt_cfg.data, val_paths)
+    scores = score_patients(pairs, list(cfg.data.targets))
+    wall_s = time.perf_counter() - start
+    reread, worst = reread_submissions(pairs, run_dir / "submission")
+    reread_scores = score_patients(reread, list(cfg.data.targets))
+    result = {
+        "recipe": "experiment=openkbp_cpu", "overrides": overrides,
+        "machine": f"{torch.get_num_threads()}-thread CPU (2-core shared machine), no GPU",
+        "source": datamodule.source_dir.name, "n_train": len(datamodule.paths_of("train")),
+        "n_val": len(val_paths), "wall_s": round(wall_s, 1), "train_s": round(train_s, 1),
+        "eval_s": round(wall_s - train_s, 1), "epochs": int(trainer.current_epoch),
+        "steps": int(trainer.global_step), "checkpoint": str(Path(ckpt).relative_to(ROOT)),
+        "val_dose_score_gy": round(scores["dose_score_gy"], 4),
+        "val_dvh_score_gy": round(scores["dvh_score_gy"], 4),
+        "winner_dose_score_gy": WINNER["dose_score_gy"],
+        "winner_dvh_score_gy": WINNER["dvh_score_gy"],
+        "submission_reread_dose_score_gy": round(reread_scores["dose_score_gy"], 4),
+        "submission_reread_dvh_score_gy": round(reread_scores["dvh_score_gy"], 4),
+        "submission_max_voxel_difference_gy": worst,
+        "per_patient": scores["per_patient"],
+    }
+    print_table(result)
+    RESULT.parent.mkdir(parents=True, exist_ok=True)
+    RESULT.write_text(json.dumps(result, indent=2))
+    print(f"wrote {RESULT.relative_to(ROOT)}")
+    return result
+
+
+def print_table(r: dict) -> None:
+    print(f"\nOpenKBP experiment=openkbp_cpu on {r['source']} ({r['n_train']} train, "
+          f"{r['n_val']} validation patients), {r['machine']}")
+    print(f"wall {r['wall_s'] / 60:.1f} min (train {r['train_s'] / 60:.1f}, eval "
+          f"{r['eval_s'] / 60:.1f}), {r['epochs']} epochs, {r['steps']} steps")
+    print(f"{'':28s}{'dose score (Gy)':>16s}{'DVH score (Gy)':>16s}")
+    print(f"{'validation, this recipe':28s}{r['val_dose_score_gy']:16.3f}"
+          f"{r['val_dvh_score_gy']:16.3f}")
+    print(f"{'  re-read from pt_N.csv':28s}{r['submission_reread_dose_score_gy']:16.3f}"
+          f"{r['submission_reread_dvh_score_gy']:16.3f}")
+    print(f"{'challenge winner (test)':28s}{r['winner_dose_score_gy']:16.3f}"
+          f"{r['winner_dvh_score_gy']:16.3f}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,84 @@
+"""``data=openkbp``: the OpenKBP challenge's data and split behind the ordinary data module.
+
+Train on ``train-pats``, validate on ``validation-pats``, test on ``test-pats`` when the
+source has it (else on ``validation-pats``), whatever folder ``source_dir`` names; with no
+``source_dir``, the full public set (``../shared/data/openkbp-full``, archives unpacked into
+the data folder on first use) when it is on disk, else the 17 + 4 sample. Case files go to
+``<data_dir>/openkbp/<source folder name>/`` so the sample and the full set never mix.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from vmatdose.data.case import list_case_files
+from vmatdose.data.datamodule import DoseDataModule
+from vmatdose.data.ingest.openkbp import SPLIT_FILE, default_source, import_openkbp_dataset
+
+log = logging.getLogger(__name__)
+
+
+class OpenKBPDataModule(DoseDataModule):
+    """A :class:`DoseDataModule` on OpenKBP patients with the challenge's split.
+
+    Args:
+        source_dir: OpenKBP folder (``train-pats/``, ``validation-pats/``, maybe
+            ``test-pats/``, or their ``.tar.xz`` archives); ``None``: the default source.
+        data_dir: the project's data folder (case files and unpacked archives go below
+            ``data_dir/openkbp``) when ``cases_dir`` is not given.
+        cases_dir: where the case files are (``None``: derived from the source).
+        max_cases: keep the first ``max_cases`` training cases and at most that many
+            validation and test cases (quick runs).
+        import_workers: processes of the one-time import.
+        **kwargs: :class:`DoseDataModule` arguments (``split.file`` overrides the
+            challenge's split).
+    """
+
+    def __init__(self, source_dir: str | None = None, data_dir: str = "data",
+                 cases_dir: str | None = None, import_workers: int = 2, **kwargs):
+        self.source_dir = Path(source_dir) if source_dir else default_source()
+        base = Path(data_dir) / "openkbp"
+        cases = Path(cases_dir) if cases_dir else base / self.source_dir.name
+        self.unpack_dir = base / "source"
+        self.import_workers = int(import_workers)
+        kwargs.pop("generator", None)
+        super().__init__(cases_dir=str(cases), **kwargs)
+
+    def prepare_data(self) -> None:
+        """Unpack and import the source once (idempotent: done cases are not re-read)."""
+        if not (self.cases_dir / SPLIT_FILE).is_file():
+            import_openkbp_dataset(self.cases_dir, self.source_dir,
+                                   num_workers=self.import_workers,
+                                   unpack_dir=self.unpack_dir)
+        super().prepare_data()
+
+    def ensure_split(self) -> dict[str, list[str]]:
+        """The challenge's split (``openkbp_split.json`` written at import) unless
+        ``split.file`` names another one."""
+        if self.split is not None or self.split_cfg.get("file"):
+            return super().ensure_split()
+        path = self.cases_dir / SPLIT_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no OpenKBP split file; run prepare_data() (the "
+                                    "import writes it) or give data.split.file=")
+        official = json.loads(path.read_text())
+        known = set(self.case_paths())
+        split = {k: [i for i in official[k] if i in known] for k in ("train", "val", "test")}
+        if self.max_cases:
+            split = {k: v[: self.max_cases] for k, v in split.items()}
+        if not split["train"] or not split["val"]:
+            raise ValueError(f"{path}: the OpenKBP split has no train or no validation "
+                             f"cases in {self.cases_dir}")
+        self.split = split
+        log.info("OpenKBP split from %s: %d train, %d val, %d test", official.get("source"),
+                 *(len(split[k]) for k in ("train", "val", "test")))
+        if self.split_output:
+            Path(self.split_output).parent.mkdir(parents=True, exist_ok=True)
+            Path(self.split_output).write_text(json.dumps(self.split, indent=2))
+        return self.split
+
+    def case_paths(self) -> dict[str, Path]:
+        """Every case file (``max_cases`` applies per split, see :meth:`ensure_split`)."""
+        return {p.stem: p for p in list_case_files(self.cases_dir)}

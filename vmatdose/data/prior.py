@@ -1,0 +1,136 @@
+"""A prior-dose input channel: each target's prescription, falling off with the distance
+to that target, so a network learns the residual from it instead of the whole dose.
+
+    prior(v) = body(v) * max_t  p_t / scale * g(d_t(v))
+
+with ``p_t`` the prescription (Gy) of each target the case has, ``d_t(v)`` the Euclidean
+distance (mm, anisotropic voxels) from voxel v to target t (0 inside) and ``g`` a falloff
+profile (relative dose vs distance) fitted once from training cases with
+:func:`fit_falloff_profile` and written into the data config
+(``data.prior_dose.{distance_mm, relative_dose}``), so inference rebuilds the same
+channel from the config alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.transforms import MapTransform
+from scipy import ndimage
+
+from vmatdose.data.case import load_case
+
+#: Distances (mm) of the fitted profile's knots.
+DEFAULT_KNOTS_MM = (0, 2, 4, 6, 8, 10, 13, 16, 20, 25, 30, 35, 40, 50, 60, 70, 80, 100, 120)
+
+
+def target_distances_mm(masks: np.ndarray, spacing_mm: Sequence[float],
+                        region: np.ndarray | None = None) -> np.ndarray:
+    """(T, Z, Y, X) float32 distance (mm) to each target mask (0 inside); 1e3 mm for an
+    empty mask. Computed inside the bounding box of ``region`` | the targets (the only
+    voxels the prior is used in), 1e3 mm outside it.
+
+    Args:
+        masks: (T, Z, Y, X) binary target masks.
+        region: (Z, Y, X) voxels that need a distance (the possible-dose mask) or ``None``.
+    """
+    masks = np.asarray(masks) > 0
+    out = np.full(masks.shape, 1e3, np.float32)
+    cover = masks.any(0) if region is None else (masks.any(0) | (np.asarray(region) > 0))
+    if not cover.any():
+        return out
+    idx = np.argwhere(cover)
+    box = tuple(slice(lo, hi + 1) for lo, hi in zip(idx.min(0), idx.max(0)))
+    for t, mask in enumerate(masks):
+        if mask[box].any():
+            out[(t, *box)] = ndimage.distance_transform_edt(~mask[box], sampling=spacing_mm)
+    return out
+
+
+def prior_dose(masks: np.ndarray, body: np.ndarray, levels: Sequence[float],
+               spacing_mm: Sequence[float], distance_mm: Sequence[float],
+               relative_dose: Sequence[float]) -> np.ndarray:
+    """(Z, Y, X) float32 prior dose in the units of ``levels`` (see the module docstring).
+
+    Args:
+        masks: (T, Z, Y, X) target masks; ``levels``: (T,) their prescriptions.
+        body: (Z, Y, X) region where the prior is non-zero.
+        distance_mm, relative_dose: the falloff profile g (linear between knots, flat
+            beyond the last).
+    """
+    distances = target_distances_mm(masks, spacing_mm, body)
+    prior = np.zeros(np.shape(body), np.float32)
+    for level, dist in zip(levels, distances):
+        np.maximum(prior, level * np.interp(dist, distance_mm, relative_dose), out=prior)
+    return prior * (np.asarray(body) > 0)
+
+
+class PriorDosed(MapTransform):
+    """Add ``prior``: (1, Z, Y, X) float32 prior dose normalised by ``dose_scale_gy``,
+    from the sample's ``masks`` (channels in ``structures`` order), ``body`` and
+    ``spacing_mm``."""
+
+    def __init__(self, structures: Sequence[str], prescriptions_gy: Mapping[str, float],
+                 dose_scale_gy: float, distance_mm: Sequence[float],
+                 relative_dose: Sequence[float]):
+        super().__init__(keys=["masks"])
+        if len(distance_mm) != len(relative_dose) or len(distance_mm) < 2:
+            raise ValueError("prior_dose needs matching distance_mm and relative_dose lists "
+                             f"(>= 2 knots), got {len(distance_mm)} and {len(relative_dose)}")
+        if np.any(np.diff(distance_mm) <= 0):
+            raise ValueError(f"prior_dose.distance_mm must increase, got {list(distance_mm)}")
+        self.channels = [i for i, s in enumerate(structures) if s in prescriptions_gy]
+        self.levels = [float(prescriptions_gy[structures[i]]) / dose_scale_gy
+                       for i in self.channels]
+        self.distance_mm = np.asarray(distance_mm, float)
+        self.relative_dose = np.asarray(relative_dose, float)
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        out = dict(data)
+        masks = np.asarray(out["masks"])[self.channels]
+        body = np.asarray(out["body"])[0]
+        prior = prior_dose(masks, body, self.levels, np.asarray(out["spacing_mm"], float),
+                           self.distance_mm, self.relative_dose)
+        out["prior"] = torch.from_numpy(prior[None])
+        return out
+
+
+def fit_falloff_profile(case_paths: Sequence[str | Path], prescriptions_gy: Mapping[str, float],
+                        knots_mm: Sequence[float] = DEFAULT_KNOTS_MM) -> dict[str, list[float]]:
+    """Fit the falloff g from training cases: at each knot distance d, the median over
+    possible-dose-mask voxels at distance ~d from the nearest target of dose / that
+    target's prescription (the prescription of the target whose ``p * g0(d)`` is largest
+    is approximated by the nearest target's).
+
+    Returns:
+        ``{"distance_mm": knots, "relative_dose": g(knots)}``, g non-increasing.
+    """
+    knots = np.asarray(knots_mm, float)
+    edges = np.concatenate([[-0.5], (knots[1:] + knots[:-1]) / 2, [knots[-1] + 1e-3]])
+    ratios: list[list[np.ndarray]] = [[] for _ in knots]
+    for path in case_paths:
+        case = load_case(path)
+        targets = [t for t in prescriptions_gy if t in case.structures]
+        if not targets or case.dose is None:
+            continue
+        dist = target_distances_mm(np.stack([case.mask(t) for t in targets]),
+                                   case.spacing_mm, case.body)
+        nearest = dist.argmin(0)
+        d = dist.min(0)
+        levels = np.asarray([prescriptions_gy[t] for t in targets])[nearest]
+        inside = case.body > 0
+        bins = np.digitize(d[inside], edges) - 1
+        ratio = case.dose[inside] / levels[inside]
+        for k in range(len(knots)):
+            ratios[k].append(ratio[bins == k])
+    g = np.array([np.median(np.concatenate(r)) if r and sum(x.size for x in r) else np.nan
+                  for r in ratios])
+    if np.isnan(g).all():
+        raise ValueError("fit_falloff_profile: no case with a dose and a target")
+    g = np.nan_to_num(g, nan=float(np.nanmin(g)))
+    g = np.minimum.accumulate(g)  # monotone: dose falls off away from a target
+    return {"distance_mm": [float(k) for k in knots],
+            "relative_dose": [round(float(v), 4) for v in g]}
