@@ -1,6 +1,7 @@
 """Composable dose-prediction losses (see :class:`CompositeLoss`)."""
 
 from vmatdose.losses.adversarial import AdversarialLoss
+from vmatdose.losses.asymmetric_ptv import AsymmetricPTVLoss
 from vmatdose.losses.composite import CompositeLoss
 from vmatdose.losses.dvh import DVHLoss, DVHMatchLoss
 from vmatdose.losses.gradient import GradientLoss
@@ -12,6 +13,7 @@ from vmatdose.losses.voxel import VoxelLoss
 
 __all__ = [
     "AdversarialLoss",
+    "AsymmetricPTVLoss",
     "CompositeLoss",
     "DVHLoss",
     "DVHMatchLoss",

@@ -12,6 +12,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from vmatdose.losses import CompositeLoss
+from vmatdose.losses.composite import SIGMA_PARAMETER
 
 
 def pad_to_multiple(x: torch.Tensor, k: int) -> tuple[torch.Tensor, tuple[slice, ...]]:
@@ -42,6 +43,15 @@ def mae_in_body_gy(pred: torch.Tensor, dose: torch.Tensor, body: torch.Tensor,
     err = (pred - dose).abs() * body
     per_case = err.flatten(1).sum(1) / body.flatten(1).sum(1).clamp_min(1)
     return per_case * scale_gy.to(per_case)
+
+
+def weight_decay_groups(named: Sequence[tuple[str, nn.Parameter]]) -> list[dict]:
+    """Optimizer parameter groups: the learned loss sigmas (``loss.log_sigmas.*``) without
+    weight decay (decay would pull every sigma to 1, undoing the learned weighting), the
+    rest with the optimizer's."""
+    sigmas = [p for n, p in named if n.startswith(f"loss.{SIGMA_PARAMETER}.")]
+    rest = [p for n, p in named if not n.startswith(f"loss.{SIGMA_PARAMETER}.")]
+    return [{"params": rest}] + ([{"params": sigmas, "weight_decay": 0.0}] if sigmas else [])
 
 
 def adversarial_term_name(loss: CompositeLoss | None) -> str | None:
@@ -139,6 +149,9 @@ class DoseModule(L.LightningModule):
         for name, value in terms.items():
             self.log(f"{stage}/loss/{name}", value, on_step=on_step, on_epoch=True,
                      batch_size=batch_size, sync_dist=True)
+        for name, sigma in (self.loss.sigmas().items() if on_step else ()):
+            self.log(f"train/sigma/{name}", sigma, on_step=True, on_epoch=True,
+                     batch_size=batch_size)
 
     def on_train_epoch_start(self) -> None:
         for term in self.loss.terms.values() if self.loss is not None else ():
@@ -210,7 +223,8 @@ class DoseModule(L.LightningModule):
     def configure_optimizers(self) -> Any:
         if self.adversarial_term is not None:
             return self.configure_adversarial_optimizers()
-        optimizer = self.optimizer_factory(params=self.parameters())
+        optimizer = self.optimizer_factory(params=weight_decay_groups(
+            list(self.named_parameters())))
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer=optimizer)
@@ -222,8 +236,8 @@ class DoseModule(L.LightningModule):
         optimizer], and the LR scheduler of the generator's."""
         term = self.loss.terms[self.adversarial_term]
         critic_params = {id(p) for p in term.discriminator.parameters()}
-        generator = self.optimizer_factory(
-            params=[p for p in self.parameters() if id(p) not in critic_params])
+        generator = self.optimizer_factory(params=weight_decay_groups(
+            [(n, p) for n, p in self.named_parameters() if id(p) not in critic_params]))
         optimizers = [generator, term.configure_optimizer()]
         if self.scheduler_factory is None:
             return optimizers
