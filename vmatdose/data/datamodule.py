@@ -12,6 +12,7 @@ import torch
 from monai.data import CacheDataset, DataLoader, Dataset
 
 from vmatdose.data.case import list_case_files
+from vmatdose.data.conditioning import conditioning_spec
 from vmatdose.data.transforms import build_transforms
 
 SPLITS = ("train", "val", "test")
@@ -75,10 +76,13 @@ class DoseDataModule(L.LightningDataModule):
         cache: bool = True,
         divisible_by: int = 16,
         max_cases: int | None = None,
+        conditioning: str = "none",
         **clinical: object,
     ):
         """``clinical`` holds data-set facts other parts read from the same config
-        (``fractions``, ``constraints``, ...); the data module keeps them as attributes."""
+        (``fractions``, ``constraints``, ...); the data module keeps them as attributes.
+        ``conditioning``: the model's (``model.conditioning``); other than ``none``, samples
+        carry the plan's conditioning vector (:mod:`vmatdose.data.conditioning`)."""
         super().__init__()
         self.cases_dir = Path(cases_dir)
         self.structures = list(structures)
@@ -98,7 +102,10 @@ class DoseDataModule(L.LightningDataModule):
         self.split: dict[str, list[str]] | None = None
         self._datasets: dict[str, Dataset] = {}
         common = dict(ct_window=ct_window, signed_distance=signed_distance,
-                      sdf_scale_mm=sdf_scale_mm, divisible_by=divisible_by)
+                      sdf_scale_mm=sdf_scale_mm, divisible_by=divisible_by,
+                      conditioning=conditioning_spec(conditioning, self.targets,
+                                                     clinical.get("constraints"),
+                                                     self.dose_scale_gy))
         self.train_transform = build_transforms(
             self.structures, self.dose_scale_gy, train=True, patch_size=self.patch_size,
             lr_pairs=lr_pairs, augment=augment, **common)

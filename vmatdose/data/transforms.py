@@ -32,6 +32,7 @@ from monai.transforms import (
 )
 
 from vmatdose.data.case import load_case
+from vmatdose.data.conditioning import ConditionChanneld
 from vmatdose.data.geometry import signed_distance_mm
 
 
@@ -135,6 +136,7 @@ def build_transforms(
     lr_pairs: Sequence[Sequence[str]] = (),
     augment: Mapping | None = None,
     with_dose: bool = True,
+    conditioning: Mapping | None = None,
 ) -> Compose:
     """The whole case -> sample pipeline.
 
@@ -146,6 +148,8 @@ def build_transforms(
             them.
         augment: ``flip_lr``, ``rotate_deg``, ``rotate_prob``, ``intensity_shift``,
             ``intensity_prob`` (probabilities and magnitudes; 0 disables one).
+        conditioning: ``{targets, constraints, dose_scale_gy}`` of the protocol: adds the
+            plan's conditioning vector (:mod:`vmatdose.data.conditioning`); ``None``: none.
     """
     augment = dict(augment or {})
     keys = _volume_keys(signed_distance, with_dose)
@@ -171,6 +175,7 @@ def build_transforms(
         # Random MONAI transforms hand back MetaTensors; plain tensors from here on.
         EnsureTyped(keys, dtype=torch.float32, track_meta=False),
         ConcatItemsd(image_parts, name="image", dim=0),
+        *([ConditionChanneld(**conditioning)] if conditioning else []),
         DeleteItemsd(["ct", "path"] + (["sdf"] if signed_distance else [])),
         EnsureTyped("spacing_mm", dtype=torch.float32, track_meta=False),
     ]

@@ -11,12 +11,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from vmatdose.data.case import load_case
+from vmatdose.data.conditioning import conditioning_spec
 from vmatdose.data.transforms import build_transforms
 
 #: Data-config keys that define a model's input channels; evaluation must use the
 #: checkpoint's values, whatever data config it was composed with.
 INPUT_CONTRACT_KEYS = ("structures", "signed_distance", "sdf_scale_mm", "ct_window",
-                       "prescriptions_gy", "dose_scale_gy")
+                       "prescriptions_gy", "dose_scale_gy", "conditioning")
 
 
 def checkpoint_config(ckpt_path: str | Path) -> DictConfig:
@@ -55,7 +56,10 @@ def predict_cases(module, data_cfg: DictConfig, paths: Sequence[Path], device: t
     transform = build_transforms(
         list(data_cfg.structures), float(data_cfg.dose_scale_gy), train=False,
         ct_window=list(data_cfg.ct_window), signed_distance=bool(data_cfg.signed_distance),
-        sdf_scale_mm=float(data_cfg.get("sdf_scale_mm", 50.0)), with_dose=False)
+        sdf_scale_mm=float(data_cfg.get("sdf_scale_mm", 50.0)), with_dose=False,
+        conditioning=conditioning_spec(data_cfg.get("conditioning"), list(data_cfg.targets),
+                                       data_cfg.get("constraints"),
+                                       float(data_cfg.dose_scale_gy)))
     scale = float(data_cfg.dose_scale_gy)
     for path in paths:
         case = load_case(path)

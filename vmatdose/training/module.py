@@ -13,6 +13,7 @@ from torch.nn import functional as F
 
 from vmatdose.losses import CompositeLoss
 from vmatdose.losses.composite import SIGMA_PARAMETER
+from vmatdose.models.film import conditioned_network
 
 
 def pad_to_multiple(x: torch.Tensor, k: int) -> tuple[torch.Tensor, tuple[slice, ...]]:
@@ -81,6 +82,8 @@ class DoseModule(L.LightningModule):
         max_relative_dose: predictions are clipped to ``[0, max_relative_dose]`` in units
             of the highest prescription: no plan delivers 150 % of it, and an undertrained
             network's hot spots would otherwise dominate Dmax-type metrics. ``None``: no cap.
+        conditioning: ``none`` or ``film`` (:mod:`vmatdose.models.film`: the plan's
+            conditioning vector scales and shifts every block; ``film`` sets it up).
 
     A loss term with a ``discriminator`` (:class:`vmatdose.losses.AdversarialLoss`) switches
     training to Lightning's manual optimisation with a generator and a discriminator
@@ -99,10 +102,12 @@ class DoseModule(L.LightningModule):
         divisible_by: int = 16,
         val_gamma: Mapping | None = None,
         max_relative_dose: float | None = 1.5,
+        conditioning: str = "none",
+        film: Mapping | None = None,
     ):
         super().__init__()
         self.max_relative_dose = max_relative_dose
-        self.net = net
+        self.net = conditioned_network(net, conditioning, film)
         self.loss = loss
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
