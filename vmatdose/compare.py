@@ -4,6 +4,8 @@
     python -m vmatdose.compare multirun/train/2026-11-25_10-00-00 # a sweep
     python -m vmatdose.compare outputs multirun --output experiments \\
         --readme experiments/README.md                            # the experiment index
+    python -m vmatdose.compare <sweep dir> --stats --baseline experiment=baseline
+                                        # multi-seed study statistics (vmatdose.analysis.study)
 
 A run is any folder holding ``run_record.json`` (written by ``vmatdose.train``); folders
 are searched recursively. Writes ``comparison.csv``, ``comparison.md``, a plot of the
@@ -25,6 +27,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
+from vmatdose.analysis.study import write_study_statistics  # noqa: E402
 from vmatdose.evaluation.figures import OKABE_ITO, save_figure  # noqa: E402
 
 DEFAULT_METRIC = "test/mae_body_gy"
@@ -264,10 +267,19 @@ def run_compare(argv: Sequence[str] | None = None) -> pd.DataFrame:
                         help="folder for comparison.csv/.md and plots")
     parser.add_argument("--readme", type=Path, default=None,
                         help="also write this experiment index (e.g. experiments/README.md)")
+    parser.add_argument("--stats", action="store_true",
+                        help="also write multi-seed study statistics: CIs, Wilcoxon p "
+                             "(Holm-corrected) and Cohen's d against --baseline")
+    parser.add_argument("--baseline", default="experiment=baseline",
+                        help="the baseline recipe of --stats (its overrides)")
     args = parser.parse_args(argv)
-    table = comparison_table(find_runs(args.locations), args.metric, args.descending)
+    runs = find_runs(args.locations)
+    table = comparison_table(runs, args.metric, args.descending)
     for path in write_comparison(table, args.output, args.metric):
         print(f"wrote {path}")
+    if args.stats:
+        for path in write_study_statistics(runs, args.baseline, output_dir=args.output):
+            print(f"wrote {path}")
     if args.readme:
         print(f"wrote {write_index(table, args.readme, args.metric, args.locations)}")
     print(to_markdown(table, Path.cwd()))
