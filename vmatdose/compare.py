@@ -4,6 +4,8 @@
     python -m vmatdose.compare multirun/train/2026-11-25_10-00-00 # a sweep
     python -m vmatdose.compare outputs multirun --output experiments/comparison \\
         --index experiments/runs_index.md --exclude '*/debug/*'   # `make experiments`
+    python -m vmatdose.compare <sweep dir> --stats --baseline experiment=baseline
+                                        # multi-seed study statistics (vmatdose.analysis.study)
 
 Writes into ``<compared folder>/comparison`` (or ``--output``).
 """
@@ -18,6 +20,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from vmatdose.analysis.study import write_study_statistics
 from vmatdose.tracking import compare
 
 
@@ -36,6 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also write this index of the runs (e.g. experiments/runs_index.md)")
     parser.add_argument("--exclude", action="append", default=[],
                         help="skip runs whose path matches this pattern (e.g. '*/debug/*')")
+    parser.add_argument("--stats", action="store_true",
+                        help="also write multi-seed study statistics: CIs, Wilcoxon p "
+                             "(Holm-corrected) and Cohen's d against --baseline")
+    parser.add_argument("--baseline", default="experiment=baseline",
+                        help="the baseline recipe of --stats (its overrides)")
     return parser
 
 
@@ -47,6 +55,9 @@ def run_compare(argv: Sequence[str] | None = None) -> pd.DataFrame:
     output = args.output or compare.default_output(args.locations, runs)
     for path in compare.write_comparison(table, failed, output, args.metric):
         print(f"wrote {path}")
+    if args.stats:
+        for path in write_study_statistics(runs, args.baseline, output_dir=output):
+            print(f"wrote {path}")
     if args.index:
         command = "python -m vmatdose.compare " + shlex.join(argv or sys.argv[1:])
         print(f"wrote {compare.write_index(table, failed, args.index, args.metric, command)}")

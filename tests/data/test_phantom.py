@@ -90,3 +90,52 @@ def test_dataset_is_written_once_and_resumes(tmp_path):
 
     with pytest.raises(ValueError, match="dataset.json"):
         generate_phantom_dataset(tmp_path, **{**kwargs, "seed": 7})
+
+
+SMALL = dict(shape=(24, 32, 40), spacing_mm=(5.0, 8.0, 10.0))
+
+
+def test_the_protocol_orders_the_structures_and_a_foreign_one_is_refused():
+    protocol = {"name": "pelvis_small", "fractions": 20,
+                "prescriptions_gy": {"PTV70": 60.0, "PTV56": 48.0},
+                "required_targets": ["PTV70", "PTV56"], "oars": ["Bladder", "Rectum"]}
+    case = generate_phantom_case(4, **SMALL, protocol=protocol)
+    assert case.structures == ["PTV70", "PTV56", "Bladder", "Rectum"]
+    assert case.prescriptions_gy == {"PTV70": 60.0, "PTV56": 48.0}
+    assert case.meta["fractions"] == 20 and case.meta["protocol"] == "pelvis_small"
+    default = generate_phantom_case(4, **SMALL)
+    np.testing.assert_array_equal(case.mask("Bladder"), default.mask("Bladder"))
+    with pytest.raises(ValueError, match="PTV50.4"):
+        generate_phantom_case(4, **SMALL, protocol="prostate_sib3")
+
+
+def test_a_second_prescription_level_is_planned_and_recorded_per_case(tmp_path):
+    low = generate_phantom_case(8, **SMALL, prescriptions_gy={"PTV70": 60.0, "PTV56": 50.0})
+    assert abs(np.median(low.dose[_mask(low, "PTV70")]) - 60.0) <= 1.0
+    assert abs(np.median(low.dose[_mask(low, "PTV56")]) - 50.0) <= 2.5
+    with pytest.raises(ValueError, match="each of the protocol's targets"):
+        generate_phantom_case(8, **SMALL, prescriptions_gy={"PTV70": 60.0})
+
+    paths = generate_phantom_dataset(tmp_path, n_cases=6, **SMALL, num_workers=1,
+                                     progress=False, second_level_gy={"PTV70": 60.0,
+                                                                      "PTV56": 50.0},
+                                     second_level_fraction=0.5)
+    levels = [load_case(p).prescriptions_gy["PTV70"] for p in paths]
+    assert set(levels) == {60.0, 70.0}, levels
+    for path, level in zip(paths, levels):
+        case = load_case(path)
+        assert abs(np.median(case.dose[_mask(case, "PTV70")]) - level) <= 1.0
+    record = json.loads((tmp_path / DATASET_FILE).read_text())
+    assert record["second_level_gy"] == {"PTV70": 60.0, "PTV56": 50.0}
+    with pytest.raises(ValueError, match="dataset.json"):
+        generate_phantom_dataset(tmp_path, n_cases=6, **SMALL, num_workers=1, progress=False)
+
+
+def test_a_folder_recorded_before_the_protocol_keys_existed_stays_valid(tmp_path):
+    kwargs = dict(n_cases=1, **SMALL, num_workers=1, progress=False)
+    generate_phantom_dataset(tmp_path, **kwargs)
+    record = json.loads((tmp_path / DATASET_FILE).read_text())
+    for key in ("protocol", "prescriptions_gy", "second_level_gy", "second_level_fraction"):
+        del record[key]
+    (tmp_path / DATASET_FILE).write_text(json.dumps(record))
+    generate_phantom_dataset(tmp_path, **kwargs)  # accepted: the old folders were these

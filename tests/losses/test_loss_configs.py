@@ -19,7 +19,8 @@ RANDOM_VGG = "loss.terms.perceptual.term.random_weights=true"
 STEPS = 30  # optimisation steps of the tiny-model tests
 #: every loss term -> a loss config that has it
 TERM_CONFIGS = {"voxel": "l1", "gradient": "grad", "perceptual": "perceptual", "dvh": "dvh",
-                "dvh_match": "dvh_match", "structure_weighted": "structure_weighted"}
+                "dvh_match": "dvh_match", "structure_weighted": "structure_weighted",
+                "asymmetric_ptv": "asymmetric_ptv"}
 #: experiment -> loss terms and weights it must select
 EXPERIMENTS = {
     "baseline": {"voxel": 1.0},
@@ -28,6 +29,8 @@ EXPERIMENTS = {
     "dvh_aware": {"voxel": 1.0, "dvh_match": 0.1},
     "structure_weighted": {"structure_weighted": 1.0},
     "adversarial": {"voxel": 1.0},  # + the critic's term, in the model (AdversarialDoseModule)
+    "combined_uncertainty": {"voxel": 1.0, "gradient": 0.1, "dvh_match": 0.1,
+                             "structure_weighted": 1.0, "asymmetric_ptv": 1.0},
 }
 
 
@@ -65,6 +68,23 @@ def test_loss_config_gives_finite_values_and_gradients(tmp_path, name):
     assert torch.isfinite(pred.grad).all() and pred.grad.abs().sum() > 0
     assert perfect.item() == pytest.approx(0.0, abs=1e-6)
     assert total.item() > 1e-3
+
+
+def test_combined_uncertainty_learns_one_sigma_per_term_from_calibrated_values(tmp_path):
+    cfg = compose_train(tmp_path, "experiment=combined_uncertainty")
+    loss = hydra.utils.instantiate(cfg.loss)
+    assert loss.weighting == "uncertainty"
+    assert loss.sigmas() == pytest.approx(dict(cfg.loss.initial_sigmas), rel=1e-6)
+    assert set(loss.sigmas()) == set(EXPERIMENTS["combined_uncertainty"])
+
+
+@pytest.mark.parametrize("name", ["l1", "grad_dvh", "structure_weighted", "asymmetric_ptv"])
+def test_any_loss_config_takes_uncertainty_weighting(tmp_path, name):
+    cfg = compose_train(tmp_path, f"loss={name}", "loss.weighting=uncertainty")
+    loss = hydra.utils.instantiate(cfg.loss)
+    assert set(loss.sigmas()) == set(cfg.loss.terms)
+    values = train_tiny_model(lambda pred, batch: loss(pred, batch)[0])
+    assert values[-1] < 0.5 * values[0], values
 
 
 def test_perceptual_config_without_weights_refuses_with_the_override_to_use(tmp_path):

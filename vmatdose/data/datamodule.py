@@ -12,6 +12,7 @@ import torch
 from monai.data import CacheDataset, DataLoader, Dataset
 
 from vmatdose.data.case import list_case_files
+from vmatdose.data.conditioning import conditioning_spec
 from vmatdose.data.transforms import assemble_batch, build_transforms
 
 SPLITS = ("train", "val", "test")
@@ -82,6 +83,7 @@ class DoseDataModule(L.LightningDataModule):
         compact: bool = False,
         device_cache: bool = False,
         cache_workers: int = 1,
+        conditioning: str = "none",
         **clinical: object,
     ):
         """``clinical`` holds data-set facts other parts read from the same config
@@ -93,7 +95,9 @@ class DoseDataModule(L.LightningDataModule):
         augments it there (:mod:`vmatdose.data.device_cache`); ``patch_sampling`` is
         ``uniform`` or ``dose`` (``dose_patch_fraction`` of the patches centred on voxels
         above 10 % of the highest prescription); ``prior_dose`` adds the prior-dose
-        channel; ``resolution_factor`` pools every volume by that factor."""
+        channel; ``resolution_factor`` pools every volume by that factor.
+        ``conditioning``: the model's (``model.conditioning``); other than ``none``, samples
+        carry the plan's conditioning vector (:mod:`vmatdose.data.conditioning`)."""
         super().__init__()
         self.cases_dir = Path(cases_dir)
         self.structures = list(structures)
@@ -121,10 +125,13 @@ class DoseDataModule(L.LightningDataModule):
         self.patch_sampling = patch_sampling
         self.dose_patch_fraction = float(dose_patch_fraction)
         self._device_batches = None
+        self.conditioning = conditioning_spec(conditioning, self.targets,
+                                              clinical.get("constraints"), self.dose_scale_gy)
         common = dict(ct_window=ct_window, signed_distance=signed_distance,
                       sdf_scale_mm=sdf_scale_mm, divisible_by=divisible_by,
                       prior_dose=self.prior_dose, resolution_factor=int(resolution_factor),
-                      compact=self.compact, prescriptions_gy=self.prescriptions_gy)
+                      compact=self.compact, prescriptions_gy=self.prescriptions_gy,
+                      conditioning=self.conditioning)
         if device_cache:
             # The device does augmentation and patches: the cached pipeline stops before.
             self.train_transform = build_transforms(

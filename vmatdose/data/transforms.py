@@ -46,6 +46,7 @@ from monai.transforms import (
 )
 
 from vmatdose.data.case import load_case
+from vmatdose.data.conditioning import ConditionChanneld
 from vmatdose.data.geometry import signed_distance_mm
 from vmatdose.data.prior import PriorDosed
 
@@ -323,6 +324,7 @@ def build_transforms(
     dose_patch_threshold: float = 0.1,
     compact: bool = False,
     prescriptions_gy: Mapping[str, float] | None = None,
+    conditioning: Mapping | None = None,
 ) -> Compose:
     """The whole case -> sample pipeline.
 
@@ -346,6 +348,8 @@ def build_transforms(
             centred on voxels with dose >= ``dose_patch_threshold`` x the highest
             prescription, see :class:`RandDoseCropd`).
         compact: stop before the float ``image`` (see the module docstring).
+        conditioning: ``{targets, constraints, dose_scale_gy}`` of the protocol: adds the
+            plan's conditioning vector (:mod:`vmatdose.data.conditioning`); ``None``: none.
     """
     augment = dict(augment or {})
     if patch_sampling not in PATCH_SAMPLING:
@@ -354,6 +358,10 @@ def build_transforms(
     prior = prior_dose is not None
     if prior and not prescriptions_gy:
         raise ValueError("prior_dose needs prescriptions_gy")
+    if conditioning and (compact or prior):
+        # the conditioning planes are appended to the float image, which compact samples
+        # build per batch, and the prior must stay the image's last channel
+        raise ValueError("model.conditioning needs data.compact=false and no data.prior_dose")
     keys = _volume_keys(signed_distance, with_dose, prior)
     steps: list = [
         LoadCased(structures, dose_scale_gy),
@@ -398,6 +406,7 @@ def build_transforms(
         # Random MONAI transforms hand back MetaTensors; plain tensors from here on.
         EnsureTyped(keys, dtype=torch.float32, track_meta=False),
         ConcatItemsd(image_parts, name="image", dim=0),
+        *([ConditionChanneld(**conditioning)] if conditioning else []),
         DeleteItemsd(["ct", "path"] + (["sdf"] if signed_distance else [])
                      + (["prior"] if prior else [])),
         EnsureTyped("spacing_mm", dtype=torch.float32, track_meta=False),
@@ -430,7 +439,7 @@ def inference_transform(data_cfg: Mapping, with_dose: bool = False) -> Compose:
     """The case -> float ``image`` pipeline a trained model's inference needs, on the
     case's own grid, from its data config (``structures``, ``dose_scale_gy``,
     ``ct_window``, ``signed_distance``, ``sdf_scale_mm``, ``prior_dose``,
-    ``prescriptions_gy``). Resolution pooling is the model's job at inference
+    ``prescriptions_gy``, ``conditioning``: a :func:`~vmatdose.data.conditioning.conditioning_spec`). Resolution pooling is the model's job at inference
     (``DoseModule.resolution_factor``), so it is not applied here."""
     return build_transforms(
         list(data_cfg["structures"]), float(data_cfg["dose_scale_gy"]), train=False,
@@ -438,4 +447,5 @@ def inference_transform(data_cfg: Mapping, with_dose: bool = False) -> Compose:
         signed_distance=bool(data_cfg.get("signed_distance", False)),
         sdf_scale_mm=float(data_cfg.get("sdf_scale_mm", 50.0)),
         prior_dose=data_cfg.get("prior_dose"),
-        prescriptions_gy=data_cfg.get("prescriptions_gy"), with_dose=with_dose)
+        prescriptions_gy=data_cfg.get("prescriptions_gy"), with_dose=with_dose,
+        conditioning=data_cfg.get("conditioning"))

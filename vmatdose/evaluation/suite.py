@@ -31,7 +31,7 @@ from vmatdose.evaluation.constraints import (
     parse_constraints,
 )
 from vmatdose.evaluation.openkbp_scores import dose_score, dvh_errors, openkbp_scores
-from vmatdose.evaluation.regions import gamma_regions, region_pass_rates
+from vmatdose.evaluation.regions import region_pass_rates, scoring_regions
 from vmatdose.evaluation.report import write_report
 from vmatdose.evaluation.tables import summarise
 from vmatdose.metrics.dvh import dvh_metrics
@@ -115,7 +115,7 @@ def evaluate_case(case: Case, pred_gy: np.ndarray, settings: EvaluationSettings,
         row[f"{label}_pass"] = pass_rate_from_gamma(gamma)
         if i == 0:
             gamma_map = gamma
-            regions = gamma_regions(case, targets, settings.region_margin_mm)
+            regions = scoring_regions(case, targets, settings.region_margin_mm)
             for name, rate in region_pass_rates(gamma, regions).items():
                 row[f"{label}_{name}_pass"] = rate
     constraints = constraint_rows(case, pred_gy, settings.constraints)

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from vmatdose.data.conditioning import conditioning_spec
 from vmatdose.data.validation import SpacingRange
 from vmatdose.errors import InputError
 from vmatdose.protocol import Protocol
@@ -115,7 +116,10 @@ def training_contract(cfg: Mapping, spacing: SpacingRange, cases_dir: str | Path
                 "signed_distance": bool(data["signed_distance"]),
                 "sdf_scale_mm": float(data.get("sdf_scale_mm", 50.0)),
                 "dose_scale_gy": float(data["dose_scale_gy"]),
-                "prior_dose": data.get("prior_dose")},
+                "prior_dose": data.get("prior_dose"),
+                "conditioning": conditioning_spec(data.get("conditioning"),
+                                                  protocol.targets, protocol.constraints,
+                                                  float(data["dose_scale_gy"]))},
         spacing=spacing.to_dict(),
         cases_dir=str(Path(cases_dir).resolve()),
         split={k: [str(i) for i in v] for k, v in split.items()})

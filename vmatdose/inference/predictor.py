@@ -118,6 +118,11 @@ class Predictor:
             back = Resize(case.shape, mode="trilinear")
             mean = back(mean)
             std = None if std is None else back(std)
+            if getattr(self.module, "zero_outside_body", False):
+                # the interpolation back spreads dose past the edge of the case's own body
+                inside = torch.as_tensor(case.body[None] > 0, dtype=mean.dtype)
+                mean = mean * inside
+                std = None if std is None else std * inside
         scale = self.contract.dose_scale_gy
         dose = (np.asarray(mean[0]) * scale).astype(np.float32)
         std_gy = None if std is None else (np.asarray(std[0]) * scale).astype(np.float32)

@@ -20,7 +20,7 @@ import torch
 from monai.losses import PatchAdversarialLoss
 from torch import nn
 
-from vmatdose.training.module import DoseModule
+from vmatdose.training.module import DoseModule, weight_decay_groups
 
 
 def least_squares_gan() -> PatchAdversarialLoss:
@@ -144,8 +144,8 @@ class AdversarialDoseModule(DoseModule):
         """[generator optimizer (every parameter but the critic's), critic optimizer], and
         the generator's LR scheduler."""
         critic_params = {id(p) for p in self.discriminator.parameters()}
-        generator = self.optimizer_factory(
-            params=[p for p in self.parameters() if id(p) not in critic_params])
+        generator = self.optimizer_factory(params=weight_decay_groups(
+            [(n, p) for n, p in self.named_parameters() if id(p) not in critic_params]))
         optimizers = [generator, self.discriminator_optimizer(
             params=self.discriminator.parameters())]
         if self.scheduler_factory is None:

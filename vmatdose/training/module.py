@@ -14,6 +14,8 @@ from torch.nn import functional as F
 
 from vmatdose.inference.checkpoint import CHECKPOINT_KEY
 from vmatdose.losses import CompositeLoss
+from vmatdose.losses.composite import SIGMA_PARAMETER
+from vmatdose.models.film import conditioned_network
 
 
 def pad_to_multiple(x: torch.Tensor, k: int) -> tuple[torch.Tensor, tuple[slice, ...]]:
@@ -66,6 +68,15 @@ def flip_sets(axes: Sequence[int]) -> list[tuple[int, ...]]:
     return [combo for r in range(len(axes) + 1) for combo in itertools.combinations(axes, r)]
 
 
+def weight_decay_groups(named: Sequence[tuple[str, nn.Parameter]]) -> list[dict]:
+    """Optimizer parameter groups: the learned loss sigmas (``loss.log_sigmas.*``) without
+    weight decay (decay would pull every sigma to 1, undoing the learned weighting), the
+    rest with the optimizer's."""
+    sigmas = [p for n, p in named if n.startswith(f"loss.{SIGMA_PARAMETER}.")]
+    rest = [p for n, p in named if not n.startswith(f"loss.{SIGMA_PARAMETER}.")]
+    return [{"params": rest}] + ([{"params": sigmas, "weight_decay": 0.0}] if sigmas else [])
+
+
 class DoseModule(L.LightningModule):
     """Image -> dose regression.
 
@@ -102,6 +113,8 @@ class DoseModule(L.LightningModule):
             keeps the target edges sharp.
         loss_in_body: the training loss sees the prediction zeroed outside ``body``, so
             no gradient asks for dose where it is never scored.
+        conditioning: ``none`` or ``film`` (:mod:`vmatdose.models.film`: the plan's
+            conditioning vector scales and shifts every block; ``film`` sets it up).
 
     Subclasses change what is optimised through :meth:`compute_loss` (adversarial
     training, :mod:`vmatdose.training.adversarial`) or :meth:`training_step` (deep
@@ -126,6 +139,8 @@ class DoseModule(L.LightningModule):
         resolution_factor: int = 1,
         loss_in_body: bool = False,
         prior_residual: bool = False,
+        conditioning: str = "none",
+        film: Mapping | None = None,
     ):
         super().__init__()
         if tta not in TTA_MODES:
@@ -141,7 +156,7 @@ class DoseModule(L.LightningModule):
         self.resolution_factor = int(resolution_factor)
         self.loss_in_body = bool(loss_in_body)
         self.prior_residual = bool(prior_residual)
-        self.net = net
+        self.net = conditioned_network(net, conditioning, film)
         self.loss = loss
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
@@ -280,6 +295,9 @@ class DoseModule(L.LightningModule):
         for name, value in terms.items():
             self.log(f"{stage}/loss/{name}", value, on_step=on_step, on_epoch=True,
                      batch_size=batch_size, sync_dist=True)
+        for name, sigma in (self.loss.sigmas().items() if on_step else ()):
+            self.log(f"train/sigma/{name}", sigma, on_step=True, on_epoch=True,
+                     batch_size=batch_size)
 
     def compute_loss(self, pred: torch.Tensor, batch: dict
                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -316,7 +334,8 @@ class DoseModule(L.LightningModule):
         return torch.tensor(rates, dtype=torch.float32).nanmean()
 
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer_factory(params=self.parameters())
+        optimizer = self.optimizer_factory(params=weight_decay_groups(
+            list(self.named_parameters())))
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer=optimizer)

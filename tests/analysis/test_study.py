@@ -1,0 +1,109 @@
+"""Study statistics against scipy and by hand, on hand-made per-case values."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+
+from vmatdose.analysis.study import (
+    holm_bonferroni,
+    paired_tests,
+    write_study_statistics,
+)
+
+CASES = [f"phantom_{i:03d}" for i in range(8)]
+BASE = np.array([70.0, 72.0, 75.0, 68.0, 80.0, 77.0, 71.0, 74.0])
+
+
+def make_run(root, name, overrides, seed, values, cases=CASES):
+    run = root / name
+    (run / "eval").mkdir(parents=True)
+    (run / "run_record.json").write_text(json.dumps({"overrides": overrides, "seed": seed}))
+    pd.DataFrame({"case_id": cases, "gamma_3pct_3mm_ptv_region_pass": values,
+                  "mae_body_gy": np.asarray(values) / 10}).to_csv(run / "eval" / "per_case.csv",
+                                                                  index=False)
+    return run
+
+
+@pytest.fixture
+def study(tmp_path):
+    """baseline, better (+3 on average, noisy) and same (baseline + tiny noise); 2 seeds."""
+    rng = np.random.default_rng(1)
+    runs, truth = [], {}
+    for recipe, shift in (("baseline", 0.0), ("better", 3.0), ("same", 0.0)):
+        per_seed = []
+        for seed in (42, 123):
+            values = BASE + shift + rng.normal(0, 1.0, len(BASE))
+            per_seed.append(values)
+            runs.append(make_run(tmp_path, f"{recipe}_{seed}",
+                                 [f"seed={seed}", f"experiment={recipe}", "debug=short"],
+                                 seed, values))
+        truth[recipe] = np.stack(per_seed, axis=1)
+    return runs, truth
+
+
+def test_statistics_match_scipy_on_hand_made_values(study, tmp_path):
+    runs, truth = study
+    paths = write_study_statistics(runs, baseline="experiment=baseline",
+                                   metrics=["gamma_3pct_3mm_ptv_region_pass"],
+                                   output_dir=tmp_path / "out")
+    table = pd.read_csv(paths[0]).set_index("recipe")
+    base = truth["baseline"].mean(axis=1)
+    raw = {}
+    for recipe in ("better", "same"):
+        values = truth[recipe].mean(axis=1)
+        row = table.loc[f"experiment={recipe}"]
+        assert row["mean"] == pytest.approx(values.mean())
+        seed_means = truth[recipe].mean(axis=0)
+        assert row["seed_mean"] == pytest.approx(seed_means.mean())
+        assert row["seed_std"] == pytest.approx(np.std(seed_means, ddof=1))
+        ci = stats.bootstrap((values,), np.mean, n_resamples=10_000, method="percentile",
+                             random_state=np.random.default_rng(0)).confidence_interval
+        assert (row["ci_low"], row["ci_high"]) == pytest.approx((ci.low, ci.high))
+        assert row["ci_low"] < row["mean"] < row["ci_high"]
+        diff = values - base
+        raw[recipe] = stats.wilcoxon(values, base).pvalue
+        assert row["p_wilcoxon"] == pytest.approx(raw[recipe])
+        assert row["cohens_d"] == pytest.approx(diff.mean() / diff.std(ddof=1))
+        assert row["diff_vs_baseline"] == pytest.approx(diff.mean())
+    small, large = sorted(raw, key=raw.get)
+    assert table.loc[f"experiment={small}", "p_holm"] == pytest.approx(min(1, 2 * raw[small]))
+    assert table.loc[f"experiment={large}", "p_holm"] == pytest.approx(
+        max(min(1, 2 * raw[small]), raw[large]))
+    assert table.loc["experiment=better", "p_holm"] < 0.05  # 8 cases, all improved
+    assert bool(table.loc["experiment=baseline", "baseline"])
+    per_case = pd.read_csv(paths[1])
+    np.testing.assert_allclose(per_case["gamma_3pct_3mm_ptv_region_pass [experiment=better]"],
+                               truth["better"].mean(axis=1))
+    markdown = paths[2].read_text()
+    assert "same 8 cases (shared split)" in markdown and "p (Holm)" in markdown
+    assert all(p.is_file() for p in paths)
+
+
+def test_holm_by_hand():
+    adjusted = holm_bonferroni([0.01, 0.04, 0.03, float("nan")])
+    # sorted 0.01, 0.03, 0.04 -> 3 x 0.01, max(0.03, 2 x 0.03), max(0.06, 1 x 0.04)
+    np.testing.assert_allclose(adjusted[:3], [0.03, 0.06, 0.06])
+    assert np.isnan(adjusted[3])
+    assert holm_bonferroni([0.6, 0.9]).tolist() == [1.0, 1.0]
+
+
+def test_identical_values_give_p_one_and_d_zero():
+    out = paired_tests(BASE.copy(), BASE.copy())
+    assert out == {"diff_vs_baseline": 0.0, "p_wilcoxon": 1.0, "cohens_d": 0.0}
+
+
+def test_a_study_with_different_test_cases_is_refused(tmp_path):
+    runs = [make_run(tmp_path, "a", ["seed=1", "experiment=baseline"], 1, BASE),
+            make_run(tmp_path, "b", ["seed=1", "experiment=x"], 1, BASE,
+                     cases=CASES[:-1] + ["phantom_999"])]
+    with pytest.raises(ValueError, match="must share the split"):
+        write_study_statistics(runs, output_dir=tmp_path / "out")
+
+
+def test_a_baseline_that_names_no_recipe_is_refused(study, tmp_path):
+    runs, _ = study
+    with pytest.raises(ValueError, match="matches 0"):
+        write_study_statistics(runs, baseline="experiment=nothing", output_dir=tmp_path / "o")

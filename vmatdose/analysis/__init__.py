@@ -1,0 +1,1 @@
+"""Research analyses over finished runs: multi-seed study statistics, anatomy vs error."""

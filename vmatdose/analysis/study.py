@@ -1,0 +1,262 @@
+"""Statistics of a multi-seed study: recipes x seeds, compared case by case.
+
+A study is a set of finished runs (``run_record.json`` + ``eval/per_case.csv``), e.g. the
+sweep of ``python -m vmatdose.train -m seed=42,123,456 experiment=baseline,combined_uncertainty``.
+A run's *recipe* is its command-line overrides other than ``seed`` that are not the same
+in every run (``experiment=baseline``); its seeds are repeats. Every run must have been
+tested on the same cases (a study whose runs used different test cases is refused: the
+comparison is paired by case).
+
+Per metric and recipe (:func:`study_statistics`):
+
+* ``seed_mean``, ``seed_std``: mean and standard deviation (ddof 1) over seeds of the
+  run's mean over its test cases;
+* the per-case values averaged over seeds (``study_per_case.csv``) and their mean with a
+  bootstrap 95 % CI that resamples cases (``scipy.stats.bootstrap``, percentile, fixed
+  random state);
+* against the baseline recipe, paired by case: the mean difference, the two-sided
+  Wilcoxon signed-rank p-value (``scipy.stats.wilcoxon``), that p-value corrected by
+  Holm-Bonferroni across the compared recipes (per metric), and the paired Cohen's d
+  (mean difference / standard deviation of the differences, ``d_z``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from vmatdose.evaluation.figures import OKABE_ITO, plt, save_figure
+
+#: metrics reported when none are named (those the per-case tables have), in this order
+DEFAULT_METRICS = ("mae_body_gy", "gamma_3pct_3mm_ptv_region_pass", "d95_PTV70_error_gy",
+                   "d95_PTV70_abs_error_gy", "gamma_3pct_3mm_pass",
+                   "gamma_3pct_3mm_high_dose_pass", "gamma_3pct_3mm_low_dose_pass")
+BOOTSTRAP_RESAMPLES = 10_000
+BOOTSTRAP_SEED = 0
+
+
+@dataclass
+class StudyRun:
+    """One finished run: where it is, its recipe label, its seed and per-case table."""
+
+    path: Path
+    overrides: list[str]
+    seed: int | None
+    per_case: pd.DataFrame
+    recipe: str = ""
+
+
+def load_study_run(path: Path) -> StudyRun:
+    """Read ``run_record.json`` and ``eval/per_case.csv`` of one run."""
+    record_path, table_path = path / "run_record.json", path / "eval" / "per_case.csv"
+    if not table_path.is_file():
+        raise ValueError(f"{path}: no eval/per_case.csv (the run was not evaluated); a "
+                         "study needs every run's per-case metrics")
+    record = json.loads(record_path.read_text())
+    return StudyRun(path, [str(o) for o in record.get("overrides", [])], record.get("seed"),
+                    pd.read_csv(table_path))
+
+
+def label_recipes(runs: Sequence[StudyRun]) -> None:
+    """Set each run's ``recipe``: its non-seed overrides that not every run shares."""
+    def non_seed(run: StudyRun) -> list[str]:
+        return [o for o in run.overrides if o.split("=", 1)[0].lstrip("+") != "seed"]
+
+    shared = set.intersection(*(set(non_seed(r)) for r in runs)) if runs else set()
+    for run in runs:
+        run.recipe = " ".join(o for o in non_seed(run) if o not in shared) or "(default)"
+
+
+def check_same_test_cases(runs: Sequence[StudyRun]) -> list[str]:
+    """The test case ids every run shares; refuses a study whose runs differ."""
+    first = sorted(runs[0].per_case["case_id"].astype(str))
+    for run in runs[1:]:
+        ids = sorted(run.per_case["case_id"].astype(str))
+        if ids != first:
+            raise ValueError(
+                f"{run.path}: tested on {ids}, but {runs[0].path} on {first}; a study's runs "
+                "must share the split (fix data.split.seed or give data.split.file)")
+    return first
+
+
+def per_case_matrix(runs: Sequence[StudyRun], recipe: str, metric: str,
+                    cases: Sequence[str]) -> np.ndarray:
+    """(cases, seeds) values of ``metric`` for the runs of ``recipe``."""
+    columns = []
+    for run in (r for r in runs if r.recipe == recipe):
+        if metric not in run.per_case:
+            raise ValueError(f"{run.path}: eval/per_case.csv has no column {metric!r}")
+        column = run.per_case.set_index(run.per_case["case_id"].astype(str))[metric]
+        columns.append(column.reindex(list(cases)).to_numpy(dtype=float))
+    return np.stack(columns, axis=1)
+
+
+def holm_bonferroni(p_values: Sequence[float]) -> np.ndarray:
+    """Holm's step-down adjusted p-values (NaN stays NaN, not counted)."""
+    p = np.asarray(p_values, dtype=float)
+    adjusted = np.full(p.shape, np.nan)
+    valid = np.flatnonzero(~np.isnan(p))
+    order = valid[np.argsort(p[valid], kind="stable")]
+    m, running = len(order), 0.0
+    for rank, index in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * p[index]))
+        adjusted[index] = running
+    return adjusted
+
+
+def bootstrap_ci(values: np.ndarray, confidence: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap CI of the mean of ``values`` (cases resampled)."""
+    values = values[~np.isnan(values)]
+    if len(values) < 2 or np.all(values == values[0]):
+        mean = float(values.mean()) if len(values) else float("nan")
+        return mean, mean
+    result = stats.bootstrap((values,), np.mean, confidence_level=confidence,
+                             n_resamples=BOOTSTRAP_RESAMPLES, method="percentile",
+                             random_state=np.random.default_rng(BOOTSTRAP_SEED))
+    return float(result.confidence_interval.low), float(result.confidence_interval.high)
+
+
+def paired_tests(values: np.ndarray, baseline: np.ndarray) -> dict[str, float]:
+    """Mean difference, Wilcoxon signed-rank p (two-sided) and Cohen's d_z of paired
+    per-case values (cases where either is NaN are dropped)."""
+    keep = ~(np.isnan(values) | np.isnan(baseline))
+    diff = values[keep] - baseline[keep]
+    out = {"diff_vs_baseline": float(diff.mean()) if diff.size else float("nan"),
+           "p_wilcoxon": float("nan"), "cohens_d": float("nan")}
+    if diff.size and np.all(diff == 0):
+        out.update(p_wilcoxon=1.0, cohens_d=0.0)
+        return out
+    if diff.size >= 2:
+        out["p_wilcoxon"] = float(stats.wilcoxon(values[keep], baseline[keep]).pvalue)
+        spread = diff.std(ddof=1)
+        out["cohens_d"] = float(diff.mean() / spread) if spread > 0 else float("nan")
+    return out
+
+
+def study_statistics(runs: Sequence[StudyRun], baseline: str,
+                     metrics: Sequence[str]) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
+    """(statistics table, per-case table averaged over seeds, test case ids)."""
+    if not runs:
+        raise ValueError("no runs found (folders holding run_record.json)")
+    label_recipes(runs)
+    cases = check_same_test_cases(runs)
+    recipes = list(dict.fromkeys(r.recipe for r in runs))
+    base = baseline_recipe(recipes, baseline)
+    rows, per_case = [], {"case_id": cases}
+    for metric in metrics:
+        base_values = per_case_matrix(runs, base, metric, cases).mean(axis=1)
+        metric_rows = []
+        for recipe in recipes:
+            matrix = per_case_matrix(runs, recipe, metric, cases)
+            averaged = np.nanmean(matrix, axis=1)
+            per_case[f"{metric} [{recipe}]"] = averaged
+            seed_means = np.nanmean(matrix, axis=0)
+            low, high = bootstrap_ci(averaged)
+            row = {"metric": metric, "recipe": recipe, "baseline": recipe == base,
+                   "n_seeds": matrix.shape[1], "n_cases": len(cases),
+                   "seed_mean": float(seed_means.mean()),
+                   "seed_std": float(seed_means.std(ddof=1)) if len(seed_means) > 1
+                   else float("nan"),
+                   "mean": float(np.nanmean(averaged)), "ci_low": low, "ci_high": high}
+            row.update(paired_tests(averaged, base_values) if recipe != base else
+                       {"diff_vs_baseline": 0.0, "p_wilcoxon": float("nan"),
+                        "cohens_d": float("nan")})
+            metric_rows.append(row)
+        adjusted = holm_bonferroni([r["p_wilcoxon"] for r in metric_rows])
+        for row, p in zip(metric_rows, adjusted):
+            row["p_holm"] = float(p)
+        rows += metric_rows
+    return pd.DataFrame(rows), pd.DataFrame(per_case), cases
+
+
+def baseline_recipe(recipes: Sequence[str], baseline: str) -> str:
+    """The recipe whose label holds every token of ``baseline`` (exactly one)."""
+    tokens = baseline.split()
+    matches = [r for r in recipes if all(t in r.split() for t in tokens)]
+    if len(matches) != 1:
+        raise ValueError(f"--baseline {baseline!r} matches {len(matches)} of the study's "
+                         f"recipes {list(recipes)}; name exactly one")
+    return matches[0]
+
+
+def available_metrics(runs: Sequence[StudyRun], metrics: Sequence[str] | None) -> list[str]:
+    """``metrics``, or the :data:`DEFAULT_METRICS` every run's table has."""
+    if metrics:
+        return list(metrics)
+    present = [m for m in DEFAULT_METRICS if all(m in r.per_case for r in runs)]
+    if not present:
+        raise ValueError(f"none of the default metrics {DEFAULT_METRICS} is in every run's "
+                         "eval/per_case.csv; name them with metrics=")
+    return present
+
+
+def to_markdown(table: pd.DataFrame, cases: Sequence[str], n_runs: int,
+                baseline: str) -> str:
+    """The study table as GitHub markdown, with the shared split stated."""
+    lines = [f"Study of {n_runs} runs; every run was tested on the same {len(cases)} cases "
+             f"(shared split): {', '.join(cases)}.",
+             f"Baseline: `{baseline}`. Mean over cases of the per-case values averaged over "
+             "seeds, with bootstrap 95 % CI (cases resampled); seed mean +- std of the "
+             "run means; paired Wilcoxon signed-rank p vs the baseline, Holm-corrected "
+             "across recipes; paired Cohen's d (d_z).", "",
+             "| metric | recipe | seeds | mean [95 % CI] | seed mean +- std | diff vs "
+             "baseline | p (Wilcoxon) | p (Holm) | Cohen's d |", "|---|---|---|---|---|---|---|---|---|"]
+    for _, r in table.iterrows():
+        lines.append(
+            f"| {r.metric} | {r.recipe} | {r.n_seeds} | {r['mean']:.3f} "
+            f"[{r.ci_low:.3f}, {r.ci_high:.3f}] | {r.seed_mean:.3f} +- {r.seed_std:.3f} | "
+            f"{_num(r.diff_vs_baseline)} | {_num(r.p_wilcoxon)} | {_num(r.p_holm)} | "
+            f"{_num(r.cohens_d)} |")
+    return "\n".join(lines) + "\n"
+
+
+def _num(value: float) -> str:
+    return "" if value != value else f"{value:.3g}"
+
+
+def study_figure(table: pd.DataFrame, per_case: pd.DataFrame) -> plt.Figure:
+    """Per metric: each recipe's per-case values (dots) and mean with its 95 % CI."""
+    metrics = list(dict.fromkeys(table["metric"]))
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3.6),
+                             constrained_layout=True, squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        rows = table[table["metric"] == metric].reset_index(drop=True)
+        for i, r in rows.iterrows():
+            colour = OKABE_ITO[i % len(OKABE_ITO)]
+            values = per_case[f"{metric} [{r.recipe}]"].to_numpy()
+            ax.scatter(np.full(len(values), i) + np.linspace(-0.15, 0.15, len(values)),
+                       values, s=10, color=colour, alpha=0.5)
+            ax.errorbar(i, r["mean"], yerr=[[r["mean"] - r.ci_low], [r.ci_high - r["mean"]]],
+                        fmt="o", color="black", capsize=4)
+        ax.set_xticks(range(len(rows)), [r.replace(" ", "\n") for r in rows["recipe"]],
+                      fontsize=7)
+        ax.set_title(metric, fontsize=8)
+        ax.grid(axis="y", alpha=0.3)
+    return fig
+
+
+def write_study_statistics(run_dirs: Sequence[str | Path], baseline: str = "experiment=baseline",
+                           metrics: Sequence[str] | None = None,
+                           output_dir: str | Path = "comparison") -> list[Path]:
+    """Compute the study statistics of ``run_dirs`` and write ``study_stats.csv``,
+    ``study_per_case.csv``, ``study_stats.md`` and ``study_stats.png/.pdf`` into
+    ``output_dir``; return the paths."""
+    runs = [load_study_run(Path(p)) for p in run_dirs]
+    if not runs:
+        raise ValueError("no runs found (folders holding run_record.json)")
+    table, per_case, cases = study_statistics(runs, baseline, available_metrics(runs, metrics))
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out / "study_stats.csv", index=False)
+    per_case.to_csv(out / "study_per_case.csv", index=False)
+    base = baseline_recipe(list(dict.fromkeys(r.recipe for r in runs)), baseline)
+    (out / "study_stats.md").write_text(to_markdown(table, cases, len(runs), base))
+    figure = save_figure(study_figure(table, per_case), out / "study_stats", dpi=150)
+    return [out / "study_stats.csv", out / "study_per_case.csv", out / "study_stats.md",
+            *figure]
