@@ -21,7 +21,7 @@ import vmatdose.data.ingest.batch as batch
 from vmatdose.config import CONFIG_DIR
 from vmatdose.data.case import list_case_files, load_case
 from vmatdose.data.ingest.batch import SkipCase, convert_cases, format_summary
-from vmatdose.preprocess import run_preprocess
+from vmatdose.data.ingest.sources import run_preprocess
 
 from conftest import OPENKBP_SAMPLE, REPO_ROOT, make_box_case
 from dicom_builders import (

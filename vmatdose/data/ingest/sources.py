@@ -1,0 +1,126 @@
+"""The ingest sources ``preprocess`` runs: DICOM-RT folders, OpenKBP patients, phantoms.
+
+``conf/source/<name>.yaml`` names one of these functions (``_target_``); each ingests a
+folder of raw patients into case files through
+:func:`vmatdose.data.ingest.batch.convert_cases` (parallel, resumable, atomic) and returns
+its summary. :func:`run_preprocess` runs the composed ``preprocess`` config.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import time
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from vmatdose.data.atomic import write_json_atomic
+from vmatdose.data.ingest.batch import convert_cases, is_complete_case_file
+
+log = logging.getLogger(__name__)
+
+
+def preprocess_dicom(input_dir: str | os.PathLike | None, output_dir: str | os.PathLike,
+                     protocol, num_workers: int = 2, progress: bool = True,
+                     summary_path: str | os.PathLike | None = None,
+                     case_id_map: str | None = None, record_sources: bool = False,
+                     **settings) -> dict:
+    """Every patient folder below ``input_dir`` -> ``output_dir/<case_id>.npz``.
+
+    Args:
+        protocol: the treatment-site protocol (:class:`~vmatdose.protocol.Protocol` or its
+            config): structures, synonyms, targets, prescriptions, fractions.
+        case_id_map: mapping file (PatientID or folder name -> case id).
+        record_sources: keep source paths in the summary and source DICOM UIDs in the
+            case files.
+        settings: the other :class:`~vmatdose.data.ingest.dicom.DicomIngestSettings`
+            fields (``require_dose``, ``body_threshold_hu``, ``id_salt``).
+
+    Raises:
+        SaltError: ``id_salt`` is empty and no ``case_id_map`` is given (before any work).
+    """
+    from vmatdose.data.ingest.dicom import (
+        DicomIngestSettings,
+        case_id_for_folder,
+        find_dicom_patients,
+        ingest_dicom_case,
+        load_case_id_map,
+        require_salt,
+    )
+
+    if input_dir is None:
+        raise ValueError("source=dicom needs input_dir=<folder of patient folders>")
+    ingest_settings = DicomIngestSettings.from_config(
+        {**settings, "record_sources": record_sources}, protocol)
+    id_map = load_case_id_map(case_id_map) if case_id_map else None
+    require_salt(ingest_settings.id_salt, id_map)
+    folders = find_dicom_patients(input_dir)
+    jobs = [(case_id_for_folder(f, ingest_settings.id_salt, id_map), f) for f in folders]
+    convert = functools.partial(ingest_dicom_case, settings=ingest_settings)
+    log.info("DICOM (protocol %s): %d patient folders -> %s", ingest_settings.protocol.name,
+             len(jobs), output_dir)
+    return convert_cases(jobs, convert, output_dir, num_workers=num_workers, progress=progress,
+                         summary_path=summary_path, record_sources=record_sources)
+
+
+def preprocess_openkbp(input_dir: str | os.PathLike | None, output_dir: str | os.PathLike,
+                       num_workers: int = 2, progress: bool = True,
+                       summary_path: str | os.PathLike | None = None,
+                       default_input_dir: str | None = None) -> dict:
+    """Every OpenKBP patient (``pt_*/``) below ``input_dir`` -> ``openkbp_pt_N.npz``."""
+    from vmatdose.data.ingest.openkbp import find_openkbp_patients, import_openkbp_patient
+
+    root = input_dir or default_input_dir
+    if root is None:
+        raise ValueError("source=openkbp needs input_dir=<OpenKBP root>")
+    jobs = [(f"openkbp_{folder.name}", folder) for folder in find_openkbp_patients(root)]
+    log.info("OpenKBP: %d patients -> %s", len(jobs), output_dir)
+    return convert_cases(jobs, import_openkbp_patient, output_dir, num_workers=num_workers,
+                         progress=progress, summary_path=summary_path)
+
+
+def preprocess_phantom(input_dir: str | os.PathLike | None, output_dir: str | os.PathLike,
+                       num_workers: int = 2, progress: bool = True,
+                       summary_path: str | os.PathLike | None = None, n_cases: int = 32,
+                       shape=(48, 64, 96), spacing_mm=(3.0, 4.0, 4.0), seed: int = 0) -> dict:
+    """Generate ``n_cases`` phantoms (idempotent, see
+    :func:`~vmatdose.data.phantom.generate_phantom_dataset`); ``input_dir`` is unused."""
+    from vmatdose.data.phantom import generate_phantom_dataset
+
+    started = time.perf_counter()
+    output = Path(output_dir)
+    existing = {p.stem for p in output.glob("phantom_*.npz") if is_complete_case_file(p)}
+    paths = generate_phantom_dataset(output, n_cases, list(shape), list(spacing_mm), seed,
+                                     num_workers, progress=progress)
+    done = [p.stem for p in paths if p.stem in existing]
+    new = [{"case_id": p.stem, "seconds": None} for p in paths if p.stem not in existing]
+    summary = {"output_dir": str(output), "num_workers": num_workers,
+               "seconds": round(time.perf_counter() - started, 3), "processed": new,
+               "already_done": done, "skipped": [], "failed": [], "warnings": [],
+               "counts": {"jobs": len(paths), "processed": len(new), "already_done": len(done),
+                          "skipped": 0, "failed": 0, "warnings": 0}}
+    if summary_path is not None:
+        write_json_atomic(summary, summary_path)
+    return summary
+
+
+def run_preprocess(cfg: DictConfig) -> dict:
+    """Instantiate ``cfg.source`` (a partial of one of the functions above) and run it."""
+    run = hydra.utils.instantiate(cfg.source)
+    summary_path = cfg.get("summary_path")
+    return run(input_dir=cfg.get("input_dir"), output_dir=cfg.output_dir,
+               num_workers=int(cfg.num_workers), progress=bool(cfg.progress),
+               summary_path=summary_path)
+
+
+def failure_line(summary: dict, summary_path: str | os.PathLike | None) -> str | None:
+    """The closing line of a batch with failed cases (``None`` when none failed)."""
+    failed = summary["counts"]["failed"]
+    if not failed:
+        return None
+    where = f"see {summary_path}" if summary_path else "see the table above"
+    return (f"preprocess: {failed} of {summary['counts']['jobs']} case(s) failed; {where} "
+            "(allow_failures=true exits 0)")
