@@ -36,7 +36,8 @@ def test_training_stores_the_contract_once_and_it_loads_weights_only(trained_run
     assert contract.protocol == protocol.to_dict()
     assert contract.structures == list(protocol.structures)
     assert contract.inputs == {"ct_window": [-1000.0, 1500.0], "signed_distance": False,
-                               "sdf_scale_mm": 50.0, "dose_scale_gy": 70.0}
+                               "sdf_scale_mm": 50.0, "dose_scale_gy": 70.0,
+                               "prior_dose": None, "conditioning": None}
     # debug=smoke phantoms are 4 x 8 x 12 mm; the spacing is the training cases' median.
     assert contract.spacing["median_mm"] == [4.0, 8.0, 12.0]
     assert contract.cases_dir == str((root / "data" / "phantom_smoke").resolve())

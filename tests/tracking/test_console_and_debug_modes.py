@@ -59,7 +59,7 @@ def test_debug_modes_keep_the_configured_data(mode, expected):
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose("train", overrides=["data=openkbp", f"debug={mode}"],
                       return_hydra_config=True)
-    assert cfg.data.generator._target_.endswith("import_openkbp_dataset")
+    assert cfg.data._target_.endswith("OpenKBPDataModule")
     assert cfg.protocol.name == "head_neck"
     assert {k: cfg.trainer[k] for k in expected} == expected
     assert OmegaConf.to_container(cfg.hydra.run)["dir"].startswith("${paths.log_dir}/debug/")
@@ -68,14 +68,14 @@ def test_debug_modes_keep_the_configured_data(mode, expected):
 @pytest.mark.skipif(not OPENKBP_SAMPLE.is_dir(),
                     reason=f"OpenKBP sample not found at {OPENKBP_SAMPLE}")
 def test_fast_dev_run_trains_one_batch_of_openkbp_data(tmp_path):
-    source = tmp_path / "sample" / "train-pats"
-    source.mkdir(parents=True)
-    for patient in sorted((OPENKBP_SAMPLE / "train-pats").iterdir())[:4]:
-        shutil.copytree(patient, source / patient.name)  # the importer skips symlinks
+    source = tmp_path / "sample"
+    for split, n in (("train-pats", 3), ("validation-pats", 1)):
+        for patient in sorted((OPENKBP_SAMPLE / split).iterdir())[:n]:
+            shutil.copytree(patient, source / split / patient.name)  # no symlinks
     done = _train(tmp_path, "data=openkbp", "debug=fdr", "model.val_gamma=null",
-                  f"data.generator.source_dir={source.parent}")
+                  f"data.source_dir={source}")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "will run the requested loop using 1 batch(es)" in done.stderr
     assert "importing OpenKBP patients:" in done.stderr
-    assert len(list((tmp_path / "data" / "openkbp").glob("openkbp_pt_*.npz"))) == 4
+    assert len(list((tmp_path / "data" / "openkbp").rglob("openkbp_pt_*.npz"))) == 4
     assert list((tmp_path / "outputs" / "debug" / "train" / "runs").glob("*/run_record.json"))
