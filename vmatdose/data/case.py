@@ -38,6 +38,18 @@ class CaseValidationError(InputError):
     """A case file (or an in-memory case about to be written) breaks the contract."""
 
 
+#: What np.load and zipfile raise on truncated or foreign files.
+_UNREADABLE = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile)
+
+
+def _raise_unreadable(path: Path, err: Exception) -> None:
+    """Re-raise a read error as one :class:`CaseValidationError` naming ``path`` (one
+    raised by the checks inside the read stays as it is)."""
+    if isinstance(err, CaseValidationError):
+        raise err
+    raise CaseValidationError(f"{path}: not a readable case file ({err})") from err
+
+
 @dataclass
 class Case:
     """One patient: CT, structures, optional reference dose, geometry and prescription.
@@ -253,11 +265,8 @@ def load_case(path: str | os.PathLike, *, load_dose: bool = True) -> Case:
                 dose=data["dose"] if (load_dose and "dose" in data.files) else None,
                 meta=meta,
             )
-    except CaseValidationError:
-        raise
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
-        # np.load raises a zoo of errors on truncated or foreign files.
-        raise CaseValidationError(f"{path}: not a readable case file ({err})") from err
+    except _UNREADABLE as err:
+        _raise_unreadable(path, err)
     validate_case(case, path)
     return case
 
@@ -284,10 +293,8 @@ def read_case_header(path: str | os.PathLike) -> CaseHeader:
                 prescriptions_gy={k: float(v) for k, v in
                                   json.loads(str(data["prescriptions_gy"])).items()},
                 meta=meta, shapes=shapes)
-    except CaseValidationError:
-        raise
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
-        raise CaseValidationError(f"{path}: not a readable case file ({err})") from err
+    except _UNREADABLE as err:
+        _raise_unreadable(path, err)
     validate_header(header, path)
     return header
 
