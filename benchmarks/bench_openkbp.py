@@ -28,12 +28,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from vmatdose.config import CONFIG_DIR  # noqa: E402
-from vmatdose.data.case import Case, load_case  # noqa: E402
+from vmatdose.data.case import Case  # noqa: E402
 from vmatdose.data.export.openkbp import read_submission, to_original, write_submission  # noqa: E402
 from vmatdose.data.ingest.openkbp import to_canonical  # noqa: E402
-from vmatdose.data.transforms import inference_transform  # noqa: E402
-from vmatdose.evaluation.inference import load_module  # noqa: E402
 from vmatdose.evaluation.openkbp_scores import score_patients  # noqa: E402
+from vmatdose.inference.predictor import Predictor  # noqa: E402
 
 WINNER = {"dose_score_gy": 2.429, "dvh_score_gy": 1.478}
 RESULT = ROOT / "benchmarks" / "results" / "openkbp_cpu.json"
@@ -46,19 +45,12 @@ def compose_config(run_dir: Path, overrides: list[str]):
             "logger=csv", *overrides])
 
 
-def predict_validation(module, data_cfg, paths: list[Path]) -> list[tuple[Case, np.ndarray]]:
-    """(case, predicted dose Gy on the case grid) for every case file, with the model's
-    full inference (pooling, TTA, zero outside the possible-dose mask)."""
-    transform = inference_transform(data_cfg)
-    scale = float(data_cfg.dose_scale_gy)
-    pairs = []
-    for path in paths:
-        case = load_case(path)
-        image = transform({"path": str(path)})["image"][None]
-        body = torch.from_numpy(case.body[None, None].astype(np.float32))
-        mean, _ = module.predict_with_uncertainty(image, body=body)
-        pairs.append((case, (mean[0, 0].numpy() * scale).astype(np.float32)))
-    return pairs
+def predict_validation(ckpt: str | Path, paths: list[Path]) -> list[tuple[Case, np.ndarray]]:
+    """(case, predicted dose Gy on the case grid) for every case file, through the same
+    predictor as ``predict`` and ``evaluate`` (the checkpoint read once; pooling, TTA and
+    zeroing outside the possible-dose mask as the model config says)."""
+    predictor = Predictor.from_checkpoint(ckpt, "cpu")
+    return [(p.case, p.dose_gy) for p in predictor.predict_all(paths)]
 
 
 def reread_submissions(pairs, folder: Path) -> tuple[list, float]:
@@ -76,7 +68,7 @@ def reread_submissions(pairs, folder: Path) -> tuple[list, float]:
 def main(overrides: list[str]) -> dict:
     import hydra
 
-    from vmatdose.train import best_checkpoint, fit
+    from vmatdose.training.fit import best_checkpoint, fit
 
     torch.set_num_threads(2)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
@@ -89,8 +81,7 @@ def main(overrides: list[str]) -> dict:
     trainer, _ = fit(cfg, run_dir)
     train_s = time.perf_counter() - start
     ckpt = best_checkpoint(trainer)
-    module, ckpt_cfg = load_module(ckpt, "cpu")
-    pairs = predict_validation(module, ckpt_cfg.data, val_paths)
+    pairs = predict_validation(ckpt, val_paths)
     scores = score_patients(pairs, list(cfg.data.targets))
     wall_s = time.perf_counter() - start
     reread, worst = reread_submissions(pairs, run_dir / "submission")

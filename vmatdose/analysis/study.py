@@ -2,8 +2,9 @@
 
 A study is a set of finished runs (``run_record.json`` + ``eval/per_case.csv``), e.g. the
 sweep of ``python -m vmatdose.train -m seed=42,123,456 experiment=baseline,combined_uncertainty``.
-A run's *recipe* is its command-line overrides other than ``seed`` that are not the same
-in every run (``experiment=baseline``); its seeds are repeats. Every run must have been
+A run's *recipe* is its command-line overrides other than ``seed`` (and ``paths.*``,
+``hydra.*``) that are not the same in every run (``experiment=baseline``); its seeds are
+repeats. Every run must have been
 tested on the same cases (a study whose runs used different test cases is refused: the
 comparison is paired by case).
 
@@ -66,7 +67,9 @@ def load_study_run(path: Path) -> StudyRun:
 def label_recipes(runs: Sequence[StudyRun]) -> None:
     """Set each run's ``recipe``: its non-seed overrides that not every run shares."""
     def non_seed(run: StudyRun) -> list[str]:
-        return [o for o in run.overrides if o.split("=", 1)[0].lstrip("+") != "seed"]
+        # seeds are repeats; where a run's files went (paths.*, hydra.*) is no choice
+        return [o for o in run.overrides if o.split("=", 1)[0].lstrip("+") != "seed"
+                and not o.lstrip("+").startswith(("paths.", "hydra."))]
 
     shared = set.intersection(*(set(non_seed(r)) for r in runs)) if runs else set()
     for run in runs:
