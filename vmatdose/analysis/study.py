@@ -33,6 +33,7 @@ import pandas as pd
 from scipy import stats
 
 from vmatdose.evaluation.figures import OKABE_ITO, plt, save_figure
+from vmatdose.metrics.registry import heading
 
 #: metrics reported when none are named (those the per-case tables have), in this order
 DEFAULT_METRICS = ("mae_body_gy", "gamma_3pct_3mm_ptv_region_pass", "d95_PTV70_error_gy",
@@ -239,7 +240,7 @@ def study_figure(table: pd.DataFrame, per_case: pd.DataFrame) -> plt.Figure:
                         fmt="o", color="black", capsize=4)
         ax.set_xticks(range(len(rows)), [r.replace(" ", "\n") for r in rows["recipe"]],
                       fontsize=7)
-        ax.set_title(metric, fontsize=8)
+        ax.set_title(heading(metric), fontsize=8, wrap=True)
         ax.grid(axis="y", alpha=0.3)
     return fig
 
