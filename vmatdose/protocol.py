@@ -36,6 +36,9 @@ class Protocol:
         synonyms: canonical name -> DICOM ROI synonyms.
         body_synonyms: ROI names of the external contour.
         constraints: clinical constraints ``{structure, metric, op, limit}``.
+        beams: the default beam arrangement for cases that carry none
+            (:mod:`vmatdose.data.beams`): ``gantry_deg`` or ``n_beams``, ``couch_deg``,
+            ``energy_mv``, ``delivery``; the isocentre is the targets' centroid.
     """
 
     name: str
@@ -48,6 +51,7 @@ class Protocol:
     synonyms: dict[str, tuple[str, ...]] = field(default_factory=dict)
     body_synonyms: tuple[str, ...] = ()
     constraints: tuple[dict, ...] = ()
+    beams: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         where = f"protocol {self.name!r}"
@@ -106,6 +110,7 @@ class Protocol:
         out["synonyms"] = {k: list(v) for k, v in self.synonyms.items()}
         out["body_synonyms"] = list(self.body_synonyms)
         out["constraints"] = [dict(c) for c in self.constraints]
+        out["beams"] = dict(self.beams)
         return out
 
     @classmethod
@@ -126,6 +131,7 @@ class Protocol:
                           for k, v in (data.get("synonyms") or {}).items()},
                 body_synonyms=tuple(str(s) for s in data.get("body_synonyms", ())),
                 constraints=tuple(dict(c) for c in data.get("constraints", ())),
+                beams=dict(data.get("beams") or {}),
             )
         except KeyError as err:
             raise ValueError(f"protocol config lacks the key {err.args[0]!r}") from err
