@@ -2,18 +2,21 @@
 validation patients (33 with the full set) with the official OpenKBP formulas, on the
 predictions as a challenge submission would carry them.
 
-    python benchmarks/bench_openkbp.py [hydra overrides ...]
+    python benchmarks/bench_openkbp.py [--name NAME] [--threads N] [hydra overrides ...]
 
-Prints a table and writes ``benchmarks/results/openkbp_cpu.json``: wall time (training and
-evaluation; the one-time unpacking and import of the archives is done first and not
-counted), epochs, steps, the validation dose and DVH scores next to the challenge winner's
-2.43 / 1.48 Gy, and the same scores recomputed from the exported ``pt_N.csv`` files read
-back by :func:`vmatdose.data.export.openkbp.read_submission`, which knows only the
-challenge's format.
+Prints a table and writes ``benchmarks/results/openkbp_cpu.json`` (``openkbp_cpu-NAME.json``
+with ``--name``): wall time (training and evaluation; the one-time unpacking and import of
+the archives is done first and not counted), epochs, steps and steps per second, the
+validation dose and DVH scores next to the challenge winner's 2.43 / 1.48 Gy, the gamma
+pass rate (3 %/3 mm global, 10 % cut-off) over the body, the targets and the 10-50 % dose
+region, and the same scores recomputed from the exported ``pt_N.csv`` files read back by
+:func:`vmatdose.data.export.openkbp.read_submission`, which knows only the challenge's
+format. ``--threads`` sets torch's threads (default 2, the machine's cores).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import time
@@ -32,10 +35,12 @@ from vmatdose.data.case import Case  # noqa: E402
 from vmatdose.data.export.openkbp import read_submission, to_original, write_submission  # noqa: E402
 from vmatdose.data.ingest.openkbp import to_canonical  # noqa: E402
 from vmatdose.evaluation.openkbp_scores import score_patients  # noqa: E402
+from vmatdose.evaluation.regions import dose_regions, region_pass_rates, target_union  # noqa: E402
 from vmatdose.inference.predictor import Predictor  # noqa: E402
+from vmatdose.metrics.gamma import gamma_index  # noqa: E402
 
 WINNER = {"dose_score_gy": 2.429, "dvh_score_gy": 1.478}
-RESULT = ROOT / "benchmarks" / "results" / "openkbp_cpu.json"
+RESULTS = ROOT / "benchmarks" / "results"
 
 
 def compose_config(run_dir: Path, overrides: list[str]):
@@ -53,6 +58,21 @@ def predict_validation(ckpt: str | Path, paths: list[Path]) -> list[tuple[Case, 
     return [(p.case, p.dose_gy) for p in predictor.predict_all(paths)]
 
 
+def gamma_pass_rates(pairs, targets: list[str]) -> dict[str, float]:
+    """Mean over patients of the gamma pass rate (%, 3 %/3 mm global, 10 % cut-off) in the
+    body (the possible-dose mask), the targets and the 10-50 % dose region."""
+    rates: dict[str, list[float]] = {"body": [], "targets": [], "low_dose": []}
+    for case, pred in pairs:
+        gamma = gamma_index(case.dose, pred.astype(np.float32), case.spacing_mm,
+                            dose_percent=3.0, distance_mm=3.0,
+                            lower_percent_dose_cutoff=10.0, mask=case.body > 0)
+        regions = {"body": case.body > 0, "targets": target_union(case, targets),
+                   "low_dose": dose_regions(case)["low_dose"]}
+        for name, rate in region_pass_rates(gamma, regions).items():
+            rates[name].append(rate)
+    return {name: round(float(np.nanmean(v)), 2) for name, v in rates.items()}
+
+
 def reread_submissions(pairs, folder: Path) -> tuple[list, float]:
     """Export every prediction as ``pt_N.csv``, read it back with the challenge-format
     reader, and return the re-read pairs and the largest voxel difference (Gy)."""
@@ -65,14 +85,18 @@ def reread_submissions(pairs, folder: Path) -> tuple[list, float]:
     return reread, worst
 
 
-def main(overrides: list[str]) -> dict:
+def main(argv: list[str]) -> dict:
     import hydra
 
     from vmatdose.training.fit import best_checkpoint, fit
 
-    torch.set_num_threads(2)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--name", default="", help="result file openkbp_cpu-NAME.json")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    args, overrides = parser.parse_known_args(argv)
+    torch.set_num_threads(args.threads)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-    run_dir = ROOT / "outputs" / "bench_openkbp" / stamp
+    run_dir = ROOT / "outputs" / "bench_openkbp" / (stamp + (f"-{args.name}" if args.name else ""))
     cfg = compose_config(run_dir, overrides)
     datamodule = hydra.utils.instantiate(cfg.data)
     datamodule.prepare_data()  # one-time unpack + import: not part of the budget
@@ -84,6 +108,7 @@ def main(overrides: list[str]) -> dict:
     pairs = predict_validation(ckpt, val_paths)
     scores = score_patients(pairs, list(cfg.data.targets))
     wall_s = time.perf_counter() - start
+    gamma = gamma_pass_rates(pairs, list(cfg.data.targets))
     reread, worst = reread_submissions(pairs, run_dir / "submission")
     reread_scores = score_patients(reread, list(cfg.data.targets))
     result = {
@@ -92,20 +117,26 @@ def main(overrides: list[str]) -> dict:
         "source": datamodule.source_dir.name, "n_train": len(datamodule.paths_of("train")),
         "n_val": len(val_paths), "wall_s": round(wall_s, 1), "train_s": round(train_s, 1),
         "eval_s": round(wall_s - train_s, 1), "epochs": int(trainer.current_epoch),
-        "steps": int(trainer.global_step), "checkpoint": str(Path(ckpt).relative_to(ROOT)),
+        "steps": int(trainer.global_step),
+        "steps_per_s": round(trainer.global_step / max(train_s, 1e-9), 3),
+        "prior_dose": (cfg.data.prior_dose or {}).get("kind", "distance")
+        if cfg.data.prior_dose else None, "checkpoint": str(Path(ckpt).relative_to(ROOT)),
         "val_dose_score_gy": round(scores["dose_score_gy"], 4),
         "val_dvh_score_gy": round(scores["dvh_score_gy"], 4),
         "winner_dose_score_gy": WINNER["dose_score_gy"],
         "winner_dvh_score_gy": WINNER["dvh_score_gy"],
+        "gamma_pass_body_pct": gamma["body"], "gamma_pass_targets_pct": gamma["targets"],
+        "gamma_pass_10_50pct_dose_pct": gamma["low_dose"],
         "submission_reread_dose_score_gy": round(reread_scores["dose_score_gy"], 4),
         "submission_reread_dvh_score_gy": round(reread_scores["dvh_score_gy"], 4),
         "submission_max_voxel_difference_gy": worst,
         "per_patient": scores["per_patient"],
     }
     print_table(result)
-    RESULT.parent.mkdir(parents=True, exist_ok=True)
-    RESULT.write_text(json.dumps(result, indent=2))
-    print(f"wrote {RESULT.relative_to(ROOT)}")
+    path = RESULTS / ("openkbp_cpu" + (f"-{args.name}" if args.name else "") + ".json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2))
+    print(f"wrote {path.relative_to(ROOT)}")
     return result
 
 
@@ -113,7 +144,10 @@ def print_table(r: dict) -> None:
     print(f"\nOpenKBP experiment=openkbp_cpu on {r['source']} ({r['n_train']} train, "
           f"{r['n_val']} validation patients), {r['machine']}")
     print(f"wall {r['wall_s'] / 60:.1f} min (train {r['train_s'] / 60:.1f}, eval "
-          f"{r['eval_s'] / 60:.1f}), {r['epochs']} epochs, {r['steps']} steps")
+          f"{r['eval_s'] / 60:.1f}), {r['epochs']} epochs, {r['steps']} steps, "
+          f"{r['steps_per_s']:.2f} steps/s; prior: {r['prior_dose']}")
+    print(f"gamma 3 %/3 mm pass rate: body {r['gamma_pass_body_pct']:.1f} %, targets "
+          f"{r['gamma_pass_targets_pct']:.1f} %, 10-50 % dose {r['gamma_pass_10_50pct_dose_pct']:.1f} %")
     print(f"{'':28s}{'dose score (Gy)':>16s}{'DVH score (Gy)':>16s}")
     print(f"{'validation, this recipe':28s}{r['val_dose_score_gy']:16.3f}"
           f"{r['val_dvh_score_gy']:16.3f}")

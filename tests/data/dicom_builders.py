@@ -113,6 +113,9 @@ class PatientSpec:
     with_struct: bool = True
     with_dose: bool = True
     vertices: int = 96
+    # RTPLAN BeamSequence: dicts of gantry_deg (one angle, or an arc's control points),
+    # couch_deg, isocentre_xyz (DICOM patient mm), energy_mv, rotation (NONE, CW, CC)
+    beams: tuple = ()
 
 
 def head_neck_spec(targets: tuple[str, ...] = ("PTV70", "PTV63", "PTV56"), **kwargs
@@ -376,9 +379,35 @@ def write_rtplan(folder: Path, spec: PatientSpec, uids: dict) -> Path:
     group.FractionGroupNumber, group.NumberOfFractionsPlanned = 1, spec.fractions
     group.NumberOfBeams = len(spec.beam_weights)
     ds.FractionGroupSequence = Sequence([group])
+    if spec.beams:
+        ds.BeamSequence = Sequence([_beam(i, b) for i, b in enumerate(spec.beams, start=1)])
     path = folder / "RP_plan.dcm"
     ds.save_as(path, enforce_file_format=True)
     return path
+
+
+def _beam(number: int, beam: dict) -> Dataset:
+    """One BeamSequence item: a static field or an arc (a control point per angle)."""
+    item = Dataset()
+    item.BeamNumber, item.BeamName = number, f"B{number}"
+    item.RadiationType, item.TreatmentDeliveryType = "PHOTON", beam.get("delivery", "TREATMENT")
+    angles = list(beam["gantry_deg"])
+    rotation = beam.get("rotation", "NONE")
+    item.BeamType = "STATIC" if rotation == "NONE" else "DYNAMIC"
+    points = []
+    for k, angle in enumerate(angles if rotation != "NONE" else angles[:1] * 2):
+        point = Dataset()
+        point.ControlPointIndex = k
+        point.GantryAngle = _ds(angle)
+        if k == 0:
+            point.GantryRotationDirection = rotation
+            point.PatientSupportAngle = _ds(beam.get("couch_deg", 0.0))
+            point.IsocenterPosition = [_ds(v) for v in beam["isocentre_xyz"]]
+            point.NominalBeamEnergy = _ds(beam.get("energy_mv", 6.0))
+        points.append(point)
+    item.NumberOfControlPoints = len(points)
+    item.ControlPointSequence = Sequence(points)
+    return item
 
 
 def write_patient(folder: str | Path, spec: PatientSpec | None = None) -> PatientTruth:

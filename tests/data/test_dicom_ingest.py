@@ -320,3 +320,34 @@ def test_oblique_orientation_and_uneven_slices_are_clear_errors(tmp_path):
         ds.save_as(path)
     with pytest.raises(DicomIngestError, match="unsupported ImageOrientationPatient"):
         ingest(folder)
+
+
+# ------------------------------------------------------------------ beam arrangement
+
+
+def test_rtplan_static_fields_and_an_arc_are_read_back_as_the_case_beams(tmp_path):
+    iso_xyz = (12.5, -4.0, 7.5)
+    static = [{"gantry_deg": [a], "isocentre_xyz": iso_xyz, "energy_mv": 10.0}
+              for a in (0.0, 72.0, 144.0, 216.0, 288.0)]
+    static.append({"gantry_deg": [90.0], "isocentre_xyz": iso_xyz, "delivery": "SETUP"})
+    _, _ = _variant(tmp_path / "static", beams=tuple(static))
+    case = ingest(tmp_path / "static" / "pt")
+    beams = case.meta["beams"]
+    assert beams["gantry_deg"] == [0.0, 72.0, 144.0, 216.0, 288.0]  # the setup field left out
+    assert beams["isocentre_mm"] == [7.5, -4.0, 12.5]  # DICOM (x, y, z) -> case (z, y, x)
+    assert (beams["delivery"], beams["source"], beams["energy_mv"]) == ("static", "rtplan", 10.0)
+
+    arc = [{"gantry_deg": [181.0, 270.0, 0.0, 90.0, 179.0], "rotation": "CW",
+            "isocentre_xyz": iso_xyz, "couch_deg": 0.0},
+           {"gantry_deg": [179.0, 90.0, 0.0], "rotation": "CC", "isocentre_xyz": iso_xyz}]
+    _variant(tmp_path / "arc", beams=tuple(arc))
+    beams = load_case(save_case(ingest(tmp_path / "arc" / "pt"), tmp_path / "arc.npz")).meta[
+        "beams"]
+    assert beams["gantry_deg"] == [181.0, 270.0, 0.0, 90.0, 179.0, 179.0, 90.0, 0.0]
+    assert beams["couch_deg"] == [0.0] * 8
+    assert beams["delivery"] == "arc"
+
+
+def test_a_plan_without_beams_leaves_the_case_without_an_arrangement(patients):
+    _, _, case = patients["HFS"]
+    assert "beams" not in case.meta

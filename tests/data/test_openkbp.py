@@ -290,3 +290,15 @@ def test_image_lr_permutation_swaps_mask_and_sdf_blocks_only():
     order = image_lr_permutation(["PTV70", "ParotidL", "ParotidR"],
                                  [["ParotidL", "ParotidR"]], 8, signed_distance=True)
     assert order == [0, 1, 3, 2, 4, 6, 5, 7]
+
+
+@needs_sample
+def test_openkbp_cases_carry_the_nine_challenge_beams_around_the_targets_centroid():
+    case = import_openkbp_patient(OPENKBP_SAMPLE / "train-pats" / "pt_1")
+    beams = case.meta["beams"]
+    assert beams["gantry_deg"] == [40.0 * i for i in range(9)]
+    assert beams["couch_deg"] == [0.0] * 9
+    assert (beams["energy_mv"], beams["delivery"], beams["source"]) == (6.0, "static", "openkbp")
+    targets = np.stack([case.mask(t) for t in case.prescriptions_gy]).any(0)
+    centroid = case.origin_mm + np.argwhere(targets).mean(0) * case.spacing_mm
+    np.testing.assert_allclose(beams["isocentre_mm"], centroid, atol=1e-6)

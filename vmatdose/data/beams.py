@@ -5,7 +5,7 @@ isocentre identify nobody, so ingest may keep them):
 
     {"gantry_deg": [...], "couch_deg": [...], "isocentre_mm": [z, y, x],
      "energy_mv": 6.0, "delivery": "static" | "arc", "source": "rtplan" | "openkbp" |
-     "protocol"}
+     "protocol" | "phantom"}
 
 Angles are IEC 61217 degrees (gantry 0: the beam enters from anterior, heading
 posterior, for a head-first-supine patient; 90: enters from the patient's left); an arc
@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 DELIVERIES = ("static", "arc")
-SOURCES = ("rtplan", "openkbp", "protocol")
+SOURCES = ("rtplan", "openkbp", "protocol", "phantom")
 
 
 @dataclass(frozen=True)

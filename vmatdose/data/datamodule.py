@@ -84,6 +84,7 @@ class DoseDataModule(L.LightningDataModule):
         device_cache: bool = False,
         cache_workers: int = 1,
         conditioning: str = "none",
+        beams: Mapping | None = None,
         **clinical: object,
     ):
         """``clinical`` holds data-set facts other parts read from the same config
@@ -95,7 +96,8 @@ class DoseDataModule(L.LightningDataModule):
         augments it there (:mod:`vmatdose.data.device_cache`); ``patch_sampling`` is
         ``uniform`` or ``dose`` (``dose_patch_fraction`` of the patches centred on voxels
         above 10 % of the highest prescription); ``prior_dose`` adds the prior-dose
-        channel; ``resolution_factor`` pools every volume by that factor.
+        channel; ``beams`` is the protocol's beam arrangement for cases without their own
+        (the beam prior's); ``resolution_factor`` pools every volume by that factor.
         ``conditioning``: the model's (``model.conditioning``); other than ``none``, samples
         carry the plan's conditioning vector (:mod:`vmatdose.data.conditioning`)."""
         super().__init__()
@@ -131,7 +133,8 @@ class DoseDataModule(L.LightningDataModule):
                       sdf_scale_mm=sdf_scale_mm, divisible_by=divisible_by,
                       prior_dose=self.prior_dose, resolution_factor=int(resolution_factor),
                       compact=self.compact, prescriptions_gy=self.prescriptions_gy,
-                      conditioning=self.conditioning)
+                      conditioning=self.conditioning,
+                      default_beams=dict(beams) if beams else None)
         if device_cache:
             # The device does augmentation and patches: the cached pipeline stops before.
             self.train_transform = build_transforms(

@@ -1,5 +1,10 @@
-"""A prior-dose input channel: each target's prescription, falling off with the distance
-to that target, so a network learns the residual from it instead of the whole dose.
+"""A prior-dose input channel, so a network learns the residual from it instead of the
+whole dose: ``data.prior_dose.kind=distance`` (below) or ``kind=beams``, the dose of open
+fields from the case's beams (:mod:`vmatdose.data.beam_prior`), optionally blended with
+the distance prior. Computed once per case, when the data set caches its cases.
+
+The distance prior: each target's prescription, falling off with the distance to that
+target,
 
     prior(v) = body(v) * max_t  p_t / scale * g(d_t(v))
 
@@ -13,6 +18,7 @@ channel from the config alone.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 
@@ -21,7 +27,12 @@ import torch
 from monai.transforms import MapTransform
 from scipy import ndimage
 
+from vmatdose.data.beam_model import BeamModelParams
+from vmatdose.data.beam_prior import DEFAULT_MAX_BEAMS, beam_prior_dose
+from vmatdose.data.beams import BeamArrangement, default_arrangement, targets_centroid_mm
 from vmatdose.data.case import load_case
+
+log = logging.getLogger(__name__)
 
 #: Distances (mm) of the fitted profile's knots.
 DEFAULT_KNOTS_MM = (0, 2, 4, 6, 8, 10, 13, 16, 20, 25, 30, 35, 40, 50, 60, 70, 80, 100, 120)
@@ -68,34 +79,108 @@ def prior_dose(masks: np.ndarray, body: np.ndarray, levels: Sequence[float],
     return prior * (np.asarray(body) > 0)
 
 
+PRIOR_KINDS = ("distance", "beams")
+#: Keys a ``data.prior_dose`` config may hold.
+PRIOR_KEYS = ("kind", "distance_mm", "relative_dose", "distance_weight", "beam_model",
+              "max_beams")
+
+
+def check_prior_config(prior_dose: Mapping) -> dict:
+    """The ``data.prior_dose`` config, checked: ``kind`` (``distance`` by default),
+    the falloff profile where the kind needs one; ``ValueError`` naming the bad key."""
+    cfg = dict(prior_dose)
+    unknown = sorted(set(cfg) - set(PRIOR_KEYS))
+    if unknown:
+        raise ValueError(f"data.prior_dose: unknown key(s) {unknown}; allowed: {list(PRIOR_KEYS)}")
+    cfg.setdefault("kind", "distance")
+    if cfg["kind"] not in PRIOR_KINDS:
+        raise ValueError(f"data.prior_dose.kind must be one of {PRIOR_KINDS}, got {cfg['kind']!r}")
+    weight = float(cfg.get("distance_weight", 0.0 if cfg["kind"] == "beams" else 1.0))
+    if cfg["kind"] == "beams" and not 0.0 <= weight <= 1.0:
+        raise ValueError(f"data.prior_dose.distance_weight must be in [0, 1], got {weight}")
+    cfg["distance_weight"] = weight if cfg["kind"] == "beams" else 1.0
+    if cfg["distance_weight"] > 0:
+        knots, values = cfg.get("distance_mm"), cfg.get("relative_dose")
+        if knots is None or values is None or len(knots) != len(values) or len(knots) < 2:
+            raise ValueError("data.prior_dose needs matching distance_mm and relative_dose "
+                             "lists (>= 2 knots) for the distance prior")
+        if np.any(np.diff(knots) <= 0):
+            raise ValueError(f"data.prior_dose.distance_mm must increase, got {list(knots)}")
+    BeamModelParams(**dict(cfg.get("beam_model") or {}))  # unknown beam_model keys fail here
+    return cfg
+
+
 class PriorDosed(MapTransform):
     """Add ``prior``: (1, Z, Y, X) float32 prior dose normalised by ``dose_scale_gy``,
     from the sample's ``masks`` (channels in ``structures`` order), ``body`` and
-    ``spacing_mm``."""
+    ``spacing_mm``; the beam prior also reads ``ct`` (HU), ``origin_mm`` and ``beams``
+    (the case's ``meta["beams"]`` or ``None``), which it removes from the sample.
+
+    Args:
+        prior_dose: the ``data.prior_dose`` config (:func:`check_prior_config`):
+            ``kind=distance`` the distance prior; ``kind=beams`` the beam prior
+            (:mod:`vmatdose.data.beam_prior`), blended as
+            ``(1 - w) * beams + w * distance`` with ``w = distance_weight`` (0 by default).
+        default_beams: the protocol's default arrangement (``conf/protocol``, key
+            ``beams``) for cases without their own, around the targets' centroid.
+    """
 
     def __init__(self, structures: Sequence[str], prescriptions_gy: Mapping[str, float],
-                 dose_scale_gy: float, distance_mm: Sequence[float],
-                 relative_dose: Sequence[float]):
+                 dose_scale_gy: float, prior_dose: Mapping,
+                 default_beams: Mapping | None = None):
         super().__init__(keys=["masks"])
-        if len(distance_mm) != len(relative_dose) or len(distance_mm) < 2:
-            raise ValueError("prior_dose needs matching distance_mm and relative_dose lists "
-                             f"(>= 2 knots), got {len(distance_mm)} and {len(relative_dose)}")
-        if np.any(np.diff(distance_mm) <= 0):
-            raise ValueError(f"prior_dose.distance_mm must increase, got {list(distance_mm)}")
+        cfg = check_prior_config(prior_dose)
+        self.kind = cfg["kind"]
+        self.distance_weight = cfg["distance_weight"]
         self.channels = [i for i, s in enumerate(structures) if s in prescriptions_gy]
         self.levels = [float(prescriptions_gy[structures[i]]) / dose_scale_gy
                        for i in self.channels]
-        self.distance_mm = np.asarray(distance_mm, float)
-        self.relative_dose = np.asarray(relative_dose, float)
+        if self.distance_weight > 0:
+            self.distance_mm = np.asarray(cfg["distance_mm"], float)
+            self.relative_dose = np.asarray(cfg["relative_dose"], float)
+        self.beam_params = BeamModelParams(**dict(cfg.get("beam_model") or {}))
+        self.max_beams = int(cfg.get("max_beams", DEFAULT_MAX_BEAMS))
+        self.default_beams = dict(default_beams) if default_beams else None
+        self._announced = False
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         out = dict(data)
+        origin, beams = out.pop("origin_mm", None), out.pop("beams", None)
         masks = np.asarray(out["masks"])[self.channels]
         body = np.asarray(out["body"])[0]
-        prior = prior_dose(masks, body, self.levels, np.asarray(out["spacing_mm"], float),
-                           self.distance_mm, self.relative_dose)
+        spacing = np.asarray(out["spacing_mm"], float)
+        prior = np.zeros(body.shape, np.float32)
+        if self.distance_weight > 0:
+            prior += self.distance_weight * prior_dose(
+                masks, body, self.levels, spacing, self.distance_mm, self.relative_dose)
+        if self.kind == "beams":
+            if origin is None:
+                raise ValueError("the beam prior needs the case geometry: load cases with "
+                                 "LoadCased(with_geometry=True)")
+            arrangement = self.arrangement(beams, masks, spacing, origin, out.get("case_id"))
+            prior += (1.0 - self.distance_weight) * beam_prior_dose(
+                np.asarray(out["ct"])[0], body, masks, self.levels, spacing, origin,
+                arrangement, self.beam_params, self.max_beams)
         out["prior"] = torch.from_numpy(prior[None])
         return out
+
+    def arrangement(self, beams: Mapping | None, masks: np.ndarray, spacing: np.ndarray,
+                    origin: np.ndarray, case_id: object) -> BeamArrangement:
+        """The case's own beams, else the protocol's default (said once per run)."""
+        if beams:
+            return BeamArrangement.from_meta(beams)
+        if not self.default_beams:
+            raise ValueError(f"case {case_id}: no beam arrangement (meta['beams']) and no "
+                             "protocol default (protocol.beams) for data.prior_dose.kind=beams")
+        if not self._announced:
+            log.info("beam prior: case %s carries no beam arrangement; cases without one use "
+                     "the protocol's default %s around their targets' centroid (said once)",
+                     case_id, self.default_beams)
+            self._announced = True
+        if not masks.any():
+            return default_arrangement(self.default_beams, origin)
+        return default_arrangement(self.default_beams,
+                                   targets_centroid_mm(masks, spacing, origin))
 
 
 def fit_falloff_profile(case_paths: Sequence[str | Path], prescriptions_gy: Mapping[str, float],

@@ -59,14 +59,18 @@ class LoadCased(MapTransform):
     """Read the case file at ``data["path"]`` into channel-first numpy arrays.
 
     Structures are reordered to ``structures``; a structure the case lacks becomes an
-    all-zero channel (OpenKBP patients miss some OARs).
+    all-zero channel (OpenKBP patients miss some OARs). ``with_geometry`` adds
+    ``origin_mm`` (3,) and ``beams`` (the case's ``meta["beams"]`` or ``None``) for the
+    beam prior, which consumes them.
     """
 
-    def __init__(self, structures: Sequence[str], dose_scale_gy: float, path_key: str = "path"):
+    def __init__(self, structures: Sequence[str], dose_scale_gy: float, path_key: str = "path",
+                 with_geometry: bool = False):
         super().__init__(keys=[path_key])
         self.structures = list(structures)
         self.dose_scale_gy = float(dose_scale_gy)
         self.path_key = path_key
+        self.with_geometry = bool(with_geometry)
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         case = load_case(data[self.path_key])
@@ -85,6 +89,9 @@ class LoadCased(MapTransform):
         )
         if case.dose is not None:
             out["dose"] = (case.dose[None] / self.dose_scale_gy).astype(np.float32)
+        if self.with_geometry:
+            out.update(origin_mm=np.asarray(case.origin_mm, float),
+                       beams=case.meta.get("beams"))
         return out
 
 
@@ -325,6 +332,7 @@ def build_transforms(
     compact: bool = False,
     prescriptions_gy: Mapping[str, float] | None = None,
     conditioning: Mapping | None = None,
+    default_beams: Mapping | None = None,
 ) -> Compose:
     """The whole case -> sample pipeline.
 
@@ -338,9 +346,9 @@ def build_transforms(
             with paired channels swapped, anterior/posterior, superior/inferior),
             ``rotate_deg``, ``rotate_prob``, ``intensity_shift``, ``intensity_prob``
             (probabilities and magnitudes; 0 disables one).
-        prior_dose: ``{"distance_mm": [...], "relative_dose": [...]}`` falloff profile of
-            the prior-dose channel (:class:`vmatdose.data.prior.PriorDosed`); needs
-            ``prescriptions_gy``. ``None``: no prior channel.
+        prior_dose: the ``data.prior_dose`` config of the prior-dose channel
+            (:class:`vmatdose.data.prior.PriorDosed`: ``kind`` distance or beams and their
+            settings); needs ``prescriptions_gy``. ``None``: no prior channel.
         resolution_factor: average-pool every volume by this integer factor (MONAI
             ``Zoomd``, ``mode="area"``); spacing grows by it; the dose becomes the mean
             over the body part of each coarse voxel (:class:`MaskMeand`).
@@ -350,6 +358,8 @@ def build_transforms(
         compact: stop before the float ``image`` (see the module docstring).
         conditioning: ``{targets, constraints, dose_scale_gy}`` of the protocol: adds the
             plan's conditioning vector (:mod:`vmatdose.data.conditioning`); ``None``: none.
+        default_beams: the protocol's beam arrangement for cases without their own (the
+            beam prior's).
     """
     augment = dict(augment or {})
     if patch_sampling not in PATCH_SAMPLING:
@@ -363,18 +373,20 @@ def build_transforms(
         # build per batch, and the prior must stay the image's last channel
         raise ValueError("model.conditioning needs data.compact=false and no data.prior_dose")
     keys = _volume_keys(signed_distance, with_dose, prior)
+    prior_step = (PriorDosed(structures, prescriptions_gy, dose_scale_gy, prior_dose,
+                             default_beams) if prior else None)
     steps: list = [
-        LoadCased(structures, dose_scale_gy),
+        LoadCased(structures, dose_scale_gy,
+                  with_geometry=prior_step is not None and prior_step.kind == "beams"),
         EnsureTyped([k for k in keys if k not in ("sdf", "prior")], dtype=torch.float32,
                     track_meta=False, allow_missing_keys=True),
+        # before the CT window: the beam prior traces the CT in HU
+        *([prior_step] if prior else []),
         ScaleIntensityRanged("ct", a_min=ct_window[0], a_max=ct_window[1], b_min=0.0,
                              b_max=1.0, clip=True),
     ]
     if signed_distance:
         steps.append(SignedDistanced(sdf_scale_mm))
-    if prior:
-        steps.append(PriorDosed(structures, prescriptions_gy, dose_scale_gy,
-                                prior_dose["distance_mm"], prior_dose["relative_dose"]))
     if resolution_factor > 1:
         steps += [Zoomd(keys, zoom=1.0 / resolution_factor, mode="area", keep_size=False),
                   MaskMeand(), PoolSpacingd(resolution_factor)]
@@ -438,7 +450,7 @@ def _augmentations(keys: list[str], structures: Sequence[str],
 def inference_transform(data_cfg: Mapping, with_dose: bool = False) -> Compose:
     """The case -> float ``image`` pipeline a trained model's inference needs, on the
     case's own grid, from its data config (``structures``, ``dose_scale_gy``,
-    ``ct_window``, ``signed_distance``, ``sdf_scale_mm``, ``prior_dose``,
+    ``ct_window``, ``signed_distance``, ``sdf_scale_mm``, ``prior_dose``, ``beams``,
     ``prescriptions_gy``, ``conditioning``: a :func:`~vmatdose.data.conditioning.conditioning_spec`). Resolution pooling is the model's job at inference
     (``DoseModule.resolution_factor``), so it is not applied here."""
     return build_transforms(
@@ -448,4 +460,4 @@ def inference_transform(data_cfg: Mapping, with_dose: bool = False) -> Compose:
         sdf_scale_mm=float(data_cfg.get("sdf_scale_mm", 50.0)),
         prior_dose=data_cfg.get("prior_dose"),
         prescriptions_gy=data_cfg.get("prescriptions_gy"), with_dose=with_dose,
-        conditioning=data_cfg.get("conditioning"))
+        conditioning=data_cfg.get("conditioning"), default_beams=data_cfg.get("beams"))

@@ -79,7 +79,8 @@ class Predictor:
         self.spacing = contract.spacing_range
         self.transform: Compose = inference_transform(
             {**contract.inputs, "structures": contract.structures,
-             "prescriptions_gy": self.protocol.prescriptions_gy})
+             "prescriptions_gy": self.protocol.prescriptions_gy,
+             "beams": self.protocol.beams or None})
 
     @classmethod
     def from_checkpoint(cls, ckpt_path: str | Path, accelerator: str = "auto",

@@ -57,7 +57,12 @@ from vmatdose.data.ingest.dicom_ct import (
 )
 from vmatdose.data.ingest.dicom_dose import DoseOnGrid, dose_on_grid, select_dose_files
 from vmatdose.data.ingest.dicom_files import DicomFolder, DicomIngestError, scan_folder
-from vmatdose.data.ingest.dicom_plan import plan_fractions, plan_prescriptions, select_plan
+from vmatdose.data.ingest.dicom_plan import (
+    plan_beams,
+    plan_fractions,
+    plan_prescriptions,
+    select_plan,
+)
 from vmatdose.data.ingest.dicom_struct import (
     StructureSet,
     rasterize_roi,
@@ -181,8 +186,12 @@ def ingest_dicom_case(folder: str | os.PathLike, case_id: str | None = None,
         on_grid = dose_on_grid(files, series.grid, dose_files, summation, fractions)
         _check_coverage(on_grid, masks, body, protocol, files.rel(dose_files[0][0]), notes)
         dose = on_grid.dose
+    beams, more = plan_beams(plan[1]) if plan else (None, [])
+    notes += more
     meta = _meta(series, ss, plan, dose_files, summation, settings, fractions, source,
                  roi_meta, notes)
+    if beams is not None:
+        meta["beams"] = beams.to_meta()
     return Case(case_id=case_id, ct=ct, masks=np.stack(list(masks.values())).view(np.uint8),
                 structures=list(masks), body=body.view(np.uint8),
                 spacing_mm=np.asarray(series.grid.spacing_mm, float),

@@ -1,4 +1,5 @@
-"""RTPLAN -> prescriptions (DoseReferenceSequence / TargetPrescriptionDose) and fractions."""
+"""RTPLAN -> prescriptions (DoseReferenceSequence / TargetPrescriptionDose), fractions and
+the beam arrangement (BeamSequence)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from pathlib import Path
 
 from pydicom.dataset import Dataset
 
+from vmatdose.data.beams import BeamArrangement
 from vmatdose.data.ingest.dicom_dose import referenced_plan
 from vmatdose.data.ingest.dicom_files import DicomFolder, DicomIngestError
 from vmatdose.data.ingest.structure_names import StructureNameMap
@@ -68,3 +70,50 @@ def plan_fractions(plan: Dataset) -> int | None:
     groups = plan.get("FractionGroupSequence") or []
     value = groups[0].get("NumberOfFractionsPlanned") if groups else None
     return int(value) if value else None
+
+
+def plan_beams(plan: Dataset) -> tuple[BeamArrangement | None, list[str]]:
+    """The treatment beams of an RTPLAN as a :class:`BeamArrangement` (``None`` without
+    photon treatment beams): every static field's gantry angle, every control point's of
+    an arc (``GantryRotationDirection`` CW/CC), couch angles carried from the previous
+    control point as DICOM does, the first beam's isocentre (DICOM patient x, y, z ->
+    the case's z, y, x) and nominal energy.
+
+    Returns:
+        ``(arrangement or None, warnings)``.
+    """
+    gantry: list[float] = []
+    couch: list[float] = []
+    isocentres: list[tuple[float, float, float]] = []
+    energies: list[float] = []
+    arcs = 0
+    for beam in plan.get("BeamSequence", []):
+        if str(beam.get("TreatmentDeliveryType", "TREATMENT")) != "TREATMENT" or \
+                str(beam.get("RadiationType", "PHOTON")) != "PHOTON":
+            continue
+        points = list(beam.get("ControlPointSequence", []))
+        if not points or points[0].get("GantryAngle") is None:
+            continue
+        first = points[0]
+        is_arc = str(first.get("GantryRotationDirection", "NONE")) in ("CW", "CC")
+        arcs += is_arc
+        angle, table = float(first.GantryAngle), float(first.get("PatientSupportAngle", 0.0))
+        for point in points if is_arc else points[:1]:
+            angle = float(point.get("GantryAngle", angle))
+            table = float(point.get("PatientSupportAngle", table))
+            gantry.append(angle % 360.0)
+            couch.append(table)
+        if first.get("IsocenterPosition") is not None:
+            x, y, z = (float(v) for v in first.IsocenterPosition)
+            isocentres.append((z, y, x))
+        if first.get("NominalBeamEnergy") is not None:
+            energies.append(float(first.NominalBeamEnergy))
+    if not gantry or not isocentres:
+        return None, ([] if not gantry else ["RTPLAN beams carry no isocentre (ignored)"])
+    warnings = []
+    if len(set(isocentres)) > 1:
+        warnings.append(f"RTPLAN has {len(set(isocentres))} isocentres; the beam "
+                        "arrangement keeps the first")
+    return BeamArrangement(tuple(gantry), tuple(couch), isocentres[0],
+                           energies[0] if energies else 6.0,
+                           "arc" if arcs else "static", "rtplan"), warnings

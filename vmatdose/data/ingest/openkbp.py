@@ -34,6 +34,7 @@ import numpy as np
 import pandas as pd
 
 from vmatdose.data.atomic import write_json_atomic
+from vmatdose.data.beams import BeamArrangement, default_arrangement, targets_centroid_mm
 from vmatdose.data.case import Case, list_case_files
 from vmatdose.protocol import Protocol
 
@@ -113,6 +114,12 @@ def import_openkbp_patient(patient_dir: str | os.PathLike, case_id: str | None =
     masks = np.stack([to_canonical(read_sparse(folder / f"{n}.csv", dtype=np.uint8))
                       for n in present]) if present else np.zeros((0, *GRID_SHAPE), np.uint8)
     shape = np.asarray(GRID_SHAPE)
+    origin = -(shape - 1) / 2.0 * spacing  # OpenKBP keeps no patient position
+    meta = {"source": "openkbp", "protocol": site.name, "fractions": site.fractions,
+            "source_folder": folder.name, "openkbp_split": folder.parent.name}
+    targets = [i for i, name in enumerate(present) if name in site.prescriptions_gy]
+    if targets and masks[targets].any():
+        meta["beams"] = openkbp_beams(site, masks[targets], spacing, origin).to_meta()
     return Case(
         case_id=case_id or f"openkbp_{folder.name}",
         ct=to_canonical(ct).astype(np.int16),
@@ -120,13 +127,23 @@ def import_openkbp_patient(patient_dir: str | os.PathLike, case_id: str | None =
         structures=present,
         body=to_canonical(read_sparse(folder / "possible_dose_mask.csv", dtype=np.uint8)),
         spacing_mm=spacing,
-        origin_mm=-(shape - 1) / 2.0 * spacing,  # OpenKBP keeps no patient position
+        origin_mm=origin,
         prescriptions_gy={t: gy for t, gy in site.prescriptions_gy.items() if t in present},
         dose=(to_canonical(read_sparse(folder / "dose.csv"))
               if (folder / "dose.csv").is_file() else None),
-        meta={"source": "openkbp", "protocol": site.name, "fractions": site.fractions,
-              "source_folder": folder.name, "openkbp_split": folder.parent.name},
+        meta=meta,
     )
+
+
+def openkbp_beams(site: Protocol, target_masks: np.ndarray, spacing_mm: np.ndarray,
+                  origin_mm: np.ndarray) -> BeamArrangement:
+    """The arrangement of every OpenKBP plan: nine equispaced coplanar 6 MV fields at 0,
+    40, ..., 320 degrees (the challenge's data description, Babier et al., Med. Phys. 48,
+    2021; the head-and-neck protocol's ``beams``). The data keep no isocentre: it is put
+    at the centroid of the targets, the usual single-isocentre choice (this project's
+    convention, not the challenge's)."""
+    return default_arrangement(site.beams, targets_centroid_mm(target_masks, spacing_mm,
+                                                               origin_mm), source="openkbp")
 
 
 def find_openkbp_patients(source_dir: str | os.PathLike) -> list[Path]:

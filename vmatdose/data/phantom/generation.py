@@ -25,6 +25,7 @@ from vmatdose.data.atomic import write_json_atomic
 from vmatdose.data.case import Case
 from vmatdose.data.ingest.batch import convert_cases
 from vmatdose.data.phantom.anatomy import BOOST, ELECTIVE, STRUCTURES, make_anatomy
+from vmatdose.data.beams import BeamArrangement
 from vmatdose.data.phantom.dose import compute_vmat_dose
 from vmatdose.protocol import Protocol
 
@@ -123,8 +124,18 @@ def generate_phantom_case(seed: int, shape: Sequence[int] = DEFAULT_SHAPE,
         prescriptions_gy=prescriptions,
         dose=dose,
         meta={"source": "phantom", "seed": int(seed), "fractions": protocol.fractions,
-              "n_beams": n_beams, "protocol": protocol.name},
+              "n_beams": n_beams, "protocol": protocol.name,
+              "beams": phantom_arc(n_beams, anatomy.isocentre_mm).to_meta()},
     )
+
+
+def phantom_arc(n_beams: int, isocentre_mm: Sequence[float]) -> BeamArrangement:
+    """The arc the phantom plan is traced with (:func:`compute_vmat_dose`): ``n_beams``
+    control points, IEC gantry 0, 360 - 360/n, ... degrees (the phantom's grid centre is
+    the patient origin, so its isocentre is already in patient mm)."""
+    gantry = tuple((-360.0 * k / n_beams) % 360.0 for k in range(n_beams))
+    return BeamArrangement(gantry, (0.0,) * n_beams, tuple(float(v) for v in isocentre_mm),
+                           6.0, "arc", "phantom")
 
 
 class _single_threaded_torch:

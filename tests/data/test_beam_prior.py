@@ -1,0 +1,151 @@
+"""The beam model and the beam prior: entry side, attenuation, field width, mirror
+symmetry, the protocol's default arrangement."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from vmatdose.data.beam_model import BeamModelParams
+from vmatdose.data.beam_prior import beam_prior_dose, traced_gantry_deg
+from vmatdose.data.beams import BeamArrangement
+from vmatdose.data.prior import PriorDosed, check_prior_config
+
+SPACING = (2.0, 2.0, 2.0)
+SHAPE = (12, 64, 64)
+ORIGIN = (-11.0, -63.0, -63.0)  # grid centre at 0 mm
+# no build-up or scatter: the depth dose is the pure exponential
+BARE = BeamModelParams(attenuation_per_mm=0.006, buildup_mm=1e-3, scatter_sigma_mm=1e-3)
+
+
+def water_cube(target_half_mm: float = 10.0):
+    """(ct HU, body, target) of a water cube (y, x in [-48, 48] mm) with a cubic target
+    of half width ``target_half_mm`` at the centre."""
+    z, y, x = np.meshgrid(*[o + s * np.arange(n) for o, s, n in zip(ORIGIN, SPACING, SHAPE)],
+                          indexing="ij")
+    body = (np.abs(y) <= 48) & (np.abs(x) <= 48)
+    target = (np.abs(y) <= target_half_mm) & (np.abs(x) <= target_half_mm) & (np.abs(z) <= 6)
+    ct = np.where(body, 0.0, -1000.0).astype(np.float32)
+    return ct, body, target
+
+
+def single_beam(gantry_deg: float, params=BARE, target_half_mm: float = 10.0) -> np.ndarray:
+    ct, body, target = water_cube(target_half_mm)
+    arrangement = BeamArrangement((gantry_deg,), (0.0,), (0.0, 0.0, 0.0))
+    return beam_prior_dose(ct, body, target[None], [1.0], SPACING, ORIGIN, arrangement, params)
+
+
+def test_gantry_0_enters_from_anterior_and_falls_off_at_the_configured_attenuation():
+    prior = single_beam(0.0)
+    axis = prior[6, :, 32]  # central column: y from anterior (index 0) to posterior
+    entry, deep = 32 - 15, 32 + 15  # 60 mm apart along the beam, both inside the water
+    assert axis[entry] > axis[deep] > 0
+    expected = np.exp(-BARE.attenuation_per_mm * 60.0)
+    assert axis[deep] / axis[entry] == pytest.approx(expected, rel=0.02)
+    assert prior[6, 5, 32] == 0.0  # outside the body
+
+
+def test_gantry_90_enters_from_the_patients_left_the_high_x_side():
+    prior = single_beam(90.0)
+    row = prior[6, 32, :]
+    assert row[32 + 15] > row[32 - 15] > 0  # x grows towards the patient's left (LPS)
+    assert row[32 - 15] / row[32 + 15] == pytest.approx(np.exp(-BARE.attenuation_per_mm * 60),
+                                                         rel=0.02)
+
+
+def test_the_field_is_as_wide_as_the_target_projection_plus_the_margin():
+    prior = single_beam(0.0, target_half_mm=10.0)
+    profile = prior[6, 32, :]  # across the beam at the isocentre's depth
+    x = ORIGIN[2] + SPACING[2] * np.arange(SHAPE[2])
+    inside = x[profile >= 0.5 * profile[32]]
+    width = inside.max() - inside.min() + SPACING[2]
+    # target 20 mm wide (10 voxels) + 2 x 6 mm margin, to a voxel
+    assert width == pytest.approx(20.0 + 2 * BARE.aperture_margin_mm, abs=SPACING[2])
+
+
+def test_the_target_gets_its_prescription_and_nothing_lies_outside_the_body():
+    ct, body, target = water_cube()
+    arrangement = BeamArrangement(tuple(np.arange(9) * 40.0), (0.0,) * 9, (0.0, 0.0, 0.0))
+    prior = beam_prior_dose(ct, body, target[None], [56.0], SPACING, ORIGIN, arrangement)
+    assert np.median(prior[target]) == pytest.approx(56.0, rel=1e-4)
+    assert prior[~body].max() == 0.0
+    assert prior[body & ~target].max() < prior[target].max()
+
+
+def _sample(ct, body, masks, beams=None) -> dict:
+    return {"ct": torch.from_numpy(ct[None]), "masks": torch.from_numpy(masks.astype(np.float32)),
+            "body": torch.from_numpy(body[None].astype(np.float32)),
+            "spacing_mm": np.asarray(SPACING, np.float32), "origin_mm": np.asarray(ORIGIN),
+            "beams": beams, "case_id": "cube"}
+
+
+NINE = {"n_beams": 9, "start_deg": 0.0, "energy_mv": 6.0, "delivery": "static"}
+
+
+def test_a_left_right_mirrored_case_gets_the_mirrored_prior():
+    ct, body, _ = water_cube()
+    z, y, x = np.meshgrid(*[o + s * np.arange(n) for o, s, n in zip(ORIGIN, SPACING, SHAPE)],
+                          indexing="ij")
+    boost = (np.hypot(y - 4, x - 14) <= 8) & (np.abs(z) <= 6)  # off-centre, to the left
+    elective = (np.hypot(y - 4, x - 8) <= 18) & (np.abs(z) <= 8)
+    masks = np.stack([boost, elective])
+    prior = PriorDosed(["PTV70", "PTV56"], {"PTV70": 70.0, "PTV56": 56.0}, 70.0,
+                       {"kind": "beams"}, NINE)
+    out = prior(_sample(ct, body, masks))["prior"].numpy()
+    mirrored = prior(_sample(ct[..., ::-1].copy(), body[..., ::-1].copy(),
+                             masks[..., ::-1].copy()))["prior"].numpy()
+    assert out.max() > 0.9
+    np.testing.assert_allclose(mirrored, out[..., ::-1], atol=2e-3)
+
+
+def test_a_case_without_beams_takes_the_protocol_arrangement_and_says_so_once(caplog):
+    ct, body, target = water_cube()
+    prior = PriorDosed(["PTV70"], {"PTV70": 70.0}, 70.0, {"kind": "beams"}, NINE)
+    own = BeamArrangement((0.0,), (0.0,), (0.0, 0.0, 0.0), source="rtplan").to_meta()
+    with caplog.at_level(logging.INFO, logger="vmatdose.data.prior"):
+        first = prior(_sample(ct, body, target[None]))["prior"]
+        second = prior(_sample(ct, body, target[None]))["prior"]
+        single = prior(_sample(ct, body, target[None], beams=own))["prior"]
+    said = [r for r in caplog.records if "protocol's default" in r.getMessage()]
+    assert len(said) == 1 and "cube" in said[0].getMessage()
+    torch.testing.assert_close(first, second)
+    # the case's own single anterior field: more dose in front of the target than behind
+    axis = single[0, 6, :, 32]
+    assert axis[32 - 14] > 1.15 * axis[32 + 14]
+    assert abs(float(first[0, 6, 32 - 14, 32] - first[0, 6, 32 + 14, 32])) < 0.05
+
+
+def test_the_blend_is_the_weighted_sum_of_the_two_priors():
+    ct, body, target = water_cube()
+    profile = {"distance_mm": [0.0, 20.0, 60.0], "relative_dose": [1.0, 0.5, 0.1]}
+    make = lambda kind, w: PriorDosed(["PTV70"], {"PTV70": 70.0}, 70.0,  # noqa: E731
+                                      {"kind": kind, "distance_weight": w, **profile}, NINE)
+    sample = _sample(ct, body, target[None])
+    distance = make("distance", 1.0)(dict(sample))["prior"]
+    beams = make("beams", 0.0)(dict(sample))["prior"]
+    blend = make("beams", 0.25)(dict(sample))["prior"]
+    torch.testing.assert_close(blend, 0.75 * beams + 0.25 * distance)
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"kind": "beam"}, "kind must be one of"),
+    ({"kind": "beams", "distance_wieght": 0.5}, "unknown key(s) ['distance_wieght']"),
+    ({"kind": "beams", "distance_weight": 0.5}, "needs matching distance_mm"),
+    ({"kind": "beams", "distance_weight": 1.5}, "distance_weight must be in [0, 1]"),
+    ({"kind": "distance"}, "needs matching distance_mm"),
+])
+def test_a_bad_prior_config_is_refused_naming_the_key(config, message):
+    with pytest.raises(ValueError) as err:
+        check_prior_config(config)
+    assert message in str(err.value)
+
+
+def test_an_arc_is_thinned_to_max_beams_equally_spaced_control_points():
+    arc = BeamArrangement(tuple(np.arange(0, 360, 2.0)), (0.0,) * 180, (0.0, 0.0, 0.0),
+                          delivery="arc")
+    angles = traced_gantry_deg(arc, 36)
+    assert len(angles) == 36 and angles[0] == 0.0 and angles[-1] == 358.0
+    assert traced_gantry_deg(BeamArrangement((0.0, 40.0), (0.0, 0.0), (0, 0, 0)), 36) == [0.0, 40.0]
