@@ -113,7 +113,7 @@ def main(argv: list[str]) -> dict:
     reread_scores = score_patients(reread, list(cfg.data.targets))
     result = {
         "recipe": "experiment=openkbp_cpu", "overrides": overrides,
-        "machine": f"{torch.get_num_threads()}-thread CPU (2-core shared machine), no GPU",
+        "machine": f"{args.threads}-thread CPU (2-core shared machine), no GPU",
         "source": datamodule.source_dir.name, "n_train": len(datamodule.paths_of("train")),
         "n_val": len(val_paths), "wall_s": round(wall_s, 1), "train_s": round(train_s, 1),
         "eval_s": round(wall_s - train_s, 1), "epochs": int(trainer.current_epoch),
