@@ -42,14 +42,9 @@ def preprocess_dicom(input_dir: str | os.PathLike | None, output_dir: str | os.P
     Raises:
         SaltError: ``id_salt`` is empty and no ``case_id_map`` is given (before any work).
     """
-    from vmatdose.data.ingest.dicom import (
-        DicomIngestSettings,
-        case_id_for_folder,
-        find_dicom_patients,
-        ingest_dicom_case,
-        load_case_id_map,
-        require_salt,
-    )
+    from vmatdose.data.ingest.dicom import DicomIngestSettings, ingest_dicom_case
+    from vmatdose.data.ingest.dicom_files import find_dicom_patients
+    from vmatdose.data.privacy import case_id_for_folder, load_case_id_map, require_salt
 
     if input_dir is None:
         raise ValueError("source=dicom needs input_dir=<folder of patient folders>")
