@@ -29,6 +29,9 @@ from vmatdose.errors import InputError
 CT_WINDOW_HU = (-1000.0, 1500.0)
 #: Signed distances (mm) are divided by this before they enter the network.
 SDF_SCALE_MM = 50.0
+#: The default phantom grid (Z, Y, X voxels) and voxel spacing (mm).
+PHANTOM_SHAPE = (48, 64, 96)
+PHANTOM_SPACING_MM = (3.0, 4.0, 4.0)
 
 
 @dataclass
@@ -98,8 +101,8 @@ class PhantomGeneratorConfig:
     _target_: str = "vmatdose.data.phantom.generate_phantom_dataset"
     _partial_: bool = True
     n_cases: int = MISSING
-    shape: list[int] = MISSING
-    spacing_mm: list[float] = MISSING
+    shape: list[int] = field(default_factory=lambda: list(PHANTOM_SHAPE))
+    spacing_mm: list[float] = field(default_factory=lambda: list(PHANTOM_SPACING_MM))
     seed: int = 0
     num_workers: int = 2
     protocol: Any = None
