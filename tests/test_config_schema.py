@@ -22,6 +22,7 @@ USER_CONFIGS = {
     "evaluation/mine.yaml": "defaults:\n  - default\n  - _self_\n\ngama_cutoff: 1\n",
     "my_predict.yaml": "defaults:\n  - predict\n  - _self_\n\nexport_rtdos: true\n",
     "my_preprocess.yaml": "defaults:\n  - preprocess\n  - _self_\n\nnum_worker: 3\n",
+    "my_eval.yaml": "defaults:\n  - eval\n  - _self_\n\nsplit_fille: s.json\n",
 }
 
 
@@ -69,6 +70,7 @@ def test_train_with_misspelt_key_in_users_data_config_fails_naming_it(user_conf)
      "Key 'export_rtdos' not in 'PredictConfig'"),
     (preprocess, ["--config-name", "my_preprocess", "source=phantom"],
      "Key 'num_worker' not in 'PreprocessConfig'"),
+    (evaluate, ["--config-name", "my_eval"], "Key 'split_fille' not in 'EvalConfig'"),
 ])
 def test_users_config_with_unknown_key_fails_at_composition(user_conf, monkeypatch, capsys,
                                                             module, argv, message):
@@ -89,6 +91,9 @@ def test_users_config_with_unknown_key_fails_at_composition(user_conf, monkeypat
     (evaluate, ["evaluation.gamma_cutoff_percent=120"],
      "evaluation.gamma_cutoff_percent=120.0: must be in [0, 100)"),
     (preprocess, ["source=phantom", "data.split.val_fraction=1.5"], "data.split="),
+    (evaluate, ["split=tset"], "split=tset: must be one of train, val, test, all"),
+    (predict, ["ckpt_path=x.ckpt", "output_dir=out", "spacing_mismatch=resampel"],
+     "spacing_mismatch=resampel: must be one of resample, refuse"),
 ])
 def test_out_of_range_value_fails_with_key_and_range(user_conf, monkeypatch, capsys, module,
                                                      argv, message):

@@ -160,6 +160,23 @@ class EvaluationConfig:
 
 
 @dataclass
+class EvalConfig:
+    """``conf/eval.yaml``: the keys :mod:`vmatdose.evaluate` reads."""
+
+    task_name: str = "eval"
+    ckpt_path: str | None = None
+    predictions_dir: str | None = None
+    split: str = "test"
+    split_file: str | None = None
+    spacing_mismatch: str = "resample"
+    accelerator: str = "auto"
+    protocol: Any = None
+    data: Any = None
+    evaluation: Any = None
+    paths: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class PredictConfig:
     """``conf/predict.yaml``: the keys :mod:`vmatdose.predict` reads."""
 
@@ -202,6 +219,7 @@ SCHEMAS = (
     ("data", "schema_phantom", PhantomDataConfig),
     ("data", "schema_openkbp", OpenKBPDataConfig),
     ("evaluation", "schema", EvaluationConfig),
+    (None, "schema_eval", EvalConfig),
     (None, "schema_predict", PredictConfig),
     (None, "schema_preprocess", PreprocessConfig),
 )
@@ -296,9 +314,17 @@ def training_value_errors(cfg: Any) -> list[str]:
     return errors
 
 
+#: Allowed values of the entry points' choice keys.
+CHOICES = {"split": ("train", "val", "test", "all"), "spacing_mismatch": ("resample", "refuse")}
+
+
 def value_errors(cfg: Any) -> list[str]:
     """Every out-of-range value of a composed config (each ``key=value: allowed``)."""
     errors = []
+    for key, allowed in CHOICES.items():
+        if key in cfg:
+            errors += _check(cfg.get(key) in allowed, key, cfg.get(key),
+                             f"must be one of {', '.join(allowed)}")
     if cfg.get("data") is not None:
         model = cfg.get("model") or {}
         errors += data_value_errors(cfg.data, model.get("divisible_by"))
