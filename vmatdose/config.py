@@ -1,6 +1,7 @@
-"""Where the configs live, and the OmegaConf resolvers they use.
+"""Where the configs live, and the OmegaConf resolvers and config schemas they use.
 
-Importing this module registers the resolvers; every entry point imports it (through
+Importing this module registers the resolvers and the schemas
+(:mod:`vmatdose.config_schema`); every entry point imports it (through
 ``vmatdose/__init__.py``) before Hydra composes a config.
 """
 
@@ -9,6 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from omegaconf import ListConfig, OmegaConf
+
+from vmatdose.config_schema import register_schemas
 
 #: Absolute path of the repository's ``conf/`` folder, so configs are found from any
 #: working directory.
@@ -59,3 +62,4 @@ def _register() -> None:
 
 
 _register()
+register_schemas()

@@ -22,8 +22,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from vmatdose.config import CONFIG_DIR
 from vmatdose.data.ingest.batch import format_summary
-from vmatdose.data.ingest.dicom import SaltError
 from vmatdose.data.ingest.sources import failure_line, run_preprocess
+from vmatdose.data.privacy import SaltError
 
 log = logging.getLogger(__name__)
 

@@ -107,3 +107,22 @@ def test_a_baseline_that_names_no_recipe_is_refused(study, tmp_path):
     runs, _ = study
     with pytest.raises(ValueError, match="matches 0"):
         write_study_statistics(runs, baseline="experiment=nothing", output_dir=tmp_path / "o")
+
+
+def test_default_metrics_name_the_protocols_first_target(tmp_path):
+    """The D95 errors are the runs' protocol's first target's, not a fixed name."""
+    from vmatdose.analysis.study import available_metrics, load_study_run
+
+    runs = []
+    for seed in (1, 2):
+        run = make_run(tmp_path, f"r{seed}", ["experiment=baseline"], seed, BASE)
+        record = {"overrides": ["experiment=baseline"], "seed": seed,
+                  "config": {"protocol": {"targets": ["PTV60", "PTV54"]}}}
+        (run / "run_record.json").write_text(json.dumps(record))
+        table = pd.read_csv(run / "eval" / "per_case.csv")
+        table["d95_PTV60_error_gy"] = 0.5
+        table["d95_PTV70_error_gy"] = 0.5
+        table.to_csv(run / "eval" / "per_case.csv", index=False)
+        runs.append(load_study_run(run))
+    assert available_metrics(runs, None) == ["mae_body_gy", "gamma_3pct_3mm_ptv_region_pass",
+                                             "d95_PTV60_error_gy"]

@@ -18,14 +18,16 @@ from vmatdose.data.ingest.dicom import (
     DicomIngestError,
     DicomIngestSettings,
     MissingTargetsError,
-    SaltError,
-    anonymous_case_id,
-    case_id_for_folder,
     ingest_dicom_case,
-    load_case_id_map,
 )
 from vmatdose.data.ingest.rasterize import rasterize_polygons
 from vmatdose.data.ingest.structure_names import StructureNameMap
+from vmatdose.data.privacy import (
+    SaltError,
+    anonymous_case_id,
+    case_id_for_folder,
+    load_case_id_map,
+)
 from vmatdose.protocol import Protocol
 
 from dicom_builders import (

@@ -13,7 +13,8 @@ from vmatdose.data.export.rtdose import (
     find_source_patient,
     write_rtdose,
 )
-from vmatdose.data.ingest.dicom import DicomIngestSettings, SaltError, ingest_dicom_case
+from vmatdose.data.ingest.dicom import DicomIngestSettings, ingest_dicom_case
+from vmatdose.data.privacy import SaltError
 from vmatdose.protocol import Protocol
 
 from conftest import make_box_case

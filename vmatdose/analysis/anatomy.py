@@ -25,9 +25,7 @@ from scipy import stats
 from vmatdose.data.case import Case, load_case
 from vmatdose.data.geometry import signed_distance_mm
 from vmatdose.evaluation.figures import plt, save_figure
-
-#: error columns correlated when present (``d95_*_abs_error_gy`` are added per target)
-DEFAULT_ERRORS = ("mae_body_gy", "gamma_3pct_3mm_pass", "gamma_3pct_3mm_ptv_region_pass")
+from vmatdose.metrics.registry import ANATOMY_ERRORS
 
 
 def anatomy_features(case: Case, targets: Sequence[str]) -> dict[str, float]:
@@ -135,7 +133,7 @@ def write_anatomy_analysis(location: str | Path, output_dir: str | Path | None =
         rows.append(anatomy_features(case, targets or _guess_targets(case)))
     features = pd.DataFrame(rows).set_index("case_id")
     columns = [c for c in error_table.columns
-               if c in DEFAULT_ERRORS or (c.startswith("d95_") and c.endswith("_abs_error_gy"))]
+               if c in ANATOMY_ERRORS or (c.startswith("d95_") and c.endswith("_abs_error_gy"))]
     columns = list(errors) if errors else columns
     table = correlations(features, error_table, columns)
     out = Path(output_dir) if output_dir else (location / "anatomy")

@@ -2,8 +2,8 @@
 
 A study is a set of finished runs (``run_record.json`` + ``eval/per_case.csv``), e.g. the
 sweep of ``python -m vmatdose.train -m seed=42,123,456 experiment=baseline,combined_uncertainty``.
-A run's *recipe* is its command-line overrides other than ``seed`` (and ``paths.*``,
-``hydra.*``) that are not the same in every run (``experiment=baseline``); its seeds are
+A run's *recipe* is its command-line overrides other than ``seed`` (and those that are no
+experimental choice: ``paths.*``, ``hydra.*``, ...) that are not the same in every run (``experiment=baseline``); its seeds are
 repeats. Every run must have been
 tested on the same cases (a study whose runs used different test cases is refused: the
 comparison is paired by case).
@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -33,12 +33,8 @@ import pandas as pd
 from scipy import stats
 
 from vmatdose.evaluation.figures import OKABE_ITO, plt, save_figure
-from vmatdose.metrics.registry import heading
+from vmatdose.metrics.registry import heading, is_experimental, study_metrics
 
-#: metrics reported when none are named (those the per-case tables have), in this order
-DEFAULT_METRICS = ("mae_body_gy", "gamma_3pct_3mm_ptv_region_pass", "d95_PTV70_error_gy",
-                   "d95_PTV70_abs_error_gy", "gamma_3pct_3mm_pass",
-                   "gamma_3pct_3mm_high_dose_pass", "gamma_3pct_3mm_low_dose_pass")
 BOOTSTRAP_RESAMPLES = 10_000
 BOOTSTRAP_SEED = 0
 
@@ -52,6 +48,8 @@ class StudyRun:
     seed: int | None
     per_case: pd.DataFrame
     recipe: str = ""
+    #: the protocol's targets, highest dose first (from the run's recorded config)
+    targets: list[str] = field(default_factory=list)
 
 
 def load_study_run(path: Path) -> StudyRun:
@@ -61,8 +59,11 @@ def load_study_run(path: Path) -> StudyRun:
         raise ValueError(f"{path}: no eval/per_case.csv (the run was not evaluated); a "
                          "study needs every run's per-case metrics")
     record = json.loads(record_path.read_text())
+    config = record.get("config") or {}
+    targets = (config.get("protocol") or {}).get("targets") or \
+        (config.get("data") or {}).get("targets") or []
     return StudyRun(path, [str(o) for o in record.get("overrides", [])], record.get("seed"),
-                    pd.read_csv(table_path))
+                    pd.read_csv(table_path), targets=[str(t) for t in targets])
 
 
 def label_recipes(runs: Sequence[StudyRun]) -> None:
@@ -70,7 +71,7 @@ def label_recipes(runs: Sequence[StudyRun]) -> None:
     def non_seed(run: StudyRun) -> list[str]:
         # seeds are repeats; where a run's files went (paths.*, hydra.*) is no choice
         return [o for o in run.overrides if o.split("=", 1)[0].lstrip("+") != "seed"
-                and not o.lstrip("+").startswith(("paths.", "hydra."))]
+                and is_experimental(o)]
 
     shared = set.intersection(*(set(non_seed(r)) for r in runs)) if runs else set()
     for run in runs:
@@ -190,12 +191,15 @@ def baseline_recipe(recipes: Sequence[str], baseline: str) -> str:
 
 
 def available_metrics(runs: Sequence[StudyRun], metrics: Sequence[str] | None) -> list[str]:
-    """``metrics``, or the :data:`DEFAULT_METRICS` every run's table has."""
+    """``metrics``, or the registry's study metrics every run's table has (the D95 errors
+    of the runs' shared protocol's first target; none when the runs do not share it)."""
     if metrics:
         return list(metrics)
-    present = [m for m in DEFAULT_METRICS if all(m in r.per_case for r in runs)]
+    firsts = {r.targets[0] if r.targets else "" for r in runs}
+    default = study_metrics(firsts.pop() if len(firsts) == 1 else None)
+    present = [m for m in default if all(m in r.per_case for r in runs)]
     if not present:
-        raise ValueError(f"none of the default metrics {DEFAULT_METRICS} is in every run's "
+        raise ValueError(f"none of the default metrics {default} is in every run's "
                          "eval/per_case.csv; name them with metrics=")
     return present
 

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from monai.data import CacheDataset, DataLoader, Dataset
 
+from vmatdose.config_schema import CT_WINDOW_HU, SDF_SCALE_MM
 from vmatdose.data.case import list_case_files
 from vmatdose.data.conditioning import conditioning_spec
 from vmatdose.data.transforms import assemble_batch, build_transforms
@@ -69,8 +70,8 @@ class DoseDataModule(L.LightningDataModule):
         batch_size: int = 2,
         num_workers: int = 0,
         signed_distance: bool = False,
-        sdf_scale_mm: float = 50.0,
-        ct_window: Sequence[float] = (-1000.0, 1500.0),
+        sdf_scale_mm: float = SDF_SCALE_MM,
+        ct_window: Sequence[float] = CT_WINDOW_HU,
         lr_pairs: Sequence[Sequence[str]] = (),
         augment: Mapping | None = None,
         cache: bool = True,
@@ -84,11 +85,15 @@ class DoseDataModule(L.LightningDataModule):
         device_cache: bool = False,
         cache_workers: int = 1,
         conditioning: str = "none",
+        constraints: Sequence[Mapping] = (),
         beams: Mapping | None = None,
-        **clinical: object,
     ):
-        """``clinical`` holds data-set facts other parts read from the same config
-        (``fractions``, ``constraints``, ...); the data module keeps them as attributes.
+        """The arguments are the data config's keys (:class:`vmatdose.config_schema.DataConfig`
+        lists them; there is no catch-all, so an unknown key is an error).
+
+        ``constraints``: the protocol's clinical constraints ``{structure, metric, op,
+        limit}`` (the conditioning vector's limits); ``beams``: the protocol's beam
+        arrangement (:mod:`vmatdose.data.beams`), ``None`` for none.
 
         Memory and sampling (see :mod:`vmatdose.data.transforms`): ``compact`` caches
         volumes in 8/16 bits and casts them to float per batch on the device;
@@ -115,7 +120,8 @@ class DoseDataModule(L.LightningDataModule):
         self.signed_distance = signed_distance
         self.cache = cache
         self.max_cases = max_cases
-        self.clinical = dict(clinical)
+        self.constraints = [dict(c) for c in constraints or ()]
+        self.beams = beams
         self.split: dict[str, list[str]] | None = None
         self._datasets: dict[str, Dataset] = {}
         self.prior_dose = dict(prior_dose) if prior_dose else None
@@ -128,7 +134,7 @@ class DoseDataModule(L.LightningDataModule):
         self.dose_patch_fraction = float(dose_patch_fraction)
         self._device_batches = None
         self.conditioning = conditioning_spec(conditioning, self.targets,
-                                              clinical.get("constraints"), self.dose_scale_gy)
+                                              self.constraints, self.dose_scale_gy)
         common = dict(ct_window=ct_window, signed_distance=signed_distance,
                       sdf_scale_mm=sdf_scale_mm, divisible_by=divisible_by,
                       prior_dose=self.prior_dose, resolution_factor=int(resolution_factor),

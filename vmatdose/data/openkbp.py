@@ -16,6 +16,7 @@ from pathlib import Path
 from vmatdose.data.case import list_case_files
 from vmatdose.data.datamodule import DoseDataModule
 from vmatdose.data.ingest.openkbp import SPLIT_FILE, default_source, import_openkbp_dataset
+from vmatdose.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,10 @@ class OpenKBPDataModule(DoseDataModule):
         cases = Path(cases_dir) if cases_dir else base / self.source_dir.name
         self.unpack_dir = base / "source"
         self.import_workers = int(import_workers)
-        kwargs.pop("generator", None)
+        if kwargs.pop("generator", None) is not None:
+            raise InputError("data.generator: OpenKBP cases are imported, not generated; "
+                             "phantom settings (debug=short, experiment=model_comparison) "
+                             "do not combine with data=openkbp")
         super().__init__(cases_dir=str(cases), **kwargs)
 
     def prepare_data(self) -> None:

@@ -25,13 +25,11 @@ import numpy as np
 from vmatdose.data.case import Case
 from vmatdose.data.geometry import dilate_mm
 from vmatdose.metrics.gamma import pass_rate_from_gamma
-
-HIGH_DOSE_FRACTION = 0.5
-LOW_DOSE_FRACTION = 0.1
+from vmatdose.metrics.registry import HIGH_DOSE_FRACTION, LOW_DOSE_FRACTION, PTV_MARGIN_MM
 
 
 def scoring_regions(case: Case, targets: Sequence[str], margin_mm: float = 10.0,
-                    ptv_margin_mm: float = 5.0) -> dict[str, np.ndarray]:
+                    ptv_margin_mm: float = PTV_MARGIN_MM) -> dict[str, np.ndarray]:
     """Every region gamma is scored in: the partition, then the overlapping regions."""
     return {**gamma_regions(case, targets, margin_mm),
             **overlapping_regions(case, targets, ptv_margin_mm)}
@@ -64,7 +62,7 @@ def target_union(case: Case, targets: Sequence[str]) -> np.ndarray:
 
 
 def overlapping_regions(case: Case, targets: Sequence[str],
-                        ptv_margin_mm: float = 5.0) -> dict[str, np.ndarray]:
+                        ptv_margin_mm: float = PTV_MARGIN_MM) -> dict[str, np.ndarray]:
     """``ptv_region`` (targets grown by ``ptv_margin_mm``) and the dose regions, inside
     the body."""
     grown = dilate_mm(target_union(case, targets), ptv_margin_mm, case.spacing_mm)

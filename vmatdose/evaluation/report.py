@@ -32,8 +32,6 @@ img { max-width: 100%; border: 1px solid #eee; margin: 0.5em 0; }
 #provenance td { text-align: left; font-family: ui-monospace, monospace; }
 """
 
-HEADLINE = ("mae_body_gy", "baseline_mae_body_gy", "gamma_3pct_3mm_pass",
-            "gamma_3pct_3mm_targets_pass", "gamma_2pct_2mm_pass", "openkbp_dose_score_gy")
 #: A target's D95 error beyond this fraction of its prescription is clinically relevant.
 D95_TOLERANCE = 0.05
 #: Gamma pass rate (%) in the targets above which a reader would call the targets fine.
@@ -85,7 +83,8 @@ def report_warnings(summary: Mapping, table: pd.DataFrame,
 def metrics_table(summary: Mapping) -> pd.DataFrame:
     """Readable summary rows (headline metrics first); metrics without values left out."""
     metrics = summary.get("metrics", {})
-    names = [k for k in HEADLINE if k in metrics] + [k for k in metrics if k not in HEADLINE]
+    names = [k for k in registry.HEADLINE if k in metrics] + [
+        k for k in metrics if k not in registry.HEADLINE]
     rows = [{"metric": registry.heading(k), "mean": metrics[k]["mean"],
              "std": metrics[k]["std"], "median": metrics[k]["median"], "cases": metrics[k]["n"]}
             for k in names if metrics[k].get("n") and _finite(metrics[k].get("mean"))]
@@ -123,7 +122,7 @@ def _warnings_block(warnings: Sequence[str]) -> str:
 
 
 def _per_case_table(table: pd.DataFrame) -> str:
-    shown = table.set_index("case_id")[[c for c in HEADLINE if c in table]]
+    shown = table.set_index("case_id")[[c for c in registry.HEADLINE if c in table]]
     shown = shown.loc[:, shown.notna().any()]
     shown.index.name = "case"
     return shown.rename(columns=registry.heading).to_html(

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from vmatdose.config_schema import EvaluationConfig
 from vmatdose.data.atomic import atomic_path
 from vmatdose.data.case import Case
 from vmatdose.evaluation import figures
@@ -54,20 +55,20 @@ class EvaluationSettings:
 
     targets: Sequence[str]
     constraints: list[Constraint] = field(default_factory=list)
+    # The defaults are the config schema's (written once, there).
     gamma: list[dict] = field(default_factory=lambda: [
-        {"dose_percent": 3.0, "distance_mm": 3.0}, {"dose_percent": 2.0, "distance_mm": 2.0}])
-    gamma_cutoff_percent: float = 10.0
-    region_margin_mm: float = 10.0
-    figures: bool = True
-    figure_cases: int = 3
-    dpi: int = 300
+        asdict(c) for c in EvaluationConfig().gamma])
+    gamma_cutoff_percent: float = EvaluationConfig.gamma_cutoff_percent
+    region_margin_mm: float = EvaluationConfig.region_margin_mm
+    figures: bool = EvaluationConfig.figures
+    figure_cases: int = EvaluationConfig.figure_cases
+    dpi: int = EvaluationConfig.dpi
 
     @classmethod
     def from_config(cls, targets: Sequence[str], constraints: Sequence[Mapping] | None,
                     cfg: Mapping | None) -> EvaluationSettings:
         cfg = dict(cfg or {})
-        unknown = set(cfg) - {"gamma", "gamma_cutoff_percent", "region_margin_mm", "figures",
-                              "figure_cases", "dpi"}
+        unknown = set(cfg) - {f.name for f in fields(EvaluationConfig)}
         if unknown:
             raise ValueError(f"evaluation config: unknown keys {sorted(unknown)}")
         if "gamma" in cfg:

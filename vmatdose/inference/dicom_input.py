@@ -24,14 +24,9 @@ from tqdm import tqdm
 
 from vmatdose.data.case import save_case
 from vmatdose.data.export.rtdose import read_source_patient, write_rtdose
-from vmatdose.data.ingest.dicom import (
-    DicomIngestError,
-    DicomIngestSettings,
-    case_id_for_folder,
-    find_dicom_patients,
-    ingest_dicom_case,
-    load_case_id_map,
-)
+from vmatdose.data.ingest.dicom import DicomIngestError, DicomIngestSettings, ingest_dicom_case
+from vmatdose.data.ingest.dicom_files import find_dicom_patients
+from vmatdose.data.privacy import case_id_for_folder, load_case_id_map
 from vmatdose.errors import InputError
 from vmatdose.inference.predictor import Predictor
 from vmatdose.inference.writers import write_npz_prediction

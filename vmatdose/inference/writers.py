@@ -32,7 +32,7 @@ def write_rtdose_file(prediction: Prediction, output_dir: Path, options: Mapping
     ``options["source_dicom"]`` (the patients' DICOM folder) the export reads the patient
     identity and study/frame UIDs from there."""
     from vmatdose.data.export.rtdose import find_source_patient, write_rtdose
-    from vmatdose.data.ingest.dicom import SaltError
+    from vmatdose.data.privacy import SaltError
 
     case = prediction.case
     path = output_dir / f"{case.case_id}_rtdose.dcm"

@@ -1,6 +1,8 @@
-"""One registry of metric names: what each logged or tabulated metric is called for a
-reader, its unit and which direction is better. The report, ``compare`` and the train
-summary line all read it, so a metric is named the same everywhere.
+"""One registry of metric facts: what each logged or tabulated metric is called for a
+reader, its unit and which direction is better; the headline metric lists; the scoring
+regions' constants that region-gamma labels are built from; and which overrides are not
+an experimental choice. The report, ``compare``, the study and anatomy analyses and the
+train summary line all read it, so a metric is named the same everywhere.
 
 Names are those of ``per_case.csv`` / ``summary.json`` (``mae_body_gy``,
 ``gamma_3pct_3mm_targets_pass``, ``d95_PTV70_error_gy``...), optionally prefixed by the
@@ -52,13 +54,56 @@ class Metric:
         return f"{value:.{digits}f} {self.unit}".rstrip()
 
 
+#: Scoring regions of region gamma (:mod:`vmatdose.evaluation.regions`): ``ptv_region`` is
+#: the targets grown by this margin (mm); ``high_dose`` is the reference dose above
+#: ``HIGH_DOSE_FRACTION`` of the case's highest prescription, ``low_dose`` from
+#: ``LOW_DOSE_FRACTION`` up to it.
+PTV_MARGIN_MM = 5.0
+HIGH_DOSE_FRACTION = 0.5
+LOW_DOSE_FRACTION = 0.1
+
+#: The headline metrics (``per_case.csv`` / ``summary.json`` names), in reading order: the
+#: report's summary and per-case table, and the columns ``compare`` shows per run.
+HEADLINE = ("mae_body_gy", "baseline_mae_body_gy", "gamma_3pct_3mm_pass",
+            "gamma_3pct_3mm_targets_pass", "gamma_2pct_2mm_pass", "openkbp_dose_score_gy")
+#: The error columns the anatomy analysis correlates (plus ``d95_<target>_abs_error_gy``).
+ANATOMY_ERRORS = ("mae_body_gy", "gamma_3pct_3mm_pass", "gamma_3pct_3mm_ptv_region_pass")
+
+
+def study_metrics(target: str | None) -> tuple[str, ...]:
+    """The metrics a study reports when none are named, in this order; ``target`` (the
+    protocol's first, highest-dose target) adds its D95 errors, ``None`` leaves them out."""
+    d95 = (f"d95_{target}_error_gy", f"d95_{target}_abs_error_gy") if target else ()
+    return ("mae_body_gy", "gamma_3pct_3mm_ptv_region_pass", *d95, "gamma_3pct_3mm_pass",
+            "gamma_3pct_3mm_high_dose_pass", "gamma_3pct_3mm_low_dose_pass")
+
+
+#: Config keys and override keys that say where or how a run is recorded, not what it is:
+#: no experimental choice (run names, compare's columns and a study's recipes skip them).
+NOT_EXPERIMENTAL = ("paths.", "hydra.", "hydra/", "logger", "task_name", "tags", "ckpt_path",
+                    "data.split_output", "callbacks.model_checkpoint.dirpath",
+                    "trainer.default_root_dir", "callbacks.training_curves.output_dir")
+
+
+def is_experimental(key_or_override: str) -> bool:
+    """Whether a config key or a command-line override (``+``/``~`` prefixes, ``=value``
+    allowed) is an experimental choice, i.e. not in :data:`NOT_EXPERIMENTAL`."""
+    key = key_or_override.lstrip("+~").split("=", 1)[0]
+    return not key.startswith(NOT_EXPERIMENTAL)
+
+
+def _percent(fraction: float) -> str:
+    return f"{100 * fraction:g} %"
+
+
 _GAMMA = r"gamma_(?P<dose>[\d.]+)pct_(?P<mm>[\d.]+)mm"
 # (pattern, label template, unit, direction); the first full match wins.
 _PATTERNS: list[tuple[str, str, str, str]] = [
     (r"mae_body_gy", "MAE in body", "Gy", "lower"),
     (r"baseline_mae_body_gy", "mean-dose baseline MAE in body", "Gy", "lower"),
-    (r"mae_gy", "MAE", "Gy", "lower"),
-    (r"mae_gy_best", "best MAE", "Gy", "lower"),
+    # val/mae_gy: the validation loop's MAE, inside the body like mae_body_gy
+    (r"mae_gy", "MAE in body", "Gy", "lower"),
+    (r"mae_gy_best", "best MAE in body", "Gy", "lower"),
     (r"mae_(?P<s>.+)_gy", "MAE in {s}", "Gy", "lower"),
     (r"(?P<m>d\d+|dmean|dmax)_(?P<s>.+)_abs_error_gy", "{s} {M} absolute error", "Gy",
      "lower"),
@@ -68,12 +113,13 @@ _PATTERNS: list[tuple[str, str, str, str]] = [
     (r"(?P<m>d\d+|dmean|dmax)_(?P<s>.+)_pred_gy", "{s} {M}, prediction", "Gy", "none"),
     (_GAMMA + r"_pass", "gamma {dose}%/{mm} mm pass rate", "%", "higher"),
     (_GAMMA + r"_targets_pass", "gamma {dose}%/{mm} mm pass rate in targets", "%", "higher"),
-    (_GAMMA + r"_ptv_region_pass", "gamma {dose}%/{mm} mm pass rate in targets + 5 mm", "%",
+    (_GAMMA + r"_ptv_region_pass",
+     f"gamma {{dose}}%/{{mm}} mm pass rate in targets + {PTV_MARGIN_MM:g} mm", "%", "higher"),
+    (_GAMMA + r"_high_dose_pass",
+     f"gamma {{dose}}%/{{mm}} mm pass rate above {_percent(HIGH_DOSE_FRACTION)} of Rx", "%",
      "higher"),
-    (_GAMMA + r"_high_dose_pass", "gamma {dose}%/{mm} mm pass rate above 50 % of Rx", "%",
-     "higher"),
-    (_GAMMA + r"_low_dose_pass", "gamma {dose}%/{mm} mm pass rate at 10-50 % of Rx", "%",
-     "higher"),
+    (_GAMMA + r"_low_dose_pass", f"gamma {{dose}}%/{{mm}} mm pass rate at "
+     f"{100 * LOW_DOSE_FRACTION:g}-{_percent(HIGH_DOSE_FRACTION)} of Rx", "%", "higher"),
     (_GAMMA + r"_remainder_pass", "gamma {dose}%/{mm} mm pass rate elsewhere", "%",
      "higher"),
     (_GAMMA + r"_oar_(?P<s>.+)_pass", "gamma {dose}%/{mm} mm pass rate near {s}", "%",

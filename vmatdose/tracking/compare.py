@@ -28,12 +28,6 @@ from vmatdose.evaluation.figures import FONT, OKABE_ITO, save_figure  # noqa: E4
 from vmatdose.metrics import registry  # noqa: E402
 
 DEFAULT_METRIC = "test/mae_body_gy"
-SUMMARY_METRICS = ("mae_body_gy", "baseline_mae_body_gy", "gamma_3pct_3mm_pass",
-                   "gamma_2pct_2mm_pass", "openkbp_dose_score_gy")
-# config keys that differ between any two runs without being an experimental choice
-IGNORED_PREFIXES = ("paths.", "hydra.", "ckpt_path", "data.split_output", "logger.",
-                    "callbacks.model_checkpoint.dirpath", "trainer.default_root_dir",
-                    "callbacks.training_curves.output_dir")
 _NOT_CHOICES = ("run", "label", "overrides", "test/", "val/")
 
 
@@ -111,7 +105,7 @@ def run_row(run: Path) -> dict[str, object]:
     row["finished"] = summary_path.is_file()
     if row["finished"]:
         summary = json.loads(summary_path.read_text())
-        for name in SUMMARY_METRICS:
+        for name in registry.HEADLINE:
             if name in summary.get("metrics", {}):
                 row[f"test/{name}"] = summary["metrics"][name]["mean"]
         for name, value in summary.get("openkbp", {}).items():
@@ -139,7 +133,7 @@ def differing_columns(table: pd.DataFrame) -> list[str]:
         if not column.startswith("config."):
             continue
         key = column[len("config."):]
-        if key.startswith(IGNORED_PREFIXES) or not _differs(table[column]):
+        if not registry.is_experimental(key) or not _differs(table[column]):
             continue
         if key not in overridden and keys is not None and _implied(table[column], keys):
             continue

@@ -13,13 +13,12 @@ from pathlib import Path
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 
-#: Overrides that say where or how a run is recorded, not what it is.
-NOT_IN_NAME = ("paths.", "hydra.", "logger", "task_name", "tags")
+from vmatdose.metrics.registry import is_experimental
 
 
 def describing_overrides(overrides: Sequence[str]) -> list[str]:
     """The overrides that describe a run (``+``/``~`` prefixes kept), in command order."""
-    return [o for o in overrides if not o.lstrip("+~").startswith(NOT_IN_NAME)]
+    return [o for o in overrides if is_experimental(o)]
 
 
 def run_name(task_name: str, overrides: Sequence[str] | None = None) -> str:

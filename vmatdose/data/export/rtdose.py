@@ -141,7 +141,7 @@ def find_source_patient(case_id: str, source_dicom: str | os.PathLike,
         LookupError: no folder has that case id (names the folder and how many were tried).
         SaltError: empty salt and no map.
     """
-    from vmatdose.data.ingest.dicom import SALT_ENV, load_case_id_map, require_salt
+    from vmatdose.data.privacy import SALT_ENV, load_case_id_map, require_salt
 
     salt = os.environ.get(SALT_ENV, "") if id_salt is None else id_salt
     if isinstance(case_id_map, str | os.PathLike):
@@ -160,7 +160,8 @@ def find_source_patient(case_id: str, source_dicom: str | os.PathLike,
 def _source_index(root: str, salt: str, id_map: tuple[tuple[str, str], ...]
                   ) -> dict[str, Path]:
     """Case id -> patient folder for every folder below ``root`` (cached per batch)."""
-    from vmatdose.data.ingest.dicom import SaltError, case_id_for_folder, find_dicom_patients
+    from vmatdose.data.ingest.dicom_files import find_dicom_patients
+    from vmatdose.data.privacy import SaltError, case_id_for_folder
 
     mapping = dict(id_map) or None
     index = {}

@@ -26,25 +26,18 @@ the folder and what is missing; a case without RTDOSE (when one is required) rai
 Privacy: no patient name, ID or birth date reaches the case or a message, and no source
 DICOM UID (Study, Series, FrameOfReference, SOP instance) is kept unless
 ``record_sources=True``. The case id is a salted hash of PatientID and StudyInstanceUID
-(an empty salt is refused: :func:`require_salt`) unless a mapping gives one. The RTDOSE
+(an empty salt is refused) unless a mapping gives one (:mod:`vmatdose.data.privacy`). The RTDOSE
 export reads identity and UIDs back from the source DICOM
 (:mod:`vmatdose.data.export.rtdose`).
 """
 
 from __future__ import annotations
 
-import csv
-import hashlib
-import json
 import os
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
-import pydicom
-import yaml
 from scipy import ndimage
 
 from vmatdose.data.case import Case
@@ -71,21 +64,14 @@ from vmatdose.data.ingest.dicom_struct import (
     select_structure_set,
 )
 from vmatdose.data.ingest.structure_names import BODY, StructureNameMap
+from vmatdose.data.privacy import anonymous_case_id, patient_keys, require_salt
 from vmatdose.protocol import Protocol
 
-__all__ = ["DicomIngestError", "DicomIngestSettings", "MissingTargetsError", "SaltError",
-           "anonymous_case_id", "case_id_for_folder", "find_dicom_patients",
-           "ingest_dicom_case", "load_case_id_map", "require_salt"]
-
-SALT_ENV = "VMATDOSE_ID_SALT"
-
+__all__ = ["DicomIngestError", "DicomIngestSettings", "MissingTargetsError",
+           "ingest_dicom_case"]
 
 class MissingTargetsError(DicomIngestError):
     """A patient folder without the protocol's required targets (``path``: the folder)."""
-
-
-class SaltError(ValueError):
-    """Case ids would be an unsalted hash of PatientID: refused."""
 
 
 @dataclass
@@ -120,23 +106,6 @@ class DicomIngestSettings:
         return cls(protocol=protocol, **known)
 
 
-def require_salt(salt: str | None, id_map: Mapping | None = None) -> None:
-    """Refuse an empty salt unless a case-id mapping gives every id.
-
-    Raises:
-        SaltError: with how to set ``VMATDOSE_ID_SALT``.
-    """
-    if id_map or (salt and str(salt).strip()):
-        return
-    raise SaltError(
-        "DICOM ingest refuses an empty id salt: case ids are a hash of PatientID and "
-        "StudyInstanceUID, and without a secret salt a guessed PatientID can be confirmed "
-        f"from a case id. Set one: export {SALT_ENV}=<a private random string> (keep it "
-        "fixed, it decides the case ids; e.g. from `python -c \"import secrets; "
-        "print(secrets.token_hex(16))\"`), or give source.case_id_map=<CSV/JSON/YAML file "
-        "of PatientID or folder name -> case id>.")
-
-
 def ingest_dicom_case(folder: str | os.PathLike, case_id: str | None = None,
                       settings: DicomIngestSettings | None = None) -> Case:
     """Read one patient folder into a :class:`Case` (arrays on the CT grid, dose in Gy).
@@ -163,7 +132,7 @@ def ingest_dicom_case(folder: str | os.PathLike, case_id: str | None = None,
     sets = read_structure_sets(files)
     ct_headers = select_ct_series(files, set().union(*(ss.series for ss in sets)))
     series = plan_ct_series(files, ct_headers)
-    case_id = case_id or anonymous_case_id(*_patient_keys(ct_headers[0][1]), settings.id_salt)
+    case_id = case_id or anonymous_case_id(*patient_keys(ct_headers[0][1]), settings.id_salt)
     frame = str(series.uids["frame_of_reference_uid"])
     notes = list(series.warnings)
     ss, more = select_structure_set(sets, frame, str(series.uids["ct_series_instance_uid"]))
@@ -356,95 +325,3 @@ def _meta(series: CTSeries, ss: StructureSet, plan, dose_files: list, summation:
     return {"source": "dicom", "protocol": settings.protocol.name, "fractions": fractions,
             "prescription_source": prescription_source, "dicom": dicom,
             "missing_slices": len(series.missing), **roi_meta, "warnings": list(notes)}
-
-
-# --------------------------------------------------------------------------- case ids
-
-
-def anonymous_case_id(patient_id: str, study_uid: str, salt: str = "") -> str:
-    """``dcm_`` + the first 12 hex digits of sha256(salt, PatientID, StudyInstanceUID)."""
-    digest = hashlib.sha256("\x00".join([salt, patient_id, study_uid]).encode()).hexdigest()
-    return f"dcm_{digest[:12]}"
-
-
-def _patient_keys(ds: pydicom.Dataset) -> tuple[str, str]:
-    return str(ds.get("PatientID", "")), str(ds.get("StudyInstanceUID", ""))
-
-
-def case_id_for_folder(folder: str | os.PathLike, salt: str = "",
-                       id_map: Mapping[str, str] | None = None) -> str:
-    """The case id of a patient folder without reading it all.
-
-    ``id_map`` (PatientID or folder name -> case id) wins; otherwise the hash of the first
-    CT header's PatientID and StudyInstanceUID (as :func:`ingest_dicom_case` computes it);
-    the hash of the folder name when the folder holds no readable CT.
-
-    Raises:
-        SaltError: the id would be hashed and ``salt`` is empty.
-    """
-    folder = Path(folder)
-    if id_map and folder.name in id_map:
-        return str(id_map[folder.name])
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        try:
-            with warnings.catch_warnings():  # pydicom's warnings may quote element values
-                warnings.simplefilter("ignore")
-                ds = pydicom.dcmread(path, stop_before_pixels=True,
-                                     specific_tags=["Modality", "PatientID", "StudyInstanceUID"])
-        except Exception:  # not DICOM or broken: the full ingest reports it
-            continue
-        if str(ds.get("Modality", "")) == "CT":
-            patient_id, study = _patient_keys(ds)
-            if id_map and patient_id in id_map:
-                return str(id_map[patient_id])
-            return _hashed_id(folder, patient_id, study, salt)
-    return _hashed_id(folder, f"folder:{folder.name}", "", salt)
-
-
-def _hashed_id(folder: Path, patient_id: str, study_uid: str, salt: str) -> str:
-    if not (salt and str(salt).strip()):
-        raise SaltError(f"{folder.name}: not in the case-id map, and case ids need a salt. "
-                        f"Add the folder or its PatientID to the map, or export "
-                        f"{SALT_ENV}=<a private random string>.")
-    return anonymous_case_id(patient_id, study_uid, salt)
-
-
-def load_case_id_map(path: str | os.PathLike) -> dict[str, str]:
-    """A case-id mapping file: ``.csv`` with columns ``key,case_id`` or a ``.json``/``.yaml``
-    dict; keys are PatientIDs or patient folder names."""
-    path = Path(path)
-    if path.suffix.lower() == ".csv":
-        with open(path, newline="", encoding="utf-8") as handle:
-            rows = list(csv.DictReader(handle))
-        if rows and not {"key", "case_id"} <= set(rows[0]):
-            raise ValueError(f"{path}: expected columns 'key,case_id'")
-        mapping = {r["key"].strip(): r["case_id"].strip() for r in rows}
-    else:
-        text = path.read_text(encoding="utf-8")
-        mapping = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
-    if not isinstance(mapping, dict):
-        raise ValueError(f"{path}: expected a key -> case_id mapping")
-    ids = list(mapping.values())
-    if len(set(ids)) != len(ids):
-        raise ValueError(f"{path}: case ids are not unique")
-    return {str(k): str(v) for k, v in mapping.items()}
-
-
-def find_dicom_patients(input_dir: str | os.PathLike) -> list[Path]:
-    """Patient folders: the sub-folders of ``input_dir`` holding files (``input_dir``
-    itself when it holds files but no sub-folders)."""
-    root = Path(input_dir)
-    if not root.is_dir():
-        raise FileNotFoundError(f"{root}: DICOM input folder not found")
-    folders = sorted(p for p in root.iterdir()
-                     if p.is_dir() and not p.name.startswith(".") and _has_files(p))
-    if not folders and any(p.is_file() for p in root.iterdir()):
-        folders = [root]
-    if not folders:
-        raise FileNotFoundError(f"{root}: no patient folders (one sub-folder per patient "
-                                "holding its CT, RTSTRUCT, RTDOSE, RTPLAN files)")
-    return folders
-
-
-def _has_files(folder: Path) -> bool:
-    return any(p.is_file() for p in folder.rglob("*"))

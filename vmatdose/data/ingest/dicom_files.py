@@ -7,6 +7,7 @@ because they can quote element values (patient name, ID).
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -144,3 +145,23 @@ def orientation_axes(iop, label: str) -> tuple[np.ndarray, np.ndarray, np.ndarra
     row = np.array([np.sign(row[0]), 0.0, 0.0])
     col = np.array([0.0, np.sign(col[1]), 0.0])
     return row, col, np.cross(row, col)
+
+
+def find_dicom_patients(input_dir: str | os.PathLike) -> list[Path]:
+    """Patient folders: the sub-folders of ``input_dir`` holding files (``input_dir``
+    itself when it holds files but no sub-folders)."""
+    root = Path(input_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: DICOM input folder not found")
+    folders = sorted(p for p in root.iterdir()
+                     if p.is_dir() and not p.name.startswith(".") and _has_files(p))
+    if not folders and any(p.is_file() for p in root.iterdir()):
+        folders = [root]
+    if not folders:
+        raise FileNotFoundError(f"{root}: no patient folders (one sub-folder per patient "
+                                "holding its CT, RTSTRUCT, RTDOSE, RTPLAN files)")
+    return folders
+
+
+def _has_files(folder: Path) -> bool:
+    return any(p.is_file() for p in folder.rglob("*"))

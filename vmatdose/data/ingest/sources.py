@@ -17,6 +17,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+from vmatdose.config_schema import PHANTOM_SHAPE, PHANTOM_SPACING_MM
 from vmatdose.data.atomic import write_json_atomic
 from vmatdose.data.ingest.batch import convert_cases, is_complete_case_file
 
@@ -42,14 +43,9 @@ def preprocess_dicom(input_dir: str | os.PathLike | None, output_dir: str | os.P
     Raises:
         SaltError: ``id_salt`` is empty and no ``case_id_map`` is given (before any work).
     """
-    from vmatdose.data.ingest.dicom import (
-        DicomIngestSettings,
-        case_id_for_folder,
-        find_dicom_patients,
-        ingest_dicom_case,
-        load_case_id_map,
-        require_salt,
-    )
+    from vmatdose.data.ingest.dicom import DicomIngestSettings, ingest_dicom_case
+    from vmatdose.data.ingest.dicom_files import find_dicom_patients
+    from vmatdose.data.privacy import case_id_for_folder, load_case_id_map, require_salt
 
     if input_dir is None:
         raise ValueError("source=dicom needs input_dir=<folder of patient folders>")
@@ -85,7 +81,7 @@ def preprocess_openkbp(input_dir: str | os.PathLike | None, output_dir: str | os
 def preprocess_phantom(input_dir: str | os.PathLike | None, output_dir: str | os.PathLike,
                        num_workers: int = 2, progress: bool = True,
                        summary_path: str | os.PathLike | None = None, n_cases: int = 32,
-                       shape=(48, 64, 96), spacing_mm=(3.0, 4.0, 4.0), seed: int = 0) -> dict:
+                       shape=PHANTOM_SHAPE, spacing_mm=PHANTOM_SPACING_MM, seed: int = 0) -> dict:
     """Generate ``n_cases`` phantoms (idempotent, see
     :func:`~vmatdose.data.phantom.generate_phantom_dataset`); ``input_dir`` is unused."""
     from vmatdose.data.phantom import generate_phantom_dataset

@@ -21,6 +21,7 @@ import torch
 from omegaconf import OmegaConf
 
 from vmatdose.config import CONFIG_DIR
+from vmatdose.config_schema import PHANTOM_SHAPE, PHANTOM_SPACING_MM
 from vmatdose.data.atomic import write_json_atomic
 from vmatdose.data.case import Case
 from vmatdose.data.ingest.batch import convert_cases
@@ -31,8 +32,8 @@ from vmatdose.protocol import Protocol
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SHAPE = (48, 64, 96)
-DEFAULT_SPACING_MM = (3.0, 4.0, 4.0)
+DEFAULT_SHAPE = PHANTOM_SHAPE
+DEFAULT_SPACING_MM = PHANTOM_SPACING_MM
 DEFAULT_PROTOCOL = "prostate_sib"
 DATASET_FILE = "dataset.json"
 GENERATOR_VERSION = 2  # bump when the anatomy or dose model changes: old folders are refused
