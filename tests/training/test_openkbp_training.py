@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from vmatdose.config import CONFIG_DIR
-from vmatdose.training.fit import run_training as run
 from vmatdose.training.module import DoseModule, flip_sets
+from vmatdose.workflow import run_training as run
 
 from conftest import OPENKBP_SAMPLE
 

@@ -24,7 +24,7 @@ from scipy import stats
 
 from vmatdose.data.case import Case, load_case
 from vmatdose.data.geometry import signed_distance_mm
-from vmatdose.evaluation.figures import plt, save_figure
+from vmatdose.plot_style import plt, save_figure
 
 #: error columns correlated when present (``d95_*_abs_error_gy`` are added per target)
 DEFAULT_ERRORS = ("mae_body_gy", "gamma_3pct_3mm_pass", "gamma_3pct_3mm_ptv_region_pass")

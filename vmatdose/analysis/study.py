@@ -32,8 +32,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from vmatdose.evaluation.figures import OKABE_ITO, plt, save_figure
 from vmatdose.metrics.registry import heading
+from vmatdose.plot_style import OKABE_ITO, plt, save_figure
 
 #: metrics reported when none are named (those the per-case tables have), in this order
 DEFAULT_METRICS = ("mae_body_gy", "gamma_3pct_3mm_ptv_region_pass", "d95_PTV70_error_gy",
