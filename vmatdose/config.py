@@ -1,7 +1,8 @@
 """Where the configs live, and the OmegaConf resolvers they use.
 
 Importing this module registers the resolvers; every entry point imports it (through
-``vmatdose/__init__.py``) before Hydra composes a config.
+``vmatdose/__init__.py``) before Hydra composes a config. ``vmatdose.input_channels`` is
+the input specification's (:mod:`vmatdose.data.input_spec`), registered there.
 """
 
 from __future__ import annotations
@@ -13,13 +14,6 @@ from omegaconf import ListConfig, OmegaConf
 #: Absolute path of the repository's ``conf/`` folder, so configs are found from any
 #: working directory.
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")
-
-
-def input_channels(structures: list, signed_distance: bool, extra: int = 0) -> int:
-    """Network input channels: CT + one mask per structure (+ one SDF per structure), plus
-    ``extra`` (the dose channel of networks that also see a dose: critic, denoiser)."""
-    n = len(structures)
-    return 1 + n + (n if signed_distance else 0) + int(extra)
 
 
 def auto_precision(accelerator: str) -> str:
@@ -49,7 +43,6 @@ def _register() -> None:
     resolvers = {
         "vmatdose.keys": keys,
         "vmatdose.concat": concat,
-        "vmatdose.input_channels": input_channels,
         "vmatdose.auto_precision": auto_precision,
         "vmatdose.max_prescription": max_prescription,
     }
