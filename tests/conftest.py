@@ -84,7 +84,7 @@ def trained_run(tmp_path_factory):
     """One ``debug=smoke`` training run, evaluated on its test split (``evaluation=fast``),
     shared by every test that needs a checkpoint: ``(root, run_dir, last.ckpt)``; the
     phantom cases live in ``root/data/phantom_smoke``. Do not modify its files."""
-    from vmatdose.training.fit import run_training
+    from vmatdose.workflow import run_training
 
     root = tmp_path_factory.mktemp("trained")
     run_dir = root / "run"

@@ -2,7 +2,8 @@
 
 Importing this module registers the resolvers and the schemas
 (:mod:`vmatdose.config_schema`); every entry point imports it (through
-``vmatdose/__init__.py``) before Hydra composes a config.
+``vmatdose/__init__.py``) before Hydra composes a config. ``vmatdose.input_channels`` is
+the input specification's (:mod:`vmatdose.data.input_spec`), registered there.
 """
 
 from __future__ import annotations
@@ -16,13 +17,6 @@ from vmatdose.config_schema import register_schemas
 #: Absolute path of the repository's ``conf/`` folder, so configs are found from any
 #: working directory.
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")
-
-
-def input_channels(structures: list, signed_distance: bool, extra: int = 0) -> int:
-    """Network input channels: CT + one mask per structure (+ one SDF per structure), plus
-    ``extra`` (the dose channel of networks that also see a dose: critic, denoiser)."""
-    n = len(structures)
-    return 1 + n + (n if signed_distance else 0) + int(extra)
 
 
 def auto_precision(accelerator: str) -> str:
@@ -52,7 +46,6 @@ def _register() -> None:
     resolvers = {
         "vmatdose.keys": keys,
         "vmatdose.concat": concat,
-        "vmatdose.input_channels": input_channels,
         "vmatdose.auto_precision": auto_precision,
         "vmatdose.max_prescription": max_prescription,
     }

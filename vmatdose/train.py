@@ -4,7 +4,7 @@
     python -m vmatdose.train debug=smoke model=... loss=...
     python -m vmatdose.train -m loss.terms.voxel.weight=0.5,1.0
 
-Everything is built from ``conf/`` (see :mod:`vmatdose.training.fit`).
+Everything is built from ``conf/`` (see :mod:`vmatdose.workflow`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from omegaconf import DictConfig, open_dict
 from vmatdose.config import CONFIG_DIR
 from vmatdose.errors import exit_on_input_error
 from vmatdose.tracking.console import setup_console
-from vmatdose.training.fit import run_training
+from vmatdose.workflow import run_training
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")

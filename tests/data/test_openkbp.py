@@ -28,7 +28,7 @@ from vmatdose.data.ingest.openkbp import (
     unpack_archive,
 )
 from vmatdose.data.prior import fit_falloff_profile, prior_dose
-from vmatdose.data.transforms import assemble_batch, build_transforms, image_lr_permutation
+from vmatdose.data.transforms import assemble_batch, build_transforms
 
 from conftest import OPENKBP_SAMPLE, make_box_case
 
@@ -284,12 +284,6 @@ def test_device_batches_flip_and_swap_paired_channels():
     patches = DeviceBatches([sample], 1, "cpu", ["Left", "Right"], patch_size=[2, 2, 2])
     assert next(iter(patches))["ct"].shape == (1, 1, 2, 2, 2)
     assert len(always) == 1 and always.nbytes() > 0
-
-
-def test_image_lr_permutation_swaps_mask_and_sdf_blocks_only():
-    order = image_lr_permutation(["PTV70", "ParotidL", "ParotidR"],
-                                 [["ParotidL", "ParotidR"]], 8, signed_distance=True)
-    assert order == [0, 1, 3, 2, 4, 6, 5, 7]
 
 
 @needs_sample

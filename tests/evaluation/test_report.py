@@ -12,8 +12,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from vmatdose.evaluation.provenance import find_provenance
 from vmatdose.evaluation.report import constraint_counts, report_warnings, write_report
+from vmatdose.records.provenance import find_provenance
 
 CHROMIUM = Path("/usr/bin/chromium")
 SECTIONS = ("provenance", "warnings", "summary", "constraints", "per-case", "figures")

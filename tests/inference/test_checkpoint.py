@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from vmatdose.inference import CheckpointError, read_checkpoint
+from vmatdose.data.input_spec import InputSpec
+from vmatdose.inference import CheckpointError, Predictor, read_checkpoint
 from vmatdose.protocol import Protocol
 
 from conftest import last_line, run_cli
@@ -35,9 +36,11 @@ def test_training_stores_the_contract_once_and_it_loads_weights_only(trained_run
     protocol = Protocol.load("prostate_sib")
     assert contract.protocol == protocol.to_dict()
     assert contract.structures == list(protocol.structures)
-    assert contract.inputs == {"ct_window": [-1000.0, 1500.0], "signed_distance": False,
-                               "sdf_scale_mm": 50.0, "dose_scale_gy": 70.0,
-                               "prior_dose": None, "conditioning": None}
+    spec = dict(contract.inputs).pop("spec")
+    assert {k: v for k, v in contract.inputs.items() if k != "spec"} == {
+        "ct_window": [-1000.0, 1500.0], "signed_distance": False, "sdf_scale_mm": 50.0,
+        "dose_scale_gy": 70.0, "prior_dose": None, "conditioning": None}
+    assert spec == InputSpec.build(protocol.structures, lr_pairs=protocol.lr_pairs).to_dict()
     # debug=smoke phantoms are 4 x 8 x 12 mm; the spacing is the training cases' median.
     assert contract.spacing["median_mm"] == [4.0, 8.0, 12.0]
     assert contract.cases_dir == str((root / "data" / "phantom_smoke").resolve())
@@ -93,6 +96,20 @@ def test_another_contract_version_is_refused(trained_run, tmp_path):
     torch.save(raw, path)
     with pytest.raises(CheckpointError, match=f"{path}: checkpoint contract version 99"):
         read_checkpoint(path)
+
+
+def test_a_checkpoint_without_the_input_spec_loads_and_predicts_the_same(trained_run,
+                                                                        tmp_path):
+    root, _, ckpt = trained_run
+    raw = torch.load(ckpt, map_location="cpu", weights_only=True)
+    spec = raw["vmatdose"]["inputs"].pop("spec")  # as written before the spec was stored
+    old = tmp_path / "before_spec.ckpt"
+    torch.save(raw, old)
+    new, before = Predictor.from_checkpoint(ckpt, "cpu"), Predictor.from_checkpoint(old, "cpu")
+    assert "spec" not in before.contract.inputs
+    assert before.contract.input_spec.to_dict() == spec  # derived from structures + inputs
+    case = sorted((root / "data" / "phantom_smoke").glob("*.npz"))[0]
+    np.testing.assert_array_equal(before.predict(case).dose_gy, new.predict(case).dose_gy)
 
 
 @pytest.mark.parametrize("writer", ["torch.save", "pickle"])

@@ -18,7 +18,7 @@ from vmatdose.tracking.compare import (
     per_case_figure,
     sweep_figure,
 )
-from vmatdose.training.fit import run_training as run
+from vmatdose.workflow import run_training as run
 
 from conftest import smoke_config
 

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from vmatdose.tracking.naming import describing_overrides, path_safe, run_name
-from vmatdose.training.fit import run_training as run
+from vmatdose.workflow import run_training as run
 
 from conftest import REPO_ROOT, smoke_config
 from wandb_records import run_info

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from vmatdose.training.fit import run_training as run
+from vmatdose.workflow import run_training as run
 
 from conftest import smoke_config
 from wandb_records import config_keys, history_rows

@@ -15,8 +15,9 @@ import torch
 from torch import nn
 
 from vmatdose.config import CONFIG_DIR
-from vmatdose.training.fit import run_training as run
+from vmatdose.data.input_spec import InputSpec
 from vmatdose.training.module import DoseModule, flip_sets
+from vmatdose.workflow import run_training as run
 
 from conftest import OPENKBP_SAMPLE
 
@@ -96,6 +97,9 @@ def test_prior_residual_adds_the_full_resolution_prior_back():
     body = torch.ones_like(prior)
     # a network that outputs its (pooled) prior input: zero correction
     net = module(PickChannel(1), resolution_factor=2, prior_residual=True)
+    with pytest.raises(ValueError, match="no input specification"):
+        net.predict_with_uncertainty(image, body=body)
+    net.contract = {"inputs": {"spec": InputSpec.build([], prior=True).to_dict()}}  # CT, prior
     torch.testing.assert_close(net.predict_with_uncertainty(image, body=body)[0], prior)
 
 
@@ -152,6 +156,8 @@ def test_recipes_compose_and_train_two_steps_on_tiny_volumes(tmp_path, recipe):
     assert all(np.isfinite(losses))
     model.eval()
     model.lr_channel_permutation = list(range(channels))
+    # what training stores in the contract: where the prior channel is
+    model.contract = {"inputs": {"spec": InputSpec.from_data_config(cfg.data).to_dict()}}
     mean, _ = model.predict_with_uncertainty(batch["image"][:1], body=batch["body"][:1] * 0)
     assert mean.shape == (1, 1, 32, 32, 32) and float(mean.abs().sum()) == 0.0
 

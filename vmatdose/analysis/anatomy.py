@@ -24,8 +24,8 @@ from scipy import stats
 
 from vmatdose.data.case import Case, load_case
 from vmatdose.data.geometry import signed_distance_mm
-from vmatdose.evaluation.figures import plt, save_figure
 from vmatdose.metrics.registry import ANATOMY_ERRORS
+from vmatdose.plot_style import plt, save_figure
 
 
 def anatomy_features(case: Case, targets: Sequence[str]) -> dict[str, float]:

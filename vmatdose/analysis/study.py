@@ -32,8 +32,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from vmatdose.evaluation.figures import OKABE_ITO, plt, save_figure
 from vmatdose.metrics.registry import heading, is_experimental, study_metrics
+from vmatdose.plot_style import OKABE_ITO, plt, save_figure
 
 BOOTSTRAP_RESAMPLES = 10_000
 BOOTSTRAP_SEED = 0

@@ -2,13 +2,15 @@
 
 A sample is a dict of channel-first tensors (MONAI convention):
 
-* ``image``: (C, Z, Y, X) float32 network input = [CT window, masks..., (SDFs...)]
+* ``image``: (C, Z, Y, X) float32 network input, channels as
+  :class:`vmatdose.data.input_spec.InputSpec` lays them out: [CT window, masks...,
+  (SDFs...), (prior), (conditioning planes)]
 * ``dose``: (1, Z, Y, X) float32 reference dose divided by ``dose_scale_gy``
 * ``masks``: (S, Z, Y, X) float32 structure masks in the data config's order
 * ``body``: (1, Z, Y, X) float32 scoring region
 * ``spacing_mm``: (3,) float32 ``(dz, dy, dx)``; ``dose_scale_gy``: float; ``case_id``: str
 
-Options (all off by default): ``prior_dose`` adds a prior-dose input channel (last; see
+Options (all off by default): ``prior_dose`` adds a prior-dose input channel (see
 :mod:`vmatdose.data.prior`); ``resolution_factor`` f > 1 average-pools every volume by f
 (the network then works at 1/f of the grid, see ``DoseModule.resolution_factor``);
 ``patch_sampling="dose"`` centres a fraction of the training patches on the dose region;
@@ -48,6 +50,7 @@ from monai.transforms import (
 from vmatdose.data.case import load_case
 from vmatdose.data.conditioning import ConditionChanneld
 from vmatdose.data.geometry import signed_distance_mm
+from vmatdose.data.input_spec import InputSpec
 from vmatdose.data.prior import PriorDosed
 
 PATCH_SAMPLING = ("uniform", "dose")
@@ -122,23 +125,6 @@ def lr_permutation(structures: Sequence[str], pairs: Sequence[Sequence[str]]) ->
             i, j = structures.index(left), structures.index(right)
             permutation[i], permutation[j] = j, i
     return permutation
-
-
-def image_lr_permutation(structures: Sequence[str], pairs: Sequence[Sequence[str]],
-                         n_channels: int, signed_distance: bool = False) -> list[int]:
-    """Channel order of a network ``image`` [CT, masks, (SDFs), (extra channels)] after a
-    left/right mirror: the mask (and SDF) blocks swap their paired channels, the rest
-    stay. ``n_channels`` is the image's channel count."""
-    mask_perm = lr_permutation(structures, pairs)
-    n = len(mask_perm)
-    blocks = 2 if signed_distance else 1
-    if n_channels < 1 + blocks * n:
-        raise ValueError(f"an image of {n_channels} channels cannot hold CT + {blocks} x "
-                         f"{n} structure channels")
-    order = [0]
-    for b in range(blocks):
-        order += [1 + b * n + i for i in mask_perm]
-    return order + list(range(1 + blocks * n, n_channels))
 
 
 class RandFlipLeftRightd(RandomizableTransform, MapTransform):
@@ -283,20 +269,23 @@ class RandDoseCropd(Randomizable, MapTransform):
 
 
 def assemble_batch(batch: Mapping[str, object], signed_distance: bool = False,
-                   prior: bool = False, dtype: torch.dtype = torch.float32) -> dict:
+                   prior: bool = False, dtype: torch.dtype = torch.float32,
+                   spec: InputSpec | None = None) -> dict:
     """A compact sample or batch -> the float one the models read: volumes cast to
-    ``dtype`` and ``image`` = [CT, masks, (SDFs), (prior)] concatenated on the channel
-    axis (dim -4). A batch that already has an ``image`` only gets the casts."""
+    ``dtype`` and ``image`` = the volume blocks of ``spec`` ([CT, masks, (SDFs), (prior)]
+    built from the flags when ``None``) concatenated on the channel axis (dim -4). A batch
+    that already has an ``image`` only gets the casts."""
+    spec = spec or InputSpec.build((), signed_distance, prior)
+    parts = spec.volume_keys
     out = dict(batch)
-    for key in ("ct", "masks", "body", "dose", "sdf", "prior", "image"):
+    for key in dict.fromkeys(("ct", "masks", "body", "dose", "sdf", "prior", "image", *parts)):
         if key in out and isinstance(out[key], torch.Tensor):
             out[key] = out[key].to(dtype)
     if "image" not in out:
-        parts = ["ct", "masks"] + (["sdf"] if signed_distance else []) + (
-            ["prior"] if prior else [])
         out["image"] = torch.cat([out[k] for k in parts], dim=-4)
-        for key in ("ct", "sdf", "prior"):
-            out.pop(key, None)
+        for key in parts:
+            if key != "masks":  # the masks stay a sample entry (losses, metrics)
+                out.pop(key, None)
     return out
 
 
@@ -412,15 +401,13 @@ def build_transforms(
                   DeleteItemsd(["path"]),
                   EnsureTyped("spacing_mm", dtype=torch.float32, track_meta=False)]
         return Compose(steps)
-    image_parts = ["ct", "masks"] + (["sdf"] if signed_distance else []) + (
-        ["prior"] if prior else [])
+    image_parts = InputSpec.build(structures, signed_distance, prior).volume_keys
     steps += [
         # Random MONAI transforms hand back MetaTensors; plain tensors from here on.
         EnsureTyped(keys, dtype=torch.float32, track_meta=False),
         ConcatItemsd(image_parts, name="image", dim=0),
         *([ConditionChanneld(**conditioning)] if conditioning else []),
-        DeleteItemsd(["ct", "path"] + (["sdf"] if signed_distance else [])
-                     + (["prior"] if prior else [])),
+        DeleteItemsd(["path"] + [k for k in image_parts if k != "masks"]),
         EnsureTyped("spacing_mm", dtype=torch.float32, track_meta=False),
     ]
     return Compose(steps)

@@ -14,27 +14,21 @@ hues with thick lines, organs at risk in cool hues (tab10/tab20).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
-import matplotlib
+import numpy as np
+import pandas as pd
+from matplotlib.colors import ListedColormap
+from matplotlib.lines import Line2D
 
-matplotlib.use("Agg")  # headless: figures are files, never windows
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-from matplotlib.colors import ListedColormap  # noqa: E402
-from matplotlib.lines import Line2D  # noqa: E402
+from vmatdose.data.case import Case
+from vmatdose.metrics.dvh import cumulative_dvh
+from vmatdose.metrics.gamma import pass_rate_from_gamma
+from vmatdose.plot_style import FONT, OKABE_ITO, plt
 
-from vmatdose.data.case import Case  # noqa: E402
-from vmatdose.metrics.dvh import cumulative_dvh  # noqa: E402
-from vmatdose.metrics.gamma import pass_rate_from_gamma  # noqa: E402
-
-OKABE_ITO = ["#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442",
-             "#000000"]
 DOSE_CMAP = "viridis"
 DIFF_CMAP = "PuOr_r"
 #: Gamma pass (<= 1) and fail (> 1) colours: Okabe-Ito sky blue and vermillion.
-GAMMA_COLOURS = ("#56B4E9", "#D55E00")
+GAMMA_COLOURS = (OKABE_ITO[4], OKABE_ITO[5])
 #: Isodose levels (% of the highest prescription) and their line colours.
 ISODOSE_PERCENT = (95.0, 80.0, 50.0, 20.0)
 ISODOSE_COLOURS = ("#FF2020", "#FF9A00", "#FFF200", "#00E5FF")
@@ -43,8 +37,6 @@ TARGET_COLOURS = ("#E6007E", "#F781BF", "#A65628", "#BC80BD", "#7B2D26")
 OAR_COLOURS = ("#1F77B4", "#2CA02C", "#9467BD", "#7F7F7F", "#BCBD22", "#393B79",
                "#637939", "#8C6D31", "#AEC7E8", "#98DF8A", "#C5B0D5", "#C7C7C7")
 VIEWS = ("axial", "coronal", "sagittal")
-FONT = {"font.size": 11, "axes.titlesize": 12, "axes.labelsize": 11, "legend.fontsize": 10,
-        "xtick.labelsize": 9, "ytick.labelsize": 9}
 # (row axis, column axis, fixed axis) as array axes (0 z, 1 y, 2 x) and edge letters
 # (left, right, top, bottom) of each view.
 _VIEW_AXES = {"axial": (1, 2, 0), "coronal": (0, 2, 1), "sagittal": (0, 1, 2)}
@@ -303,13 +295,3 @@ def error_boxplot_figure(table: pd.DataFrame, structures: Sequence[str],
         ax.grid(axis="y", alpha=0.3)
     return fig
 
-
-def save_figure(fig: plt.Figure, stem: str | Path, dpi: int = 300) -> list[Path]:
-    """Write ``<stem>.png`` (``dpi``) and ``<stem>.pdf``; close the figure."""
-    stem = Path(stem)
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    paths = [stem.with_suffix(".png"), stem.with_suffix(".pdf")]
-    fig.savefig(paths[0], dpi=dpi)
-    fig.savefig(paths[1])
-    plt.close(fig)
-    return paths

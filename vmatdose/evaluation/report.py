@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from vmatdose.evaluation.provenance import find_provenance
 from vmatdose.metrics import registry
+from vmatdose.records.provenance import find_provenance
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px;
@@ -153,7 +153,7 @@ def write_report(output_dir: str | Path, summary: dict, table: pd.DataFrame,
                  constraint_table: pd.DataFrame, figure_paths: Sequence[Path],
                  provenance: Mapping | None = None) -> Path:
     """Write ``output_dir/report.html`` and return its path. ``provenance`` (see
-    :func:`vmatdose.evaluation.provenance.find_provenance`, read from ``output_dir``
+    :func:`vmatdose.records.provenance.find_provenance`, read from ``output_dir``
     when not given) heads the page and supplies the prescriptions for the warnings."""
     output_dir = Path(output_dir)
     provenance = dict(provenance or find_provenance(output_dir))

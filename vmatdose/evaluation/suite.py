@@ -37,6 +37,7 @@ from vmatdose.evaluation.report import write_report
 from vmatdose.evaluation.tables import summarise
 from vmatdose.metrics.dvh import dvh_metrics
 from vmatdose.metrics.gamma import gamma_index, pass_rate_from_gamma
+from vmatdose.plot_style import save_figure
 
 
 @dataclass
@@ -179,7 +180,7 @@ def run_suite(pairs: Iterable[tuple], settings: EvaluationSettings,
         tmp.write_text(json.dumps(summary, indent=2, default=_json), encoding="utf-8")
     if settings.figures:
         stem = output_dir / "figures" / "structure_errors"
-        figure_paths += figures.save_figure(
+        figure_paths += save_figure(
             figures.error_boxplot_figure(table, _structure_order(dvh_table), settings.targets),
             stem, settings.dpi)
         write_report(output_dir, summary, table, constraint_table, figure_paths)
@@ -196,8 +197,8 @@ def _case_figures(case: Case, pred_gy: np.ndarray, result: CaseResult,
     slices = figures.dose_slices_figure(case, pred_gy, settings.targets, result.gamma_map,
                                         gamma_label=label)
     dvh = figures.dvh_figure(case, pred_gy, targets=settings.targets)
-    return (figures.save_figure(slices, folder / f"{case.case_id}_slices", settings.dpi)
-            + figures.save_figure(dvh, folder / f"{case.case_id}_dvh", settings.dpi))
+    return (save_figure(slices, folder / f"{case.case_id}_slices", settings.dpi)
+            + save_figure(dvh, folder / f"{case.case_id}_dvh", settings.dpi))
 
 
 def _structure_order(dvh_table: pd.DataFrame) -> list[str]:

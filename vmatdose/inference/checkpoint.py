@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from vmatdose.data.conditioning import conditioning_spec
+from vmatdose.data.input_spec import InputSpec
 from vmatdose.data.validation import SpacingRange
 from vmatdose.errors import InputError
 from vmatdose.protocol import Protocol
@@ -48,7 +49,8 @@ class CheckpointContract:
         protocol: :meth:`vmatdose.protocol.Protocol.to_dict` of the training protocol.
         structures: mask channel order of the network input.
         inputs: input transform settings: ``ct_window`` (HU, HU), ``signed_distance``,
-            ``sdf_scale_mm``, ``dose_scale_gy`` (the network's dose unit, Gy).
+            ``sdf_scale_mm``, ``dose_scale_gy`` (the network's dose unit, Gy), and
+            ``spec``: the :class:`~vmatdose.data.input_spec.InputSpec` (channel layout).
         spacing: :meth:`SpacingRange.to_dict` of the training cases' voxel spacings.
         cases_dir: absolute path of the folder of case files it was trained on.
         split: ``{"train": [...], "val": [...], "test": [...]}`` case ids (file stems).
@@ -76,6 +78,10 @@ class CheckpointContract:
     def dose_scale_gy(self) -> float:
         return float(self.inputs["dose_scale_gy"])
 
+    @property
+    def input_spec(self) -> InputSpec:
+        return contract_input_spec(asdict(self))
+
     def split_paths(self, name: str) -> list[Path]:
         """Case file paths of split ``name`` (``all``: every split) in ``cases_dir``."""
         names = [n for part in self.split.values() for n in part] if name == "all" \
@@ -100,6 +106,20 @@ class CheckpointContract:
             raise CheckpointError(f"{where}: checkpoint contract lacks {err.args[0]!r}") from err
 
 
+def contract_input_spec(contract: Mapping) -> InputSpec:
+    """The input specification of a contract (as stored, a dict): ``inputs["spec"]``, or
+    for a checkpoint written before the spec was stored, the one its ``structures``,
+    ``inputs`` and protocol ``lr_pairs`` describe (the layout those versions built)."""
+    inputs = contract.get("inputs") or {}
+    if "spec" in inputs:
+        return InputSpec.from_dict(inputs["spec"])
+    data = {"structures": contract["structures"],
+            "signed_distance": inputs.get("signed_distance", False),
+            "prior_dose": inputs.get("prior_dose")}
+    return InputSpec.from_data_config(data, inputs.get("conditioning"),
+                                      (contract.get("protocol") or {}).get("lr_pairs") or [])
+
+
 def training_contract(cfg: Mapping, spacing: SpacingRange, cases_dir: str | Path,
                       split: Mapping[str, list[str]]) -> CheckpointContract:
     """The contract of a training run composed as ``cfg`` (resolved mapping or DictConfig)."""
@@ -108,6 +128,8 @@ def training_contract(cfg: Mapping, spacing: SpacingRange, cases_dir: str | Path
     plain = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
     data = plain["data"]
     protocol = Protocol.from_dict(plain["protocol"])
+    conditioning = conditioning_spec(data.get("conditioning"), protocol.targets,
+                                     protocol.constraints, float(data["dose_scale_gy"]))
     return CheckpointContract(
         config=json.loads(json.dumps(plain)),
         protocol=protocol.to_dict(),
@@ -117,9 +139,9 @@ def training_contract(cfg: Mapping, spacing: SpacingRange, cases_dir: str | Path
                 "sdf_scale_mm": float(data.get("sdf_scale_mm", 50.0)),
                 "dose_scale_gy": float(data["dose_scale_gy"]),
                 "prior_dose": data.get("prior_dose"),
-                "conditioning": conditioning_spec(data.get("conditioning"),
-                                                  protocol.targets, protocol.constraints,
-                                                  float(data["dose_scale_gy"]))},
+                "conditioning": conditioning,
+                "spec": InputSpec.from_data_config(data, conditioning,
+                                                   protocol.lr_pairs).to_dict()},
         spacing=spacing.to_dict(),
         cases_dir=str(Path(cases_dir).resolve()),
         split={k: [str(i) for i in v] for k, v in split.items()})

@@ -7,6 +7,7 @@ checkpoint's contract (protocol, structures, required targets, voxel spacing).
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -139,12 +140,19 @@ class Predictor:
 
     def _resample_inputs(self, image: torch.Tensor, body: torch.Tensor,
                          shape: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Image channels [CT, masks..., SDFs...] and body to ``shape``: the CT and SDFs
-        trilinearly, the masks and body by nearest neighbour (they stay binary)."""
-        n = len(self.contract.structures)
-        smooth, nearest = Resize(shape, mode="trilinear"), Resize(shape, mode="nearest")
-        parts = [smooth(image[:1]), nearest(image[1:1 + n])]
-        if image.shape[0] > 1 + n:
-            parts.append(smooth(image[1 + n:]))
-        return (torch.cat([torch.as_tensor(p) for p in parts]),
-                torch.as_tensor(nearest(body)))
+        """Image channels and body to ``shape``, each channel as the input specification
+        says (CT, SDFs, prior trilinearly; masks and body by nearest neighbour, so they
+        stay binary; constant planes either way)."""
+        resize = {"linear": Resize(shape, mode="trilinear"),
+                  "nearest": Resize(shape, mode="nearest")}
+        resize["constant"] = resize["nearest"]
+        modes = self.contract.input_spec.interpolations
+        if len(modes) != image.shape[0]:
+            raise ValueError(f"the input specification has {len(modes)} channels, the image "
+                             f"{image.shape[0]}")
+        parts, start = [], 0
+        for mode, run in itertools.groupby(modes):  # consecutive channels of one mode
+            n = len(list(run))
+            parts.append(torch.as_tensor(resize[mode](image[start:start + n])))
+            start += n
+        return torch.cat(parts), torch.as_tensor(resize["nearest"](body))

@@ -17,15 +17,11 @@ import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-import matplotlib
+import pandas as pd
+from omegaconf import OmegaConf
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
-
-from vmatdose.evaluation.figures import FONT, OKABE_ITO, save_figure  # noqa: E402
-from vmatdose.metrics import registry  # noqa: E402
+from vmatdose.metrics import registry
+from vmatdose.plot_style import FONT, OKABE_ITO, plt, save_figure
 
 DEFAULT_METRIC = "test/mae_body_gy"
 _NOT_CHOICES = ("run", "label", "overrides", "test/", "val/")

@@ -8,13 +8,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import lightning as L
-import matplotlib
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from vmatdose.evaluation.figures import FONT, OKABE_ITO  # noqa: E402
-from vmatdose.metrics import registry  # noqa: E402
+from vmatdose.metrics import registry
+from vmatdose.plot_style import FONT, OKABE_ITO, plt
 
 LOSS_KEYS = ("train/loss_epoch", "val/loss")
 

@@ -1,28 +1,24 @@
-"""A training run as library functions: check the cases, fit, record, evaluate.
+"""One training run as library functions: check the cases, build data, model, loss and
+trainer from the config, fit; the best checkpoint and the optimised metric.
 
-``python -m vmatdose.train`` composes the config and calls :func:`run_training`.
+Evaluating the best checkpoint afterwards is a workflow above training and evaluation
+(:mod:`vmatdose.workflow`).
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 
 import hydra
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from vmatdose.data.datamodule import SPLITS
 from vmatdose.data.validation import check_training_cases
-from vmatdose.evaluation.pipeline import evaluate_checkpoint
 from vmatdose.inference.checkpoint import training_contract
-from vmatdose.metrics.registry import summary_line
 from vmatdose.protocol import Protocol
-from vmatdose.tracking.evaluation_log import finish_loggers, log_evaluation
-from vmatdose.training.run_record import write_run_record
 
 log = logging.getLogger(__name__)
 
@@ -72,42 +68,6 @@ def fit(cfg: DictConfig, output_dir: str | Path) -> tuple[L.Trainer, L.Lightning
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     return trainer, model
-
-
-def evaluate_best(cfg: DictConfig, trainer: L.Trainer, output_dir: Path) -> dict | None:
-    """Evaluate the best checkpoint on the test split of its own data into
-    ``output_dir/eval`` (as ``python -m vmatdose.evaluate ckpt_path=<it>`` does) and send
-    the results to the run's loggers; return the summary (``None`` without checkpoint)."""
-    ckpt = best_checkpoint(trainer)
-    if ckpt is None:
-        log.warning("no checkpoint was saved; skipping evaluation")
-        return None
-    evaluation = OmegaConf.to_container(cfg.evaluation) if cfg.get("evaluation") else None
-    table, summary = evaluate_checkpoint(ckpt, output_dir / "eval", evaluation=evaluation,
-                                         accelerator=cfg.trainer.get("accelerator", "auto"),
-                                         spacing_mismatch=cfg.get("spacing_mismatch", "resample"))
-    log_evaluation(trainer.loggers, table, summary, output_dir / "eval")
-    return summary
-
-
-def run_training(cfg: DictConfig, overrides: list[str] | None = None) -> float | None:
-    """Fit, record, evaluate; return the optimised metric (for sweepers)."""
-    start = time.perf_counter()
-    output_dir = Path(cfg.paths.output_dir)
-    if rank_zero_only.rank == 0:  # DDP: only rank zero writes files
-        write_run_record(cfg, output_dir, overrides)
-    trainer, _ = fit(cfg, output_dir)
-    metric = optimized_metric(trainer, cfg.get("optimized_metric"))
-    if not trainer.is_global_zero:
-        return metric
-    if cfg.get("evaluate_after_training", True):
-        summary = evaluate_best(cfg, trainer, output_dir)
-        if summary is not None:
-            primary = Protocol.from_dict(cfg.protocol).targets[0]
-            means = {k: v["mean"] for k, v in summary["metrics"].items()}
-            print(summary_line(cfg.task_name, means, primary, time.perf_counter() - start))
-    finish_loggers(trainer.loggers)
-    return metric
 
 
 def optimized_metric(trainer: L.Trainer, name: str | None) -> float | None:

@@ -12,7 +12,8 @@ from monai.inferers import sliding_window_inference
 from torch import nn
 from torch.nn import functional as F
 
-from vmatdose.inference.checkpoint import CHECKPOINT_KEY
+from vmatdose.data.input_spec import InputSpec
+from vmatdose.inference.checkpoint import CHECKPOINT_KEY, contract_input_spec
 from vmatdose.losses import CompositeLoss
 from vmatdose.losses.composite import SIGMA_PARAMETER
 from vmatdose.models.film import conditioned_network
@@ -228,7 +229,8 @@ class DoseModule(L.LightningModule):
 
         Without ``body``: trilinear. With it: mask-normalised trilinear inside the body
         (each coarse voxel's value spread only over the fine voxels inside the mask) plus,
-        with ``prior_residual``, the full-resolution prior (last image channel) back;
+        with ``prior_residual``, the full-resolution prior (the image's ``prior`` channel,
+        :attr:`input_spec`) back;
         trilinear outside the body.
         """
         size = list(image.shape[2:])
@@ -240,14 +242,14 @@ class DoseModule(L.LightningModule):
         valid = (fraction > 0).to(coarse.dtype)
         correction = coarse
         if self.prior_residual:
-            prior = image[:, -1:]
+            prior = image[:, self.input_spec.slice("prior")]
             coarse_prior = pool_image(prior * inside, self.resolution_factor)
             correction = coarse - coarse_prior / fraction.clamp_min(1e-6) * valid
         num = F.interpolate(correction * valid, size=size, mode="trilinear", align_corners=False)
         den = F.interpolate(valid, size=size, mode="trilinear", align_corners=False)
         fine = torch.where(den > 1e-6, num / den.clamp_min(1e-6), torch.zeros_like(num))
         if self.prior_residual:
-            fine = fine + image[:, -1:]
+            fine = fine + prior
         top = self.max_relative_dose if self.max_relative_dose is not None else float("inf")
         return torch.where(inside > 0, fine.clamp(0.0, top), plain)
 
@@ -268,17 +270,24 @@ class DoseModule(L.LightningModule):
                                  f"{len(self.lr_channel_permutation)} entries for an image of "
                                  f"{n_channels} channels")
             return self.lr_channel_permutation
-        contract = self.contract or {}
-        if "structures" not in contract:
+        if not (self.contract or {}).get("structures"):
             raise ValueError("left/right flip TTA needs the input's structure channels: set "
                              "model.lr_channel_permutation or use a module built by training "
                              "or loaded from a checkpoint (its contract names the channels)")
-        from vmatdose.data.transforms import image_lr_permutation
+        permutation = self.input_spec.lr_permutation()
+        if len(permutation) != n_channels:
+            raise ValueError(f"the input specification has {len(permutation)} channels, the "
+                             f"image {n_channels}")
+        return permutation
 
-        inputs = contract.get("inputs") or {}
-        return image_lr_permutation(contract["structures"],
-                                    (contract.get("protocol") or {}).get("lr_pairs") or [],
-                                    n_channels, bool(inputs.get("signed_distance")))
+    @property
+    def input_spec(self) -> InputSpec:
+        """The channel layout of the input (:mod:`vmatdose.data.input_spec`), from the
+        contract this module was trained with or loaded from."""
+        if not self.contract:
+            raise ValueError("this module has no input specification: use a module built by "
+                             "training or loaded from a checkpoint (its contract holds it)")
+        return contract_input_spec(self.contract)
 
     def masked_for_loss(self, pred: torch.Tensor, batch: dict) -> torch.Tensor:
         """``pred`` zeroed outside ``batch["body"]`` when ``loss_in_body`` (else as is)."""

@@ -18,7 +18,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from vmatdose.training.run_record import git_state
+from vmatdose.records.run_record import git_state
 
 
 def _load_yaml(path: Path) -> dict:
