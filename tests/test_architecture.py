@@ -128,7 +128,8 @@ LAYERS = declared_layers(ARCHITECTURE.read_text())
 
 
 def test_the_layer_table_names_the_package_bottom_up():
-    assert LAYERS["config"] == LAYERS["records"] == LAYERS["plot_style"] == 0
+    assert LAYERS["records"] == LAYERS["plot_style"] == LAYERS["errors"] == 0
+    assert LAYERS["config_schema"] < LAYERS["config"] < LAYERS["protocol"]
     assert LAYERS["data"] < LAYERS["inference"] < LAYERS["training"] < LAYERS["workflow"]
     assert LAYERS["training"] == LAYERS["evaluation"] < LAYERS["tracking"]
     assert LAYERS["workflow"] < LAYERS["train"] == LAYERS["evaluate"] == LAYERS["predict"]
