@@ -20,6 +20,16 @@ from vmatdose.data.ingest.openkbp import SPLIT_FILE, default_source, import_open
 log = logging.getLogger(__name__)
 
 
+def openkbp_cases_dir(source_dir: str | Path | None, data_dir: str | Path = "data",
+                      cases_dir: str | Path | None = None) -> Path:
+    """Where the case files of an OpenKBP source go: ``cases_dir`` when given, else
+    ``<data_dir>/openkbp/<source folder name>`` (``None``: the default source)."""
+    if cases_dir:
+        return Path(cases_dir)
+    source = Path(source_dir) if source_dir else default_source()
+    return Path(data_dir) / "openkbp" / source.name
+
+
 class OpenKBPDataModule(DoseDataModule):
     """A :class:`DoseDataModule` on OpenKBP patients with the challenge's split.
 
@@ -39,9 +49,8 @@ class OpenKBPDataModule(DoseDataModule):
     def __init__(self, source_dir: str | None = None, data_dir: str = "data",
                  cases_dir: str | None = None, import_workers: int = 2, **kwargs):
         self.source_dir = Path(source_dir) if source_dir else default_source()
-        base = Path(data_dir) / "openkbp"
-        cases = Path(cases_dir) if cases_dir else base / self.source_dir.name
-        self.unpack_dir = base / "source"
+        cases = openkbp_cases_dir(self.source_dir, data_dir, cases_dir)
+        self.unpack_dir = Path(data_dir) / "openkbp" / "source"
         self.import_workers = int(import_workers)
         kwargs.pop("generator", None)
         super().__init__(cases_dir=str(cases), **kwargs)

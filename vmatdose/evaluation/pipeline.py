@@ -11,12 +11,12 @@ import logging
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
-import hydra
 import pandas as pd
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
 from vmatdose.data.case import list_case_files, load_case
 from vmatdose.data.datamodule import read_split
+from vmatdose.data.split_listing import split_case_paths
 from vmatdose.data.validation import check_cases
 from vmatdose.errors import InputError
 from vmatdose.evaluation.baseline import StructureMeanBaseline
@@ -85,15 +85,9 @@ def _checkpoint_split(contract, split: str, split_file: str | None
 
 def _config_split(data_cfg: DictConfig, split: str, split_file: str | None
                   ) -> tuple[list[Path], list[Path]]:
-    data_cfg = data_cfg.copy()
-    with open_dict(data_cfg):
-        data_cfg.split_output = None
-        if split_file:
-            data_cfg.split.file = split_file
-    datamodule = hydra.utils.instantiate(data_cfg)
-    datamodule.prepare_data()
-    train = datamodule.paths_of("train") if split != "all" else []
-    return datamodule.paths_of(split), train
+    """The case files of ``split`` of the data config, listed read-only (no import, no
+    generation, no split file written into a folder the user only asked to read)."""
+    return split_case_paths(data_cfg, split, split_file)
 
 
 def evaluate_prediction_folder(predictions_dir: str | Path, data_cfg: DictConfig,
