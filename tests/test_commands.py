@@ -131,8 +131,8 @@ def test_predict_and_evaluate_read_a_read_only_folder_and_score_exactly_its_case
     assert listing(cases) == before
 
 
-@pytest.mark.parametrize("app", ["evaluate", "predict"])
-@pytest.mark.parametrize("state", ["missing", "empty"])
+@pytest.mark.parametrize(("app", "state"), [("evaluate", "missing"), ("evaluate", "empty"),
+                                           ("predict", "empty")])
 def test_a_missing_or_empty_cases_folder_is_one_error_and_nothing_is_generated(
         trained_run, tmp_path, app, state):
     _, _, ckpt = trained_run
@@ -233,7 +233,8 @@ def test_train_refuses_a_bad_resume_checkpoint_in_one_line(trained_run, openkbp_
     assert not (run / "run_record.json").exists() and not (run / "checkpoints").exists()
     assert not (tmp_path / "data").exists()  # nothing generated either
     if kind == "truncated":  # predict says the same
-        done = cli("predict", f"ckpt_path={path}", f"cases_dir={tmp_path}",
+        cases = smoke_cases(trained_run, tmp_path / "cases")
+        done = cli("predict", f"ckpt_path={path}", f"cases_dir={cases}",
                    f"output_dir={tmp_path / 'o'}", cwd=tmp_path)
         assert f"{path}: not a vmatdose checkpoint (a truncated or corrupt checkpoint)" in \
             last_line(done.stdout)

@@ -35,6 +35,7 @@ import pandas as pd
 
 from vmatdose.data.atomic import write_json_atomic
 from vmatdose.data.case import Case, list_case_files
+from vmatdose.errors import InputError
 from vmatdose.protocol import Protocol
 
 log = logging.getLogger(__name__)
@@ -57,8 +58,8 @@ def load_protocol(name: str = PROTOCOL) -> Protocol:
     return Protocol.load(name)
 
 
-class OpenKBPFormatError(ValueError):
-    """A patient folder that does not follow the OpenKBP layout."""
+class OpenKBPFormatError(InputError):
+    """A patient folder that does not follow the OpenKBP layout (a ``ValueError``)."""
 
 
 def read_sparse(path: Path, shape: tuple[int, int, int] = GRID_SHAPE,
