@@ -93,6 +93,19 @@ def test_predict_an_openkbp_folder_writes_one_csv_per_patient_and_only_reads_it(
         "openkbp_pt_1.npz", "openkbp_pt_201.npz", "pt_1.csv", "pt_201.csv"]
     assert listing(folder) == before
     assert not list((tmp_path / "tmp").iterdir())  # the temporary import is gone
+    # evaluate scores exactly the (imported, read-only) cases of the folder it is given
+    root, _, _ = openkbp_run
+    cases = tmp_path / "mycases"
+    shutil.copytree(root / "data" / "openkbp" / source.name, cases)
+    read_only(cases)
+    before = listing(cases)
+    (tmp_path / "ev").mkdir()
+    done = cli("evaluate", "data=openkbp", f"predictions_dir={out}", f"data.cases_dir={cases}",
+               "split=all", "evaluation=fast", cwd=tmp_path / "ev")
+    assert done.returncode == 0, done.stdout[-3000:]
+    summary = json.loads((tmp_path / "ev" / "hydra" / "summary.json").read_text())
+    assert summary["n_cases"] == 2
+    assert listing(cases) == before
 
 
 def test_an_openkbp_patient_without_targets_is_refused_at_import_and_leaves_nothing(
