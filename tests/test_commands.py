@@ -279,7 +279,7 @@ def test_preprocess_names_a_failed_source_folder_on_the_console_only(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 1
     case_id = json.loads((out / "preprocess_summary.json").read_text())["failed"][0]["case_id"]
-    assert f"failed {case_id}: source {tmp_path / 'in' / 'Doe_Jane'}" in done.stderr
+    assert f"failed {case_id}: source {tmp_path / 'in' / 'Doe_Jane'}" in done.stdout
     log_text = (tmp_path / "hydra" / "preprocess.log").read_text()
     assert case_id in log_text
     assert str(tmp_path / "in" / "Doe_Jane") not in log_text
