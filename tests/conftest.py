@@ -105,3 +105,40 @@ def run_cli(module: str, *overrides: str, cwd) -> subprocess.CompletedProcess:
 def last_line(output: str) -> str:
     """The last non-empty line of a command's output."""
     return [line for line in output.splitlines() if line.strip()][-1]
+
+
+def openkbp_patients(dest: Path, patients: dict[str, tuple[str, ...]]) -> Path:
+    """A small OpenKBP folder at ``dest``: ``{"train-pats": ("pt_1",), ...}`` copied
+    from the sample (tests using it skip without the sample)."""
+    import shutil
+
+    if not OPENKBP_SAMPLE.is_dir():
+        pytest.skip(f"OpenKBP sample not found at {OPENKBP_SAMPLE}")
+    for split, names in patients.items():
+        for name in names:
+            shutil.copytree(OPENKBP_SAMPLE / split / name, dest / split / name)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def openkbp_run(tmp_path_factory):
+    """One tiny head-and-neck training run on two OpenKBP sample patients (pt_1 to train,
+    pt_201 to validate; 32^3 patches, a 4-8-8 U-Net, one step, no evaluation), shared by
+    the tests that need a head_neck checkpoint: ``(root, source folder, last.ckpt)``."""
+    from hydra import compose, initialize_config_dir
+
+    from vmatdose.training.fit import run_training
+
+    root = tmp_path_factory.mktemp("openkbp_trained")
+    source = openkbp_patients(root / "source", {"train-pats": ("pt_1",),
+                                                 "validation-pats": ("pt_201",)})
+    run_dir = root / "run"
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=[
+            f"paths.root_dir={root}", f"paths.output_dir={run_dir}", "data=openkbp",
+            f"data.source_dir={source}", "data.import_workers=1", "data.patch_size=[32,32,32]",
+            "trainer.max_epochs=1", "+trainer.limit_train_batches=1", "trainer.accelerator=cpu",
+            "evaluate_after_training=false", "model.val_gamma=null",
+            "model.net.channels=[4,8,8]", "model.net.strides=[2,2]"])
+    run_training(cfg)
+    return root, source, run_dir / "checkpoints" / "last.ckpt"

@@ -14,12 +14,14 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from vmatdose.cli_hints import with_quoting_hint
 from vmatdose.config import CONFIG_DIR
 from vmatdose.errors import exit_on_input_error
 from vmatdose.evaluation.pipeline import data_source, run_evaluation
 from vmatdose.tracking.console import setup_console
 
 
+@with_quoting_hint
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
 def main(cfg: DictConfig) -> None:
     setup_console()

@@ -12,12 +12,14 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
+from vmatdose.cli_hints import with_quoting_hint
 from vmatdose.config import CONFIG_DIR
 from vmatdose.errors import exit_on_input_error
 from vmatdose.inference.run import run_prediction
 from vmatdose.tracking.console import setup_console
 
 
+@with_quoting_hint
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="predict")
 def main(cfg: DictConfig) -> None:
     setup_console()

@@ -20,6 +20,7 @@ import sys
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from vmatdose.cli_hints import with_quoting_hint
 from vmatdose.config import CONFIG_DIR
 from vmatdose.data.ingest.batch import format_summary
 from vmatdose.data.ingest.sources import failure_line, run_preprocess
@@ -28,6 +29,7 @@ from vmatdose.data.privacy import SaltError
 log = logging.getLogger(__name__)
 
 
+@with_quoting_hint
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="preprocess")
 def main(cfg: DictConfig) -> None:
     log.info("source config:\n%s", OmegaConf.to_yaml(cfg.source))

@@ -138,16 +138,31 @@ class Protocol:
 
     @classmethod
     def load(cls, name: str) -> Protocol:
-        """The protocol ``conf/protocol/<name>.yaml`` (composed with Hydra, so a file that
-        builds on another, like ``prostate_sib3``, is read whole)."""
+        """The protocol ``conf/protocol/<name>.yaml``, read whole (a file that builds on
+        another through its defaults list, like ``prostate_sib3``, is merged onto it).
+
+        Read with OmegaConf, not by composing a Hydra config: this runs inside the Hydra
+        apps (an OpenKBP folder imported by ``predict``), where Hydra's global state is
+        taken."""
         available = available_protocols()
         if name not in available:
             raise ValueError(f"unknown protocol {name!r}; available: {', '.join(available)}")
-        from hydra import compose, initialize_config_dir
+        return cls.from_dict(_protocol_node(name))
 
-        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-            cfg = compose(config_name=f"protocol/{name}")
-        return cls.from_dict(cfg.protocol)
+
+def _protocol_node(name: str):
+    """``conf/protocol/<name>.yaml`` with its defaults list (other protocols, ``_self_``)
+    merged in order, interpolations resolved."""
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.load(Path(CONFIG_DIR) / "protocol" / f"{name}.yaml")
+    defaults = list(node.pop("defaults", None) or ["_self_"])
+    if "_self_" not in defaults:
+        defaults.append("_self_")
+    parts = [node if entry == "_self_" else _protocol_node(str(entry)) for entry in defaults]
+    merged = OmegaConf.merge(*parts)
+    return OmegaConf.to_container(OmegaConf.create({"protocol": merged}).protocol,
+                                  resolve=True)
 
 
 def available_protocols() -> list[str]:

@@ -15,6 +15,7 @@ from omegaconf import DictConfig, open_dict
 
 from vmatdose.config import CONFIG_DIR
 from vmatdose.errors import exit_on_input_error
+from vmatdose.inference.checkpoint import check_resume_checkpoint
 from vmatdose.tracking.console import setup_console
 from vmatdose.workflow import run_training
 
@@ -26,6 +27,8 @@ def main(cfg: DictConfig) -> float | None:
     with open_dict(cfg):
         cfg.paths.output_dir = hydra_cfg.runtime.output_dir
     with exit_on_input_error():
+        if cfg.get("ckpt_path"):  # refused before anything of the run is written
+            check_resume_checkpoint(cfg.ckpt_path, cfg)
         return run_training(cfg, list(hydra_cfg.overrides.task))
 
 

@@ -21,6 +21,16 @@ from vmatdose.errors import InputError
 log = logging.getLogger(__name__)
 
 
+def openkbp_cases_dir(source_dir: str | Path | None, data_dir: str | Path = "data",
+                      cases_dir: str | Path | None = None) -> Path:
+    """Where the case files of an OpenKBP source go: ``cases_dir`` when given, else
+    ``<data_dir>/openkbp/<source folder name>`` (``None``: the default source)."""
+    if cases_dir:
+        return Path(cases_dir)
+    source = Path(source_dir) if source_dir else default_source()
+    return Path(data_dir) / "openkbp" / source.name
+
+
 class OpenKBPDataModule(DoseDataModule):
     """A :class:`DoseDataModule` on OpenKBP patients with the challenge's split.
 
@@ -40,9 +50,8 @@ class OpenKBPDataModule(DoseDataModule):
     def __init__(self, source_dir: str | None = None, data_dir: str = "data",
                  cases_dir: str | None = None, import_workers: int = 2, **kwargs):
         self.source_dir = Path(source_dir) if source_dir else default_source()
-        base = Path(data_dir) / "openkbp"
-        cases = Path(cases_dir) if cases_dir else base / self.source_dir.name
-        self.unpack_dir = base / "source"
+        cases = openkbp_cases_dir(self.source_dir, data_dir, cases_dir)
+        self.unpack_dir = Path(data_dir) / "openkbp" / "source"
         self.import_workers = int(import_workers)
         if kwargs.pop("generator", None) is not None:
             raise InputError("data.generator: OpenKBP cases are imported, not generated; "

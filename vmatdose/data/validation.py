@@ -9,6 +9,7 @@ reported as one line (:class:`CaseSetError`) naming each file and its problem.
 from __future__ import annotations
 
 import logging
+import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,14 +106,43 @@ def spacing_problem(header: CaseHeader, trained: SpacingRange,
 
 
 def read_headers(paths: Sequence[Path]) -> tuple[dict[Path, CaseHeader], dict[Path, str]]:
-    """Headers of the readable case files, and the problem of each unreadable one."""
+    """Headers of the readable case files, and the problem of each unreadable one or one
+    with non-finite CT or dose voxels (:func:`nonfinite_problem`)."""
     headers, problems = {}, {}
     for path in paths:
         try:
-            headers[path] = read_case_header(path)
+            header = read_case_header(path)
+            problem = nonfinite_problem(path)
         except (CaseValidationError, FileNotFoundError) as err:
             problems[path] = _strip_path(str(err), path)
+            continue
+        if problem:
+            problems[path] = problem
+        else:
+            headers[path] = header
     return headers, problems
+
+
+def nonfinite_problem(path: Path) -> str | None:
+    """A phrase when the case file's ``dose`` or (float) ``ct`` holds NaN or inf voxels.
+
+    One pass over the two arrays (decompressed one at a time, the masks are not read), so
+    a bad file is refused before any training, figure or prediction is made.
+    """
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            for name in ("dose", "ct"):
+                if name not in data.files:
+                    continue
+                array = data[name]
+                if not np.issubdtype(array.dtype, np.floating):
+                    continue
+                bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+                if bad:
+                    return f"{name} has {bad} non-finite voxels (NaN/inf)"
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        raise CaseValidationError(f"{path}: unreadable arrays ({err})") from err
+    return None
 
 
 def _strip_path(message: str, path: Path) -> str:

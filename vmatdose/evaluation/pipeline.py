@@ -11,17 +11,17 @@ import logging
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
-import hydra
 import pandas as pd
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
 from vmatdose.data.case import list_case_files, load_case
 from vmatdose.data.datamodule import read_split
+from vmatdose.data.split_listing import split_case_paths
 from vmatdose.data.validation import check_cases
 from vmatdose.errors import InputError
 from vmatdose.evaluation.baseline import StructureMeanBaseline
 from vmatdose.evaluation.suite import EvaluationSettings, run_suite
-from vmatdose.inference.predictions import read_predictions
+from vmatdose.inference.predictions import prediction_path, read_predictions
 from vmatdose.inference.predictor import Predictor
 from vmatdose.protocol import Protocol
 
@@ -78,22 +78,19 @@ def _checkpoint_split(contract, split: str, split_file: str | None
             raise InputError(f"split={split!r}: the checkpoint knows {sorted(contract.split)}")
         return contract.split_paths(split), contract.split_paths("train")
     files = {p.stem: p for p in list_case_files(contract.cases_dir)}
-    ids = read_split(split_file, list(files))
+    try:
+        ids = read_split(split_file, list(files))
+    except ValueError as err:
+        raise InputError(str(err)) from None
     chosen = list(files.values()) if split == "all" else [files[i] for i in ids[split]]
     return chosen, [files[i] for i in ids["train"]]
 
 
 def _config_split(data_cfg: DictConfig, split: str, split_file: str | None
                   ) -> tuple[list[Path], list[Path]]:
-    data_cfg = data_cfg.copy()
-    with open_dict(data_cfg):
-        data_cfg.split_output = None
-        if split_file:
-            data_cfg.split.file = split_file
-    datamodule = hydra.utils.instantiate(data_cfg)
-    datamodule.prepare_data()
-    train = datamodule.paths_of("train") if split != "all" else []
-    return datamodule.paths_of(split), train
+    """The case files of ``split`` of the data config, listed read-only (no import, no
+    generation, no split file written into a folder the user only asked to read)."""
+    return split_case_paths(data_cfg, split, split_file)
 
 
 def evaluate_prediction_folder(predictions_dir: str | Path, data_cfg: DictConfig,
@@ -105,6 +102,11 @@ def evaluate_prediction_folder(predictions_dir: str | Path, data_cfg: DictConfig
     case files (each checked against ``protocol`` first)."""
     paths, train = _config_split(data_cfg, split, split_file)
     check_cases(paths, protocol, list(data_cfg.structures))
+    missing = [p.stem for p in paths if not prediction_path(predictions_dir, p.stem).is_file()]
+    if missing:  # before any case is scored or drawn
+        raise InputError(f"predictions_dir={predictions_dir}: no prediction for {len(missing)} "
+                         f"of the {len(paths)} cases ({', '.join(missing[:5])}"
+                         f"{', ...' if len(missing) > 5 else ''})")
     baseline = fit_baseline(list(data_cfg.structures), train)
     pairs = read_predictions(predictions_dir, paths)
     return evaluate_pairs(pairs, protocol, evaluation, output_dir, baseline, total=len(paths))

@@ -12,6 +12,7 @@ that opens a checkpoint file.
 from __future__ import annotations
 
 import json
+import zipfile
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -204,7 +205,8 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch.load raises a zoo of errors on foreign files
-        raise CheckpointError(f"{path}: not a vmatdose checkpoint ({_load_problem(err)})") from None
+        raise CheckpointError(f"{path}: not a vmatdose checkpoint "
+                              f"({_load_problem(err, path)})") from None
     if not isinstance(raw, Mapping) or CHECKPOINT_KEY not in raw:
         raise CheckpointError(f"{path}: not a vmatdose checkpoint (no {CHECKPOINT_KEY!r} "
                               "contract; a checkpoint of another project?)")
@@ -216,11 +218,54 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     return Checkpoint(path, contract, dict(state))
 
 
-def _load_problem(err: Exception) -> str:
+def _load_problem(err: Exception, path: Path) -> str:
     """A short reason why ``torch.load`` refused a file (its own messages run to pages)."""
     text = str(err)
     if "Weights only load failed" in text:
         return "it holds Python objects that a weights-only load refuses to run"
-    if "inline_container" in text or "data.pkl" in text or "central directory" in text:
-        return "a zip archive, such as an .npz, but not a PyTorch checkpoint"
+    with path.open("rb") as handle:
+        zipped = handle.read(2) == b"PK"
+    if zipped and zipfile.is_zipfile(path):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                pickled = any(n.endswith("data.pkl") for n in archive.namelist())
+        except (zipfile.BadZipFile, OSError):
+            pickled = True
+        if not pickled:
+            return "a zip archive, such as an .npz, but not a PyTorch checkpoint"
+    if zipped:  # a checkpoint's zip with its end cut off or bytes damaged
+        return "a truncated or corrupt checkpoint"
     return f"not a PyTorch checkpoint file: unreadable as one ({type(err).__name__})"
+
+
+def check_resume_checkpoint(path: str | Path, cfg: Mapping) -> CheckpointContract:
+    """Refuse, with one :class:`CheckpointError` line naming ``path``, a checkpoint that
+    training cannot resume with the composed ``cfg``: not a vmatdose checkpoint (crafted,
+    truncated, another project's), or trained under another protocol, structure set or
+    network. The same reading as ``predict`` and ``evaluate`` (:func:`read_checkpoint`)."""
+    checkpoint = read_checkpoint(path)
+    contract = checkpoint.contract
+    protocol = Protocol.from_dict(cfg["protocol"])
+    if contract.protocol.get("name") != protocol.name:
+        raise CheckpointError(f"{path}: trained with protocol {contract.protocol.get('name')!r}; "
+                              f"this run's is {protocol.name!r} (resume with the same protocol "
+                              "and data)")
+    structures = [str(s) for s in cfg["data"]["structures"]]
+    if list(contract.structures) != structures:
+        raise CheckpointError(f"{path}: trained with structure channels {contract.structures}; "
+                              f"this run's are {structures}")
+    trained_net = (contract.config.get("model") or {}).get("net")
+    run_net = cfg["model"].get("net") if isinstance(cfg["model"], Mapping) else None
+    if _plain(trained_net) != _plain(run_net):
+        raise CheckpointError(f"{path}: trained with another network (model.net) than this "
+                              "run's; resume with the checkpoint's model settings")
+    return contract
+
+
+def _plain(cfg: Any) -> Any:
+    """A config node as plain containers (resolved), for comparison."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    if isinstance(cfg, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(cfg, resolve=True)
+    return json.loads(json.dumps(cfg)) if cfg is not None else None

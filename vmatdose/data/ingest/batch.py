@@ -241,6 +241,9 @@ def _collect(results: Iterator[dict], pending: list, summary: dict, progress: bo
                 summary["failed"].append(_entry(case_id, sources[case_id], record_sources,
                                                 error=result["error"], file=result["file"]))
                 log.warning("failed %s: %s", case_id, result["error"])
+                # The folder may name the patient: on the console only (not logged, not in
+                # the summary), so the user can find the broken one.
+                bar.write(f"failed {case_id}: source {sources[case_id]}")
             bar.update()
             bar.set_postfix(ok=len(summary["processed"]), skip=len(summary["skipped"]),
                             fail=len(summary["failed"]))

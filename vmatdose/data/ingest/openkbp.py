@@ -36,6 +36,7 @@ import pandas as pd
 from vmatdose.data.atomic import write_json_atomic
 from vmatdose.data.beams import BeamArrangement, default_arrangement, targets_centroid_mm
 from vmatdose.data.case import Case, list_case_files
+from vmatdose.errors import InputError
 from vmatdose.protocol import Protocol
 
 log = logging.getLogger(__name__)
@@ -58,8 +59,8 @@ def load_protocol(name: str = PROTOCOL) -> Protocol:
     return Protocol.load(name)
 
 
-class OpenKBPFormatError(ValueError):
-    """A patient folder that does not follow the OpenKBP layout."""
+class OpenKBPFormatError(InputError):
+    """A patient folder that does not follow the OpenKBP layout (a ``ValueError``)."""
 
 
 def read_sparse(path: Path, shape: tuple[int, int, int] = GRID_SHAPE,
@@ -91,19 +92,26 @@ def to_canonical(volume: np.ndarray) -> np.ndarray:
 
 
 def import_openkbp_patient(patient_dir: str | os.PathLike, case_id: str | None = None,
-                           protocol: str = PROTOCOL) -> Case:
+                           protocol: str | Protocol = PROTOCOL) -> Case:
     """One OpenKBP patient folder (``pt_N/``) -> :class:`Case` (dose in Gy, CT in HU).
 
     Prescriptions are the protocol's (70/63/56 Gy) for the targets the patient has;
     ``meta["openkbp_split"]`` is the challenge folder above the patient (``train-pats``...).
-    A folder without ``dose.csv`` (a case to predict) gives a case without dose.
+    A folder without ``dose.csv`` (a case to predict) gives a case without dose. A patient
+    without the protocol's required targets is refused (:class:`OpenKBPFormatError`).
     """
     folder = Path(patient_dir)
-    site = load_protocol(protocol)
+    site = protocol if isinstance(protocol, Protocol) else load_protocol(protocol)
     missing = [name for name in REQUIRED_FILES
                if name != "dose.csv" and not (folder / name).is_file()]
     if missing:
         raise OpenKBPFormatError(f"{folder}: not an OpenKBP patient folder, missing {missing}")
+    contoured = [name for name in site.structures if (folder / f"{name}.csv").is_file()]
+    lacking = site.missing_targets(contoured)
+    if lacking:
+        raise OpenKBPFormatError(f"{folder.name}: missing required target "
+                                 f"{', '.join(lacking)} ({site.name} needs "
+                                 f"{site.requirement_text()})")
     spacing_xyz = np.loadtxt(folder / "voxel_dimensions.csv")
     if spacing_xyz.shape != (3,) or np.any(spacing_xyz <= 0):
         raise OpenKBPFormatError(f"{folder / 'voxel_dimensions.csv'}: expected 3 positive "
@@ -273,24 +281,31 @@ def _extract_member(tar: tarfile.TarFile, member: tarfile.TarInfo, dest: Path,
     os.replace(tmp.name, out)
 
 
-def openkbp_cases(folder: str | os.PathLike, output_dir: str | os.PathLike | None = None,
-                  num_workers: int = 1) -> list[Path]:
+def openkbp_cases(folder: str | os.PathLike, output_dir: str | os.PathLike,
+                  protocol: str | Protocol = PROTOCOL, num_workers: int = 1) -> list[Path]:
     """Case files for an OpenKBP folder (``pt_*/`` with or without ``dose.csv``), imported
-    on the fly into ``output_dir`` (a new temporary folder when ``None``).
+    into ``output_dir`` (a folder of the caller's, never ``folder`` itself) with
+    ``protocol`` (a :class:`Protocol` is used as is: nothing is composed).
 
-    For ``python -m vmatdose.predict cases_dir=<OpenKBP folder>``.
+    For ``python -m vmatdose.predict cases_dir=<OpenKBP folder>``. Any patient that fails
+    raises one :class:`OpenKBPFormatError` naming the count and the first failure.
     """
-    output_dir = Path(output_dir) if output_dir else Path(tempfile.mkdtemp(prefix="openkbp_"))
-    jobs = [(f"openkbp_{p.name}", p) for p in find_openkbp_patients(folder)]
     from vmatdose.data.ingest.batch import convert_cases
 
-    summary = convert_cases(jobs, import_openkbp_patient, output_dir, num_workers=num_workers,
-                            progress=False)
+    jobs = [(f"openkbp_{p.name}", p) for p in find_openkbp_patients(folder)]
+    convert = functools.partial(_import_job, protocol=protocol)
+    summary = convert_cases(jobs, convert, output_dir, num_workers=num_workers,
+                            progress="importing OpenKBP patients", record_sources=False)
     if summary.get("failed"):
         first = summary["failed"][0]
-        raise OpenKBPFormatError(f"{folder}: {len(summary['failed'])} patients failed to "
-                                 f"import, first {first.get('case_id')}: {first.get('error')}")
+        raise OpenKBPFormatError(f"{folder}: {len(summary['failed'])} of {len(jobs)} patients "
+                                 f"failed to import, first {first.get('case_id')}: "
+                                 f"{first.get('error')}")
     return list_case_files(output_dir)
+
+
+def _import_job(patient_dir: Path, case_id: str, protocol: str | Protocol) -> Case:
+    return import_openkbp_patient(patient_dir, case_id, protocol)
 
 
 def is_openkbp_folder(folder: str | os.PathLike) -> bool:

@@ -1,0 +1,286 @@
+"""Every command in README.md, run as written on tiny data.
+
+Commands are the lines of the README's fenced code blocks (backslash continuations
+joined, trailing ``# comments`` dropped) and its inline code spans that start with
+``python -m``. Each one must have an entry here: in :data:`SKIPPED` with the reason, or in
+:data:`COMMANDS` with how its placeholders are filled; a README command without an entry
+(or an entry without its command) fails :func:`test_every_readme_command_has_an_entry`.
+
+How a command is run: in one shared workspace folder (``VMATDOSE_ROOT``, so ``data/``,
+``outputs/`` and ``multirun/`` land there), through ``bash -c`` exactly as written after
+the placeholders are filled from :data:`PLACEHOLDERS` (the values are workspace paths);
+``...`` in a command stands for the command above it (:data:`ELLIPSIS`). Commands whose
+documented form trains on the full default data get extra overrides appended (never
+replacing a written token) that make the data tiny: :data:`TINY`.
+
+| placeholder | filled with |
+| --- | --- |
+| ``<ckpt>`` | the ``debug=smoke`` run's ``last.ckpt`` (phantom, prostate_sib); OpenKBP commands: a 2-patient head-and-neck run's |
+| ``<run>`` | ``smoke``: ``outputs/train/runs/smoke/`` holds the smoke run's checkpoints |
+| ``cases_dir=<dir>`` | the smoke run's 4 phantom case files (OpenKBP: a folder of 2 sample patients) |
+| ``output_dir=<dir>``, ``<case dir>`` | a new folder per command |
+| ``<patients dir>``, ``<patients>``, ``<dicom root>``, ``input_dir=<dir>`` | DICOM-RT patient folders written by ``tests/data/dicom_builders.py`` (prostate; head and neck for ``protocol=head_neck``) |
+| ``<time>`` | the sweep folder of ``-m model.optimizer.lr=...`` |
+| ``<sweep dir>`` | the sweep folder of ``-m seed=... experiment=...`` |
+| ``<eval dir or study dir>`` | the smoke run's ``eval/`` |
+
+The sweeps and full-data commands are ``slow`` (still minutes, still CPU); CI runs them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO_ROOT, openkbp_patients
+
+README = REPO_ROOT / "README.md"
+PYTHON_BIN = Path(os.sys.executable).parent
+
+
+def readme_commands(text: str | None = None) -> list[str]:
+    """The commands of the README, in order, each on one line (whitespace collapsed)."""
+    text = README.read_text() if text is None else text
+    commands: list[str] = []
+    for block in re.findall(r"```(?:bash|sh|console)?\n(.*?)```", text, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = re.sub(r"\s+#.*$", "", line).strip()
+            if line and not line.startswith("#"):
+                commands.append(" ".join(line.split()))
+    prose = re.sub(r"```.*?```", "", text, flags=re.S)
+    for span in re.findall(r"`([^`]+)`", prose):
+        if span.startswith("python -m "):
+            commands.append(" ".join(span.split()))
+    return list(dict.fromkeys(commands))
+
+
+SKIPPED = {
+    "make demo": "installs into .venv (network) and trains the full demo; CI runs it as "
+                 "its own job",
+    "make test": "installs into .venv (network) and runs this suite",
+    "make experiments": "installs into .venv (network) first; its command is "
+                        "`python -m vmatdose.compare` (tested here) over outputs/ and multirun/",
+    "python -m vmatdose.train model=unet_founding trainer=gpu": "needs a GPU (trainer=gpu)",
+    "wandb sync outputs/train/runs/<run>/wandb/offline-run-*": "uploads to W&B (network)",
+    "tensorboard --logdir outputs": "starts a web server that runs until stopped",
+    "python -m vmatdose.train -m hydra/launcher=slurm trainer=gpu "
+    "hydra.launcher.partition=gpu hydra.launcher.gpus_per_node=1 "
+    "hydra.launcher.timeout_min=600 hydra.launcher.mem_gb=64 loss=l1,grad_dvh":
+        "needs a SLURM cluster with GPUs",
+    "python -m vmatdose.train trainer=ddp trainer.devices=4": "needs 4 GPUs (trainer=ddp)",
+    "python -m vmatdose.train -m hydra/launcher=slurm trainer=ddp trainer.devices=4 "
+    "trainer.num_nodes=2 hydra.launcher.gpus_per_node=4 hydra.launcher.nodes=2":
+        "needs a SLURM cluster with 2 nodes of 4 GPUs",
+}
+
+#: Appended to commands that train on the full default phantom set: its smoke copy, one
+#: epoch, the fast evaluation.
+TINY = "data.cases_dir={smoke_cases} trainer.max_epochs=1 evaluation=fast"
+#: Appended to ``data=openkbp`` commands: the 2-patient OpenKBP folder.
+TINY_OPENKBP = "data.source_dir={openkbp_src} data.import_workers=1"
+
+#: Placeholder -> workspace value (``str.format`` fields of :class:`Workspace`).
+PLACEHOLDERS = {
+    "ckpt_path=<ckpt>": "ckpt_path={smoke_ckpt}",
+    "cases_dir=<dir>": "cases_dir={smoke_cases}",
+    "output_dir=<dir>": "output_dir={out}",
+    "output_dir=<case dir>": "output_dir={out}",
+    "source_dicom=<patients dir>": "source_dicom={dicom_prostate}",
+    "dicom_dir=<patients>": "dicom_dir={dicom_prostate}",
+    "input_dir=<dicom root>": "input_dir={dicom_prostate}",
+    "input_dir=<dir>": "input_dir={dicom_prostate}",
+    "<run>": "smoke",
+    "multirun/train/<time>": "{lr_sweep}",
+    "<sweep dir>": "{study_sweep}",
+    "<eval dir or study dir>": "{smoke_eval}",
+}
+#: The README's quick check; the workspace runs it once and reuses its run.
+SMOKE = "python -m vmatdose.train debug=smoke"
+#: ``python -m vmatdose.predict ...``: the documented predict command it continues.
+ELLIPSIS = "python -m vmatdose.predict ckpt_path=<ckpt> cases_dir=<dir> output_dir=<dir>"
+
+
+@dataclass
+class Entry:
+    """How one README command runs: ``extra`` overrides appended, ``fill`` placeholders
+    that differ from :data:`PLACEHOLDERS`, ``expect`` paths (format fields) it must
+    write, ``slow`` for the sweeps."""
+
+    extra: str = ""
+    fill: dict[str, str] = field(default_factory=dict)
+    expect: tuple[str, ...] = ()
+    slow: bool = False
+
+
+OPENKBP_FILL = {"ckpt_path=<ckpt>": "ckpt_path={openkbp_ckpt}",
+                "cases_dir=<dir>": "cases_dir={openkbp_src}"}
+
+COMMANDS: dict[str, Entry] = {
+    "python -m vmatdose.train": Entry(TINY, slow=True),
+    "python -m vmatdose.train debug=smoke": Entry(),  # the workspace's own smoke run
+    "python -m vmatdose.train data=openkbp debug=fdr": Entry(TINY_OPENKBP),
+    "python -m vmatdose.train ckpt_path=outputs/train/runs/<run>/checkpoints/last.ckpt":
+        Entry("debug=smoke trainer.max_epochs=2 evaluation=fast"),
+    "python -m vmatdose.evaluate ckpt_path=outputs/train/runs/<run>/checkpoints/last.ckpt":
+        Entry("evaluation=fast"),
+    "python -m vmatdose.evaluate ckpt_path=<ckpt>": Entry("evaluation=fast"),
+    "python -m vmatdose.predict ckpt_path=<ckpt> cases_dir=<dir> output_dir=<dir> "
+    "export_rtdose=true": Entry(expect=("{out}/*_rtdose.dcm",)),
+    "python -m vmatdose.predict ... export_rtdose=true source_dicom=<patients dir>":
+        Entry(fill={"cases_dir=<dir>": "cases_dir={dicom_cases}"}),
+    "python -m vmatdose.predict ckpt_path=<ckpt> cases_dir=<dir> output_dir=<dir> "
+    "export_rtdose=true source_dicom=<patients dir>":
+        Entry(fill={"cases_dir=<dir>": "cases_dir={dicom_cases}"}),
+    "python -m vmatdose.predict ... export_openkbp=true":
+        Entry(fill=OPENKBP_FILL, expect=("{out}/pt_1.csv", "{out}/pt_201.csv")),
+    "python -m vmatdose.predict ckpt_path=<ckpt> cases_dir=<dir> output_dir=<dir> "
+    "export_openkbp=true":
+        Entry(fill=OPENKBP_FILL, expect=("{out}/pt_1.csv", "{out}/pt_201.csv")),
+    "python -m vmatdose.predict ckpt_path=<ckpt> dicom_dir=<patients> output_dir=<dir>":
+        Entry(),
+    "python -m vmatdose.preprocess source=dicom input_dir=<dicom root> output_dir=<case dir>":
+        Entry(expect=("{out}/preprocess_summary.json",)),
+    'export VMATDOSE_ID_SALT=$(python -c "import secrets; print(secrets.token_hex(16))")':
+        Entry(),
+    "python -m vmatdose.preprocess source=dicom protocol=head_neck input_dir=<dir> "
+    "output_dir=<dir>": Entry(fill={"input_dir=<dir>": "input_dir={dicom_head_neck}"},
+                              expect=("{out}/preprocess_summary.json",)),
+    "python -m vmatdose.preprocess source=dicom protocol=prostate_sib input_dir=<dir> "
+    "output_dir=data/clinic": Entry(expect=("data/clinic/preprocess_summary.json",)),
+    "python -m vmatdose.train logger=wandb logger.wandb.project=my-project":
+        Entry(TINY, slow=True),
+    "python -m vmatdose.train -m model.optimizer.lr=1e-3,3e-3 loss=l1,mse":
+        Entry(TINY + " hydra.sweep.dir=multirun/train/lr_sweep", slow=True),
+    "python -m vmatdose.train -m hparams_search=loss_weights hydra.sweeper.n_trials=20":
+        Entry(TINY + " hydra.sweeper.n_trials=2", slow=True),
+    "python -m vmatdose.compare multirun/train/<time> --metric test/gamma_3pct_3mm_pass":
+        Entry(slow=True),
+    "python -m vmatdose.train debug=smoke model.conditioning=film loss=asymmetric_ptv "
+    "loss.weighting=uncertainty": Entry("evaluation=fast"),
+    "python -m vmatdose.calibrate_loss experiment=combined_uncertainty":
+        Entry("data.cases_dir={smoke_cases}",
+              expect=("conf/loss/initial_sigmas/calibrated.yaml",)),
+    "python -m vmatdose.train -m seed=42,123,456 experiment=baseline,combined_uncertainty":
+        Entry(TINY + " hydra.sweep.dir=multirun/train/study", slow=True),
+    "python -m vmatdose.compare <sweep dir> --stats --baseline experiment=baseline":
+        Entry(slow=True),
+    "python -m vmatdose.analyze anatomy <eval dir or study dir>": Entry(),
+}
+
+
+def test_every_readme_command_has_an_entry():
+    commands = readme_commands()
+    assert len(commands) > 20
+    missing = [c for c in commands if c not in COMMANDS and c not in SKIPPED]
+    assert not missing, f"README commands without a test entry: {missing}"
+    stale = [c for c in [*COMMANDS, *SKIPPED] if c not in commands]
+    assert not stale, f"entries for commands the README no longer has: {stale}"
+
+
+def test_extraction_joins_continuations_and_drops_comments():
+    text = ("x\n```bash\n# a comment\npython -m a \\\n    b=1   # note\nmake c\n```\n"
+            "Prose `python -m d e=<f>` and `not a command`.\n")
+    assert readme_commands(text) == ["python -m a b=1", "make c", "python -m d e=<f>"]
+
+
+def fill(command: str, entry: Entry, values: dict[str, str]) -> str:
+    """The command with ``...`` expanded, placeholders filled and ``extra`` appended."""
+    line = command.replace("python -m vmatdose.predict ...", ELLIPSIS)
+    for token, value in sorted({**PLACEHOLDERS, **entry.fill}.items(), key=lambda kv:
+                               -len(kv[0])):
+        line = line.replace(token, value)
+    line = f"{line} {entry.extra}".strip().format(**values)
+    assert "<" not in line and "..." not in line, f"unfilled placeholder in {line!r}"
+    return line
+
+
+@pytest.fixture(scope="session")
+def workspace(tmp_path_factory, openkbp_run):
+    """The folder every README command runs in, with the inputs they name: the smoke run
+    (run by the README's own ``python -m vmatdose.train debug=smoke``), DICOM patients
+    and their case files, the OpenKBP folder and head-and-neck checkpoint."""
+    from dicom_builders import PatientSpec, head_neck_spec, write_patient
+
+    root = tmp_path_factory.mktemp("readme")
+    env = command_env(root)
+    done = run_shell(SMOKE, root, env)
+    assert done.returncode == 0, done.stdout[-3000:]
+    smoke_run = sorted((root / "outputs" / "debug" / "train" / "runs").iterdir())[-1]
+    shutil.copytree(smoke_run / "checkpoints", root / "outputs/train/runs/smoke/checkpoints")
+    for i in range(2):
+        write_patient(root / "dicom_prostate" / f"patient_{i}", PatientSpec())
+    write_patient(root / "dicom_head_neck" / "hn_0", head_neck_spec())
+    dicom_cases = root / "dicom_cases"
+    done = run_shell(f"python -m vmatdose.preprocess source=dicom "
+                     f"input_dir={root / 'dicom_prostate'} output_dir={dicom_cases}", root, env)
+    assert done.returncode == 0, done.stdout[-3000:]
+    values = {"smoke_ckpt": str(smoke_run / "checkpoints" / "last.ckpt"),
+              "smoke_cases": str(root / "data" / "phantom_smoke"),
+              "smoke_eval": str(smoke_run / "eval"),
+              "dicom_prostate": str(root / "dicom_prostate"),
+              "dicom_head_neck": str(root / "dicom_head_neck"),
+              "dicom_cases": str(dicom_cases),
+              "openkbp_src": str(openkbp_patients(root / "openkbp", {
+                  "train-pats": ("pt_1",), "validation-pats": ("pt_201",)})),
+              "openkbp_ckpt": str(openkbp_run[2]),
+              "lr_sweep": str(root / "multirun/train/lr_sweep"),
+              "study_sweep": str(root / "multirun/train/study")}
+    return root, env, values
+
+
+def command_env(root: Path) -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO_ROOT), "VMATDOSE_ROOT": str(root),
+            "VMATDOSE_ID_SALT": "readme-test-salt", "WANDB_MODE": "offline",
+            "HYDRA_FULL_ERROR": "0", "PATH": f"{PYTHON_BIN}:{os.environ.get('PATH', '')}"}
+
+
+def run_shell(line: str, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", "-c", line], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=900)
+
+
+#: Expanded command -> its completed process (a command written twice runs once).
+_RAN: dict[str, subprocess.CompletedProcess] = {}
+
+
+def _params():
+    """Every README command: skipped ones with their reason, slow ones marked."""
+    for command in readme_commands():
+        if command in SKIPPED:
+            yield pytest.param(command, marks=pytest.mark.skip(reason=SKIPPED[command]),
+                               id=command[:70])
+        else:
+            entry = COMMANDS.get(command, Entry())
+            yield pytest.param(command, marks=[pytest.mark.slow] if entry.slow else [],
+                               id=command[:70])
+
+
+# Parametrisation keeps README order: a sweep runs before the comparison of its folder.
+@pytest.mark.parametrize("command", list(_params()))
+def test_readme_command_runs_as_written(command, workspace):
+    root, env, values = workspace
+    if command not in COMMANDS:
+        pytest.fail(f"README command without a test entry: {command}")
+    entry = COMMANDS[command]
+    if command == SMOKE:
+        return  # run by the workspace fixture, which checks it
+    # A command written twice (a code block and the prose, or with `...`) runs once.
+    template = fill(command, entry, {**values, "out": "{out}"})
+    slug = hashlib.sha1(template.encode()).hexdigest()[:12]
+    values = {**values, "out": str(root / "out" / slug)}
+    line = template.replace("{out}", values["out"])
+    if template not in _RAN:
+        _RAN[template] = run_shell(line, root, env)
+    done = _RAN[template]
+    assert done.returncode == 0, f"{line}\n{done.stdout[-4000:]}"
+    assert "Traceback" not in done.stdout, done.stdout[-4000:]
+    for pattern in entry.expect:
+        assert list(root.glob(pattern.format(**values).removeprefix(f"{root}/"))), \
+            f"{line}: wrote no {pattern}"
