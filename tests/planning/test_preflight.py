@@ -7,17 +7,18 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import make_box_case
 
 from vmatdose.data.beams import BeamArrangement
 from vmatdose.data.case import save_case
 from vmatdose.errors import InputError
 from vmatdose.inference.predictions import save_prediction
 from vmatdose.planning.engine import INSTALL_COMMAND, PlanningEngineMissing, require_pyradplan
-from vmatdose.planning.preflight import estimate_bixels
+from vmatdose.planning.preflight import check_cases, estimate_bixels
 from vmatdose.planning.run import run_planning
 from vmatdose.planning.settings import PlanSettings
 from vmatdose.protocol import Protocol
+
+from conftest import make_box_case
 
 
 @pytest.fixture(scope="module")
@@ -71,9 +72,13 @@ def test_case_without_targets_is_refused(tmp_path, prostate):
 
 def test_grid_too_large_for_the_memory_limit(tmp_path, prostate):
     cases_dir, pred_dir = _write(tmp_path, [make_box_case(case_id="big")])
-    with pytest.raises(InputError, match=r"case 'big' .*GB .*memory_limit_gb=0\.5"):
+    [job] = check_cases([cases_dir / "big.npz"], pred_dir, Protocol.from_dict(prostate),
+                        PlanSettings())
+    assert 1.0 < job.estimated_gb < 2.0  # the defaults fit
+    with pytest.raises(InputError, match=r"case 'big' .*GB .*memory_limit_gb=16"):
         run_planning(_cfg(prostate, cases_dir, pred_dir, tmp_path / "out",
-                          dose_grid_mm=1.0, bixel_width_mm=1.0, memory_limit_gb=0.5))
+                          dose_grid_mm=1.0, bixel_width_mm=1.0))
+    assert not (tmp_path / "out").exists()
 
 
 def test_protocol_mismatch_and_output_over_inputs(tmp_path, prostate):
