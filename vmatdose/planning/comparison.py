@@ -115,7 +115,7 @@ def three_dvh_figure(case: Case, doses: Mapping[str, np.ndarray | None],
         for name, gy in case.prescriptions_gy.items():
             ax.axvline(gy, color=colours.get(name, "black"), lw=0.8, alpha=0.5)
         handles, labels = ax.get_legend_handles_labels()
-        handles += [Line2D([], [], color="grey", ls=_STYLES[k]) for k in present]
+        handles += [Line2D([], [], color="black", ls=_STYLES[k]) for k in present]
         labels += [k for k in present]
         ax.set(xlabel="dose (Gy)", ylabel="volume (%)", ylim=(0, 102), xlim=(0, bins[-1]),
                title=f"{case.case_id}: reference, prediction and deliverable plan")
