@@ -6,7 +6,8 @@ The memory estimate needs no planning engine: the bixel count is the number of
 the dose influence matrix keeps per bixel about the dose-grid voxels of a cylinder of
 :data:`CORE_RADIUS_MM` along the body's equivalent diameter, at :data:`BYTES_PER_ENTRY`,
 and the engine's assembly holds up to :data:`ASSEMBLY_FACTOR` copies of it at its peak.
-(Measured on OpenKBP pt_201: 2.7 GB peak at 5 mm grid and bixels, estimate 3.2 GB.)
+(Measured at 5 mm grid and bixels: OpenKBP pt_201 2.7 GB peak, estimate 4.5 GB; the
+36-beam phantom 4.0 GB, estimate 3.8 GB.)
 """
 
 from __future__ import annotations
@@ -25,10 +26,10 @@ from vmatdose.planning.arrangement import case_arrangement, case_targets
 from vmatdose.planning.settings import PlanSettings
 from vmatdose.protocol import Protocol
 
-#: Radius (mm) of the cylinder whose dose-grid voxels stand for one bixel's entries:
-#: fitted to the engine's matrices on an OpenKBP patient (8600 entries per bixel at 5 mm,
-#: 2060 at 8 mm; the engine keeps all entries within 20 mm and a sample further out).
-CORE_RADIUS_MM = 33.0
+#: Radius (mm) of the cylinder whose dose-grid voxels stand for one bixel's entries,
+#: fitted to the engine's matrices at 5 mm: an OpenKBP patient (8600 entries per bixel)
+#: and the pelvic phantom (14400); it errs on the safe side for the first.
+CORE_RADIUS_MM = 45.0
 #: float64 value + int32 row index of a sparse (CSC) entry.
 BYTES_PER_ENTRY = 12
 #: Peak copies of the matrix while the engine assembles it (measured about 1.5; kept
