@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -155,7 +156,10 @@ def plan_case(case: Case, pred_gy: np.ndarray, arrangement: BeamArrangement,
 
     logging.getLogger("pyRadPlan").setLevel(logging.WARNING)  # it logs every iteration
     seconds: dict[str, float] = {}
-    with PeakRSS() as rss, engine_progress(settings.progress):
+    with PeakRSS() as rss, engine_progress(settings.progress), warnings.catch_warnings():
+        # the engine's ray tracer divides by zero for rays parallel to a grid axis and
+        # handles the infinities; its RuntimeWarnings say nothing to a user
+        warnings.simplefilter("ignore", RuntimeWarning)
         start = time.perf_counter()
         ct = build_ct(case)
         cst = build_structure_set(case, ct)
