@@ -16,6 +16,7 @@ Modules, one concept each:
 * :mod:`.settings`: the planning settings (dose grid, bixel width, sparsity cut-off,
   objective weights, memory limit) from the config;
 * :mod:`.engine`: the optional pyRadPlan import and its install message;
+* :mod:`.arrangement`: the case's beams (recorded, or the protocol's default);
 * :mod:`.preflight`: every case checked (prediction, targets, protocol, memory estimate)
   before any optimisation starts;
 * :mod:`.patient`: a case as pyRadPlan's CT and structure set;
