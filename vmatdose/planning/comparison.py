@@ -1,0 +1,125 @@
+"""Three doses of one case side by side: the reference plan, the prediction and the
+deliverable plan made from the prediction.
+
+* clinical criteria: each protocol constraint's value and met / not met for the three;
+* DVH points (OpenKBP's: D99, D95, D1 of targets; D0.1cc, Dmean of organs) of the three;
+* how far the deliverable is from the prediction: OpenKBP dose score and DVH score with
+  the prediction as reference, and the gamma pass rate (deliverable evaluated against
+  the prediction, global, within the body, low-dose cut-off of the prediction's max);
+* a DVH figure with all three (reference solid, prediction dashed, deliverable dotted).
+
+A case without a reference dose gets NaN (and ``None`` for met) in the reference columns.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+
+from vmatdose.data.case import Case  # noqa: E402
+from vmatdose.evaluation.constraints import Constraint  # noqa: E402
+from vmatdose.evaluation.figures import FONT, structure_colours  # noqa: E402
+from vmatdose.evaluation.openkbp_scores import dose_score, dvh_entries, dvh_errors  # noqa: E402
+from vmatdose.metrics.dvh import cumulative_dvh  # noqa: E402
+from vmatdose.metrics.gamma import gamma_index, pass_rate_from_gamma  # noqa: E402
+
+DOSES = ("reference", "prediction", "deliverable")
+_STYLES = {"reference": "-", "prediction": "--", "deliverable": ":"}
+
+
+def three_doses(case: Case, pred_gy: np.ndarray, deliverable_gy: np.ndarray
+                ) -> dict[str, np.ndarray | None]:
+    return {"reference": case.dose, "prediction": pred_gy, "deliverable": deliverable_gy}
+
+
+def criteria_rows(case: Case, doses: Mapping[str, np.ndarray | None],
+                  constraints: Sequence[Constraint]) -> list[dict]:
+    """One row per constraint: ``<dose>_value`` and ``<dose>_met`` for the three doses."""
+    rows = []
+    for c in constraints:
+        row: dict = {"case_id": case.case_id, "criterion": c.label}
+        for name, dose in doses.items():
+            value = c.value(case, dose) if dose is not None else float("nan")
+            row[f"{name}_value"] = value
+            row[f"{name}_met"] = c.passes(value)
+        rows.append(row)
+    return rows
+
+
+def dvh_point_rows(case: Case, doses: Mapping[str, np.ndarray | None],
+                   targets: Sequence[str]) -> list[dict]:
+    """One row per OpenKBP DVH point (``structure``, ``metric``) with its value in Gy for
+    each of the three doses."""
+    values = {name: dvh_entries(case, dose, targets) for name, dose in doses.items()
+              if dose is not None}
+    keys = next(iter(values.values())).keys() if values else []
+    rows = []
+    for key in keys:
+        structure, metric = key.split("/")
+        rows.append({"case_id": case.case_id, "structure": structure, "metric": metric,
+                     **{f"{name}_gy": values[name][key] if name in values else float("nan")
+                        for name in doses}})
+    return rows
+
+
+def distance_metrics(case: Case, pred_gy: np.ndarray, deliverable_gy: np.ndarray,
+                     targets: Sequence[str], gamma: Mapping) -> dict[str, float]:
+    """Deliverable vs prediction (dose score, DVH score, gamma pass rate %), and both vs
+    the reference plan's dose (dose scores) when the case has one."""
+    as_reference = dataclasses.replace(case, dose=np.asarray(pred_gy, np.float32))
+    errors = dvh_errors(as_reference, deliverable_gy, targets)
+    gamma_map = gamma_index(pred_gy.astype(np.float32), deliverable_gy.astype(np.float32),
+                            case.spacing_mm, dose_percent=float(gamma["dose_percent"]),
+                            distance_mm=float(gamma["distance_mm"]),
+                            lower_percent_dose_cutoff=float(gamma["cutoff_percent"]),
+                            mask=case.body > 0)
+    label = f"gamma_{gamma['dose_percent']:g}pct_{gamma['distance_mm']:g}mm"
+    out = {"deliverable_vs_prediction_dose_score_gy": dose_score(as_reference, deliverable_gy),
+           "deliverable_vs_prediction_dvh_score_gy": float(np.mean(errors)) if errors
+           else float("nan"),
+           f"deliverable_vs_prediction_{label}_pass": pass_rate_from_gamma(gamma_map)}
+    has_ref = case.dose is not None
+    out["prediction_vs_reference_dose_score_gy"] = dose_score(case, pred_gy) if has_ref \
+        else float("nan")
+    out["deliverable_vs_reference_dose_score_gy"] = dose_score(case, deliverable_gy) \
+        if has_ref else float("nan")
+    return out
+
+
+def three_dvh_figure(case: Case, doses: Mapping[str, np.ndarray | None],
+                     targets: Sequence[str]) -> plt.Figure:
+    """Cumulative DVHs of every structure for the three doses."""
+    with plt.rc_context(FONT):
+        names = [s for s in case.structures if case.mask(s).any()]
+        names = [s for s in names if s in targets] + [s for s in names if s not in targets]
+        colours = structure_colours(names, targets)
+        present = {k: v for k, v in doses.items() if v is not None}
+        top = max(float(np.max(v)) for v in present.values())
+        bins = np.linspace(0.0, top * 1.02 + 1e-6, 256)
+        fig, ax = plt.subplots(figsize=(9.5, 5.2), constrained_layout=True)
+        masks = np.stack([case.mask(s) for s in names])
+        for kind, dose in present.items():
+            _, volume = cumulative_dvh(np.asarray(dose, np.float64), masks, bins=bins,
+                                       unit="percent")
+            for i, name in enumerate(names):
+                ax.plot(bins, volume[i], color=colours[name], ls=_STYLES[kind],
+                        lw=2.2 if name in targets else 1.4,
+                        label=name if kind == next(iter(present)) else None)
+        for name, gy in case.prescriptions_gy.items():
+            ax.axvline(gy, color=colours.get(name, "black"), lw=0.8, alpha=0.5)
+        handles, labels = ax.get_legend_handles_labels()
+        handles += [Line2D([], [], color="black", ls=_STYLES[k]) for k in present]
+        labels += [k for k in present]
+        ax.set(xlabel="dose (Gy)", ylabel="volume (%)", ylim=(0, 102), xlim=(0, bins[-1]),
+               title=f"{case.case_id}: reference, prediction and deliverable plan")
+        ax.grid(alpha=0.3)
+        ax.legend(handles, labels, loc="center left", bbox_to_anchor=(1.01, 0.5),
+                  frameon=False)
+    return fig

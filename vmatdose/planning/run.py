@@ -1,0 +1,188 @@
+"""``python -m vmatdose.plan`` as a library function: check every case, then plan each.
+
+Writes into ``output_dir``:
+
+* ``<case_id>.npz``: the deliverable dose on the case grid (the prediction-file format,
+  so ``python -m vmatdose.evaluate predictions_dir=<output_dir>`` scores it too);
+* ``<case_id>_rtdose.dcm``: the same as DICOM RTDOSE (``export_rtdose=true``);
+* ``<case_id>/``: ``fluence.npz`` and ``fluence.png`` (per-beam fluence maps),
+  ``dvh.png`` (reference, prediction, deliverable), ``criteria.csv``, ``dvh_points.csv``
+  and ``summary.json`` (distances, time, memory);
+* ``plan_summary.csv`` (one row per case), ``criteria.csv`` and ``dvh_points.csv`` (all
+  cases).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from vmatdose.data.case import Case, list_case_files, load_case
+from vmatdose.errors import InputError
+from vmatdose.evaluation.constraints import Constraint, parse_constraints
+from vmatdose.evaluation.figures import save_figure
+from vmatdose.inference.predictions import load_prediction, save_prediction
+from vmatdose.planning.arrangement import case_targets
+from vmatdose.planning.comparison import (
+    criteria_rows,
+    distance_metrics,
+    dvh_point_rows,
+    three_doses,
+    three_dvh_figure,
+)
+from vmatdose.planning.engine import require_pyradplan
+from vmatdose.planning.fluence import fluence_figure, save_fluence_arrays
+from vmatdose.planning.optimise import PlannedCase, plan_case
+from vmatdose.planning.preflight import PlanJob, check_cases
+from vmatdose.planning.settings import PlanSettings
+from vmatdose.protocol import Protocol
+
+log = logging.getLogger(__name__)
+
+DEFAULT_GAMMA = {"dose_percent": 3.0, "distance_mm": 3.0, "cutoff_percent": 10.0}
+
+
+def _folders(cfg: Mapping) -> tuple[Path, Path | None, Path]:
+    if bool(cfg.get("ckpt_path")) == bool(cfg.get("predictions_dir")):
+        raise InputError("give exactly one of predictions_dir=<folder of predicted doses> or "
+                         "ckpt_path=<checkpoint> (to predict first)")
+    if not cfg.get("cases_dir") or not cfg.get("output_dir"):
+        raise InputError("plan needs cases_dir=<case files> and output_dir=<folder>")
+    cases_dir, output_dir = Path(cfg["cases_dir"]), Path(cfg["output_dir"])
+    predictions = Path(cfg["predictions_dir"]) if cfg.get("predictions_dir") else None
+    for name, folder in (("cases_dir", cases_dir), ("predictions_dir", predictions)):
+        if folder is not None and folder.resolve() == output_dir.resolve():
+            raise InputError(f"output_dir={output_dir} is the {name}: plan writes its "
+                             "deliverable doses elsewhere, give another output_dir")
+    return cases_dir, predictions, output_dir
+
+
+def _predict_first(cfg: Mapping, output_dir: Path) -> Path:
+    """Predict every case with ``cfg.ckpt_path`` into ``output_dir/predictions``."""
+    from vmatdose.inference.run import run_prediction
+
+    folder = output_dir / "predictions"
+    run_prediction({"ckpt_path": cfg["ckpt_path"], "cases_dir": cfg["cases_dir"],
+                    "output_dir": str(folder), "accelerator": cfg.get("accelerator", "auto"),
+                    "spacing_mismatch": cfg.get("spacing_mismatch", "resample")})
+    return folder
+
+
+def run_planning(cfg: Mapping) -> pd.DataFrame:
+    """Plan every case of ``cfg.cases_dir`` from its prediction; return the summary table.
+
+    Keys: ``cases_dir``, ``output_dir``, ``predictions_dir`` or ``ckpt_path``, ``protocol``
+    (a protocol config), ``planning`` (:class:`PlanSettings`), ``gamma``
+    (``dose_percent``, ``distance_mm``, ``cutoff_percent``), ``export_rtdose``.
+    """
+    settings = PlanSettings.from_config(cfg.get("planning"))
+    protocol = Protocol.from_dict(cfg["protocol"])
+    gamma = {**DEFAULT_GAMMA, **dict(cfg.get("gamma") or {})}
+    cases_dir, predictions_dir, output_dir = _folders(cfg)
+    paths = list_case_files(cases_dir)
+    if not paths:
+        raise InputError(f"{cases_dir}: no case files (*.npz) to plan")
+    if predictions_dir is None:
+        require_pyradplan()  # before spending time on predictions
+        predictions_dir = _predict_first(cfg, output_dir)
+    jobs = check_cases(paths, predictions_dir, protocol, settings)
+    require_pyradplan()
+    constraints = parse_constraints(protocol.constraints)
+    rows, criteria, points = [], [], []
+    for job in tqdm(jobs, desc="plan", unit="case", disable=not settings.progress):
+        row, case_criteria, case_points = plan_one(job, constraints, settings, gamma,
+                                                   output_dir, bool(cfg.get("export_rtdose")))
+        rows.append(row)
+        criteria += case_criteria
+        points += case_points
+        print(_case_line(row), flush=True)
+    table = pd.DataFrame(rows)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    table.to_csv(output_dir / "plan_summary.csv", index=False)
+    pd.DataFrame(criteria).to_csv(output_dir / "criteria.csv", index=False)
+    pd.DataFrame(points).to_csv(output_dir / "dvh_points.csv", index=False)
+    return table
+
+
+def plan_one(job: PlanJob, constraints: list[Constraint], settings: PlanSettings,
+             gamma: Mapping, output_dir: Path, export_rtdose: bool
+             ) -> tuple[dict, list[dict], list[dict]]:
+    """Plan one checked case and write its outputs; its summary row, criteria and DVH
+    point rows."""
+    case = load_case(job.case_path)
+    pred, _ = load_prediction(job.prediction_path, case)
+    planned = plan_case(case, pred, job.arrangement, constraints, settings)
+    planned.release()
+    return write_case_outputs(case, pred, planned, job, constraints, settings, gamma,
+                              output_dir, export_rtdose)
+
+
+def write_case_outputs(case: Case, pred: np.ndarray, planned: PlannedCase, job: PlanJob,
+                       constraints: list[Constraint], settings: PlanSettings,
+                       gamma: Mapping, output_dir: Path, export_rtdose: bool
+                       ) -> tuple[dict, list[dict], list[dict]]:
+    """Every per-case file of :mod:`.run`; returns the rows for the run's tables."""
+    folder = output_dir / case.case_id
+    folder.mkdir(parents=True, exist_ok=True)
+    dose = np.maximum(planned.dose_gy, 0.0)
+    save_prediction(case, dose, None, output_dir / f"{case.case_id}.npz")
+    if export_rtdose:
+        from vmatdose.data.export.rtdose import write_rtdose
+
+        write_rtdose(dose, case, output_dir / f"{case.case_id}_rtdose.dcm")
+    save_fluence_arrays(planned.beams, settings.bixel_width_mm, folder / "fluence.npz")
+    save_figure(fluence_figure(planned.beams, settings.bixel_width_mm,
+                               f"{case.case_id}: optimised fluence per beam"),
+                folder / "fluence", dpi=120)
+    targets = case_targets(case)
+    doses = three_doses(case, pred, dose)
+    save_figure(three_dvh_figure(case, doses, targets), folder / "dvh", dpi=120)
+    criteria = criteria_rows(case, doses, constraints)
+    points = dvh_point_rows(case, doses, targets)
+    pd.DataFrame(criteria).to_csv(folder / "criteria.csv", index=False)
+    pd.DataFrame(points).to_csv(folder / "dvh_points.csv", index=False)
+    row = summary_row(case, pred, dose, planned, job, criteria, targets, gamma)
+    (folder / "summary.json").write_text(json.dumps(row, indent=2, default=float) + "\n")
+    return row, criteria, points
+
+
+def summary_row(case: Case, pred: np.ndarray, dose: np.ndarray, planned: PlannedCase,
+                job: PlanJob, criteria: list[dict], targets: list[str],
+                gamma: Mapping) -> dict:
+    """One row of ``plan_summary.csv``."""
+    primary = targets[0]
+    mask = case.mask(primary) > 0
+    row: dict = {"case_id": case.case_id, "n_beams": len(planned.beams),
+                 "n_bixels": planned.n_bixels, "estimated_bixels": job.estimated_bixels,
+                 "dij_nonzeros": planned.dij_nonzeros,
+                 "dose_grid": "x".join(str(n) for n in planned.dose_grid_shape),
+                 "iterations": planned.iterations,
+                 **{f"seconds_{k}": round(v, 2) for k, v in planned.seconds.items()},
+                 "peak_rss_gb": round(planned.peak_rss_gb, 3),
+                 "estimated_peak_gb": round(job.estimated_gb, 3),
+                 "primary_target": primary,
+                 "deliverable_median_primary_gy": float(np.median(dose[mask])),
+                 "prescription_primary_gy": case.prescriptions_gy[primary]}
+    for kind in ("reference", "prediction", "deliverable"):
+        met = [r[f"{kind}_met"] for r in criteria if r[f"{kind}_met"] is not None]
+        row[f"{kind}_criteria_met"] = int(sum(met))
+        row[f"{kind}_criteria_evaluable"] = len(met)
+    row.update(distance_metrics(case, pred, dose, targets, gamma))
+    row["penalties"] = "; ".join(planned.penalties)
+    return row
+
+
+def _case_line(row: Mapping) -> str:
+    gamma = next(v for k, v in row.items() if k.endswith("_pass"))
+    return (f"{row['case_id']}: criteria met reference {row['reference_criteria_met']}/"
+            f"{row['reference_criteria_evaluable']}, deliverable "
+            f"{row['deliverable_criteria_met']}/{row['deliverable_criteria_evaluable']}; "
+            f"deliverable vs prediction: dose score "
+            f"{row['deliverable_vs_prediction_dose_score_gy']:.2f} Gy, gamma {gamma:.1f} %; "
+            f"{row['seconds_total']:.0f} s, peak {row['peak_rss_gb']:.2f} GB")
