@@ -33,7 +33,7 @@ def _hint(key: str, value: str) -> str:
 
 
 def with_quoting_hint(app: Callable) -> Callable:
-    """Wrap a ``@hydra.main`` app: when it exits with an error and the command line holds
+    """Wrap a Hydra main function: when it exits with an error and the command line holds
     an unquoted path, print :func:`quoting_hint` after Hydra's message."""
 
     @functools.wraps(app)

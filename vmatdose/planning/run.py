@@ -26,7 +26,7 @@ from tqdm import tqdm
 from vmatdose.data.case import Case, list_case_files, load_case
 from vmatdose.errors import InputError
 from vmatdose.evaluation.constraints import Constraint, parse_constraints
-from vmatdose.evaluation.figures import save_figure
+from vmatdose.plot_style import save_figure
 from vmatdose.inference.predictions import load_prediction, save_prediction
 from vmatdose.planning.arrangement import case_targets
 from vmatdose.planning.comparison import (
