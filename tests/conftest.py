@@ -127,7 +127,7 @@ def openkbp_run(tmp_path_factory):
     the tests that need a head_neck checkpoint: ``(root, source folder, last.ckpt)``."""
     from hydra import compose, initialize_config_dir
 
-    from vmatdose.training.fit import run_training
+    from vmatdose.workflow import run_training
 
     root = tmp_path_factory.mktemp("openkbp_trained")
     source = openkbp_patients(root / "source", {"train-pats": ("pt_1",),

@@ -61,7 +61,18 @@ def readme_commands(text: str | None = None) -> list[str]:
     return list(dict.fromkeys(commands))
 
 
+_PLAN = ("needs the optional planning extra (pyRadPlan pins numpy < 2.4, so CI does not "
+         "install it); tests/planning runs the planner when it is installed and checks the "
+         "missing-extra message when it is not")
 SKIPPED = {
+    'pip install -e ".[plan]"': "installs the optional planning extra (network, ~1.2 GB)",
+    "python -m vmatdose.plan predictions_dir=<dir> cases_dir=<dir> output_dir=<dir> "
+    "protocol=head_neck": _PLAN,
+    "python -m vmatdose.plan ckpt_path=<ckpt> cases_dir=<dir> output_dir=<dir> "
+    "protocol=head_neck": _PLAN,
+    "python -m vmatdose.plan": _PLAN,
+    "python -m vmatdose.evaluate predictions_dir=<output_dir>": "scores a planning run's "
+        "deliverable doses, " + _PLAN,
     "make demo": "installs into .venv (network) and trains the full demo; CI runs it as "
                  "its own job",
     "make test": "installs into .venv (network) and runs this suite",
