@@ -149,3 +149,15 @@ def test_an_arc_is_thinned_to_max_beams_equally_spaced_control_points():
     angles = traced_gantry_deg(arc, 36)
     assert len(angles) == 36 and angles[0] == 0.0 and angles[-1] == 358.0
     assert traced_gantry_deg(BeamArrangement((0.0, 40.0), (0.0, 0.0), (0, 0, 0)), 36) == [0.0, 40.0]
+
+
+def test_non_coplanar_beams_are_traced_coplanar_and_said_once(caplog):
+    ct, body, target = water_cube()
+    prior = PriorDosed(["PTV70"], {"PTV70": 70.0}, 70.0, {"kind": "beams"}, NINE)
+    tilted = BeamArrangement((0.0, 180.0), (10.0, 0.0), (0.0, 0.0, 0.0)).to_meta()
+    flat = BeamArrangement((0.0, 180.0), (0.0, 0.0), (0.0, 0.0, 0.0)).to_meta()
+    with caplog.at_level(logging.WARNING, logger="vmatdose.data.prior"):
+        first = prior(_sample(ct, body, target[None], beams=tilted))["prior"]
+        prior(_sample(ct, body, target[None], beams=tilted))
+    assert sum("couch" in r.getMessage() for r in caplog.records) == 1
+    torch.testing.assert_close(first, prior(_sample(ct, body, target[None], beams=flat))["prior"])

@@ -49,6 +49,10 @@ class BeamModelParams:
     scatter_sigma_mm: float = 4.0
 
 
+#: The 6 MV defaults every user of the model starts from.
+DEFAULT_PARAMS = BeamModelParams()
+
+
 def relative_electron_density(hu: np.ndarray) -> np.ndarray:
     """Piecewise-linear HU -> electron density relative to water (air 0, bone ~1.6)."""
     return np.interp(hu, [-1000.0, 0.0, 100.0, 1600.0], [0.0, 1.0, 1.07, 1.9])
@@ -132,7 +136,7 @@ def radiological_depth_mm(density_frames: torch.Tensor, pixel_mm: float) -> torc
 
 
 def depth_dose(radiological_depth: torch.Tensor, inside: torch.Tensor,
-               params: BeamModelParams = BeamModelParams()) -> torch.Tensor:
+               params: BeamModelParams = DEFAULT_PARAMS) -> torch.Tensor:
     """Relative dose on the beam axis: build-up x exponential attenuation, zero where
     ``inside`` is 0 (same shapes)."""
     buildup = 1.0 - 0.7 * torch.exp(-radiological_depth / params.buildup_mm)
@@ -140,7 +144,7 @@ def depth_dose(radiological_depth: torch.Tensor, inside: torch.Tensor,
 
 
 def open_leaves(projection: torch.Tensor, pixel_mm: tuple[float, float],
-                params: BeamModelParams = BeamModelParams()) -> torch.Tensor:
+                params: BeamModelParams = DEFAULT_PARAMS) -> torch.Tensor:
     """Beam's-eye-view apertures (B, Z, U) bool: the target ``projection`` (B, Z, U)
     grown by the aperture margin (Euclidean, in mm, ``pixel_mm`` = (dz, du)) within each
     beam."""
@@ -150,7 +154,7 @@ def open_leaves(projection: torch.Tensor, pixel_mm: tuple[float, float],
 
 
 def penumbra(fluence: torch.Tensor, pixel_mm: tuple[float, float],
-             params: BeamModelParams = BeamModelParams()) -> torch.Tensor:
+             params: BeamModelParams = DEFAULT_PARAMS) -> torch.Tensor:
     """Gaussian penumbra on (B, Z, U) fluence maps (``pixel_mm`` = (dz, du))."""
     sigmas = (0.0, *(params.penumbra_sigma_mm / p for p in pixel_mm))
     arr = ndimage.gaussian_filter(fluence.numpy(), sigma=sigmas, mode="constant")
@@ -158,14 +162,14 @@ def penumbra(fluence: torch.Tensor, pixel_mm: tuple[float, float],
 
 
 def scatter(dose: np.ndarray, spacing_mm: Sequence[float],
-            params: BeamModelParams = BeamModelParams()) -> np.ndarray:
+            params: BeamModelParams = DEFAULT_PARAMS) -> np.ndarray:
     """Lateral scatter: (Z, Y, X) dose blurred by a Gaussian of ``scatter_sigma_mm``."""
     return ndimage.gaussian_filter(dose, [params.scatter_sigma_mm / s for s in spacing_mm],
                                    mode="constant")
 
 
 def field_margin_mm(spacing_mm: Sequence[float],
-                    params: BeamModelParams = BeamModelParams()) -> float:
+                    params: BeamModelParams = DEFAULT_PARAMS) -> float:
     """Lateral extent (mm) a field needs beyond its target: aperture margin + penumbra."""
     return 3 * max(params.penumbra_sigma_mm, spacing_mm[1], spacing_mm[2]) + \
         params.aperture_margin_mm

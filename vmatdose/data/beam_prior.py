@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from vmatdose.data.beam_model import (
+    DEFAULT_PARAMS,
     BeamGeometry,
     BeamModelParams,
     depth_dose,
@@ -63,7 +64,7 @@ def traced_gantry_deg(arrangement: BeamArrangement,
 def beam_prior_dose(ct_hu: np.ndarray, body: np.ndarray, masks: np.ndarray,
                     levels: Sequence[float], spacing_mm: Sequence[float],
                     origin_mm: Sequence[float], arrangement: BeamArrangement,
-                    params: BeamModelParams = BeamModelParams(),
+                    params: BeamModelParams = DEFAULT_PARAMS,
                     max_beams: int = DEFAULT_MAX_BEAMS) -> np.ndarray:
     """(Z, Y, X) float32 prior dose in the units of ``levels`` (module docstring).
 

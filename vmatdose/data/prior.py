@@ -142,6 +142,7 @@ class PriorDosed(MapTransform):
         self.max_beams = int(cfg.get("max_beams", DEFAULT_MAX_BEAMS))
         self.default_beams = dict(default_beams) if default_beams else None
         self._announced = False
+        self._said_couch = False
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         out = dict(data)
@@ -168,7 +169,12 @@ class PriorDosed(MapTransform):
                     origin: np.ndarray, case_id: object) -> BeamArrangement:
         """The case's own beams, else the protocol's default (said once per run)."""
         if beams:
-            return BeamArrangement.from_meta(beams)
+            arrangement = BeamArrangement.from_meta(beams)
+            if not arrangement.coplanar and not self._said_couch:
+                log.warning("beam prior: case %s has couch angles other than 0; the prior "
+                            "traces its beams as coplanar (said once)", case_id)
+                self._said_couch = True
+            return arrangement
         if not self.default_beams:
             raise ValueError(f"case {case_id}: no beam arrangement (meta['beams']) and no "
                              "protocol default (protocol.beams) for data.prior_dose.kind=beams")

@@ -26,10 +26,10 @@ from matplotlib.lines import Line2D  # noqa: E402
 from vmatdose.data.case import Case  # noqa: E402
 from vmatdose.evaluation.constraints import Constraint  # noqa: E402
 from vmatdose.evaluation.figures import structure_colours  # noqa: E402
-from vmatdose.plot_style import FONT  # noqa: E402
 from vmatdose.evaluation.openkbp_scores import dose_score, dvh_entries, dvh_errors  # noqa: E402
 from vmatdose.metrics.dvh import cumulative_dvh  # noqa: E402
 from vmatdose.metrics.gamma import gamma_index, pass_rate_from_gamma  # noqa: E402
+from vmatdose.plot_style import FONT  # noqa: E402
 
 DOSES = ("reference", "prediction", "deliverable")
 _STYLES = {"reference": "-", "prediction": "--", "deliverable": ":"}

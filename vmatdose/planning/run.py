@@ -26,7 +26,6 @@ from tqdm import tqdm
 from vmatdose.data.case import Case, list_case_files, load_case
 from vmatdose.errors import InputError
 from vmatdose.evaluation.constraints import Constraint, parse_constraints
-from vmatdose.plot_style import save_figure
 from vmatdose.inference.predictions import load_prediction, save_prediction
 from vmatdose.planning.arrangement import case_targets
 from vmatdose.planning.comparison import (
@@ -41,6 +40,7 @@ from vmatdose.planning.fluence import fluence_figure, save_fluence_arrays
 from vmatdose.planning.optimise import PlannedCase, plan_case
 from vmatdose.planning.preflight import PlanJob, check_cases
 from vmatdose.planning.settings import PlanSettings
+from vmatdose.plot_style import save_figure
 from vmatdose.protocol import Protocol
 
 log = logging.getLogger(__name__)

@@ -155,7 +155,8 @@ def ingest_dicom_case(folder: str | os.PathLike, case_id: str | None = None,
         on_grid = dose_on_grid(files, series.grid, dose_files, summation, fractions)
         _check_coverage(on_grid, masks, body, protocol, files.rel(dose_files[0][0]), notes)
         dose = on_grid.dose
-    beams, more = plan_beams(plan[1]) if plan else (None, [])
+    beams, more = (plan_beams(plan[1], series.uids["patient_position"]) if plan
+                   else (None, []))
     notes += more
     meta = _meta(series, ss, plan, dose_files, summation, settings, fractions, source,
                  roi_meta, notes)

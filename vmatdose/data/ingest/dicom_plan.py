@@ -72,16 +72,30 @@ def plan_fractions(plan: Dataset) -> int | None:
     return int(value) if value else None
 
 
-def plan_beams(plan: Dataset) -> tuple[BeamArrangement | None, list[str]]:
+#: IEC gantry angle -> the angle that gives the same beam direction in the patient for a
+#: head-first-supine patient (the convention of ``meta["beams"]``): feet first mirrors
+#: left/right, prone mirrors anterior/posterior.
+_HFS_GANTRY = {"HFS": lambda a: a, "FFS": lambda a: -a, "HFP": lambda a: 180.0 - a,
+               "FFP": lambda a: 180.0 + a}
+
+
+def plan_beams(plan: Dataset, patient_position: str = "HFS"
+               ) -> tuple[BeamArrangement | None, list[str]]:
     """The treatment beams of an RTPLAN as a :class:`BeamArrangement` (``None`` without
     photon treatment beams): every static field's gantry angle, every control point's of
-    an arc (``GantryRotationDirection`` CW/CC), couch angles carried from the previous
-    control point as DICOM does, the first beam's isocentre (DICOM patient x, y, z ->
-    the case's z, y, x) and nominal energy.
+    an arc (``GantryRotationDirection`` CW/CC), as the head-first-supine angle of the same
+    direction in the patient (``patient_position`` of the CT: HFS, FFS, HFP, FFP; other
+    positions give no arrangement and a warning), couch angles carried from the previous
+    control point as DICOM does, the first beam's isocentre (DICOM patient x, y, z -> the
+    case's z, y, x) and nominal energy.
 
     Returns:
         ``(arrangement or None, warnings)``.
     """
+    to_hfs = _HFS_GANTRY.get(str(patient_position or "HFS").upper())
+    if to_hfs is None:
+        return None, [f"RTPLAN beams of a {patient_position} patient are not recorded (only "
+                      f"{sorted(_HFS_GANTRY)} map onto the case's beam convention)"]
     gantry: list[float] = []
     couch: list[float] = []
     isocentres: list[tuple[float, float, float]] = []
@@ -101,7 +115,7 @@ def plan_beams(plan: Dataset) -> tuple[BeamArrangement | None, list[str]]:
         for point in points if is_arc else points[:1]:
             angle = float(point.get("GantryAngle", angle))
             table = float(point.get("PatientSupportAngle", table))
-            gantry.append(angle % 360.0)
+            gantry.append(to_hfs(angle) % 360.0)
             couch.append(table)
         if first.get("IsocenterPosition") is not None:
             x, y, z = (float(v) for v in first.IsocenterPosition)

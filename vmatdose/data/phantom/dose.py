@@ -28,8 +28,8 @@ import numpy as np
 import torch
 
 from vmatdose.data.beam_model import (
+    DEFAULT_PARAMS,
     BeamGeometry,
-    BeamModelParams,
     depth_dose,
     field_margin_mm,
     in_plane_radius_mm,
@@ -46,7 +46,7 @@ _OAR_SPARING = 0.55  # fraction of fluence removed on rays fully blocked by rect
 _BOOST_FLUENCE = 0.25  # initial boost segment, relative to the elective one
 _RELAXATION = 0.8  # exponent of the per-ray fluence correction
 _ELECTIVE_GOAL = 0.9  # elective goal in the modulation, relative to its prescription
-_BEAM = BeamModelParams()  # the shared beam model's 6 MV defaults
+_BEAM = DEFAULT_PARAMS  # the shared beam model's 6 MV defaults
 
 
 def compute_vmat_dose(anatomy: Anatomy, spacing_mm: Sequence[float],

@@ -23,10 +23,10 @@ from omegaconf import OmegaConf
 from vmatdose.config import CONFIG_DIR
 from vmatdose.config_schema import PHANTOM_SHAPE, PHANTOM_SPACING_MM
 from vmatdose.data.atomic import write_json_atomic
+from vmatdose.data.beams import BeamArrangement
 from vmatdose.data.case import Case
 from vmatdose.data.ingest.batch import convert_cases
 from vmatdose.data.phantom.anatomy import BOOST, ELECTIVE, STRUCTURES, make_anatomy
-from vmatdose.data.beams import BeamArrangement
 from vmatdose.data.phantom.dose import compute_vmat_dose
 from vmatdose.protocol import Protocol
 
