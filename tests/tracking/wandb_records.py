@@ -65,3 +65,23 @@ def run_info(path: Path) -> dict:
             return {"name": run.display_name, "group": run.run_group,
                     "job_type": run.job_type, "tags": list(run.tags)}
     raise AssertionError(f"{path}: no run record")
+
+
+def config_values(path: Path) -> dict:
+    """The run's config as logged: top-level key -> value."""
+    values = {}
+    for record in read_records(path):
+        if record.WhichOneof("record_type") == "config":
+            values.update({item.key: json.loads(item.value_json)
+                           for item in record.config.update})
+    return values
+
+
+def summary_values(path: Path) -> dict:
+    """The run's summary (the values a runs table shows): key -> last value."""
+    values = {}
+    for record in read_records(path):
+        if record.WhichOneof("record_type") == "summary":
+            values.update({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                           for item in record.summary.update})
+    return values

@@ -19,6 +19,7 @@ from vmatdose.data.datamodule import SPLITS
 from vmatdose.data.validation import check_training_cases
 from vmatdose.inference.checkpoint import training_contract
 from vmatdose.protocol import Protocol
+from vmatdose.records.run_choices import run_choices
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +65,10 @@ def fit(cfg: DictConfig, output_dir: str | Path) -> tuple[L.Trainer, L.Lightning
     log.info("model %s: %.2f M parameters", type(model.net).__name__, n_params / 1e6)
     trainer = hydra.utils.instantiate(cfg.trainer, callbacks=instantiate_dict(cfg.callbacks),
                                       logger=instantiate_dict(cfg.get("logger")) or False)
-    for logger in trainer.loggers:  # the composed config, for every tracker
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    # The composed config for every tracker, with the run's choices as flat top-level keys
+    hparams = {**run_choices(cfg), **OmegaConf.to_container(cfg, resolve=True)}
+    for logger in trainer.loggers:
+        logger.log_hyperparams(hparams)
     trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     return trainer, model
 
