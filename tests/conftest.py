@@ -19,13 +19,15 @@ OPENKBP_SAMPLE = REPO_ROOT.parent / "shared" / "data" / "openkbp-sample"
 sys.path.insert(0, str(Path(__file__).parent / "data"))
 
 
-def smoke_config(root, run_dir, *overrides):
-    """The composed ``debug=smoke`` training config, data under ``root``, run in ``run_dir``."""
+def smoke_config(root, run_dir, *overrides, return_hydra: bool = False):
+    """The composed ``debug=smoke`` training config, data under ``root``, run in ``run_dir``
+    (``return_hydra``: with the ``hydra`` node, as a Hydra app sees it)."""
     from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         return compose("train", overrides=["debug=smoke", f"paths.root_dir={root}",
-                                           f"paths.output_dir={run_dir}", *overrides])
+                                           f"paths.output_dir={run_dir}", *overrides],
+                       return_hydra_config=return_hydra)
 
 
 def make_box_case(shape=(16, 20, 24), spacing=(2.0, 2.5, 3.0), case_id="box",

@@ -16,7 +16,8 @@ from torch import nn
 
 from vmatdose.config import CONFIG_DIR
 from vmatdose.data.input_spec import InputSpec
-from vmatdose.training.module import DoseModule, flip_sets
+from vmatdose.inference.volume import flip_sets
+from vmatdose.training.module import DoseModule
 from vmatdose.workflow import run_training as run
 
 from conftest import OPENKBP_SAMPLE

@@ -59,7 +59,9 @@ HALF_KEYS = ("ct", "dose", "sdf", "prior")
 
 
 class LoadCased(MapTransform):
-    """Read the case file at ``data["path"]`` into channel-first numpy arrays.
+    """Read the case file at ``data["path"]`` (or take the already read
+    :class:`~vmatdose.data.case.Case` at ``data["case"]``, which is not passed on) into
+    channel-first numpy arrays.
 
     Structures are reordered to ``structures``; a structure the case lacks becomes an
     all-zero channel (OpenKBP patients miss some OARs). ``with_geometry`` adds
@@ -76,12 +78,12 @@ class LoadCased(MapTransform):
         self.with_geometry = bool(with_geometry)
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
-        case = load_case(data[self.path_key])
+        case = data.get("case") or load_case(data[self.path_key])
         masks = np.zeros((len(self.structures), *case.shape), dtype=np.float32)
         for i, name in enumerate(self.structures):
             if case.has_structure(name):
                 masks[i] = case.mask(name)
-        out = dict(data)
+        out = {k: v for k, v in data.items() if k != "case"}
         out.update(
             ct=case.ct[None].astype(np.float32),
             masks=masks,

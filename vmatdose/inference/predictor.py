@@ -1,8 +1,11 @@
 """A trained model applied to case files: doses in Gy on each case's own grid.
 
 :class:`Predictor` is built once from a checkpoint and owns the module, its device, the
-input transforms the model was trained with, and the checks of a case against the
-checkpoint's contract (protocol, structures, required targets, voxel spacing).
+input transforms the model was trained with, the checks of a case against the
+checkpoint's contract (protocol, structures, required targets, voxel spacing) and the
+resampling of a case off the training spacing; the whole-volume inference itself (window,
+pooling, TTA, upsampling, zeroing) is the module's
+:class:`~vmatdose.inference.volume.VolumeInference`, run once per case.
 """
 
 from __future__ import annotations
@@ -44,16 +47,20 @@ def resolve_device(accelerator: str = "auto") -> torch.device:
 
 
 @torch.no_grad()
-def predict_image(module: torch.nn.Module, image: torch.Tensor, body: torch.Tensor | None
-                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``module.predict_with_uncertainty`` on the module's device: image (B, C, Z, Y, X)
-    and body (B, 1, Z, Y, X) -> (mean, std or ``None``), (B, 1, Z, Y, X) float32 on the
-    CPU, normalised by the dose scale."""
+def predict_image(module: torch.nn.Module, image: torch.Tensor, body: torch.Tensor | None,
+                  zero: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The module's whole-volume inference (``module.inference``) on its device: image
+    (B, C, Z, Y, X) and body (B, 1, Z, Y, X) -> (mean, std or ``None``), (B, 1, Z, Y, X)
+    float32 on the CPU, normalised by the dose scale; ``zero=False`` leaves the zeroing
+    outside the body to the caller (a prediction resampled to another grid)."""
     device = next(module.parameters()).device
     image = image.to(device)
     body = body.to(device) if body is not None else None
+    inference = module.inference
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        mean, std = module.predict_with_uncertainty(image, body=body)
+        mean, std = inference.run(image, body, module.passes())
+        if zero:
+            mean, std = inference.zero_outside(mean, std, body)
     return mean.float().cpu(), (None if std is None else std.float().cpu())
 
 
@@ -107,27 +114,24 @@ class Predictor:
             yield self.predict(path)
 
     def predict(self, path: Path) -> Prediction:
-        """The dose of one (checked) case file, on its own grid."""
+        """The dose of one (checked) case file, on its own grid (the file read once)."""
         case = load_case(path)
-        sample = self.transform({"path": str(path)})
+        sample = self.transform({"path": str(path), "case": case})
         image, body = sample["image"], sample["body"]
         target = self._resampled_shape(case)
         if target is not None:
             image, body = self._resample_inputs(image, body, target)
-        mean, std = predict_image(self.module, image[None], body[None])
-        mean, std = mean[0], (None if std is None else std[0])
+        mean, std = predict_image(self.module, image[None], body[None], zero=target is None)
         if target is not None:
+            # back onto the case's grid, then zeroed outside the case's own body there
             back = Resize(case.shape, mode="trilinear")
-            mean = back(mean)
-            std = None if std is None else back(std)
-            if getattr(self.module, "zero_outside_body", False):
-                # the interpolation back spreads dose past the edge of the case's own body
-                inside = torch.as_tensor(case.body[None] > 0, dtype=mean.dtype)
-                mean = mean * inside
-                std = None if std is None else std * inside
+            mean = torch.as_tensor(back(mean[0]))[None]
+            std = None if std is None else torch.as_tensor(back(std[0]))[None]
+            inside = torch.as_tensor(case.body[None, None] > 0)
+            mean, std = self.module.inference.zero_outside(mean, std, inside)
         scale = self.contract.dose_scale_gy
-        dose = (np.asarray(mean[0]) * scale).astype(np.float32)
-        std_gy = None if std is None else (np.asarray(std[0]) * scale).astype(np.float32)
+        dose = (np.asarray(mean[0, 0]) * scale).astype(np.float32)
+        std_gy = None if std is None else (np.asarray(std[0, 0]) * scale).astype(np.float32)
         return Prediction(case, Path(path), dose, std_gy)
 
     def _resampled_shape(self, case: Case) -> tuple[int, int, int] | None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, ListConfig
 
 #: Hydra config groups whose choice becomes a flat key (``loss`` -> ``loss_name``).
 CHOICE_GROUPS = ("experiment", "data", "model", "loss")
@@ -29,7 +29,9 @@ def run_choices(cfg: DictConfig, choices: Mapping[str, object] | None = None) ->
     flat: dict = {}
     for group in CHOICE_GROUPS:
         choice = choices.get(group)
-        if choice is not None:
+        if isinstance(choice, (list, tuple, ListConfig)):
+            flat[f"{group}_name"] = "+".join(str(c) for c in choice)
+        elif choice is not None:
             flat[f"{group}_name"] = str(choice).strip("[]").replace(", ", "+")
     loss = cfg.get("loss") or {}
     if "terms" in loss:

@@ -10,9 +10,9 @@ import matplotlib.pyplot as plt
 import numpy as np
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 
-from vmatdose.data.case import load_case
 from vmatdose.evaluation import figures
-from vmatdose.inference.predictor import predict_image
+from vmatdose.inference.checkpoint import CheckpointContract
+from vmatdose.inference.predictor import Predictor
 
 
 def figure_to_array(fig: plt.Figure) -> np.ndarray:
@@ -52,10 +52,10 @@ class DoseImageCallback(L.Callback):
             return
         path = paths[min(self.case_index, len(paths) - 1)]
         # The data module's own evaluation transforms: the inputs the model validates on.
-        sample = datamodule.eval_transform({"path": str(path)})
-        mean, _ = predict_image(pl_module, sample["image"][None], sample["body"][None])
-        pred_gy = mean[0, 0].numpy() * datamodule.dose_scale_gy
-        case = load_case(path)
+        # The whole inference a prediction runs (full resolution, TTA, zeroing)
+        prediction = Predictor(pl_module, CheckpointContract.from_dict(pl_module.contract)
+                               ).predict(path)
+        case, pred_gy = prediction.case, prediction.dose_gy
         targets = list(datamodule.targets)
         drawn = {"dose_slices": figures.dose_slices_figure(case, pred_gy, targets),
                  "dvh": figures.dvh_figure(case, pred_gy)}

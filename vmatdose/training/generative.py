@@ -27,9 +27,10 @@ from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, Scheduler
 from torch import nn
 from torch.nn import functional as F
 
+from vmatdose.inference.volume import PassFn, pad_to_multiple
 from vmatdose.losses import CompositeLoss
 from vmatdose.models import diffusion, flow
-from vmatdose.training.module import DoseModule, pad_to_multiple
+from vmatdose.training.module import DoseModule
 
 
 def dose_to_model(dose: torch.Tensor, dose_max: float) -> torch.Tensor:
@@ -248,13 +249,11 @@ class GenerativeDoseModule(DoseModule, abc.ABC):
         samples = self.sample_doses(image)
         return samples.mean(dim=0), ensemble_std(samples)
 
-    @torch.no_grad()
-    def predict_with_uncertainty(self, image: torch.Tensor, body: torch.Tensor | None = None
-                                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(ensemble mean dose, per-voxel ensemble std), both (B, 1, Z, Y, X) normalised,
-        with the module's resolution factor, flip TTA (means and stds averaged over the
-        flips) and zeroing outside ``body`` (see :meth:`DoseModule.infer`)."""
-        return self.infer(image, body, self.ensemble_stats)
+    def passes(self) -> PassFn:
+        """Each TTA view gives the ensemble's (mean, std): ``predict_with_uncertainty``
+        averages means and stds over the flips, with the module's resolution factor and
+        zeroing outside ``body`` (:class:`~vmatdose.inference.volume.VolumeInference`)."""
+        return self.ensemble_stats
 
     @torch.no_grad()
     def predict_dose(self, image: torch.Tensor) -> torch.Tensor:

@@ -1,37 +1,23 @@
-"""The LightningModule every regression model trains with (U-Nets and friends)."""
+"""The LightningModule every regression model trains with (U-Nets and friends): the
+network, its losses and its optimisation. How it is applied to a whole volume (window,
+pooling, TTA, upsampling, zeroing) is :class:`~vmatdose.inference.volume.VolumeInference`,
+built from the model config's inference arguments (:attr:`DoseModule.inference`)."""
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import lightning as L
 import torch
-from monai.inferers import sliding_window_inference
 from torch import nn
-from torch.nn import functional as F
 
 from vmatdose.data.input_spec import InputSpec
 from vmatdose.inference.checkpoint import CHECKPOINT_KEY, contract_input_spec
+from vmatdose.inference.volume import PassFn, VolumeInference
 from vmatdose.losses import CompositeLoss
 from vmatdose.losses.composite import SIGMA_PARAMETER
 from vmatdose.models.film import conditioned_network
-
-
-def pad_to_multiple(x: torch.Tensor, k: int) -> tuple[torch.Tensor, tuple[slice, ...]]:
-    """Zero-pad the last three dims of ``x`` (B, C, Z, Y, X) up to multiples of ``k``.
-
-    Returns the padded tensor and the slices that crop it back.
-    """
-    pads, crop = [], []
-    for size in x.shape[-3:]:
-        total = (-size) % k
-        before = total // 2
-        pads.append((before, total - before))
-        crop.append(slice(before, before + size))
-    flat = [p for pair in reversed(pads) for p in pair]
-    return F.pad(x, flat), (slice(None), slice(None), *crop)
 
 
 def mae_in_body_gy(pred: torch.Tensor, dose: torch.Tensor, body: torch.Tensor,
@@ -47,26 +33,6 @@ def mae_in_body_gy(pred: torch.Tensor, dose: torch.Tensor, body: torch.Tensor,
     err = (pred - dose).abs() * body
     per_case = err.flatten(1).sum(1) / body.flatten(1).sum(1).clamp_min(1)
     return per_case * scale_gy.to(per_case)
-
-
-TTA_MODES = (None, "none", "flips")
-Predictor = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
-
-
-def pool_image(image: torch.Tensor, factor: int) -> torch.Tensor:
-    """(B, C, Z, Y, X) average-pooled by ``factor`` exactly as the data pipeline pools
-    (MONAI ``Zoom``, ``mode="area"``)."""
-    if factor == 1:
-        return image
-    return F.interpolate(image, scale_factor=[1.0 / factor] * 3, mode="area",
-                         recompute_scale_factor=True)
-
-
-def flip_sets(axes: Sequence[int]) -> list[tuple[int, ...]]:
-    """Every subset of the spatial ``axes`` (-3 z, -2 y, -1 x): the flips of flip TTA,
-    identity first."""
-    axes = sorted({int(a) for a in axes})
-    return [combo for r in range(len(axes) + 1) for combo in itertools.combinations(axes, r)]
 
 
 def weight_decay_groups(named: Sequence[tuple[str, nn.Parameter]]) -> list[dict]:
@@ -144,10 +110,6 @@ class DoseModule(L.LightningModule):
         film: Mapping | None = None,
     ):
         super().__init__()
-        if tta not in TTA_MODES:
-            raise ValueError(f"model.tta must be one of {TTA_MODES}, got {tta!r}")
-        if int(resolution_factor) < 1:
-            raise ValueError(f"resolution_factor must be >= 1, got {resolution_factor}")
         self.max_relative_dose = max_relative_dose
         self.tta = None if tta == "none" else tta
         self.tta_axes = [int(a) for a in tta_axes]
@@ -164,6 +126,7 @@ class DoseModule(L.LightningModule):
         self.inference_patch_size = list(inference_patch_size) if inference_patch_size else None
         self.sw_overlap = sw_overlap
         self.divisible_by = divisible_by
+        self._inference_settings()  # bad tta / resolution_factor fail here, not at inference
         self.val_gamma = dict(val_gamma) if val_gamma else None
         # The checkpoint contract (vmatdose.inference.checkpoint): set before fitting,
         # stored in every checkpoint, restored on resume.
@@ -172,113 +135,39 @@ class DoseModule(L.LightningModule):
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return self.net(image)
 
+    def _inference_settings(self, input_spec: InputSpec | None = None) -> VolumeInference:
+        return VolumeInference(
+            patch_size=self.inference_patch_size, sw_overlap=self.sw_overlap,
+            divisible_by=self.divisible_by, max_relative_dose=self.max_relative_dose,
+            tta=self.tta, tta_axes=self.tta_axes, lr_permutation=self.lr_channel_permutation,
+            zero_outside_body=self.zero_outside_body, resolution_factor=self.resolution_factor,
+            prior_residual=self.prior_residual, input_spec=input_spec)
+
+    @property
+    def inference(self) -> VolumeInference:
+        """How this model is applied to a whole volume (the model config's inference
+        arguments and the input specification of its contract)."""
+        return self._inference_settings(self.input_spec if self.contract else None)
+
     @torch.no_grad()
     def predict_dose(self, image: torch.Tensor) -> torch.Tensor:
-        """Whole-volume inference: (B, C, Z, Y, X) -> (B, 1, Z, Y, X) normalised dose in
-        ``[0, max_relative_dose]``."""
-        if self.inference_patch_size:
-            pred = sliding_window_inference(image, self.inference_patch_size, 2, self,
-                                            overlap=self.sw_overlap, mode="gaussian")
-        else:
-            padded, crop = pad_to_multiple(image, self.divisible_by)
-            pred = self(padded)[crop]
-        return pred.float().clamp(0.0, self.max_relative_dose)
+        """One network pass over a network-grid image (B, C, Z, Y, X) -> (B, 1, Z, Y, X)
+        normalised dose in ``[0, max_relative_dose]`` (validation runs this)."""
+        return self.inference.network_pass(self, image)
+
+    def passes(self) -> PassFn:
+        """What one TTA view of the image gives: (dose, no spread); generative models
+        return their ensemble's (mean, std)."""
+        return lambda x: (self.predict_dose(x), None)
 
     @torch.no_grad()
     def predict_with_uncertainty(self, image: torch.Tensor, body: torch.Tensor | None = None
                                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(mean dose, per-voxel std or ``None``), both (B, 1, Z, Y, X) normalised, on the
-        grid of ``image`` (B, C, Z, Y, X); ``body`` (B, 1, Z, Y, X) {0, 1} or ``None``.
-
-        The full inference: resolution pooling, flip TTA and zeroing outside ``body`` as
-        the model config says (see the class arguments). Deterministic models have no
-        spread; generative models pass their ensemble here (:meth:`infer`).
-        """
-        return self.infer(image, body, lambda x: (self.predict_dose(x), None))
-
-    def infer(self, image: torch.Tensor, body: torch.Tensor | None,
-              predictor: Predictor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Run ``predictor`` (network-grid image -> (mean, std|None)) under the module's
-        resolution factor, flip TTA and body zeroing; see :meth:`predict_with_uncertainty`.
-        """
-        x = pool_image(image, self.resolution_factor)
-        flips = flip_sets(self.tta_axes) if self.tta == "flips" else [()]
-        means, stds = [], []
-        for dims in flips:
-            flipped = self.flip_input(x, dims) if dims else x
-            mean, std = predictor(flipped)
-            means.append(torch.flip(mean, dims) if dims else mean)
-            if std is not None:
-                stds.append(torch.flip(std, dims) if dims else std)
-        mean = torch.stack(means).mean(0)
-        std = torch.stack(stds).mean(0) if stds else None
-        if self.resolution_factor > 1:
-            size = list(image.shape[2:])
-            mean = self.upsample(mean, image, body)
-            if std is not None:
-                std = F.interpolate(std, size=size, mode="trilinear", align_corners=False)
-        if self.zero_outside_body and body is not None:
-            inside = (body > 0).to(mean.dtype)
-            mean = mean * inside
-            std = None if std is None else std * inside
-        return mean, std
-
-    def upsample(self, coarse: torch.Tensor, image: torch.Tensor,
-                 body: torch.Tensor | None) -> torch.Tensor:
-        """Coarse dose (B, 1, z, y, x) -> the grid of ``image`` (B, C, Z, Y, X).
-
-        Without ``body``: trilinear. With it: mask-normalised trilinear inside the body
-        (each coarse voxel's value spread only over the fine voxels inside the mask) plus,
-        with ``prior_residual``, the full-resolution prior (the image's ``prior`` channel,
-        :attr:`input_spec`) back;
-        trilinear outside the body.
-        """
-        size = list(image.shape[2:])
-        plain = F.interpolate(coarse, size=size, mode="trilinear", align_corners=False)
-        if body is None:
-            return plain
-        inside = (body > 0).to(coarse.dtype)
-        fraction = pool_image(inside, self.resolution_factor)
-        valid = (fraction > 0).to(coarse.dtype)
-        correction = coarse
-        if self.prior_residual:
-            prior = image[:, self.input_spec.slice("prior")]
-            coarse_prior = pool_image(prior * inside, self.resolution_factor)
-            correction = coarse - coarse_prior / fraction.clamp_min(1e-6) * valid
-        num = F.interpolate(correction * valid, size=size, mode="trilinear", align_corners=False)
-        den = F.interpolate(valid, size=size, mode="trilinear", align_corners=False)
-        fine = torch.where(den > 1e-6, num / den.clamp_min(1e-6), torch.zeros_like(num))
-        if self.prior_residual:
-            fine = fine + prior
-        top = self.max_relative_dose if self.max_relative_dose is not None else float("inf")
-        return torch.where(inside > 0, fine.clamp(0.0, top), plain)
-
-    def flip_input(self, image: torch.Tensor, dims: Sequence[int]) -> torch.Tensor:
-        """Mirror ``image`` (B, C, Z, Y, X) along ``dims``; a left/right (x) mirror also
-        reorders the channels so each paired structure stays on its side (the data
-        module's left/right augmentation does the same)."""
-        flipped = torch.flip(image, list(dims))
-        if -1 in dims or 4 in dims:
-            flipped = flipped[:, self.input_lr_permutation(image.shape[1])]
-        return flipped
-
-    def input_lr_permutation(self, n_channels: int) -> list[int]:
-        """Input channel order after a left/right mirror (see ``lr_channel_permutation``)."""
-        if self.lr_channel_permutation is not None:
-            if len(self.lr_channel_permutation) != n_channels:
-                raise ValueError(f"model.lr_channel_permutation has "
-                                 f"{len(self.lr_channel_permutation)} entries for an image of "
-                                 f"{n_channels} channels")
-            return self.lr_channel_permutation
-        if not (self.contract or {}).get("structures"):
-            raise ValueError("left/right flip TTA needs the input's structure channels: set "
-                             "model.lr_channel_permutation or use a module built by training "
-                             "or loaded from a checkpoint (its contract names the channels)")
-        permutation = self.input_spec.lr_permutation()
-        if len(permutation) != n_channels:
-            raise ValueError(f"the input specification has {len(permutation)} channels, the "
-                             f"image {n_channels}")
-        return permutation
+        grid of ``image`` (B, C, Z, Y, X); ``body`` (B, 1, Z, Y, X) {0, 1} or ``None``:
+        the whole inference of :attr:`inference` (pooling, flip TTA, upsampling, zeroing
+        outside ``body``)."""
+        return self.inference.predict(image, body, self.passes())
 
     @property
     def input_spec(self) -> InputSpec:

@@ -1,0 +1,216 @@
+"""Whole-volume inference of one network: the one place that pads or slides a window,
+pools to the network's resolution, mirrors for test-time augmentation, upsamples (adding
+the full-resolution prior back) and zeroes outside the body.
+
+:class:`VolumeInference` is what :class:`~vmatdose.inference.predictor.Predictor` runs on
+every case and what a :class:`~vmatdose.training.module.DoseModule` runs in validation
+(its network pass) and in ``predict_with_uncertainty``, so training's validation numbers
+and a prediction come from the same code. All doses here are normalised by the dose
+scale (1 = the highest prescription).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from monai.inferers import sliding_window_inference
+from torch.nn import functional as F
+
+from vmatdose.data.input_spec import InputSpec
+
+TTA_MODES = (None, "none", "flips")
+#: network-grid image (B, C, z, y, x) -> (mean, std or ``None``), both (B, 1, z, y, x)
+PassFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
+
+
+def pad_to_multiple(x: torch.Tensor, k: int) -> tuple[torch.Tensor, tuple[slice, ...]]:
+    """Zero-pad the last three dims of ``x`` (B, C, Z, Y, X) up to multiples of ``k``.
+
+    Returns the padded tensor and the slices that crop it back.
+    """
+    pads, crop = [], []
+    for size in x.shape[-3:]:
+        total = (-size) % k
+        before = total // 2
+        pads.append((before, total - before))
+        crop.append(slice(before, before + size))
+    flat = [p for pair in reversed(pads) for p in pair]
+    return F.pad(x, flat), (slice(None), slice(None), *crop)
+
+
+def pool_image(image: torch.Tensor, factor: int) -> torch.Tensor:
+    """(B, C, Z, Y, X) average-pooled by ``factor`` exactly as the data pipeline pools
+    (MONAI ``Zoom``, ``mode="area"``)."""
+    if factor == 1:
+        return image
+    return F.interpolate(image, scale_factor=[1.0 / factor] * 3, mode="area",
+                         recompute_scale_factor=True)
+
+
+def flip_sets(axes: Sequence[int]) -> list[tuple[int, ...]]:
+    """Every subset of the spatial ``axes`` (-3 z, -2 y, -1 x): the flips of flip TTA,
+    identity first."""
+    axes = sorted({int(a) for a in axes})
+    return [combo for r in range(len(axes) + 1) for combo in itertools.combinations(axes, r)]
+
+
+@dataclass
+class VolumeInference:
+    """How a trained network is applied to a whole volume (the model config's inference
+    settings; see :class:`~vmatdose.training.module.DoseModule` for each argument).
+
+    Args:
+        patch_size: sliding-window size; ``None`` pads the volume to ``divisible_by`` and
+            predicts it in one pass.
+        sw_overlap: sliding-window overlap (Gaussian blending).
+        divisible_by: the network's size multiple (padding without a window).
+        max_relative_dose: predictions clipped to ``[0, max_relative_dose]``.
+        tta: ``"flips"`` (every combination of flips of ``tta_axes``) or ``None``.
+        tta_axes: spatial axes flip TTA mirrors (-3 z, -2 y, -1 x = left/right).
+        lr_permutation: input channel order after a left/right mirror; ``None`` takes it
+            from ``input_spec``.
+        zero_outside_body: :meth:`predict` zeroes the dose outside the body it is given.
+        resolution_factor: the network works at 1/f of the input grid.
+        prior_residual: with f > 1, only the network's correction to the prior channel is
+            upsampled and the full-resolution prior added back.
+        input_spec: the input's channel layout (the prior channel, the left/right
+            permutation); ``None`` for a module without a contract.
+    """
+
+    patch_size: Sequence[int] | None = None
+    sw_overlap: float = 0.25
+    divisible_by: int = 16
+    max_relative_dose: float | None = 1.5
+    tta: str | None = None
+    tta_axes: Sequence[int] = (-3, -2, -1)
+    lr_permutation: Sequence[int] | None = None
+    zero_outside_body: bool = False
+    resolution_factor: int = 1
+    prior_residual: bool = False
+    input_spec: InputSpec | None = None
+
+    def __post_init__(self):
+        if self.tta not in TTA_MODES:
+            raise ValueError(f"model.tta must be one of {TTA_MODES}, got {self.tta!r}")
+        if int(self.resolution_factor) < 1:
+            raise ValueError(f"resolution_factor must be >= 1, got {self.resolution_factor}")
+        self.tta = None if self.tta == "none" else self.tta
+
+    @torch.no_grad()
+    def network_pass(self, net: Callable[[torch.Tensor], torch.Tensor],
+                     image: torch.Tensor) -> torch.Tensor:
+        """One pass of ``net`` over a network-grid image (B, C, z, y, x) -> (B, 1, z, y,
+        x) in ``[0, max_relative_dose]``: a Gaussian-blended sliding window, or the whole
+        volume padded to ``divisible_by`` (validation in training runs exactly this)."""
+        if self.patch_size:
+            pred = sliding_window_inference(image, list(self.patch_size), 2, net,
+                                            overlap=self.sw_overlap, mode="gaussian")
+        else:
+            padded, crop = pad_to_multiple(image, self.divisible_by)
+            pred = net(padded)[crop]
+        return pred.float().clamp(0.0, self.max_relative_dose)
+
+    @torch.no_grad()
+    def predict(self, image: torch.Tensor, body: torch.Tensor | None, passes: PassFn
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(mean, std or ``None``), (B, 1, Z, Y, X), on the grid of ``image`` (B, C, Z, Y,
+        X): :meth:`run`, then :meth:`zero_outside` ``body`` (B, 1, Z, Y, X) {0, 1}."""
+        mean, std = self.run(image, body, passes)
+        return self.zero_outside(mean, std, body)
+
+    def run(self, image: torch.Tensor, body: torch.Tensor | None, passes: PassFn
+            ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Pool to the network grid, run ``passes`` on every TTA flip (un-flipped back and
+        averaged), upsample to the grid of ``image``; no zeroing (:meth:`predict` does it,
+        or the caller after resampling to another grid)."""
+        x = pool_image(image, self.resolution_factor)
+        flips = flip_sets(self.tta_axes) if self.tta == "flips" else [()]
+        means, stds = [], []
+        for dims in flips:
+            mean, std = passes(self.flip_input(x, dims) if dims else x)
+            means.append(torch.flip(mean, dims) if dims else mean)
+            if std is not None:
+                stds.append(torch.flip(std, dims) if dims else std)
+        mean = torch.stack(means).mean(0)
+        std = torch.stack(stds).mean(0) if stds else None
+        if self.resolution_factor > 1:
+            mean = self.upsample(mean, image, body)
+            if std is not None:
+                std = F.interpolate(std, size=list(image.shape[2:]), mode="trilinear",
+                                    align_corners=False)
+        return mean, std
+
+    def zero_outside(self, mean: torch.Tensor, std: torch.Tensor | None,
+                     body: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``mean`` and ``std`` zeroed outside ``body`` when ``zero_outside_body`` (the
+        OpenKBP possible-dose mask: the challenge scores nothing outside it)."""
+        if not self.zero_outside_body or body is None:
+            return mean, std
+        inside = (body > 0).to(mean.dtype)
+        return mean * inside, (None if std is None else std * inside)
+
+    def upsample(self, coarse: torch.Tensor, image: torch.Tensor,
+                 body: torch.Tensor | None) -> torch.Tensor:
+        """Coarse dose (B, 1, z, y, x) -> the grid of ``image`` (B, C, Z, Y, X).
+
+        Without ``body``: trilinear. With it: mask-normalised trilinear inside the body
+        (each coarse voxel's value spread only over the fine voxels inside the mask) plus,
+        with ``prior_residual``, the full-resolution prior (the ``prior`` channel of the
+        input specification) back; trilinear outside the body.
+        """
+        size = list(image.shape[2:])
+        plain = F.interpolate(coarse, size=size, mode="trilinear", align_corners=False)
+        if body is None:
+            return plain
+        inside = (body > 0).to(coarse.dtype)
+        fraction = pool_image(inside, self.resolution_factor)
+        valid = (fraction > 0).to(coarse.dtype)
+        correction = coarse
+        if self.prior_residual:
+            prior = image[:, self._spec("the prior residual").slice("prior")]
+            coarse_prior = pool_image(prior * inside, self.resolution_factor)
+            correction = coarse - coarse_prior / fraction.clamp_min(1e-6) * valid
+        num = F.interpolate(correction * valid, size=size, mode="trilinear", align_corners=False)
+        den = F.interpolate(valid, size=size, mode="trilinear", align_corners=False)
+        fine = torch.where(den > 1e-6, num / den.clamp_min(1e-6), torch.zeros_like(num))
+        if self.prior_residual:
+            fine = fine + prior
+        top = self.max_relative_dose if self.max_relative_dose is not None else float("inf")
+        return torch.where(inside > 0, fine.clamp(0.0, top), plain)
+
+    def flip_input(self, image: torch.Tensor, dims: Sequence[int]) -> torch.Tensor:
+        """Mirror ``image`` (B, C, Z, Y, X) along ``dims``; a left/right (x) mirror also
+        reorders the channels so each paired structure stays on its side (the data
+        module's left/right augmentation does the same)."""
+        flipped = torch.flip(image, list(dims))
+        if -1 in dims or 4 in dims:
+            flipped = flipped[:, self.input_lr_permutation(image.shape[1])]
+        return flipped
+
+    def input_lr_permutation(self, n_channels: int) -> list[int]:
+        """Input channel order after a left/right mirror (see ``lr_permutation``)."""
+        if self.lr_permutation is not None:
+            if len(self.lr_permutation) != n_channels:
+                raise ValueError(f"model.lr_channel_permutation has "
+                                 f"{len(self.lr_permutation)} entries for an image of "
+                                 f"{n_channels} channels")
+            return list(self.lr_permutation)
+        if self.input_spec is None:
+            raise ValueError("left/right flip TTA needs the input's structure channels: set "
+                             "model.lr_channel_permutation or use a module built by training "
+                             "or loaded from a checkpoint (its contract names the channels)")
+        permutation = self.input_spec.lr_permutation()
+        if len(permutation) != n_channels:
+            raise ValueError(f"the input specification has {len(permutation)} channels, the "
+                             f"image {n_channels}")
+        return permutation
+
+    def _spec(self, what: str) -> InputSpec:
+        if self.input_spec is None:
+            raise ValueError(f"this module has no input specification ({what} needs it): use "
+                             "a module built by training or loaded from a checkpoint (its "
+                             "contract holds it)")
+        return self.input_spec
