@@ -145,22 +145,27 @@ def test_predict_and_evaluate_read_a_read_only_folder_and_score_exactly_its_case
 
 
 @pytest.mark.parametrize(("app", "state"), [("evaluate", "missing"), ("evaluate", "empty"),
-                                           ("predict", "empty")])
+                                           ("predict", "empty"), ("train", "empty")])
 def test_a_missing_or_empty_cases_folder_is_one_error_and_nothing_is_generated(
         trained_run, tmp_path, app, state):
     _, _, ckpt = trained_run
     folder = tmp_path / "cases"
     if state == "empty":
         folder.mkdir()
-    args = ([f"data.cases_dir={folder}", "split=all"] if app == "evaluate"
-            else [f"cases_dir={folder}", f"output_dir={tmp_path / 'out'}"])
-    done = cli(app, f"ckpt_path={ckpt}", "accelerator=cpu", *args, cwd=tmp_path)
+    args = {"evaluate": [f"ckpt_path={ckpt}", "accelerator=cpu", f"data.cases_dir={folder}",
+                         "split=all"],
+            "predict": [f"ckpt_path={ckpt}", "accelerator=cpu", f"cases_dir={folder}",
+                        f"output_dir={tmp_path / 'out'}"],
+            # the phantom is generated only into its own folder, never into this one
+            "train": ["debug=smoke", f"data.cases_dir={folder}", f"paths.root_dir={tmp_path}"]}
+    done = cli(app, *args[app], cwd=tmp_path)
     assert done.returncode == 1
     line = last_line(done.stdout)
     assert line.startswith("error: ") and str(folder) in line
     assert ("no such folder" if state == "missing" else "no case files (*.npz)") in line
     assert (not folder.exists()) if state == "missing" else not list(folder.iterdir())
-    assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "out").exists() and not (tmp_path / "data").exists()
+    assert not (tmp_path / "hydra" / "run_record.json").exists()
 
 
 def test_a_nan_dose_is_refused_before_any_prediction_figure_or_epoch(trained_run, tmp_path):
@@ -186,6 +191,7 @@ def test_a_nan_dose_is_refused_before_any_prediction_figure_or_epoch(trained_run
     assert done.returncode == 1 and expected in last_line(done.stdout)
     assert "Traceback" not in done.stdout
     assert not (tmp_path / "tr" / "hydra" / "checkpoints").exists()
+    assert not (tmp_path / "tr" / "hydra" / "run_record.json").exists()
 
 
 def test_predict_refuses_another_checkpoints_folder_and_overwrite_leaves_no_mix(

@@ -100,6 +100,9 @@ class PhantomGeneratorConfig:
 
     _target_: str = "vmatdose.data.phantom.generate_phantom_dataset"
     _partial_: bool = True
+    # The one folder it fills, on the phantom data config's first use (data.cases_dir
+    # follows it; any other cases_dir is only read).
+    output_dir: str = MISSING
     n_cases: int = MISSING
     shape: list[int] = field(default_factory=lambda: list(PHANTOM_SHAPE))
     spacing_mm: list[float] = field(default_factory=lambda: list(PHANTOM_SPACING_MM))

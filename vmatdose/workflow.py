@@ -11,13 +11,11 @@ import time
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from vmatdose.evaluation.pipeline import evaluate_checkpoint
 from vmatdose.metrics.registry import summary_line
 from vmatdose.protocol import Protocol
-from vmatdose.records.run_record import write_run_record
 from vmatdose.tracking.evaluation_log import finish_loggers, log_evaluation
 from vmatdose.training.fit import best_checkpoint, fit, optimized_metric
 
@@ -41,12 +39,11 @@ def evaluate_best(cfg: DictConfig, trainer: L.Trainer, output_dir: Path) -> dict
 
 
 def run_training(cfg: DictConfig, overrides: list[str] | None = None) -> float | None:
-    """Fit, record, evaluate; return the optimised metric (for sweepers)."""
+    """Fit (the run record is written once every case file passed its checks), evaluate;
+    return the optimised metric (for sweepers)."""
     start = time.perf_counter()
     output_dir = Path(cfg.paths.output_dir)
-    if rank_zero_only.rank == 0:  # DDP: only rank zero writes files
-        write_run_record(cfg, output_dir, overrides)
-    trainer, _ = fit(cfg, output_dir)
+    trainer, _ = fit(cfg, output_dir, overrides)
     metric = optimized_metric(trainer, cfg.get("optimized_metric"))
     if not trainer.is_global_zero:
         return metric

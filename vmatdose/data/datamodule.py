@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -15,6 +16,9 @@ from vmatdose.config_schema import CT_WINDOW_HU, SDF_SCALE_MM
 from vmatdose.data.case import list_case_files
 from vmatdose.data.conditioning import conditioning_spec
 from vmatdose.data.transforms import assemble_batch, build_transforms
+from vmatdose.errors import InputError
+
+log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 
@@ -53,7 +57,8 @@ class DoseDataModule(L.LightningDataModule):
     """Case files in ``cases_dir`` as train/val/test loaders of dict samples.
 
     See :mod:`vmatdose.data.transforms` for the sample keys and shapes. If the folder holds
-    no case files and a ``generator`` is configured (the phantom), it is called first.
+    no case files and it is the folder the ``generator`` (the phantom) fills, it is generated
+first; any other folder without case files is an error naming it.
     """
 
     def __init__(
@@ -154,12 +159,21 @@ class DoseDataModule(L.LightningDataModule):
                                                train=False, **common)
 
     def prepare_data(self) -> None:
-        if not list_case_files(self.cases_dir) and self.generator is not None:
-            self.generator(output_dir=str(self.cases_dir))
+        """Generate the phantom on its config's first use (its own folder, said on the
+        console); any other folder must already hold case files."""
+        if not list_case_files(self.cases_dir) and self._generates_here():
+            log.warning("%s: no case files yet; generating the phantom cases there (first "
+                        "use of the phantom data config)", self.cases_dir)
+            self.generator()
         if not list_case_files(self.cases_dir):
-            raise FileNotFoundError(
+            raise InputError(
                 f"{self.cases_dir}: no case files (*.npz). Run `python -m vmatdose.preprocess` "
                 "or point data.cases_dir at a folder of case files.")
+
+    def _generates_here(self) -> bool:
+        """Whether ``cases_dir`` is the folder the configured generator fills."""
+        target = getattr(self.generator, "keywords", {}).get("output_dir")
+        return target is not None and Path(target).resolve() == Path(self.cases_dir).resolve()
 
     def case_paths(self) -> dict[str, Path]:
         """case id (file stem) -> path, for every case file in ``cases_dir``."""

@@ -13,6 +13,7 @@ from pathlib import Path
 import hydra
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from vmatdose.data.datamodule import SPLITS
@@ -20,6 +21,7 @@ from vmatdose.data.validation import check_training_cases
 from vmatdose.inference.checkpoint import training_contract
 from vmatdose.protocol import Protocol
 from vmatdose.records.run_choices import run_choices
+from vmatdose.records.run_record import write_run_record
 
 log = logging.getLogger(__name__)
 
@@ -51,10 +53,15 @@ def checked_datamodule(cfg: DictConfig) -> tuple[L.LightningDataModule, dict]:
     return datamodule, contract.to_dict()
 
 
-def fit(cfg: DictConfig, output_dir: str | Path) -> tuple[L.Trainer, L.LightningModule]:
-    """Build data, model, loss, trainer from ``cfg`` and fit."""
+def fit(cfg: DictConfig, output_dir: str | Path, overrides: list[str] | None = None
+        ) -> tuple[L.Trainer, L.LightningModule]:
+    """Check every case file, write the run record (config, commit, versions, seed,
+    ``overrides``) into ``output_dir``, build data, model, loss, trainer from ``cfg`` and
+    fit. A refused case leaves ``output_dir`` without any file of the run."""
     L.seed_everything(cfg.seed, workers=True)
     datamodule, contract = checked_datamodule(cfg)
+    if rank_zero_only.rank == 0:  # DDP: only rank zero writes files
+        write_run_record(cfg, Path(output_dir), overrides)
     # Loss terms with random initialisation draw from their own RNG stream, so one seed
     # gives the same initial network whatever the loss.
     with torch.random.fork_rng(devices=[]):
