@@ -21,6 +21,7 @@ from pathlib import Path
 import pandas as pd
 
 from vmatdose.analysis.study import write_study_statistics
+from vmatdose.errors import exit_on_input_error
 from vmatdose.tracking import compare
 
 
@@ -68,7 +69,8 @@ def run_compare(argv: Sequence[str] | None = None) -> pd.DataFrame:
 def main(argv: Sequence[str] | None = None) -> None:
     """``vmatdose-compare`` / ``python -m vmatdose.compare`` (returns nothing: a console
     script's return value becomes its exit status)."""
-    run_compare(argv)
+    with exit_on_input_error():
+        run_compare(argv)
 
 
 if __name__ == "__main__":

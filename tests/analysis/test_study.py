@@ -77,7 +77,7 @@ def test_statistics_match_scipy_on_hand_made_values(study, tmp_path):
     per_case = pd.read_csv(paths[1])
     np.testing.assert_allclose(per_case["gamma_3pct_3mm_ptv_region_pass [experiment=better]"],
                                truth["better"].mean(axis=1))
-    markdown = paths[2].read_text()
+    markdown = paths[3].read_text()
     assert "same 8 cases (shared split)" in markdown and "p (Holm)" in markdown
     assert all(p.is_file() for p in paths)
 
@@ -126,3 +126,36 @@ def test_default_metrics_name_the_protocols_first_target(tmp_path):
         runs.append(load_study_run(run))
     assert available_metrics(runs, None) == ["mae_body_gy", "gamma_3pct_3mm_ptv_region_pass",
                                              "d95_PTV60_error_gy"]
+
+
+def test_unevaluated_runs_are_left_out_and_run_level_scores_and_steps_reported(
+        study, tmp_path, capsys):
+    runs, _ = study
+    for run, (dose, dvh, steps) in zip(runs[:2], [(3.0, 2.0, 300), (4.0, 3.0, 340)]):
+        (run / "eval" / "summary.json").write_text(json.dumps(
+            {"openkbp": {"dose_score_gy": dose, "dvh_score_gy": dvh}}))
+        (run / "throughput.json").write_text(json.dumps({"steps": steps, "steps_per_s": 0.5}))
+    stopped = tmp_path / "stopped"  # a run that failed mid-sweep: record, no evaluation
+    stopped.mkdir()
+    (stopped / "run_record.json").write_text(json.dumps({"overrides": ["seed=9"], "seed": 9}))
+    paths = write_study_statistics([*runs, stopped], "experiment=baseline",
+                                   output_dir=tmp_path / "out")
+    assert f"left out of the study: {stopped}" in capsys.readouterr().out
+    levels = pd.read_csv(tmp_path / "out" / "study_runs.csv").set_index("recipe")
+    base = levels.loc["experiment=baseline"]
+    assert base.n_seeds == 2 and base.openkbp_dose_score_gy_mean == 3.5
+    assert base.openkbp_dvh_score_gy_std == pytest.approx(np.std([2.0, 3.0], ddof=1))
+    assert (base.steps_mean, base.steps_min, base.steps_max) == (320, 300, 340)
+    assert np.isnan(levels.loc["experiment=better"].steps_mean)  # no throughput.json
+    markdown = (tmp_path / "out" / "study_stats.md").read_text()
+    assert "| experiment=baseline | 2 | 3.5 +- 0.707 | 2.5 +- 0.707 | 320 (300-340) | 0.5 |" \
+        in markdown
+    assert tmp_path / "out" / "study_stats.png" in paths
+
+
+def test_a_study_of_fewer_than_two_evaluated_runs_is_one_error(study, tmp_path):
+    from vmatdose.errors import InputError
+
+    runs, _ = study
+    with pytest.raises(InputError, match="at least two evaluated runs; found 1 among 1"):
+        write_study_statistics(runs[:1], "experiment=baseline", output_dir=tmp_path / "out")

@@ -19,6 +19,11 @@ Per metric and recipe (:func:`study_statistics`):
   Wilcoxon signed-rank p-value (``scipy.stats.wilcoxon``), that p-value corrected by
   Holm-Bonferroni across the compared recipes (per metric), and the paired Cohen's d
   (mean difference / standard deviation of the differences, ``d_z``).
+
+Per recipe, from each run's ``eval/summary.json`` and ``throughput.json``
+(:func:`run_level_table`): the challenge-level OpenKBP scores (mean and std over seeds)
+and the optimizer steps each run got, which is what an equal wall-clock budget differs in.
+Runs without an evaluation (stopped or failed mid-sweep) are listed and left out.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from vmatdose.errors import InputError
 from vmatdose.metrics.registry import heading, is_experimental, study_metrics
 from vmatdose.plot_style import OKABE_ITO, plt, save_figure
 
@@ -50,20 +56,67 @@ class StudyRun:
     recipe: str = ""
     #: the protocol's targets, highest dose first (from the run's recorded config)
     targets: list[str] = field(default_factory=list)
+    #: ``eval/summary.json``'s challenge-level OpenKBP scores (empty without them)
+    openkbp: dict = field(default_factory=dict)
+    #: ``throughput.json``: steps, epochs, train_s, steps_per_s (empty without it)
+    throughput: dict = field(default_factory=dict)
 
 
 def load_study_run(path: Path) -> StudyRun:
     """Read ``run_record.json`` and ``eval/per_case.csv`` of one run."""
     record_path, table_path = path / "run_record.json", path / "eval" / "per_case.csv"
     if not table_path.is_file():
-        raise ValueError(f"{path}: no eval/per_case.csv (the run was not evaluated); a "
+        raise InputError(f"{path}: no eval/per_case.csv (the run was not evaluated); a "
                          "study needs every run's per-case metrics")
     record = json.loads(record_path.read_text())
     config = record.get("config") or {}
     targets = (config.get("protocol") or {}).get("targets") or \
         (config.get("data") or {}).get("targets") or []
     return StudyRun(path, [str(o) for o in record.get("overrides", [])], record.get("seed"),
-                    pd.read_csv(table_path), targets=[str(t) for t in targets])
+                    pd.read_csv(table_path), targets=[str(t) for t in targets],
+                    openkbp=_json(path / "eval" / "summary.json").get("openkbp") or {},
+                    throughput=_json(path / "throughput.json"))
+
+
+def _json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def load_study_runs(run_dirs: Sequence[str | Path]) -> tuple[list[StudyRun], list[Path]]:
+    """(the evaluated runs, the run folders without ``eval/per_case.csv``: stopped or
+    failed mid-sweep, left out of the study)."""
+    runs, unevaluated = [], []
+    for folder in map(Path, run_dirs):
+        if (folder / "eval" / "per_case.csv").is_file():
+            runs.append(load_study_run(folder))
+        else:
+            unevaluated.append(folder)
+    return runs, unevaluated
+
+
+def run_level_table(runs: Sequence[StudyRun]) -> pd.DataFrame:
+    """Per recipe: seeds, the OpenKBP dose and DVH scores (mean, std over seeds) and the
+    steps trained (mean, min, max) and steps per second."""
+    rows = []
+    for recipe in dict.fromkeys(r.recipe for r in runs):
+        group = [r for r in runs if r.recipe == recipe]
+        row: dict = {"recipe": recipe, "n_seeds": len(group)}
+        for key in ("dose_score_gy", "dvh_score_gy"):
+            values = np.array([r.openkbp.get(key, np.nan) for r in group], float)
+            row[f"openkbp_{key}_mean"] = float(np.nanmean(values)) if np.isfinite(values).any() \
+                else float("nan")
+            row[f"openkbp_{key}_std"] = float(np.nanstd(values, ddof=1)) \
+                if np.isfinite(values).sum() > 1 else float("nan")
+        steps = np.array([r.throughput.get("steps", np.nan) for r in group], float)
+        rates = np.array([r.throughput.get("steps_per_s", np.nan) for r in group], float)
+        finite = np.isfinite(steps)
+        row.update(steps_mean=float(steps[finite].mean()) if finite.any() else float("nan"),
+                   steps_min=float(steps[finite].min()) if finite.any() else float("nan"),
+                   steps_max=float(steps[finite].max()) if finite.any() else float("nan"),
+                   steps_per_s=float(np.nanmean(rates)) if np.isfinite(rates).any()
+                   else float("nan"))
+        rows.append(row)
+    return pd.DataFrame(rows)
 
 
 def label_recipes(runs: Sequence[StudyRun]) -> None:
@@ -84,7 +137,7 @@ def check_same_test_cases(runs: Sequence[StudyRun]) -> list[str]:
     for run in runs[1:]:
         ids = sorted(run.per_case["case_id"].astype(str))
         if ids != first:
-            raise ValueError(
+            raise InputError(
                 f"{run.path}: tested on {ids}, but {runs[0].path} on {first}; a study's runs "
                 "must share the split (fix data.split.seed or give data.split.file)")
     return first
@@ -96,7 +149,7 @@ def per_case_matrix(runs: Sequence[StudyRun], recipe: str, metric: str,
     columns = []
     for run in (r for r in runs if r.recipe == recipe):
         if metric not in run.per_case:
-            raise ValueError(f"{run.path}: eval/per_case.csv has no column {metric!r}")
+            raise InputError(f"{run.path}: eval/per_case.csv has no column {metric!r}")
         column = run.per_case.set_index(run.per_case["case_id"].astype(str))[metric]
         columns.append(column.reindex(list(cases)).to_numpy(dtype=float))
     return np.stack(columns, axis=1)
@@ -148,7 +201,7 @@ def study_statistics(runs: Sequence[StudyRun], baseline: str,
                      metrics: Sequence[str]) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
     """(statistics table, per-case table averaged over seeds, test case ids)."""
     if not runs:
-        raise ValueError("no runs found (folders holding run_record.json)")
+        raise InputError("no runs found (folders holding run_record.json)")
     label_recipes(runs)
     cases = check_same_test_cases(runs)
     recipes = list(dict.fromkeys(r.recipe for r in runs))
@@ -185,7 +238,7 @@ def baseline_recipe(recipes: Sequence[str], baseline: str) -> str:
     tokens = baseline.split()
     matches = [r for r in recipes if all(t in r.split() for t in tokens)]
     if len(matches) != 1:
-        raise ValueError(f"--baseline {baseline!r} matches {len(matches)} of the study's "
+        raise InputError(f"--baseline {baseline!r} matches {len(matches)} of the study's "
                          f"recipes {list(recipes)}; name exactly one")
     return matches[0]
 
@@ -199,7 +252,7 @@ def available_metrics(runs: Sequence[StudyRun], metrics: Sequence[str] | None) -
     default = study_metrics(firsts.pop() if len(firsts) == 1 else None)
     present = [m for m in default if all(m in r.per_case for r in runs)]
     if not present:
-        raise ValueError(f"none of the default metrics {default} is in every run's "
+        raise InputError(f"none of the default metrics {default} is in every run's "
                          "eval/per_case.csv; name them with metrics=")
     return present
 
@@ -224,6 +277,21 @@ def to_markdown(table: pd.DataFrame, cases: Sequence[str], n_runs: int,
     return "\n".join(lines) + "\n"
 
 
+def run_level_markdown(table: pd.DataFrame) -> str:
+    """The per-recipe OpenKBP scores and steps as GitHub markdown."""
+    lines = ["Per recipe, challenge-level OpenKBP scores (each run's pooled score; mean +- "
+             "std over seeds) and the optimizer steps each run trained:", "",
+             "| recipe | seeds | dose score Gy | DVH score Gy | steps (min-max) | steps/s |",
+             "|---|---|---|---|---|---|"]
+    for _, r in table.iterrows():
+        lines.append(
+            f"| {r.recipe} | {r.n_seeds} | {_num(r.openkbp_dose_score_gy_mean)} +- "
+            f"{_num(r.openkbp_dose_score_gy_std)} | {_num(r.openkbp_dvh_score_gy_mean)} +- "
+            f"{_num(r.openkbp_dvh_score_gy_std)} | {_num(r.steps_mean)} "
+            f"({_num(r.steps_min)}-{_num(r.steps_max)}) | {_num(r.steps_per_s)} |")
+    return "\n".join(lines) + "\n"
+
+
 def _num(value: float) -> str:
     return "" if value != value else f"{value:.3g}"
 
@@ -231,9 +299,15 @@ def _num(value: float) -> str:
 def study_figure(table: pd.DataFrame, per_case: pd.DataFrame) -> plt.Figure:
     """Per metric: each recipe's per-case values (dots) and mean with its 95 % CI."""
     metrics = list(dict.fromkeys(table["metric"]))
-    fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3.6),
+    n_recipes = table["recipe"].nunique()
+    ncols = min(len(metrics), 3)
+    nrows = -(-len(metrics) // ncols)
+    width = max(3.2, 0.45 * n_recipes + 1.0)  # room for every recipe's column of dots
+    fig, axes = plt.subplots(nrows, ncols, figsize=(width * ncols, 3.8 * nrows),
                              constrained_layout=True, squeeze=False)
-    for ax, metric in zip(axes[0], metrics):
+    for ax in axes.flat[len(metrics):]:
+        ax.set_visible(False)
+    for ax, metric in zip(axes.flat, metrics):
         rows = table[table["metric"] == metric].reset_index(drop=True)
         for i, r in rows.iterrows():
             colour = OKABE_ITO[i % len(OKABE_ITO)]
@@ -243,7 +317,8 @@ def study_figure(table: pd.DataFrame, per_case: pd.DataFrame) -> plt.Figure:
             ax.errorbar(i, r["mean"], yerr=[[r["mean"] - r.ci_low], [r.ci_high - r["mean"]]],
                         fmt="o", color="black", capsize=4)
         ax.set_xticks(range(len(rows)), [r.replace(" ", "\n") for r in rows["recipe"]],
-                      fontsize=7)
+                      fontsize=6, rotation=60 if n_recipes > 5 else 0,
+                      ha="right" if n_recipes > 5 else "center")
         ax.set_title(heading(metric), fontsize=8, wrap=True)
         ax.grid(axis="y", alpha=0.3)
     return fig
@@ -255,16 +330,23 @@ def write_study_statistics(run_dirs: Sequence[str | Path], baseline: str = "expe
     """Compute the study statistics of ``run_dirs`` and write ``study_stats.csv``,
     ``study_per_case.csv``, ``study_stats.md`` and ``study_stats.png/.pdf`` into
     ``output_dir``; return the paths."""
-    runs = [load_study_run(Path(p)) for p in run_dirs]
-    if not runs:
-        raise ValueError("no runs found (folders holding run_record.json)")
+    runs, unevaluated = load_study_runs(run_dirs)
+    for folder in unevaluated:
+        print(f"left out of the study: {folder}: no eval/per_case.csv (not evaluated: "
+              "stopped or failed)")
+    if len(runs) < 2:
+        raise InputError(f"a study needs at least two evaluated runs; found {len(runs)} "
+                         f"among {len(runs) + len(unevaluated)} run folders")
     table, per_case, cases = study_statistics(runs, baseline, available_metrics(runs, metrics))
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "study_stats.csv", index=False)
     per_case.to_csv(out / "study_per_case.csv", index=False)
+    levels = run_level_table(runs)
+    levels.to_csv(out / "study_runs.csv", index=False)
     base = baseline_recipe(list(dict.fromkeys(r.recipe for r in runs)), baseline)
-    (out / "study_stats.md").write_text(to_markdown(table, cases, len(runs), base))
+    (out / "study_stats.md").write_text(to_markdown(table, cases, len(runs), base) + "\n"
+                                        + run_level_markdown(levels))
     figure = save_figure(study_figure(table, per_case), out / "study_stats", dpi=150)
-    return [out / "study_stats.csv", out / "study_per_case.csv", out / "study_stats.md",
-            *figure]
+    return [out / "study_stats.csv", out / "study_per_case.csv", out / "study_runs.csv",
+            out / "study_stats.md", *figure]

@@ -121,7 +121,10 @@ def evaluate_case(case: Case, pred_gy: np.ndarray, settings: EvaluationSettings,
             for name, rate in region_pass_rates(gamma, regions).items():
                 row[f"{label}_{name}_pass"] = rate
     constraints = constraint_rows(case, pred_gy, settings.constraints)
-    return CaseResult(row, dvh_rows, constraints, dvh_errors(case, pred_gy, targets), gamma_map)
+    errors = dvh_errors(case, pred_gy, targets)
+    # the challenge pools every patient's points; per case, for paired statistics
+    row["openkbp_dvh_score_gy"] = float(np.mean(errors)) if errors else float("nan")
+    return CaseResult(row, dvh_rows, constraints, errors, gamma_map)
 
 
 def uncertainty_metrics(case: Case, pred_gy: np.ndarray, std_gy: np.ndarray) -> dict:

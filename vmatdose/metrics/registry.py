@@ -74,8 +74,10 @@ def study_metrics(target: str | None) -> tuple[str, ...]:
     """The metrics a study reports when none are named, in this order; ``target`` (the
     protocol's first, highest-dose target) adds its D95 errors, ``None`` leaves them out."""
     d95 = (f"d95_{target}_error_gy", f"d95_{target}_abs_error_gy") if target else ()
-    return ("mae_body_gy", "gamma_3pct_3mm_ptv_region_pass", *d95, "gamma_3pct_3mm_pass",
-            "gamma_3pct_3mm_high_dose_pass", "gamma_3pct_3mm_low_dose_pass")
+    return ("openkbp_dose_score_gy", "openkbp_dvh_score_gy", "mae_body_gy",
+            "gamma_3pct_3mm_pass", "gamma_3pct_3mm_targets_pass",
+            "gamma_3pct_3mm_low_dose_pass", "gamma_3pct_3mm_high_dose_pass",
+            "gamma_3pct_3mm_ptv_region_pass", *d95)
 
 
 #: Config keys and override keys that say where or how a run is recorded, not what it is:
@@ -126,6 +128,7 @@ _PATTERNS: list[tuple[str, str, str, str]] = [
      "higher"),
     (r"gamma_pass", "gamma pass rate", "%", "higher"),
     (r"openkbp_dose_score_gy", "OpenKBP dose score", "Gy", "lower"),
+    (r"openkbp_dvh_score_gy", "OpenKBP DVH score (this case's points)", "Gy", "lower"),
     (r"openkbp_dvh_score_gy", "OpenKBP DVH score", "Gy", "lower"),
     (r"uncertainty_mean_std_gy", "mean ensemble std in body", "Gy", "none"),
     (r"uncertainty_error_correlation", "ensemble std - error correlation", "", "higher"),
