@@ -122,3 +122,32 @@ def test_cli_names_the_case_and_exits_1(tmp_path):
     assert last_line(result.stdout).startswith("error: case 'nopred' ")
     assert "no prediction" in last_line(result.stdout)
     assert not out.exists()
+
+
+def test_ckpt_path_predicts_every_case_first_then_plans_from_those_predictions(
+        trained_run, tmp_path, prostate, monkeypatch):
+    """The ``ckpt_path=`` route up to the engine: one prediction per case written into
+    ``output_dir/predictions`` (as ``predict`` writes them), each job planned from it."""
+    import vmatdose.planning.run as plan_run
+    from vmatdose.data.case import load_case
+    from vmatdose.inference.predictions import load_prediction
+
+    root, _, ckpt = trained_run
+    cases_dir = root / "data" / "phantom_smoke"
+    planned = []
+    monkeypatch.setattr(plan_run, "require_pyradplan", lambda: None)  # engine not needed
+    monkeypatch.setattr(plan_run, "plan_one",
+                        lambda job, *args: (planned.append(job) or ({"case_id": job.case_id},
+                                                                    [], [])))
+    monkeypatch.setattr(plan_run, "_case_line", lambda row: row["case_id"])
+    out = tmp_path / "out"
+    cfg = {"cases_dir": str(cases_dir), "ckpt_path": str(ckpt), "output_dir": str(out),
+           "accelerator": "cpu", "protocol": prostate, "planning": {"progress": False}}
+    table = run_planning(cfg)
+    case_files = sorted(cases_dir.glob("*.npz"))
+    assert sorted(table["case_id"]) == [p.stem for p in case_files]
+    assert [j.prediction_path for j in planned] == [out / "predictions" / p.name
+                                                    for p in case_files]
+    case = load_case(case_files[0])
+    dose, _ = load_prediction(planned[0].prediction_path, case)
+    assert dose.shape == case.shape and dose.max() > 0
