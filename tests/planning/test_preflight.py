@@ -151,3 +151,30 @@ def test_ckpt_path_predicts_every_case_first_then_plans_from_those_predictions(
     case = load_case(case_files[0])
     dose, _ = load_prediction(planned[0].prediction_path, case)
     assert dose.shape == case.shape and dose.max() > 0
+
+
+def test_rtdose_identity_comes_from_source_dicom_and_a_miss_stops_before_planning(
+        tmp_path, prostate, monkeypatch):
+    import vmatdose.planning.run as plan_run
+    from vmatdose.data.ingest.dicom import DicomIngestSettings, ingest_dicom_case
+    from vmatdose.planning.run import rtdose_sources
+
+    from dicom_builders import PATIENT_ID, PatientSpec, write_patient
+
+    root = tmp_path / "dicom"
+    write_patient(root / "p_hfs", PatientSpec())
+    settings = DicomIngestSettings(protocol=Protocol.load("prostate_sib"), id_salt="s3cret")
+    case = ingest_dicom_case(root / "p_hfs", settings=settings)
+    cases_dir, pred_dir = _write(tmp_path, [case])
+    cfg = {**_cfg(prostate, cases_dir, pred_dir, tmp_path / "out"), "export_rtdose": True,
+           "source_dicom": str(root), "id_salt": "s3cret"}
+    jobs = check_cases(sorted(cases_dir.glob("*.npz")), pred_dir, Protocol.from_dict(prostate),
+                       PlanSettings.from_config(cfg["planning"]))
+    assert rtdose_sources(jobs, cfg)[case.case_id].patient["PatientID"] == PATIENT_ID
+    assert rtdose_sources(jobs, {**cfg, "export_rtdose": False}) == {}
+    planned = []
+    monkeypatch.setattr(plan_run, "require_pyradplan", lambda: None)
+    monkeypatch.setattr(plan_run, "plan_one", lambda *args: planned.append(args))
+    with pytest.raises(InputError, match=rf"^{case.case_id}: .*VMATDOSE_ID_SALT"):
+        run_planning({**cfg, "id_salt": "wrong"})
+    assert not planned and not (tmp_path / "out").exists()

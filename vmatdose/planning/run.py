@@ -92,12 +92,14 @@ def run_planning(cfg: Mapping) -> pd.DataFrame:
         require_pyradplan()  # before spending time on predictions
         predictions_dir = _predict_first(cfg, output_dir)
     jobs = check_cases(paths, predictions_dir, protocol, settings)
+    sources = rtdose_sources(jobs, cfg)
     require_pyradplan()
     constraints = parse_constraints(protocol.constraints)
     rows, criteria, points = [], [], []
     for job in tqdm(jobs, desc="plan", unit="case", disable=not settings.progress):
         row, case_criteria, case_points = plan_one(job, constraints, settings, gamma,
-                                                   output_dir, bool(cfg.get("export_rtdose")))
+                                                   output_dir, bool(cfg.get("export_rtdose")),
+                                                   sources.get(job.case_id))
         rows.append(row)
         criteria += case_criteria
         points += case_points
@@ -110,23 +112,43 @@ def run_planning(cfg: Mapping) -> pd.DataFrame:
     return table
 
 
+def rtdose_sources(jobs: list[PlanJob], cfg: Mapping) -> dict[str, object]:
+    """case id -> its source patient (:func:`~vmatdose.data.export.rtdose.find_source_patient`)
+    when ``source_dicom`` is given, so each RTDOSE carries the patient's identity and UIDs
+    as ``predict`` writes them; found for every case before any optimisation."""
+    if not cfg.get("export_rtdose") or not cfg.get("source_dicom"):
+        return {}
+    from vmatdose.data.export.rtdose import find_source_patient
+    from vmatdose.data.privacy import SaltError
+
+    sources = {}
+    for job in jobs:
+        try:
+            sources[job.case_id] = find_source_patient(
+                job.case_id, cfg["source_dicom"], cfg.get("id_salt") or None,
+                cfg.get("case_id_map"))
+        except (LookupError, SaltError) as err:
+            raise InputError(f"{job.case_id}: {err}") from err
+    return sources
+
+
 def plan_one(job: PlanJob, constraints: list[Constraint], settings: PlanSettings,
-             gamma: Mapping, output_dir: Path, export_rtdose: bool
+             gamma: Mapping, output_dir: Path, export_rtdose: bool, source: object = None
              ) -> tuple[dict, list[dict], list[dict]]:
-    """Plan one checked case and write its outputs; its summary row, criteria and DVH
-    point rows."""
+    """Plan one checked case and write its outputs (``source``: its source patient for
+    the RTDOSE); its summary row, criteria and DVH point rows."""
     case = load_case(job.case_path)
     pred, _ = load_prediction(job.prediction_path, case)
     planned = plan_case(case, pred, job.arrangement, constraints, settings)
     planned.release()
     return write_case_outputs(case, pred, planned, job, constraints, settings, gamma,
-                              output_dir, export_rtdose)
+                              output_dir, export_rtdose, source)
 
 
 def write_case_outputs(case: Case, pred: np.ndarray, planned: PlannedCase, job: PlanJob,
                        constraints: list[Constraint], settings: PlanSettings,
-                       gamma: Mapping, output_dir: Path, export_rtdose: bool
-                       ) -> tuple[dict, list[dict], list[dict]]:
+                       gamma: Mapping, output_dir: Path, export_rtdose: bool,
+                       source: object = None) -> tuple[dict, list[dict], list[dict]]:
     """Every per-case file of :mod:`.run`; returns the rows for the run's tables."""
     folder = output_dir / case.case_id
     folder.mkdir(parents=True, exist_ok=True)
@@ -135,7 +157,7 @@ def write_case_outputs(case: Case, pred: np.ndarray, planned: PlannedCase, job: 
     if export_rtdose:
         from vmatdose.data.export.rtdose import write_rtdose
 
-        write_rtdose(dose, case, output_dir / f"{case.case_id}_rtdose.dcm")
+        write_rtdose(dose, case, output_dir / f"{case.case_id}_rtdose.dcm", source=source)
     save_fluence_arrays(planned.beams, settings.bixel_width_mm, folder / "fluence.npz")
     save_figure(fluence_figure(planned.beams, settings.bixel_width_mm,
                                f"{case.case_id}: optimised fluence per beam"),
