@@ -135,6 +135,9 @@ def test_unevaluated_runs_are_left_out_and_run_level_scores_and_steps_reported(
         (run / "eval" / "summary.json").write_text(json.dumps(
             {"openkbp": {"dose_score_gy": dose, "dvh_score_gy": dvh}}))
         (run / "throughput.json").write_text(json.dumps({"steps": steps, "steps_per_s": 0.5}))
+    (runs[2] / "train.log").write_text(  # a run from before throughput.json
+        "[2026-12-04 02:53:05,263][vmatdose.training.throughput][INFO] - trained 280 steps in "
+        "4 epochs, 8.6 min: 0.54 steps/s\n")
     stopped = tmp_path / "stopped"  # a run that failed mid-sweep: record, no evaluation
     stopped.mkdir()
     (stopped / "run_record.json").write_text(json.dumps({"overrides": ["seed=9"], "seed": 9}))
@@ -146,7 +149,8 @@ def test_unevaluated_runs_are_left_out_and_run_level_scores_and_steps_reported(
     assert base.n_seeds == 2 and base.openkbp_dose_score_gy_mean == 3.5
     assert base.openkbp_dvh_score_gy_std == pytest.approx(np.std([2.0, 3.0], ddof=1))
     assert (base.steps_mean, base.steps_min, base.steps_max) == (320, 300, 340)
-    assert np.isnan(levels.loc["experiment=better"].steps_mean)  # no throughput.json
+    assert np.isnan(levels.loc["experiment=same"].steps_mean)  # neither file
+    assert levels.loc["experiment=better"].steps_mean == 280  # from train.log
     markdown = (tmp_path / "out" / "study_stats.md").read_text()
     assert "| experiment=baseline | 2 | 3.5 +- 0.707 | 2.5 +- 0.707 | 320 (300-340) | 0.5 |" \
         in markdown

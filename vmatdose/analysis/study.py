@@ -29,6 +29,7 @@ Runs without an evaluation (stopped or failed mid-sweep) are listed and left out
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,11 +76,30 @@ def load_study_run(path: Path) -> StudyRun:
     return StudyRun(path, [str(o) for o in record.get("overrides", [])], record.get("seed"),
                     pd.read_csv(table_path), targets=[str(t) for t in targets],
                     openkbp=_json(path / "eval" / "summary.json").get("openkbp") or {},
-                    throughput=_json(path / "throughput.json"))
+                    throughput=read_throughput(path))
 
 
 def _json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
+
+
+#: The last line of training (:class:`vmatdose.training.throughput.ThroughputCallback`).
+THROUGHPUT_LINE = re.compile(r"trained (\d+) steps in (\d+) epochs, ([\d.]+) min: ([\d.]+) steps/s")
+
+
+def read_throughput(run: Path) -> dict:
+    """``throughput.json`` of a run, or for runs that predate it the throughput line of
+    its ``train.log``; empty when neither is there."""
+    record = _json(run / "throughput.json")
+    log_file = run / "train.log"
+    if record or not log_file.is_file():
+        return record
+    found = THROUGHPUT_LINE.findall(log_file.read_text(errors="replace"))
+    if not found:
+        return {}
+    steps, epochs, minutes, rate = found[-1]
+    return {"steps": int(steps), "epochs": int(epochs), "train_s": float(minutes) * 60,
+            "steps_per_s": float(rate)}
 
 
 def load_study_runs(run_dirs: Sequence[str | Path]) -> tuple[list[StudyRun], list[Path]]:
