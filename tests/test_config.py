@@ -89,3 +89,17 @@ def test_ddp_trainer_config_builds_a_ddp_strategy(tmp_path):
     strategy = hydra.utils.instantiate(cfg.trainer.strategy)
     assert type(strategy).__name__ == "DDPStrategy"
     assert (cfg.trainer.devices, cfg.trainer.num_nodes) == (2, 3)
+
+
+def test_the_loss_study_recipe_is_the_cpu_recipe_on_its_short_budget(tmp_path):
+    """``experiment=openkbp_loss_study`` is exactly the overrides the published study ran
+    (experiments/openkbp_loss_study.md), tags aside."""
+    study = compose_train(tmp_path, ["experiment=openkbp_loss_study", "loss=grad"])
+    ran = compose_train(tmp_path, ["experiment=openkbp_cpu", "budget_minutes=08",
+                                   "evaluate_after_training=true", "evaluation=fast",
+                                   "loss=grad"])
+    study, ran = OmegaConf.to_container(study, resolve=True), OmegaConf.to_container(ran, resolve=True)
+    assert study.pop("tags") == ["openkbp", "cpu", "loss_study"]
+    ran.pop("tags")
+    assert study == ran
+    assert study["trainer"]["max_time"] == "00:00:08:00"
