@@ -27,13 +27,13 @@ from vmatdose.data.ingest.openkbp import (
     to_canonical,
     unpack_archive,
 )
-from vmatdose.data.prior import fit_falloff_profile, prior_dose
 from vmatdose.data.pipeline import (
     InputSettings,
     SamplingSettings,
     assemble_batch,
     build_transforms,
 )
+from vmatdose.data.prior import fit_falloff_profile, prior_dose
 
 from conftest import OPENKBP_SAMPLE, make_box_case
 
