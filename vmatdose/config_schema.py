@@ -47,7 +47,7 @@ class SplitConfig:
 @dataclass
 class AugmentConfig:
     """Training augmentation probabilities and magnitudes (0 disables one), see
-    :func:`vmatdose.data.transforms.build_transforms`."""
+    :class:`vmatdose.data.pipeline.SamplingSettings`."""
 
     flip_lr: float = 0.0
     flip_ap: float = 0.0

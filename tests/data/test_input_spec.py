@@ -13,7 +13,7 @@ from hydra import compose, initialize_config_dir
 
 from vmatdose.config import CONFIG_DIR
 from vmatdose.data.input_spec import ChannelBlock, InputSpec, input_channels
-from vmatdose.data.transforms import assemble_batch
+from vmatdose.data.pipeline import assemble_batch
 from vmatdose.training.module import DoseModule
 
 STRUCTURES = ["PTV70", "ParotidL", "ParotidR"]

@@ -27,8 +27,13 @@ from vmatdose.data.ingest.openkbp import (
     to_canonical,
     unpack_archive,
 )
+from vmatdose.data.pipeline import (
+    InputSettings,
+    SamplingSettings,
+    assemble_batch,
+    build_transforms,
+)
 from vmatdose.data.prior import fit_falloff_profile, prior_dose
-from vmatdose.data.transforms import assemble_batch, build_transforms
 
 from conftest import OPENKBP_SAMPLE, make_box_case
 
@@ -225,9 +230,9 @@ def test_compact_samples_assemble_into_the_float_ones(tmp_path):
     kw = dict(signed_distance=True, prescriptions_gy={"PTV70": 70.0, "PTV56": 56.0},
               prior_dose={"distance_mm": [0.0, 30.0], "relative_dose": [1.0, 0.1]})
     names = ["PTV70", "PTV56", "Rectum"]
-    full = build_transforms(names, 70.0, train=False, **kw)({"path": str(tmp_path / "box.npz")})
-    compact = build_transforms(names, 70.0, train=False, compact=True, **kw)(
-        {"path": str(tmp_path / "box.npz")})
+    inputs = InputSettings(names, 70.0, **kw)
+    full = build_transforms(inputs)({"path": str(tmp_path / "box.npz")})
+    compact = build_transforms(inputs, compact=True)({"path": str(tmp_path / "box.npz")})
     assert compact["masks"].dtype == torch.uint8 and compact["ct"].dtype == torch.float16
     assert compact["dose"].dtype == torch.float16 and "image" not in compact
     assembled = assemble_batch(compact, signed_distance=True, prior=True)
@@ -239,10 +244,9 @@ def test_compact_samples_assemble_into_the_float_ones(tmp_path):
 
 def test_resolution_factor_pools_volumes_and_spacing(tmp_path):
     save_case(make_box_case(), tmp_path / "box.npz")
-    sample = build_transforms(["PTV70", "PTV56", "Rectum"], 70.0, train=False,
-                              resolution_factor=2)({"path": str(tmp_path / "box.npz")})
-    full = build_transforms(["PTV70", "PTV56", "Rectum"], 70.0, train=False)(
-        {"path": str(tmp_path / "box.npz")})
+    inputs = InputSettings(["PTV70", "PTV56", "Rectum"], 70.0)
+    sample = build_transforms(inputs, resolution_factor=2)({"path": str(tmp_path / "box.npz")})
+    full = build_transforms(inputs)({"path": str(tmp_path / "box.npz")})
     assert sample["image"].shape == (4, 8, 10, 12)
     torch.testing.assert_close(sample["dose"][0, 3, 4, 5], full["dose"][0, 6:8, 8:10, 10:12].mean())
     np.testing.assert_allclose(sample["spacing_mm"], [4.0, 5.0, 6.0])
@@ -255,9 +259,10 @@ def test_dose_patches_centre_on_the_dose_region(tmp_path):
     save_case(case, tmp_path / "box.npz")
 
     def hit_rate(sampling: str) -> float:
-        transform = build_transforms(["PTV70", "PTV56", "Rectum"], 70.0, train=True,
-                                     patch_size=[8, 8, 8], patch_sampling=sampling,
-                                     dose_patch_fraction=1.0)
+        transform = build_transforms(
+            InputSettings(["PTV70", "PTV56", "Rectum"], 70.0),
+            SamplingSettings(patch_size=[8, 8, 8], patch_sampling=sampling,
+                             dose_patch_fraction=1.0))
         transform.set_random_state(seed=0)
         patches = [transform({"path": str(tmp_path / "box.npz")}) for _ in range(40)]
         return float(np.mean([float((p["dose"] >= 0.1).any()) for p in patches]))
@@ -265,7 +270,7 @@ def test_dose_patches_centre_on_the_dose_region(tmp_path):
     assert hit_rate("dose") == 1.0
     assert hit_rate("uniform") < 0.3
     with pytest.raises(ValueError, match="patch_sampling"):
-        build_transforms(["PTV70"], 70.0, train=True, patch_sampling="random")
+        SamplingSettings(patch_sampling="random")
 
 
 def test_device_batches_flip_and_swap_paired_channels():

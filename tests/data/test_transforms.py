@@ -6,7 +6,9 @@ import torch
 
 from vmatdose.data.case import save_case
 from vmatdose.data.datamodule import DoseDataModule, make_split, read_split
-from vmatdose.data.transforms import RandFlipLeftRightd, build_transforms, signed_distance_mm
+from vmatdose.data.geometry import signed_distance_mm
+from vmatdose.data.pipeline import InputSettings, SamplingSettings, build_transforms
+from vmatdose.data.transforms import RandFlipLeftRightd
 
 from conftest import make_box_case
 
@@ -25,7 +27,7 @@ def test_signed_distance_is_negative_inside_positive_outside_in_mm():
 
 def test_sample_has_documented_keys_shapes_and_scaling(tmp_path, box_case):
     path = save_case(box_case, tmp_path / "box.npz")
-    sample = build_transforms(STRUCTURES, 70.0, train=False, signed_distance=True)(
+    sample = build_transforms(InputSettings(STRUCTURES, 70.0, signed_distance=True))(
         {"path": str(path)})
     shape = box_case.shape
     assert sample["image"].shape == (1 + 4 + 4, *shape)
@@ -41,14 +43,15 @@ def test_sample_has_documented_keys_shapes_and_scaling(tmp_path, box_case):
 
 def test_training_transform_pads_whole_volumes_to_divisible(tmp_path, box_case):
     path = save_case(box_case, tmp_path / "box.npz")
-    sample = build_transforms(STRUCTURES, 70.0, train=True, divisible_by=8)(
+    sample = build_transforms(InputSettings(STRUCTURES, 70.0), SamplingSettings(divisible_by=8))(
         {"path": str(path)})
     assert all(s % 8 == 0 for s in sample["image"].shape[1:])
 
 
 def test_patches_have_the_configured_size(tmp_path, box_case):
     path = save_case(box_case, tmp_path / "box.npz")
-    sample = build_transforms(STRUCTURES, 70.0, train=True, patch_size=(8, 12, 16))(
+    sample = build_transforms(InputSettings(STRUCTURES, 70.0),
+                              SamplingSettings(patch_size=(8, 12, 16)))(
         {"path": str(path)})
     assert tuple(sample["image"].shape[1:]) == (8, 12, 16)
 

@@ -12,7 +12,7 @@ SCALE_GY = 70.0
 
 
 def box_batch(n_cases: int = 2, size: int = 16, spacing=(3.0, 2.0, 2.0)) -> dict:
-    """A collated batch of box 'patients' (keys of vmatdose.data.transforms).
+    """A collated batch of box 'patients' (keys of vmatdose.data.pipeline).
 
     Per case (Z = Y = X = ``size``): body = all but a 1-voxel rim; PTV70 a 4^3 cube at the
     centre, PTV56 a 2-voxel shell around it, Rectum a 2x2-voxel bar along z behind them,

@@ -31,7 +31,7 @@ def build_model(name: str, root: Path, *overrides: str):
 
 
 def synthetic_batch(n_cases: int = 2, size: int = 16, seed: int = 0) -> dict:
-    """A collated batch of spherical 'patients' with the keys of vmatdose.data.transforms.
+    """A collated batch of spherical 'patients' with the keys of vmatdose.data.pipeline.
 
     Each case: body ball, PTV70 ball (dose 1.0), PTV56 shell (0.8) around it at a random
     centre, an organ slab; dose falls off exponentially outside the targets, 0 outside the

@@ -8,7 +8,7 @@ from monai.networks.nets import UNet
 from vmatdose.data.case import save_case
 from vmatdose.data.conditioning import condition_vector
 from vmatdose.data.phantom import generate_phantom_case
-from vmatdose.data.transforms import build_transforms
+from vmatdose.data.pipeline import InputSettings, build_transforms
 from vmatdose.models.film import FiLMNet, conditioned_network
 from vmatdose.protocol import Protocol
 
@@ -76,8 +76,8 @@ def two_level_samples(tmp_path_factory):
     """Two anatomies, each planned at 70/56 and at 60/50 Gy: only the vector tells the
     two plans of one anatomy apart."""
     folder = tmp_path_factory.mktemp("two_levels")
-    transform = build_transforms(list(PROTOCOL.structures), PROTOCOL.dose_scale_gy,
-                                 train=False, conditioning=SPEC)
+    transform = build_transforms(InputSettings(list(PROTOCOL.structures),
+                                               PROTOCOL.dose_scale_gy, conditioning=SPEC))
     samples = []
     for seed in (11, 12):
         for k, level in enumerate(LEVELS):

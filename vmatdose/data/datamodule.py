@@ -11,11 +11,17 @@ import lightning as L
 import numpy as np
 import torch
 from monai.data import CacheDataset, DataLoader, Dataset
+from monai.transforms import Compose
 
 from vmatdose.config_schema import CT_WINDOW_HU, SDF_SCALE_MM
 from vmatdose.data.case import list_case_files
 from vmatdose.data.conditioning import conditioning_spec
-from vmatdose.data.transforms import assemble_batch, build_transforms
+from vmatdose.data.pipeline import (
+    InputSettings,
+    SamplingSettings,
+    assemble_batch,
+    build_transforms,
+)
 from vmatdose.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -56,7 +62,7 @@ def read_split(path: str | Path, known_ids: Sequence[str]) -> dict[str, list[str
 class DoseDataModule(L.LightningDataModule):
     """Case files in ``cases_dir`` as train/val/test loaders of dict samples.
 
-    See :mod:`vmatdose.data.transforms` for the sample keys and shapes. If the folder holds
+    See :mod:`vmatdose.data.pipeline` for the sample keys and shapes. If the folder holds
     no case files and it is the folder the ``generator`` (the phantom) fills, it is generated
 first; any other folder without case files is an error naming it.
     """
@@ -100,7 +106,7 @@ first; any other folder without case files is an error naming it.
         limit}`` (the conditioning vector's limits); ``beams``: the protocol's beam
         arrangement (:mod:`vmatdose.data.beams`), ``None`` for none.
 
-        Memory and sampling (see :mod:`vmatdose.data.transforms`): ``compact`` caches
+        Memory and sampling (see :mod:`vmatdose.data.pipeline`): ``compact`` caches
         volumes in 8/16 bits and casts them to float per batch on the device;
         ``device_cache`` stacks the whole training split on the training device and
         augments it there (:mod:`vmatdose.data.device_cache`); ``patch_sampling`` is
@@ -119,44 +125,43 @@ first; any other folder without case files is an error naming it.
         self.generator = generator
         self.split_cfg = dict(split or {})
         self.split_output = split_output
-        self.patch_size = list(patch_size) if patch_size else None
-        self.batch_size = batch_size
-        self.num_workers = num_workers
-        self.signed_distance = signed_distance
-        self.cache = cache
         self.max_cases = max_cases
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.cache, self.cache_workers = cache, int(cache_workers)
+        self.device_cache = bool(device_cache)
+        self.compact = bool(compact or device_cache)
         self.constraints = [dict(c) for c in constraints or ()]
         self.beams = beams
-        self.split: dict[str, list[str]] | None = None
-        self._datasets: dict[str, Dataset] = {}
-        self.prior_dose = dict(prior_dose) if prior_dose else None
-        self.compact = bool(compact or device_cache)
-        self.device_cache = bool(device_cache)
-        self.cache_workers = int(cache_workers)
-        self.lr_pairs = [list(p) for p in lr_pairs]
-        self.augment = dict(augment or {})
-        self.patch_sampling = patch_sampling
-        self.dose_patch_fraction = float(dose_patch_fraction)
-        self._device_batches = None
         self.conditioning = conditioning_spec(conditioning, self.targets,
                                               self.constraints, self.dose_scale_gy)
-        common = dict(ct_window=ct_window, signed_distance=signed_distance,
-                      sdf_scale_mm=sdf_scale_mm, divisible_by=divisible_by,
-                      prior_dose=self.prior_dose, resolution_factor=int(resolution_factor),
-                      compact=self.compact, prescriptions_gy=self.prescriptions_gy,
-                      conditioning=self.conditioning,
-                      default_beams=dict(beams) if beams else None)
-        if device_cache:
-            # The device does augmentation and patches: the cached pipeline stops before.
-            self.train_transform = build_transforms(
-                self.structures, self.dose_scale_gy, train=False, **common)
-        else:
-            self.train_transform = build_transforms(
-                self.structures, self.dose_scale_gy, train=True, patch_size=self.patch_size,
-                lr_pairs=lr_pairs, augment=augment, patch_sampling=patch_sampling,
-                dose_patch_fraction=self.dose_patch_fraction, **common)
-        self.eval_transform = build_transforms(self.structures, self.dose_scale_gy,
-                                               train=False, **common)
+        self.split: dict[str, list[str]] | None = None
+        self._datasets: dict[str, Dataset] = {}
+        self._device_batches = None
+        self.inputs = self._input_settings(ct_window, signed_distance, sdf_scale_mm,
+                                           prior_dose)
+        self.sampling = SamplingSettings(
+            list(patch_size) if patch_size else None, divisible_by,
+            [list(p) for p in lr_pairs], dict(augment or {}), patch_sampling,
+            float(dose_patch_fraction))
+        self.train_transform, self.eval_transform = self._pipelines(int(resolution_factor))
+
+    def _input_settings(self, ct_window: Sequence[float], signed_distance: bool,
+                        sdf_scale_mm: float, prior_dose: Mapping | None) -> InputSettings:
+        """What every sample of this data holds (the protocol's part from ``self``)."""
+        return InputSettings(
+            self.structures, self.dose_scale_gy, ct_window=ct_window,
+            signed_distance=signed_distance, sdf_scale_mm=sdf_scale_mm,
+            prior_dose=dict(prior_dose) if prior_dose else None,
+            prescriptions_gy=self.prescriptions_gy, conditioning=self.conditioning,
+            default_beams=dict(self.beams) if self.beams else None)
+
+    def _pipelines(self, resolution_factor: int) -> tuple[Compose, Compose]:
+        """The training and the evaluation pipeline. With ``device_cache`` the training
+        one stops before augmentation and patches: the device does them."""
+        storage = dict(resolution_factor=resolution_factor, compact=self.compact)
+        train = build_transforms(self.inputs, None if self.device_cache else self.sampling,
+                                 **storage)
+        return train, build_transforms(self.inputs, **storage)
 
     def prepare_data(self) -> None:
         """Generate the phantom on its config's first use (its own folder, said on the
@@ -242,10 +247,11 @@ first; any other folder without case files is an error naming it.
                 device = (self.trainer.strategy.root_device if self.trainer is not None
                           else "cpu")
             dataset = self.dataset("train")
+            sampling = self.sampling
             self._device_batches = DeviceBatches(
                 [dataset[i] for i in range(len(dataset))], self.batch_size, device,
-                self.structures, self.lr_pairs, self.augment, self.patch_size,
-                self.dose_patch_fraction if self.patch_sampling == "dose" else 0.0,
+                self.structures, sampling.lr_pairs, sampling.augment, sampling.patch_size,
+                sampling.dose_patch_fraction if sampling.patch_sampling == "dose" else 0.0,
                 seed=int(torch.initial_seed() % 2**31))
         return self._device_batches
 
@@ -253,7 +259,7 @@ first; any other folder without case files is an error naming it.
         """Compact batches become float32 ones with their ``image`` here, on the device."""
         if not self.compact:
             return batch
-        return assemble_batch(batch, self.signed_distance, self.prior_dose is not None)
+        return assemble_batch(batch, self.inputs.signed_distance, self.inputs.prior)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", False, 1)

@@ -14,7 +14,7 @@ from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 
-from vmatdose.data.transforms import lr_permutation
+from vmatdose.data.input_spec import lr_permutation
 
 VOLUME_KEYS = ("ct", "masks", "body", "sdf", "prior", "dose")
 

@@ -145,12 +145,8 @@ class InputSpec:
         femur); the other channels stay."""
         order, start = [], 0
         for block in self.blocks:
-            index = {name: i for i, name in enumerate(block.names)}
-            local = list(range(len(block.names)))
-            if block.mirrored:
-                for left, right in self.lr_pairs:
-                    if left in index and right in index:
-                        local[index[left]], local[index[right]] = index[right], index[left]
+            local = (lr_permutation(block.names, self.lr_pairs) if block.mirrored
+                     else range(len(block.names)))
             order += [start + i for i in local]
             start += len(block.names)
         return order
@@ -168,6 +164,18 @@ class InputSpec:
                                       str(b["interpolation"]), bool(b["mirrored"]),
                                       str(b["kind"])) for b in data["blocks"]),
                    tuple((str(a), str(c)) for a, c in data.get("lr_pairs") or ()))
+
+
+def lr_permutation(structures: Sequence[str], pairs: Sequence[Sequence[str]]) -> list[int]:
+    """Channel order of ``structures`` after a left/right mirror: each (left, right) pair
+    present swaps places (``Femur_L`` stays the patient's left femur)."""
+    structures = list(structures)
+    permutation = list(range(len(structures)))
+    for left, right in pairs:
+        if left in structures and right in structures:
+            i, j = structures.index(left), structures.index(right)
+            permutation[i], permutation[j] = j, i
+    return permutation
 
 
 def input_channels(data: Mapping, extra: int = 0) -> int:

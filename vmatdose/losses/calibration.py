@@ -29,7 +29,7 @@ def term_magnitudes(loss: CompositeLoss, predict: Callable[[torch.Tensor], torch
                     batches: Iterable[Mapping],
                     max_relative_dose: float | None = 1.5) -> dict[str, float]:
     """Term name -> mean of ``weight * L_i`` over ``batches`` (dicts of
-    :mod:`vmatdose.data.transforms` samples), with ``predict(image) -> (B, 1, Z, Y, X)``
+    :mod:`vmatdose.data.pipeline` samples), with ``predict(image) -> (B, 1, Z, Y, X)``
     normalised dose, clipped to ``[0, max_relative_dose]``. Terms of weight 0 are left
     out."""
     sums: dict[str, float] = {}

@@ -30,7 +30,7 @@ class CompositeLoss(nn.Module):
 
     Every term is an ``nn.Module`` called as ``term(pred, batch) -> scalar tensor`` where
     ``pred`` is the (B, 1, Z, Y, X) predicted dose divided by ``batch["dose_scale_gy"]`` and
-    ``batch`` holds the sample keys of :mod:`vmatdose.data.transforms`.
+    ``batch`` holds the sample keys of :mod:`vmatdose.data.pipeline`.
 
     Args:
         terms: name -> ``{"weight": float, "term": nn.Module}`` (the ``loss`` config group
