@@ -229,14 +229,3 @@ class RandDoseCropd(Randomizable, MapTransform):
         patch = self.positive(out)[0]
         patch.pop(self.label_key)
         return patch
-
-
-def __getattr__(name: str):
-    # ``vmatdose.inference.predictor`` (outside this change) still imports
-    # ``inference_transform`` from here; it now lives in ``vmatdose.data.pipeline``
-    # (imported lazily: the pipeline imports this module).
-    if name == "inference_transform":
-        from vmatdose.data.pipeline import inference_transform
-
-        return inference_transform
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

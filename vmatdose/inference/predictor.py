@@ -20,7 +20,7 @@ import torch
 from monai.transforms import Compose, Resize
 
 from vmatdose.data.case import Case, load_case
-from vmatdose.data.transforms import inference_transform
+from vmatdose.data.pipeline import inference_transform
 from vmatdose.data.validation import SPACING_TOLERANCE, check_cases
 from vmatdose.inference.checkpoint import CheckpointContract, read_checkpoint
 
