@@ -300,3 +300,17 @@ def test_an_unquoted_path_gets_a_hint_to_quote_it(tmp_path, words):
     assert last_line(done.stdout) == (
         "hint: quote a value with spaces or non-ASCII characters for the shell and for Hydra: "
         f"'output_dir=\"{value}\"'")
+
+
+def test_a_sweep_goes_on_past_a_failed_job_and_ends_listing_it(trained_run, tmp_path):
+    cases = smoke_cases(trained_run, tmp_path / "cases")
+    sweep = tmp_path / "sweep"
+    done = cli("train", "-m", "debug=smoke", f"data.cases_dir={tmp_path / 'empty'},{cases}",
+               "evaluation=fast", f"paths.root_dir={tmp_path}", f"hydra.sweep.dir={sweep}",
+               cwd=tmp_path)
+    assert done.returncode == 1
+    failure = json.loads((sweep / "0" / "failed.json").read_text())
+    assert failure["error"] == "InputError" and "no case files (*.npz)" in failure["message"]
+    assert (sweep / "1" / "checkpoints" / "last.ckpt").is_file()  # the next job still ran
+    assert last_line(done.stdout).startswith(
+        f"error: 1 of 2 sweep jobs failed: {sweep / '0'}: {tmp_path / 'empty'}: no case files")

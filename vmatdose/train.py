@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict
 
 from vmatdose.config import CONFIG_DIR
 from vmatdose.errors import exit_on_input_error
 from vmatdose.inference.checkpoint import check_resume_checkpoint
+from vmatdose.records.job_failure import run_sweep_job
 from vmatdose.tracking.console import setup_console
 from vmatdose.workflow import run_training
 
@@ -26,10 +28,14 @@ def main(cfg: DictConfig) -> float | None:
     hydra_cfg = HydraConfig.get()
     with open_dict(cfg):
         cfg.paths.output_dir = hydra_cfg.runtime.output_dir
-    with exit_on_input_error():
+
+    def train() -> float | None:
         if cfg.get("ckpt_path"):  # refused before anything of the run is written
             check_resume_checkpoint(cfg.ckpt_path, cfg)
         return run_training(cfg, list(hydra_cfg.overrides.task))
+
+    with exit_on_input_error():  # a multirun's failed job is recorded, the sweep goes on
+        return run_sweep_job(train, cfg.paths.output_dir, hydra_cfg.mode == RunMode.MULTIRUN)
 
 
 if __name__ == "__main__":
