@@ -46,3 +46,32 @@ def test_the_end_of_a_sweep_lists_its_failed_jobs(tmp_path):
     assert str(stop.value.code) == f"error: 1 of 3 sweep jobs failed: {tmp_path / '1'}: loss is NaN"
     (tmp_path / "1" / "failed.json").unlink()
     SweepFailures().on_multirun_end(config)  # nothing failed: no exit
+
+
+def test_a_finished_jobs_reference_cycles_are_collected(tmp_path):
+    """Lightning's trainer, module and data module hold each other; without a collection
+    a finished job's cached data would wait for Python's next full collection."""
+    import gc
+    import weakref
+
+    class Cached:  # stands for a data module holding its cached cases
+        pass
+
+    refs = []
+
+    def job():
+        data = Cached()
+        data.self = data  # a cycle, as trainer <-> data module
+        refs.append(weakref.ref(data))
+        return 1.0
+
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        run_sweep_job(job, tmp_path, multirun=True)
+        assert refs[0]() is None
+        run_sweep_job(job, tmp_path, multirun=False)
+        assert refs[1]() is not None  # a single run exits anyway; nothing to collect for
+    finally:
+        if enabled:
+            gc.enable()
