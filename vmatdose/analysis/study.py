@@ -226,6 +226,7 @@ def study_statistics(runs: Sequence[StudyRun], baseline: str,
     cases = check_same_test_cases(runs)
     recipes = list(dict.fromkeys(r.recipe for r in runs))
     base = baseline_recipe(recipes, baseline)
+    recipes = [base] + [r for r in recipes if r != base]  # the baseline first
     rows, per_case = [], {"case_id": cases}
     for metric in metrics:
         base_values = per_case_matrix(runs, base, metric, cases).mean(axis=1)
@@ -362,7 +363,8 @@ def write_study_statistics(run_dirs: Sequence[str | Path], baseline: str = "expe
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "study_stats.csv", index=False)
     per_case.to_csv(out / "study_per_case.csv", index=False)
-    levels = run_level_table(runs)
+    order = list(dict.fromkeys(table["recipe"]))  # as the statistics: the baseline first
+    levels = run_level_table(runs).set_index("recipe").loc[order].reset_index()
     levels.to_csv(out / "study_runs.csv", index=False)
     base = baseline_recipe(list(dict.fromkeys(r.recipe for r in runs)), baseline)
     (out / "study_stats.md").write_text(to_markdown(table, cases, len(runs), base) + "\n"

@@ -128,7 +128,7 @@ _PATTERNS: list[tuple[str, str, str, str]] = [
      "higher"),
     (r"gamma_pass", "gamma pass rate", "%", "higher"),
     (r"openkbp_dose_score_gy", "OpenKBP dose score", "Gy", "lower"),
-    (r"openkbp_dvh_score_gy", "OpenKBP DVH score (this case's points)", "Gy", "lower"),
+    (r"openkbp_dvh_score_gy", "OpenKBP DVH score", "Gy", "lower"),
     (r"openkbp_dvh_score_gy", "OpenKBP DVH score", "Gy", "lower"),
     (r"uncertainty_mean_std_gy", "mean ensemble std in body", "Gy", "none"),
     (r"uncertainty_error_correlation", "ensemble std - error correlation", "", "higher"),
