@@ -64,6 +64,9 @@ def readme_commands(text: str | None = None) -> list[str]:
 _PLAN = ("needs the optional planning extra (pyRadPlan pins numpy < 2.4, so CI does not "
          "install it); tests/planning runs the planner when it is installed and checks the "
          "missing-extra message when it is not")
+_STUDY = ("the loss study: 12 or 4 runs of 8 minutes on the 202 OpenKBP patients (hours on 2 "
+          "cores); its recipe is tested equal to the runs it published (tests/test_config.py), "
+          "sweeps by the smaller sweeps here, its W&B keys in tests/tracking/test_wandb_offline.py")
 SKIPPED = {
     'pip install -e ".[plan]"': "installs the optional planning extra (network, ~1.2 GB)",
     "python -m vmatdose.plan predictions_dir=<dir> cases_dir=<dir> output_dir=<dir> "
@@ -80,6 +83,14 @@ SKIPPED = {
                         "`python -m vmatdose.compare` (tested here) over outputs/ and multirun/",
     "python -m vmatdose.train model=unet_founding trainer=gpu": "needs a GPU (trainer=gpu)",
     "wandb sync outputs/train/runs/<run>/wandb/offline-run-*": "uploads to W&B (network)",
+    "wandb sync multirun/train/*/*/wandb/offline-run-*": "uploads to W&B (network)",
+    "python -m vmatdose.train -m experiment=openkbp_loss_study logger=many seed=1,2 "
+    "loss=l1,grad,dvh_match,structure_weighted,asymmetric_ptv,combined_uncertainty": _STUDY,
+    "python -m vmatdose.train -m experiment=openkbp_loss_study logger=many seed=1,2 "
+    "loss=grad loss.terms.gradient.weight=0.05,0.2": _STUDY,
+    "python -m vmatdose.compare multirun/train/<losses> multirun/train/<weights> --stats "
+    "--baseline loss=l1": "needs the loss study's 16 runs; `compare --stats` runs on the "
+        "prostate study sweep above, its OpenKBP additions in tests/analysis/test_study.py",
     "tensorboard --logdir outputs": "starts a web server that runs until stopped",
     "python -m vmatdose.train -m hydra/launcher=slurm trainer=gpu "
     "hydra.launcher.partition=gpu hydra.launcher.gpus_per_node=1 "
