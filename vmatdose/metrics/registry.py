@@ -84,7 +84,8 @@ def study_metrics(target: str | None) -> tuple[str, ...]:
 #: no experimental choice (run names, compare's columns and a study's recipes skip them).
 NOT_EXPERIMENTAL = ("paths.", "hydra.", "hydra/", "logger", "task_name", "tags", "ckpt_path",
                     "data.split_output", "callbacks.model_checkpoint.dirpath",
-                    "trainer.default_root_dir", "callbacks.training_curves.output_dir")
+                    "trainer.default_root_dir", "callbacks.training_curves.output_dir",
+                    "callbacks.throughput.output_dir")
 
 
 def is_experimental(key_or_override: str) -> bool:
