@@ -276,13 +276,14 @@ def per_case_figure(table: pd.DataFrame, metric: str) -> plt.Figure | None:
     if not data:
         return None
     with plt.rc_context(FONT):
-        fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(data) + 2), 4.5),
+        # one row per run, labels beside it: readable for a sweep of many runs
+        fig, ax = plt.subplots(figsize=(8.0, max(3.0, 0.32 * len(data) + 1.3)),
                                constrained_layout=True)
-        ax.boxplot(data, tick_labels=labels)
-        ax.set(ylabel=registry.heading(metric),
-               title=f"per-case {registry.label(metric)} (table order)")
-        ax.tick_params(axis="x", rotation=30)
-        ax.grid(axis="y", alpha=0.3)
+        ax.boxplot(data[::-1], tick_labels=labels[::-1], orientation="horizontal")
+        ax.set(xlabel=registry.heading(metric),
+               title=f"per-case {registry.label(metric)} (table order, top first)")
+        ax.tick_params(axis="y", labelsize=7)
+        ax.grid(axis="x", alpha=0.3)
     return fig
 
 
