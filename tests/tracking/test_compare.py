@@ -105,7 +105,7 @@ def test_categorical_sweep_gives_grouped_boxes_and_lists_the_crashed_run(categor
     assert {95.0, 92.0} <= set(medians), "boxes of the per-case values of each option"
     per_case = per_case_figure(table, "test/gamma_3pct_3mm_pass").axes[0]
     assert per_case.get_xlabel() == "gamma 3%/3 mm pass rate (%)", "follows --metric"
-    assert [t.get_text() for t in per_case.get_xticklabels()] == ["loss=mse", "loss=l1"]
+    assert [t.get_text() for t in per_case.get_yticklabels()] == ["loss=l1", "loss=mse"]  # the first on top
     assert default_output([str(categorical_sweep)], runs) == categorical_sweep / "comparison"
 
 
