@@ -19,14 +19,6 @@ from vmatdose.config_schema import register_schemas
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 
-def auto_precision(accelerator: str) -> str:
-    """Lightning precision for an accelerator: bf16-mixed on CUDA, 32-true on CPU."""
-    import torch  # lazily: worker processes that only convert data skip a 2 s import
-    uses_cuda = accelerator in ("gpu", "cuda") or (
-        accelerator == "auto" and torch.cuda.is_available())
-    return "bf16-mixed" if uses_cuda else "32-true"
-
-
 def max_prescription(prescriptions: dict) -> float:
     """Highest prescription in Gy (the dose normalisation)."""
     return float(max(prescriptions.values()))
@@ -46,7 +38,6 @@ def _register() -> None:
     resolvers = {
         "vmatdose.keys": keys,
         "vmatdose.concat": concat,
-        "vmatdose.auto_precision": auto_precision,
         "vmatdose.max_prescription": max_prescription,
     }
     for name, fn in resolvers.items():

@@ -54,8 +54,10 @@ def device_info() -> dict[str, Any]:
     return info
 
 
-def build_run_record(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, Any]:
-    """Everything needed to reproduce a run, as a JSON-serialisable dict."""
+def build_run_record(cfg: DictConfig, overrides: list[str] | None = None,
+                     extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Everything needed to reproduce a run, as a JSON-serialisable dict; ``extra`` adds
+    what the run decided at start (e.g. the ``precision`` chosen for ``auto``)."""
     return {
         "config": OmegaConf.to_container(cfg, resolve=True),
         "overrides": list(overrides or []),
@@ -64,15 +66,17 @@ def build_run_record(cfg: DictConfig, overrides: list[str] | None = None) -> dic
         "git": git_state(),
         "packages": package_versions(),
         "device": device_info(),
+        **(extra or {}),
     }
 
 
 def write_run_record(cfg: DictConfig, output_dir: str | Path,
-                     overrides: list[str] | None = None) -> Path:
+                     overrides: list[str] | None = None,
+                     extra: dict[str, Any] | None = None) -> Path:
     """Write ``run_record.json`` (and the resolved ``config.yaml``) into ``output_dir``."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    record = build_run_record(cfg, overrides)
+    record = build_run_record(cfg, overrides, extra)
     path = output_dir / "run_record.json"
     path.write_text(json.dumps(record, indent=2, default=str))
     (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))

@@ -22,6 +22,7 @@ from vmatdose.inference.checkpoint import training_contract
 from vmatdose.protocol import Protocol
 from vmatdose.records.run_choices import run_choices
 from vmatdose.records.run_record import write_run_record
+from vmatdose.training.precision import choose_precision
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +61,12 @@ def fit(cfg: DictConfig, output_dir: str | Path, overrides: list[str] | None = N
     fit. A refused case leaves ``output_dir`` without any file of the run."""
     L.seed_everything(cfg.seed, workers=True)
     datamodule, contract = checked_datamodule(cfg)
+    precision = choose_precision(cfg.trainer.get("precision", "auto"),
+                                 cfg.trainer.get("accelerator", "auto"))
+    log.info("precision %s (%s)", precision.chosen, precision.reason)
     if rank_zero_only.rank == 0:  # DDP: only rank zero writes files
-        write_run_record(cfg, Path(output_dir), overrides)
+        write_run_record(cfg, Path(output_dir), overrides,
+                         extra={"precision": precision.to_dict()})
     # Loss terms with random initialisation draw from their own RNG stream, so one seed
     # gives the same initial network whatever the loss.
     with torch.random.fork_rng(devices=[]):
@@ -70,7 +75,8 @@ def fit(cfg: DictConfig, output_dir: str | Path, overrides: list[str] | None = N
     model.contract = contract
     n_params = sum(p.numel() for p in model.parameters())
     log.info("model %s: %.2f M parameters", type(model.net).__name__, n_params / 1e6)
-    trainer = hydra.utils.instantiate(cfg.trainer, callbacks=instantiate_dict(cfg.callbacks),
+    trainer = hydra.utils.instantiate(cfg.trainer, precision=precision.chosen,
+                                      callbacks=instantiate_dict(cfg.callbacks),
                                       logger=instantiate_dict(cfg.get("logger")) or False)
     # The composed config for every tracker, with the run's choices as flat top-level keys
     hparams = {**run_choices(cfg), **OmegaConf.to_container(cfg, resolve=True)}
