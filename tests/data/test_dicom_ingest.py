@@ -1,4 +1,6 @@
-"""DICOM-RT ingestion against analytic truth: masks (Dice), dose (1 %), orientations, errors."""
+"""DICOM-RT ingestion against analytic truth: masks (Dice), dose (1 %), orientations, errors,
+patient positions by geometry, what clinics export (arcs, per-beam doses, several series,
+varying slice spacing)."""
 
 from __future__ import annotations
 
@@ -481,20 +483,19 @@ def test_a_prone_patients_prior_is_the_supine_one_turned_about_the_head_feet_axi
 # ------------------------------------------------------------------ what clinics export
 
 
-@pytest.mark.parametrize("position, arcs, sign", [
-    ("HFS", [(181.0, 179.0, "CW", 2.0), (179.0, 181.0, "CC", 4.0)], (1, -1)),
-    ("FFS", [(181.0, 179.0, "CW", 3.0)], (-1,)),  # feet first: the arc turns the other way
+@pytest.mark.parametrize("position, arcs, counts, sign", [
+    ("HFS", [(181.0, 179.0, "CW", 2.0), (179.0, 181.0, "CC", 4.0)], [180, 91], (1, -1)),
+    ("FFS", [(181.0, 179.0, "CW", 3.0)], [121], (-1,)),  # feet first: it turns the other way
 ])
 def test_vmat_arcs_record_every_control_point_in_their_direction(tmp_path, position, arcs,
-                                                                   sign):
+                                                                   counts, sign):
     spec = PatientSpec(orientation=position, beam_weights=(1.0,) if len(arcs) == 1
                        else (0.45, 0.55))
     spec.beams = tuple({"gantry_deg": vmat_arc(*arc), "rotation": arc[2],
                         "isocentre_xyz": _centre_xyz(spec)} for arc in arcs)
     write_patient(tmp_path / "pt", spec)
     beams = ingest(tmp_path / "pt").meta["beams"]
-    counts = [len(vmat_arc(*arc)) for arc in arcs]
-    assert counts == [180, 91][:len(arcs)] if len(arcs) == 2 else counts == [121]
+    assert [len(vmat_arc(*arc)) for arc in arcs] == counts  # 358 degrees each
     assert len(beams["gantry_deg"]) == sum(counts) and beams["delivery"] == "arc"
     start = 0
     for count, arc, direction in zip(counts, arcs, sign):
@@ -527,6 +528,11 @@ def test_per_beam_doses_sum_to_the_plan_dose_with_a_warning(tmp_path):
     assert (np.abs(case.dose - truth.dose) / truth.dose).max() < 0.01
     assert ("no plan-summed RTDOSE: summed 3 per-beam RTDOSEs (DoseSummationType BEAM; one "
             "per treatment beam of the RTPLAN)") in case.meta["warnings"]
+    (folder / "RP_plan.dcm").unlink()
+    unchecked = ingest(folder)
+    np.testing.assert_allclose(unchecked.dose, case.dose, atol=1e-6)
+    assert ("no plan-summed RTDOSE: summed 3 per-beam RTDOSEs (DoseSummationType BEAM; no "
+            "RTPLAN to check that every beam has one)") in unchecked.meta["warnings"]
 
 
 def _copy_dose(path, name, **changes):

@@ -77,8 +77,8 @@ def select_dose_files(folder: DicomFolder, frame_uid: str, plan_uid: str | None,
     """The RTDOSE files making the plan dose, and how to combine them (module docstring).
 
     Args:
-        plan_beams: the beam numbers of the RTPLAN's treatment beams, when known: per-beam
-            doses must be one per beam.
+        plan_beams: the beam numbers of the treatment beams of the RTPLAN ``plan_uid``,
+            when known: per-beam doses of that plan must be one per beam.
 
     Returns:
         ``(files, summation, warnings)``; ``files`` is empty when the folder has no RTDOSE.
@@ -97,13 +97,14 @@ def select_dose_files(folder: DicomFolder, frame_uid: str, plan_uid: str | None,
             raise DicomIngestError("every RTDOSE is on another frame of reference than the CT "
                                    "(FrameOfReferenceUID differs)", others[0])
         warnings.append(f"ignored RTDOSE on another frame of reference: {', '.join(others)}")
-    if plan_uid and any(referenced_plan(ds) == plan_uid for _, ds in doses):
+    of_plan = bool(plan_uid) and any(referenced_plan(ds) == plan_uid for _, ds in doses)
+    if of_plan:
         doses = [(p, ds) for p, ds in doses if referenced_plan(ds) == plan_uid]
     plans = {referenced_plan(ds) for _, ds in doses}
     if len(plans) > 1:
         raise DicomIngestError(f"RTDOSEs of {len(plans)} different plans in the patient folder; "
                                "keep the dose of one plan per folder")
-    files, summation, more = _combine(folder, doses, plan_beams)
+    files, summation, more = _combine(folder, doses, plan_beams if of_plan else None)
     return files, summation, warnings + more
 
 
