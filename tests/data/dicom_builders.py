@@ -115,7 +115,7 @@ class PatientSpec:
     vertices: int = 96
     # RTPLAN BeamSequence: dicts of gantry_deg (one angle, or an arc's control points,
     # see vmat_arc), couch_deg, isocentre_xyz (DICOM patient mm), energy_mv, rotation
-    # (NONE, CW, CC), delivery (TREATMENT, SETUP)
+    # (NONE, CW, CC), delivery (TREATMENT, SETUP), meterset (an arc's cumulative weights)
     beams: tuple = ()
     plan_dose_too: bool = False  # with BEAM doses: also the PLAN dose (RD_plan.dcm)
     # other CT series in the folder (same frame of reference and geometry, CT + 100 HU
@@ -445,10 +445,11 @@ def _beam(number: int, beam: dict) -> Dataset:
     item.BeamType = "STATIC" if rotation == "NONE" else "DYNAMIC"
     points = []
     angles = angles if rotation != "NONE" else angles[:1] * 2
+    meterset = beam.get("meterset")  # cumulative weight per control point (default: even)
     for k, angle in enumerate(angles):
         point = Dataset()
         point.ControlPointIndex = k
-        point.CumulativeMetersetWeight = _ds(k / (len(angles) - 1))
+        point.CumulativeMetersetWeight = _ds(meterset[k] if meterset else k / (len(angles) - 1))
         point.GantryAngle = _ds(angle)
         if k == 0:
             point.GantryRotationDirection = rotation

@@ -507,6 +507,25 @@ def test_vmat_arcs_record_every_control_point_in_their_direction(tmp_path, posit
         start += count
 
 
+def test_an_arcs_beam_off_sector_is_left_out(tmp_path):
+    # an avoidance sector: no meterset between gantry 40 and 80 (the segments inside it)
+    angles = np.asarray(vmat_arc(181.0, 179.0, "CW", 2.0))
+    off = (angles[:-1] >= 40) & (angles[:-1] <= 80) & (angles[1:] >= 40) & (angles[1:] <= 80)
+    cumulative = np.concatenate([[0.0], np.cumsum(np.where(off, 0.0, 1.0))])
+    spec = PatientSpec()
+    spec.beams = ({"gantry_deg": list(angles), "rotation": "CW", "isocentre_xyz":
+                   _centre_xyz(spec), "meterset": list(cumulative / cumulative[-1])},)
+    write_patient(tmp_path / "pt", spec)
+    case = ingest(tmp_path / "pt")
+    kept = np.asarray(case.meta["beams"]["gantry_deg"])
+    # the points are at odd angles: 41 and 79 start and end the sector's segments, the 18
+    # between (43, 45, ..., 77) deliver nothing on either side
+    assert len(kept) == 180 - 18
+    assert not np.any((kept > 41) & (kept < 79)) and {41.0, 79.0} <= set(kept.tolist())
+    assert ("RTPLAN arcs: 18 control point(s) in beam-off sectors (no meterset on either "
+            "side) left out of the beam arrangement") in case.meta["warnings"]
+
+
 def _dose_of_each_file(folder):
     from vmatdose.data.ingest import dicom_dose
     from vmatdose.data.ingest.dicom_ct import plan_ct_series

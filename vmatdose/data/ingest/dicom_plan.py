@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 from pydicom.dataset import Dataset
 
 from vmatdose.data.beams import BeamArrangement
@@ -131,11 +132,25 @@ def hfs_gantry_deg(gantry_deg: float, patient_position: str) -> float:
     return float(_HFS_GANTRY[str(patient_position).upper()](float(gantry_deg)) % 360.0)
 
 
+def _delivering(points: list[Dataset]) -> list[bool]:
+    """Per control point of an arc: whether meterset is delivered on the segment before or
+    after it (CumulativeMetersetWeight rises); all ``True`` without the weights."""
+    weights = [point.get("CumulativeMetersetWeight") for point in points]
+    if len(points) < 2 or any(w is None for w in weights):
+        return [True] * len(points)
+    rises = np.diff(np.asarray(weights, dtype=np.float64)) > 0
+    before = np.concatenate([[False], rises])
+    after = np.concatenate([rises, [False]])
+    return (before | after).tolist()
+
+
 def plan_beams(plan: Dataset, patient_position: str = "HFS"
                ) -> tuple[BeamArrangement | None, list[str]]:
     """The treatment beams of an RTPLAN as a :class:`BeamArrangement` (``None`` without
     photon treatment beams): every static field's gantry angle, every control point's of
-    an arc (``GantryRotationDirection`` CW/CC), as the head-first-supine angle of the same
+    an arc (``GantryRotationDirection`` CW/CC) that delivers meterset on one side (the
+    points of a beam-off sector are left out; the arrangement has no weights, so the
+    meterset does not weight the rest), as the head-first-supine angle of the same
     direction in the patient (``patient_position`` of the CT: HFS, FFS, HFP, FFP, see
     :func:`hfs_gantry_deg`; other positions give no arrangement and a warning), couch
     angles carried from the previous control point as DICOM does, the first beam's
@@ -152,7 +167,7 @@ def plan_beams(plan: Dataset, patient_position: str = "HFS"
     couch: list[float] = []
     isocentres: list[tuple[float, float, float]] = []
     energies: list[float] = []
-    arcs = 0
+    arcs = beam_off = 0
     for beam in plan.get("BeamSequence", []):
         if str(beam.get("TreatmentDeliveryType", "TREATMENT")) != "TREATMENT" or \
                 str(beam.get("RadiationType", "PHOTON")) != "PHOTON":
@@ -164,11 +179,14 @@ def plan_beams(plan: Dataset, patient_position: str = "HFS"
         is_arc = str(first.get("GantryRotationDirection", "NONE")) in ("CW", "CC")
         arcs += is_arc
         angle, table = float(first.GantryAngle), float(first.get("PatientSupportAngle", 0.0))
-        for point in points if is_arc else points[:1]:
+        delivering = _delivering(points) if is_arc else [True]
+        beam_off += delivering.count(False)
+        for point, on in zip(points, delivering):
             angle = float(point.get("GantryAngle", angle))
             table = float(point.get("PatientSupportAngle", table))
-            gantry.append(hfs_gantry_deg(angle, position))
-            couch.append(table)
+            if on:
+                gantry.append(hfs_gantry_deg(angle, position))
+                couch.append(table)
         if first.get("IsocenterPosition") is not None:
             x, y, z = (float(v) for v in first.IsocenterPosition)
             isocentres.append((z, y, x))
@@ -177,6 +195,9 @@ def plan_beams(plan: Dataset, patient_position: str = "HFS"
     if not gantry or not isocentres:
         return None, ([] if not gantry else ["RTPLAN beams carry no isocentre (ignored)"])
     warnings = []
+    if beam_off:
+        warnings.append(f"RTPLAN arcs: {beam_off} control point(s) in beam-off sectors (no "
+                        "meterset on either side) left out of the beam arrangement")
     if len(set(isocentres)) > 1:
         warnings.append(f"RTPLAN has {len(set(isocentres))} isocentres; the beam "
                         "arrangement keeps the first")
