@@ -348,10 +348,13 @@ def test_rtplan_static_fields_and_an_arc_are_read_back_as_the_case_beams(tmp_pat
     assert beams["delivery"] == "arc"
 
 
-@pytest.mark.parametrize("position, expected", [("FFS", [270.0, 0.0]), ("HFS", [90.0, 0.0])])
+@pytest.mark.parametrize("position, expected", [
+    ("FFS", [270.0, 0.0]), ("HFS", [90.0, 0.0]), ("HFP", [270.0, 180.0]),
+    ("FFP", [90.0, 180.0])])
 def test_rtplan_angles_are_stored_as_the_head_first_supine_direction(tmp_path, position,
                                                                       expected):
-    # gantry 90 enters from the patient's left head first, from the right feet first
+    # gantry 90 enters from the patient's left for HFS and FFP, from the right for FFS and
+    # HFP; gantry 0 from the back of a prone patient
     beams = tuple({"gantry_deg": [a], "isocentre_xyz": (0.0, 0.0, 0.0)} for a in (90.0, 0.0))
     _variant(tmp_path, orientation=position, beams=beams)
     assert ingest(tmp_path / "pt").meta["beams"]["gantry_deg"] == expected
