@@ -124,6 +124,7 @@ class PatientSpec:
     # whether the RTSTRUCT names its CT series (RTReferencedSeriesSequence); without, only
     # the ContourImageSequence of each contour points at the CT images
     struct_names_series: bool = True
+    ct_hu: float | None = None  # uniform HU inside the body instead of the ramp pattern
 
 
 def head_neck_spec(targets: tuple[str, ...] = ("PTV70", "PTV63", "PTV56"), **kwargs
@@ -178,6 +179,14 @@ def _slices_of(spec: PatientSpec, name: str) -> np.ndarray:
     lo, hi = spec.scene[name][2]
     n = spec.ct.shape[0]
     return np.arange(int(round(lo * (n - 1))), int(round(hi * (n - 1))) + 1)
+
+
+def turned_scene(scene: dict) -> dict:
+    """``scene`` turned 180 degrees about the head-feet axis through the CT's centre (what
+    a supine patient's anatomy is, in patient axes, once the patient lies prone in the
+    same place of the room): every shape's centre (cx, cy) -> (-cx, -cy)."""
+    return {name: (roi, [(-cx, -cy, a, b) for cx, cy, a, b in shapes], z)
+            for name, (roi, shapes, z) in scene.items()}
 
 
 def analytic_masks(spec: PatientSpec) -> dict[str, np.ndarray]:
@@ -472,7 +481,8 @@ def write_patient(folder: str | Path, spec: PatientSpec | None = None) -> Patien
             "plan": generate_uid()}
     masks = analytic_masks(spec)
     body = masks.get("Body", np.ones(spec.ct.shape, bool))
-    ct = analytic_ct(spec.ct, body)
+    ct = analytic_ct(spec.ct, body) if spec.ct_hu is None else \
+        np.where(body, spec.ct_hu, -1000).astype(np.int16)
     files = {"CT": write_ct(folder, spec, ct, uids)}
     for n in range(spec.extra_ct_series):
         uids[f"other_ct_series_{n}"] = generate_uid()

@@ -40,10 +40,12 @@ from dicom_builders import (
     PATIENT_BIRTH_DATE,
     PATIENT_ID,
     PATIENT_NAME,
+    SCENE,
     GridSpec,
     PatientSpec,
     dice,
     dicom_uids,
+    turned_scene,
     vmat_arc,
     write_patient,
 )
@@ -481,6 +483,30 @@ def test_a_prone_patients_prior_is_the_supine_one_turned_about_the_head_feet_axi
     # a front-back mirror (the old HFP 180 - a, FFP 180 + a) gives another dose here
     mirrored = prior(*turned, prone, lambda a, p: (180.0 - a) if p == "HFP" else (180.0 + a))
     assert np.abs(mirrored - expected).max() > 0.3
+
+
+def test_a_prone_dicom_patients_prior_is_the_supine_one_turned(tmp_path):
+    # the HFS patient and, in the same place of the room, the HFP one: the same machine
+    # angles give the same room dose, so in patient axes the prone prior is the supine one
+    # turned 180 degrees about the head-feet axis (canonical arrays flipped in y and x)
+    cases = {}
+    for position, scene in (("HFS", SCENE), ("HFP", turned_scene(SCENE))):
+        spec = PatientSpec(orientation=position, scene=scene, ct_hu=0.0)
+        spec.beams = tuple({"gantry_deg": [a], "isocentre_xyz": _centre_xyz(spec)}
+                           for a in (30.0, 100.0, 215.0))
+        write_patient(tmp_path / position, spec)
+        cases[position] = ingest(tmp_path / position)
+    supine, prone = cases["HFS"], cases["HFP"]
+    assert np.array_equal(prone.ct, supine.ct[:, ::-1, ::-1])
+    assert dice(prone.mask("PTV70"), supine.mask("PTV70")[:, ::-1, ::-1]) > 0.99
+
+    def prior(case):
+        return beam_prior_dose(case.ct, case.body, case.mask("PTV70")[None], [70.0],
+                               case.spacing_mm, case.origin_mm,
+                               BeamArrangement.from_meta(case.meta["beams"]))
+
+    expected = prior(supine)[:, ::-1, ::-1]
+    np.testing.assert_allclose(prior(prone), expected, atol=1e-3 * expected.max())
 
 
 # ------------------------------------------------------------------ what clinics export
