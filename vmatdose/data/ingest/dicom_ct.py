@@ -288,8 +288,10 @@ def _resample_slices(stored: np.ndarray, series: CTSeries) -> np.ndarray:
     z = series.grid.origin_mm[0] + series.grid.spacing_mm[0] * np.arange(series.grid.shape[0])
     index = np.clip(series.stored_slice_index(z), 0, len(stored) - 1)
     below = np.minimum(np.floor(index).astype(int), len(stored) - 2)
-    w = (index - below).astype(np.float32)[:, None, None]
-    return (1 - w) * stored[below] + w * stored[below + 1]
+    out = np.empty((len(z), *stored.shape[1:]), dtype=np.float32)
+    for k, (i, w) in enumerate(zip(below, (index - below).astype(np.float32))):
+        out[k] = (1 - w) * stored[i] + w * stored[i + 1]  # one slice at a time: memory
+    return out
 
 
 def _fill_missing(volume: np.ndarray, missing: list[int]) -> None:
