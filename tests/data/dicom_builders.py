@@ -436,12 +436,22 @@ def write_rtplan(folder: Path, spec: PatientSpec, uids: dict) -> Path:
     group = Dataset()
     group.FractionGroupNumber, group.NumberOfFractionsPlanned = 1, spec.fractions
     group.NumberOfBeams = len(spec.beam_weights)
+    numbers = ([i for i, b in enumerate(spec.beams, start=1)
+                if b.get("delivery", "TREATMENT") == "TREATMENT"] if spec.beams
+               else list(range(1, len(spec.beam_weights) + 1)))
+    group.ReferencedBeamSequence = Sequence([_beam_ref(n) for n in numbers])
     ds.FractionGroupSequence = Sequence([group])
     if spec.beams:
         ds.BeamSequence = Sequence([_beam(i, b) for i, b in enumerate(spec.beams, start=1)])
     path = folder / "RP_plan.dcm"
     ds.save_as(path, enforce_file_format=True)
     return path
+
+
+def _beam_ref(number: int) -> Dataset:
+    item = Dataset()
+    item.ReferencedBeamNumber = number
+    return item
 
 
 def _beam(number: int, beam: dict) -> Dataset:

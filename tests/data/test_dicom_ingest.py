@@ -580,7 +580,7 @@ def test_per_beam_doses_sum_to_the_plan_dose_with_a_warning(tmp_path):
     unchecked = ingest(folder)
     np.testing.assert_allclose(unchecked.dose, case.dose, atol=1e-6)
     assert ("no plan-summed RTDOSE: summed 3 per-beam RTDOSEs (DoseSummationType BEAM; no "
-            "RTPLAN to check that every beam has one)") in unchecked.meta["warnings"]
+            "RTPLAN of theirs to check that every beam has one)") in unchecked.meta["warnings"]
 
 
 def _copy_dose(path, name, **changes):
@@ -613,6 +613,8 @@ def test_the_plan_dose_wins_over_per_beam_doses_and_two_plan_doses_are_refused(t
 
 
 def test_per_beam_doses_missing_a_beam_or_twice_one_beam_are_refused(tmp_path):
+    import pydicom
+
     folder, _ = _variant(tmp_path, beam_weights=(0.2, 0.3, 0.5))
     _copy_dose(folder / "RD_0.dcm", "RD_0_copy.dcm")
     with pytest.raises(DicomIngestError, match="two per-beam RTDOSEs of beam 1"):
@@ -621,6 +623,12 @@ def test_per_beam_doses_missing_a_beam_or_twice_one_beam_are_refused(tmp_path):
     (folder / "RD_1.dcm").unlink()
     with pytest.raises(DicomIngestError, match=r"per-beam RTDOSEs of beams \[1, 3\] but the "
                                                r"RTPLAN has treatment beams \[1, 2, 3\]"):
+        ingest(folder)
+    plan = pydicom.dcmread(folder / "RP_plan.dcm")  # a plan that only counts its beams
+    del plan.FractionGroupSequence[0].ReferencedBeamSequence
+    plan.save_as(folder / "RP_plan.dcm")
+    with pytest.raises(DicomIngestError, match="per-beam RTDOSEs of 2 beams but the RTPLAN "
+                                               "has 3 treatment beams"):
         ingest(folder)
 
 

@@ -72,13 +72,14 @@ def referenced_beam(ds: Dataset) -> int | None:
 
 
 def select_dose_files(folder: DicomFolder, frame_uid: str, plan_uid: str | None,
-                      plan_beams: list[int] | None = None
+                      plan_beams: list[int | None] | None = None
                       ) -> tuple[list[tuple[Path, Dataset]], str, list[str]]:
     """The RTDOSE files making the plan dose, and how to combine them (module docstring).
 
     Args:
-        plan_beams: the beam numbers of the treatment beams of the RTPLAN ``plan_uid``,
-            when known: per-beam doses of that plan must be one per beam.
+        plan_beams: the beam numbers (``None``: unknown) of the treatment beams of the
+            RTPLAN ``plan_uid``, when known: per-beam doses of that plan must be one per
+            beam.
 
     Returns:
         ``(files, summation, warnings)``; ``files`` is empty when the folder has no RTDOSE.
@@ -112,7 +113,7 @@ def _summation(ds: Dataset) -> str:
     return str(ds.get("DoseSummationType", "PLAN")).upper()
 
 
-def _combine(folder: DicomFolder, doses: list, plan_beams: list[int] | None
+def _combine(folder: DicomFolder, doses: list, plan_beams: list[int | None] | None
              ) -> tuple[list, str, list[str]]:
     """``(files, summation, warnings)`` of one plan's RTDOSEs (module docstring)."""
     if not doses:
@@ -139,7 +140,8 @@ def _combine(folder: DicomFolder, doses: list, plan_beams: list[int] | None
     return doses, kind, [_check_beam_doses(folder, doses, plan_beams)]
 
 
-def _check_beam_doses(folder: DicomFolder, doses: list, plan_beams: list[int] | None) -> str:
+def _check_beam_doses(folder: DicomFolder, doses: list,
+                      plan_beams: list[int | None] | None) -> str:
     """The warning for summed per-beam doses, after checking they are one per beam.
 
     Raises:
@@ -154,14 +156,16 @@ def _check_beam_doses(folder: DicomFolder, doses: list, plan_beams: list[int] | 
         if number is not None:
             seen[number] = path
     if plan_beams is not None:
-        have = sorted(seen) if None not in numbers else None
-        if len(doses) != len(plan_beams) or (have is not None and have != sorted(plan_beams)):
-            got = f"beams {have}" if have is not None else f"{len(doses)} beams"
-            raise DicomIngestError(f"per-beam RTDOSEs of {got} but the RTPLAN has treatment "
-                                   f"beams {sorted(plan_beams)}: their sum would not be the "
-                                   "plan dose", folder.rel(doses[0][0]))
+        named = None not in numbers and None not in plan_beams
+        if len(doses) != len(plan_beams) or (named and sorted(seen) != sorted(plan_beams)):
+            got = f"beams {sorted(seen)}" if named else f"{len(doses)} beams"
+            wanted = (f"treatment beams {sorted(plan_beams)}" if named
+                      else f"{len(plan_beams)} treatment beams")
+            raise DicomIngestError(f"per-beam RTDOSEs of {got} but the RTPLAN has {wanted}: "
+                                   "their sum would not be the plan dose",
+                                   folder.rel(doses[0][0]))
     checked = ("one per treatment beam of the RTPLAN" if plan_beams is not None
-               else "no RTPLAN to check that every beam has one")
+               else "no RTPLAN of theirs to check that every beam has one")
     return (f"no plan-summed RTDOSE: summed {len(doses)} per-beam RTDOSEs (DoseSummationType "
             f"BEAM; {checked})")
 

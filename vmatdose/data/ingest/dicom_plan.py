@@ -66,20 +66,25 @@ def plan_prescriptions(plan: Dataset, roi_names: dict[int, str], names: Structur
     return prescriptions, warnings
 
 
-def treatment_beam_numbers(plan: Dataset) -> list[int] | None:
+def treatment_beam_numbers(plan: Dataset) -> list[int | None] | None:
     """BeamNumbers of the plan's treatment beams: the first fraction group's
     ReferencedBeamSequence, else the TREATMENT items of the BeamSequence, else
-    ``1..NumberOfBeams``; ``None`` when the plan says nothing about its beams."""
+    ``NumberOfBeams`` unknown numbers (``None``); ``None`` when the plan says nothing
+    about its beams."""
     groups = plan.get("FractionGroupSequence") or []
     referenced = groups[0].get("ReferencedBeamSequence") if groups else None
     if referenced:
-        return [int(item.ReferencedBeamNumber) for item in referenced]
+        return [_int_or_none(item.get("ReferencedBeamNumber")) for item in referenced]
     beams = [beam for beam in plan.get("BeamSequence", [])
              if str(beam.get("TreatmentDeliveryType", "TREATMENT")) == "TREATMENT"]
     if beams:
-        return [int(beam.get("BeamNumber", k + 1)) for k, beam in enumerate(beams)]
+        return [_int_or_none(beam.get("BeamNumber")) for beam in beams]
     count = groups[0].get("NumberOfBeams") if groups else None
-    return list(range(1, int(count) + 1)) if count else None
+    return [None] * int(count) if count else None
+
+
+def _int_or_none(value) -> int | None:
+    return None if value is None or value == "" else int(value)
 
 
 def plan_fractions(plan: Dataset) -> int | None:
