@@ -113,9 +113,18 @@ class PatientSpec:
     with_struct: bool = True
     with_dose: bool = True
     vertices: int = 96
-    # RTPLAN BeamSequence: dicts of gantry_deg (one angle, or an arc's control points),
-    # couch_deg, isocentre_xyz (DICOM patient mm), energy_mv, rotation (NONE, CW, CC)
+    # RTPLAN BeamSequence: dicts of gantry_deg (one angle, or an arc's control points,
+    # see vmat_arc), couch_deg, isocentre_xyz (DICOM patient mm), energy_mv, rotation
+    # (NONE, CW, CC), delivery (TREATMENT, SETUP), meterset (an arc's cumulative weights)
     beams: tuple = ()
+    plan_dose_too: bool = False  # with BEAM doses: also the PLAN dose (RD_plan.dcm)
+    # other CT series in the folder (same frame of reference and geometry, CT + 100 HU
+    # each), which the RTSTRUCT does not reference
+    extra_ct_series: int = 0
+    # whether the RTSTRUCT names its CT series (RTReferencedSeriesSequence); without, only
+    # the ContourImageSequence of each contour points at the CT images
+    struct_names_series: bool = True
+    ct_hu: float | None = None  # uniform HU inside the body instead of the ramp pattern
 
 
 def head_neck_spec(targets: tuple[str, ...] = ("PTV70", "PTV63", "PTV56"), **kwargs
@@ -136,7 +145,7 @@ class PatientTruth:
     ct: np.ndarray
     masks: dict[str, np.ndarray]
     dose: np.ndarray
-    uids: dict[str, str]
+    uids: dict
     files: dict[str, list[Path]]
 
 
@@ -170,6 +179,14 @@ def _slices_of(spec: PatientSpec, name: str) -> np.ndarray:
     lo, hi = spec.scene[name][2]
     n = spec.ct.shape[0]
     return np.arange(int(round(lo * (n - 1))), int(round(hi * (n - 1))) + 1)
+
+
+def turned_scene(scene: dict) -> dict:
+    """``scene`` turned 180 degrees about the head-feet axis through the CT's centre (what
+    a supine patient's anatomy is, in patient axes, once the patient lies prone in the
+    same place of the room): every shape's centre (cx, cy) -> (-cx, -cy)."""
+    return {name: (roi, [(-cx, -cy, a, b) for cx, cy, a, b in shapes], z)
+            for name, (roi, shapes, z) in scene.items()}
 
 
 def analytic_masks(spec: PatientSpec) -> dict[str, np.ndarray]:
@@ -223,8 +240,22 @@ def _first_voxel_xyz(grid: GridSpec, flips: tuple[bool, ...]) -> np.ndarray:
     return (np.asarray(grid.origin) + first * np.asarray(grid.spacing))[::-1]
 
 
-def write_ct(folder: Path, spec: PatientSpec, ct: np.ndarray, uids: dict) -> list[Path]:
-    """One file per slice, shuffled instance numbers and file names; HU via slope/intercept."""
+def vmat_arc(start_deg: float, stop_deg: float, rotation: str = "CW",
+             step_deg: float = 2.0) -> list[float]:
+    """Control-point gantry angles of an arc from ``start_deg`` to ``stop_deg`` turning
+    clockwise (``CW``, increasing angles) or counter-clockwise (``CC``), ``step_deg``
+    apart (the last step shorter when the arc is not a whole number of steps)."""
+    sign = 1.0 if rotation == "CW" else -1.0
+    length = (sign * (stop_deg - start_deg)) % 360.0 or 360.0
+    steps = np.append(np.arange(0.0, length, step_deg), length)
+    return [float((start_deg + sign * d) % 360.0) for d in steps]
+
+
+def write_ct(folder: Path, spec: PatientSpec, ct: np.ndarray, uids: dict,
+             series_key: str = "ct_series", prefix: str = "CT") -> list[Path]:
+    """One file per slice, shuffled instance numbers and file names; HU via slope/intercept.
+    The slices' SOPInstanceUIDs go to ``uids[series_key + "_images"]`` (slice index ->
+    UID)."""
     iop = ORIENTATIONS[spec.orientation]
     _, flips = _native(ct, spec.orientation)
     z_axis = spec.ct.axes()[0]
@@ -232,11 +263,13 @@ def write_ct(folder: Path, spec: PatientSpec, ct: np.ndarray, uids: dict) -> lis
     rng = np.random.default_rng(len(z_axis))
     names = rng.permutation(len(z_axis))
     paths = []
+    images = uids.setdefault(f"{series_key}_images", {})
     for k, z in enumerate(z_axis):
         if k in spec.skip_slices:
             continue
         ds = _file_dataset(CTImageStorage, "CT", uids)
-        ds.SeriesInstanceUID = uids["ct_series"]
+        ds.SeriesInstanceUID = uids[series_key]
+        images[k] = ds.SOPInstanceUID
         ds.PatientPosition = spec.orientation
         ds.InstanceNumber = int(names[k]) + 1
         ds.ImagePositionPatient = [_ds(xy[0]), _ds(xy[1]), _ds(z)]
@@ -248,7 +281,7 @@ def write_ct(folder: Path, spec: PatientSpec, ct: np.ndarray, uids: dict) -> lis
         _set_image(ds, stored.astype("<u2"), bits=16)
         ds.RescaleSlope, ds.RescaleIntercept = _ds(RESCALE_SLOPE), _ds(RESCALE_INTERCEPT)
         ds.RescaleType = "HU"
-        path = folder / f"CT_{names[k]:04d}.dcm"
+        path = folder / f"{prefix}_{names[k]:04d}.dcm"
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
     return paths
@@ -266,15 +299,18 @@ def write_rtstruct(folder: Path, spec: PatientSpec, uids: dict) -> Path:
     ds = _file_dataset(RTStructureSetStorage, "RTSTRUCT", uids)
     ds.StructureSetLabel, ds.StructureSetDate, ds.StructureSetTime = "RS", "20240102", "1100"
     frame = spec.struct_frame_uid or uids["frame"]
-    series = Dataset()
-    series.SeriesInstanceUID = uids["ct_series"]
-    study = Dataset()
-    study.ReferencedSOPClassUID = "1.2.840.10008.3.1.2.3.1"
-    study.ReferencedSOPInstanceUID = uids["study"]
-    study.RTReferencedSeriesSequence = Sequence([series])
+    images = uids.get("ct_series_images", {})
     ref_frame = Dataset()
     ref_frame.FrameOfReferenceUID = frame
-    ref_frame.RTReferencedStudySequence = Sequence([study])
+    if spec.struct_names_series:
+        series = Dataset()
+        series.SeriesInstanceUID = uids["ct_series"]
+        series.ContourImageSequence = Sequence([_image_ref(images[k]) for k in sorted(images)])
+        study = Dataset()
+        study.ReferencedSOPClassUID = "1.2.840.10008.3.1.2.3.1"
+        study.ReferencedSOPInstanceUID = uids["study"]
+        study.RTReferencedSeriesSequence = Sequence([series])
+        ref_frame.RTReferencedStudySequence = Sequence([study])
     ds.ReferencedFrameOfReferenceSequence = Sequence([ref_frame])
     z_axis = spec.ct.axes()[0]
     rois, contours, observations = [], [], []
@@ -285,10 +321,14 @@ def write_rtstruct(folder: Path, spec: PatientSpec, uids: dict) -> Path:
         rois.append(roi)
         items = []
         for k in _slices_of(spec, name):
+            if k in spec.skip_slices:  # contours are drawn on the slices that exist
+                continue
             for cx, cy, a, b in _shapes(spec, name):
                 xy = _ellipse(cx, cy, a, b, spec.vertices)
                 points = np.column_stack([xy, np.full(len(xy), z_axis[k])])
                 item = Dataset()
+                if k in images:
+                    item.ContourImageSequence = Sequence([_image_ref(images[k])])
                 item.ContourGeometricType = "CLOSED_PLANAR"
                 item.NumberOfContourPoints = len(points)
                 item.ContourData = [f"{v:.4f}" for v in points.ravel()]
@@ -312,6 +352,13 @@ def write_rtstruct(folder: Path, spec: PatientSpec, uids: dict) -> Path:
     return path
 
 
+def _image_ref(sop_instance_uid: str) -> Dataset:
+    item = Dataset()
+    item.ReferencedSOPClassUID = CTImageStorage
+    item.ReferencedSOPInstanceUID = sop_instance_uid
+    return item
+
+
 def default_dose_grid(ct: GridSpec) -> GridSpec:
     """Coarser than the CT, offset by a fraction of a voxel, covering all of it."""
     spacing = (ct.spacing[0] * 1.6, ct.spacing[1] * 1.5, ct.spacing[2] * 1.7)
@@ -322,7 +369,9 @@ def default_dose_grid(ct: GridSpec) -> GridSpec:
 
 
 def write_rtdoses(folder: Path, spec: PatientSpec, uids: dict) -> list[Path]:
-    """One PLAN dose, or one BEAM dose per weight (summing to the analytic dose)."""
+    """One PLAN dose, or one BEAM dose per weight (summing to the analytic dose; beam
+    ``b`` names ReferencedBeamNumber ``b + 1``), and the PLAN dose too if
+    ``spec.plan_dose_too``."""
     grid = spec.dose_grid or default_dose_grid(spec.ct)
     z, y, x = np.meshgrid(*grid.axes(), indexing="ij")
     total = dose_function(x, y, z, spec.ct.centre_xy(), spec.scale)
@@ -333,7 +382,10 @@ def write_rtdoses(folder: Path, spec: PatientSpec, uids: dict) -> list[Path]:
     offsets = np.arange(grid.shape[0]) * grid.spacing[0]
     gfov = offsets if spec.gfov == "relative" else ipp[2] + normal_z * offsets
     paths = []
-    for b, weight in enumerate(spec.beam_weights):
+    per_beam = len(spec.beam_weights) > 1
+    weights = list(spec.beam_weights) + ([1.0] if per_beam and spec.plan_dose_too else [])
+    for b, weight in enumerate(weights):
+        is_beam = per_beam and b < len(spec.beam_weights)
         ds = _file_dataset(RTDoseStorage, "RTDOSE", uids)
         ds.FrameOfReferenceUID = spec.dose_frame_uid or uids["frame"]
         values = native * weight
@@ -347,12 +399,18 @@ def write_rtdoses(folder: Path, spec: PatientSpec, uids: dict) -> list[Path]:
         ds.GridFrameOffsetVector = [_ds(v) for v in gfov]
         ds.DoseGridScaling = _ds(scaling)
         ds.DoseUnits, ds.DoseType = "GY", "PHYSICAL"
-        ds.DoseSummationType = "PLAN" if len(spec.beam_weights) == 1 else "BEAM"
+        ds.DoseSummationType = "BEAM" if is_beam else "PLAN"
         plan_ref = Dataset()
         plan_ref.ReferencedSOPClassUID = RTPlanStorage
         plan_ref.ReferencedSOPInstanceUID = uids["plan"]
+        if is_beam:
+            beam_ref, group_ref = Dataset(), Dataset()
+            beam_ref.ReferencedBeamNumber = b + 1
+            group_ref.ReferencedFractionGroupNumber = 1
+            group_ref.ReferencedBeamSequence = Sequence([beam_ref])
+            plan_ref.ReferencedFractionGroupSequence = Sequence([group_ref])
         ds.ReferencedRTPlanSequence = Sequence([plan_ref])
-        path = folder / f"RD_{b}.dcm"
+        path = folder / (f"RD_{b}.dcm" if is_beam or not per_beam else "RD_plan.dcm")
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
     return paths
@@ -378,12 +436,22 @@ def write_rtplan(folder: Path, spec: PatientSpec, uids: dict) -> Path:
     group = Dataset()
     group.FractionGroupNumber, group.NumberOfFractionsPlanned = 1, spec.fractions
     group.NumberOfBeams = len(spec.beam_weights)
+    numbers = ([i for i, b in enumerate(spec.beams, start=1)
+                if b.get("delivery", "TREATMENT") == "TREATMENT"] if spec.beams
+               else list(range(1, len(spec.beam_weights) + 1)))
+    group.ReferencedBeamSequence = Sequence([_beam_ref(n) for n in numbers])
     ds.FractionGroupSequence = Sequence([group])
     if spec.beams:
         ds.BeamSequence = Sequence([_beam(i, b) for i, b in enumerate(spec.beams, start=1)])
     path = folder / "RP_plan.dcm"
     ds.save_as(path, enforce_file_format=True)
     return path
+
+
+def _beam_ref(number: int) -> Dataset:
+    item = Dataset()
+    item.ReferencedBeamNumber = number
+    return item
 
 
 def _beam(number: int, beam: dict) -> Dataset:
@@ -395,9 +463,12 @@ def _beam(number: int, beam: dict) -> Dataset:
     rotation = beam.get("rotation", "NONE")
     item.BeamType = "STATIC" if rotation == "NONE" else "DYNAMIC"
     points = []
-    for k, angle in enumerate(angles if rotation != "NONE" else angles[:1] * 2):
+    angles = angles if rotation != "NONE" else angles[:1] * 2
+    meterset = beam.get("meterset")  # cumulative weight per control point (default: even)
+    for k, angle in enumerate(angles):
         point = Dataset()
         point.ControlPointIndex = k
+        point.CumulativeMetersetWeight = _ds(meterset[k] if meterset else k / (len(angles) - 1))
         point.GantryAngle = _ds(angle)
         if k == 0:
             point.GantryRotationDirection = rotation
@@ -405,6 +476,7 @@ def _beam(number: int, beam: dict) -> Dataset:
             point.IsocenterPosition = [_ds(v) for v in beam["isocentre_xyz"]]
             point.NominalBeamEnergy = _ds(beam.get("energy_mv", 6.0))
         points.append(point)
+    item.FinalCumulativeMetersetWeight = _ds(1.0)
     item.NumberOfControlPoints = len(points)
     item.ControlPointSequence = Sequence(points)
     return item
@@ -419,8 +491,13 @@ def write_patient(folder: str | Path, spec: PatientSpec | None = None) -> Patien
             "plan": generate_uid()}
     masks = analytic_masks(spec)
     body = masks.get("Body", np.ones(spec.ct.shape, bool))
-    ct = analytic_ct(spec.ct, body)
+    ct = analytic_ct(spec.ct, body) if spec.ct_hu is None else \
+        np.where(body, spec.ct_hu, -1000).astype(np.int16)
     files = {"CT": write_ct(folder, spec, ct, uids)}
+    for n in range(spec.extra_ct_series):
+        uids[f"other_ct_series_{n}"] = generate_uid()
+        files[f"CT{n + 2}"] = write_ct(folder, spec, ct + np.int16(100 * (n + 1)), uids,
+                                       f"other_ct_series_{n}", f"CT{n + 2}")
     if spec.with_struct:
         files["RTSTRUCT"] = [write_rtstruct(folder, spec, uids)]
     if spec.with_dose:

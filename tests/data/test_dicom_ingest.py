@@ -1,4 +1,6 @@
-"""DICOM-RT ingestion against analytic truth: masks (Dice), dose (1 %), orientations, errors."""
+"""DICOM-RT ingestion against analytic truth: masks (Dice), dose (1 %), orientations, errors,
+patient positions by geometry, what clinics export (arcs, per-beam doses, several series,
+varying slice spacing)."""
 
 from __future__ import annotations
 
@@ -6,12 +8,14 @@ import dataclasses
 import functools
 import json
 import logging
-import shutil
 import zipfile
 
 import numpy as np
 import pytest
 
+from vmatdose.data.beam_model import BeamModelParams
+from vmatdose.data.beam_prior import beam_prior_dose
+from vmatdose.data.beams import BeamArrangement
 from vmatdose.data.case import load_case, save_case
 from vmatdose.data.ingest.batch import SkipCase, convert_cases
 from vmatdose.data.ingest.dicom import (
@@ -20,6 +24,7 @@ from vmatdose.data.ingest.dicom import (
     MissingTargetsError,
     ingest_dicom_case,
 )
+from vmatdose.data.ingest.dicom_plan import hfs_gantry_deg
 from vmatdose.data.ingest.rasterize import rasterize_polygons
 from vmatdose.data.ingest.structure_names import StructureNameMap
 from vmatdose.data.privacy import (
@@ -31,13 +36,17 @@ from vmatdose.data.privacy import (
 from vmatdose.protocol import Protocol
 
 from dicom_builders import (
+    ORIENTATIONS,
     PATIENT_BIRTH_DATE,
     PATIENT_ID,
     PATIENT_NAME,
+    SCENE,
     GridSpec,
     PatientSpec,
     dice,
     dicom_uids,
+    turned_scene,
+    vmat_arc,
     write_patient,
 )
 
@@ -303,18 +312,9 @@ def test_missing_dose_is_a_skip_unless_allowed(tmp_path):
     save_case(case, tmp_path / "c.npz")
 
 
-def test_oblique_orientation_and_uneven_slices_are_clear_errors(tmp_path):
+def test_oblique_orientation_is_a_clear_error(tmp_path):
     import pydicom
 
-    folder, truth = _variant(tmp_path)
-    path = truth.files["CT"][5]
-    ds = pydicom.dcmread(path)
-    ds.ImagePositionPatient = [ds.ImagePositionPatient[0], ds.ImagePositionPatient[1],
-                               float(ds.ImagePositionPatient[2]) + 0.9]
-    ds.save_as(path)
-    with pytest.raises(DicomIngestError, match="uneven CT slice spacing"):
-        ingest(folder)
-    shutil.rmtree(folder)
     folder, truth = _variant(tmp_path)
     for path in truth.files["CT"]:
         ds = pydicom.dcmread(path)
@@ -350,10 +350,13 @@ def test_rtplan_static_fields_and_an_arc_are_read_back_as_the_case_beams(tmp_pat
     assert beams["delivery"] == "arc"
 
 
-@pytest.mark.parametrize("position, expected", [("FFS", [270.0, 0.0]), ("HFS", [90.0, 0.0])])
+@pytest.mark.parametrize("position, expected", [
+    ("FFS", [270.0, 0.0]), ("HFS", [90.0, 0.0]), ("HFP", [270.0, 180.0]),
+    ("FFP", [90.0, 180.0])])
 def test_rtplan_angles_are_stored_as_the_head_first_supine_direction(tmp_path, position,
                                                                       expected):
-    # gantry 90 enters from the patient's left head first, from the right feet first
+    # gantry 90 enters from the patient's left for HFS and FFP, from the right for FFS and
+    # HFP; gantry 0 from the back of a prone patient
     beams = tuple({"gantry_deg": [a], "isocentre_xyz": (0.0, 0.0, 0.0)} for a in (90.0, 0.0))
     _variant(tmp_path, orientation=position, beams=beams)
     assert ingest(tmp_path / "pt").meta["beams"]["gantry_deg"] == expected
@@ -362,3 +365,318 @@ def test_rtplan_angles_are_stored_as_the_head_first_supine_direction(tmp_path, p
 def test_a_plan_without_beams_leaves_the_case_without_an_arrangement(patients):
     _, _, case = patients["HFS"]
     assert "beams" not in case.meta
+
+
+# ------------------------------------------------------------------ patient positions
+
+POSITIONS = ("HFS", "FFS", "HFP", "FFP")
+
+
+def _room_axes(position: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """IEC fixed room (X right seen from the couch's foot, Y to the gantry, Z up): the room
+    directions of the patient's left, posterior and superior (DICOM LPS) in ``position``."""
+    head = np.array([0.0, 1.0, 0.0]) * (1 if position.startswith("HF") else -1)
+    front = np.array([0.0, 0.0, 1.0]) * (1 if position.endswith("S") else -1)
+    return np.cross(head, front), -front, head
+
+
+@pytest.mark.parametrize("position", POSITIONS)
+def test_each_position_maps_the_gantry_to_the_same_beam_direction_in_the_patient(position):
+    left, posterior, superior = _room_axes(position)
+    for gantry in np.arange(0.0, 360.0, 15.0):
+        a = np.deg2rad(gantry)
+        beam = -np.array([np.sin(a), 0.0, np.cos(a)])  # from the source to the isocentre
+        b = np.deg2rad(hfs_gantry_deg(gantry, position))
+        # the head-first-supine beam of angle b travels along (dy, dx) = (cos b, -sin b)
+        np.testing.assert_allclose([np.cos(b), -np.sin(b)], [beam @ posterior, beam @ left],
+                                   atol=1e-9)
+    # the CT's image rows run along room X, its columns down (-Z): the orientation the
+    # builders write for the position is that geometry in patient axes
+    rows = [np.array([1.0, 0.0, 0.0]) @ axis for axis in (left, posterior, superior)]
+    cols = [np.array([0.0, 0.0, -1.0]) @ axis for axis in (left, posterior, superior)]
+    assert tuple(rows + cols) == ORIENTATIONS[position]
+
+
+def _centre_xyz(spec: PatientSpec) -> tuple[float, float, float]:
+    z = spec.ct.axes()[0]
+    return (*spec.ct.centre_xy(), float((z[0] + z[-1]) / 2))
+
+
+@pytest.fixture(scope="module")
+def positioned(tmp_path_factory):
+    """One anatomy in each patient position, a plan of fields at gantry 0, 90 and 270."""
+    root = tmp_path_factory.mktemp("positions")
+    out = {}
+    for position in POSITIONS:
+        spec = PatientSpec(orientation=position)
+        spec.beams = tuple({"gantry_deg": [a], "isocentre_xyz": _centre_xyz(spec)}
+                           for a in (0.0, 90.0, 270.0))
+        write_patient(root / position, spec)
+        out[position] = ingest(root / position)
+    return out
+
+
+@pytest.mark.parametrize("position", ["HFP", "FFP"])
+def test_prone_series_land_on_the_same_canonical_grid(positioned, position):
+    hfs, prone = positioned["HFS"], positioned[position]
+    assert prone.meta["dicom"]["patient_position"] == position
+    assert np.array_equal(prone.ct, hfs.ct)
+    assert np.array_equal(prone.masks, hfs.masks) and np.array_equal(prone.body, hfs.body)
+    np.testing.assert_allclose(prone.dose, hfs.dose, atol=1e-3)
+    np.testing.assert_allclose(prone.origin_mm, hfs.origin_mm)
+
+
+# the side a physicist expects gantry 0, 90 and 270 (the plan's fields) to enter from
+ENTRY = {"HFS": ("anterior", "left", "right"), "FFS": ("anterior", "right", "left"),
+         "HFP": ("posterior", "right", "left"), "FFP": ("posterior", "left", "right")}
+# organs on each side of the scene: the left femoral head ("Left Femur") at x = +55 mm,
+# the right at -38 mm; the bladder in front (y = -36 mm), the rectum behind (+36 mm)
+MARKERS = {"left": ("Femur_L", "Femur_R"), "right": ("Femur_R", "Femur_L"),
+           "anterior": ("Bladder", "Rectum"), "posterior": ("Rectum", "Bladder")}
+
+
+@pytest.mark.parametrize("position", POSITIONS)
+def test_each_field_enters_on_the_side_a_physicist_expects(positioned, position):
+    case = positioned[position]
+    beams = BeamArrangement.from_meta(case.meta["beams"])
+    for gantry, side in zip(beams.gantry_deg, ENTRY[position]):
+        field = BeamArrangement((gantry,), (0.0,), beams.isocentre_mm)
+        prior = beam_prior_dose(case.ct, case.body, case.mask("PTV70")[None], [70.0],
+                                case.spacing_mm, case.origin_mm, field)
+        near, far = (float(prior[case.mask(name) > 0].mean()) for name in MARKERS[side])
+        assert near > 1.2 * far > 0, (position, gantry, side)
+
+
+def _off_centre_cube():
+    """(ct, body, target (1, Z, Y, X), isocentre) on a grid centred on 0 mm: a water block
+    with a target off towards the posterior left."""
+    spacing, shape = (2.0, 2.0, 2.0), (10, 48, 48)
+    origin = tuple(-(n - 1) * s / 2 for n, s in zip(shape, spacing))
+    z, y, x = np.meshgrid(*[o + s * np.arange(n) for o, s, n in zip(origin, spacing, shape)],
+                          indexing="ij")
+    body = (np.abs(y) <= 36) & (np.abs(x) <= 40)
+    target = (np.abs(y - 10) <= 6) & (np.abs(x - 16) <= 6) & (np.abs(z) <= 5)
+    ct = np.where(body, 0.0, -1000.0).astype(np.float32)
+    return ct, body, target[None], (0.0, 10.0, 16.0), spacing, origin
+
+
+@pytest.mark.parametrize("supine, prone", [("HFS", "HFP"), ("FFS", "FFP")])
+def test_a_prone_patients_prior_is_the_supine_one_turned_about_the_head_feet_axis(supine,
+                                                                                   prone):
+    # the same room, the same machine angles: the prone patient is the supine one turned
+    # 180 degrees about the head-feet axis, so its anatomy and its dose in its own axes
+    # are the supine ones turned 180 degrees about z (y -> -y, x -> -x)
+    ct, body, target, iso, spacing, origin = _off_centre_cube()
+    params = BeamModelParams(scatter_sigma_mm=2.0)
+    machine = (30.0, 100.0, 215.0)
+
+    def prior(ct, body, target, iso, position, to_hfs=hfs_gantry_deg):
+        beams = BeamArrangement(tuple(to_hfs(a, position) for a in machine), (0.0,) * 3, iso)
+        return beam_prior_dose(ct, body, target, [1.0], spacing, origin, beams, params)
+
+    turned = (ct[:, ::-1, ::-1].copy(), body[:, ::-1, ::-1].copy(),
+              target[:, :, ::-1, ::-1].copy(), (iso[0], -iso[1], -iso[2]))
+    expected = prior(ct, body, target, iso, supine)[:, ::-1, ::-1]
+    got = prior(*turned, prone)
+    assert expected.max() > 0.9
+    np.testing.assert_allclose(got, expected, atol=2e-3)
+    # a front-back mirror (the old HFP 180 - a, FFP 180 + a) gives another dose here
+    mirrored = prior(*turned, prone, lambda a, p: (180.0 - a) if p == "HFP" else (180.0 + a))
+    assert np.abs(mirrored - expected).max() > 0.3
+
+
+def test_a_prone_dicom_patients_prior_is_the_supine_one_turned(tmp_path):
+    # the HFS patient and, in the same place of the room, the HFP one: the same machine
+    # angles give the same room dose, so in patient axes the prone prior is the supine one
+    # turned 180 degrees about the head-feet axis (canonical arrays flipped in y and x)
+    cases = {}
+    for position, scene in (("HFS", SCENE), ("HFP", turned_scene(SCENE))):
+        spec = PatientSpec(orientation=position, scene=scene, ct_hu=0.0)
+        spec.beams = tuple({"gantry_deg": [a], "isocentre_xyz": _centre_xyz(spec)}
+                           for a in (30.0, 100.0, 215.0))
+        write_patient(tmp_path / position, spec)
+        cases[position] = ingest(tmp_path / position)
+    supine, prone = cases["HFS"], cases["HFP"]
+    assert np.array_equal(prone.ct, supine.ct[:, ::-1, ::-1])
+    assert dice(prone.mask("PTV70"), supine.mask("PTV70")[:, ::-1, ::-1]) > 0.99
+
+    def prior(case):
+        return beam_prior_dose(case.ct, case.body, case.mask("PTV70")[None], [70.0],
+                               case.spacing_mm, case.origin_mm,
+                               BeamArrangement.from_meta(case.meta["beams"]))
+
+    expected = prior(supine)[:, ::-1, ::-1]
+    np.testing.assert_allclose(prior(prone), expected, atol=1e-3 * expected.max())
+
+
+# ------------------------------------------------------------------ what clinics export
+
+
+@pytest.mark.parametrize("position, arcs, counts, sign", [
+    ("HFS", [(181.0, 179.0, "CW", 2.0), (179.0, 181.0, "CC", 4.0)], [180, 91], (1, -1)),
+    ("FFS", [(181.0, 179.0, "CW", 3.0)], [121], (-1,)),  # feet first: it turns the other way
+])
+def test_vmat_arcs_record_every_control_point_in_their_direction(tmp_path, position, arcs,
+                                                                   counts, sign):
+    spec = PatientSpec(orientation=position, beam_weights=(1.0,) if len(arcs) == 1
+                       else (0.45, 0.55))
+    spec.beams = tuple({"gantry_deg": vmat_arc(*arc), "rotation": arc[2],
+                        "isocentre_xyz": _centre_xyz(spec)} for arc in arcs)
+    write_patient(tmp_path / "pt", spec)
+    beams = ingest(tmp_path / "pt").meta["beams"]
+    assert [len(vmat_arc(*arc)) for arc in arcs] == counts  # 358 degrees each
+    assert len(beams["gantry_deg"]) == sum(counts) and beams["delivery"] == "arc"
+    start = 0
+    for count, arc, direction in zip(counts, arcs, sign):
+        angles = np.asarray(beams["gantry_deg"][start:start + count])
+        step = (np.diff(angles) + 180.0) % 360.0 - 180.0  # signed, degrees
+        assert np.all(np.sign(step) == direction)
+        np.testing.assert_allclose(np.abs(step[:-1]), arc[3], atol=1e-6)
+        assert angles[0] == hfs_gantry_deg(arc[0], position)
+        start += count
+
+
+def test_an_arcs_beam_off_sector_is_left_out(tmp_path):
+    # an avoidance sector: no meterset between gantry 40 and 80 (the segments inside it)
+    angles = np.asarray(vmat_arc(181.0, 179.0, "CW", 2.0))
+    off = (angles[:-1] >= 40) & (angles[:-1] <= 80) & (angles[1:] >= 40) & (angles[1:] <= 80)
+    cumulative = np.concatenate([[0.0], np.cumsum(np.where(off, 0.0, 1.0))])
+    spec = PatientSpec()
+    spec.beams = ({"gantry_deg": list(angles), "rotation": "CW", "isocentre_xyz":
+                   _centre_xyz(spec), "meterset": list(cumulative / cumulative[-1])},)
+    write_patient(tmp_path / "pt", spec)
+    case = ingest(tmp_path / "pt")
+    kept = np.asarray(case.meta["beams"]["gantry_deg"])
+    # the points are at odd angles: 41 and 79 start and end the sector's segments, the 18
+    # between (43, 45, ..., 77) deliver nothing on either side
+    assert len(kept) == 180 - 18
+    assert not np.any((kept > 41) & (kept < 79)) and {41.0, 79.0} <= set(kept.tolist())
+    assert ("RTPLAN arcs: 18 control point(s) in beam-off sectors (no meterset on either "
+            "side) left out of the beam arrangement") in case.meta["warnings"]
+
+
+def _dose_of_each_file(folder):
+    from vmatdose.data.ingest import dicom_dose
+    from vmatdose.data.ingest.dicom_ct import plan_ct_series
+    from vmatdose.data.ingest.dicom_files import scan_folder
+
+    files = scan_folder(folder)
+    grid = plan_ct_series(files, files.of("CT")).grid
+    return {path.name: dicom_dose.resample_to_grid(dicom_dose.read_dose_image(files, path)[0],
+                                                   grid)[0]
+            for path, _ in files.of("RTDOSE")}
+
+
+def test_per_beam_doses_sum_to_the_plan_dose_with_a_warning(tmp_path):
+    folder, truth = _variant(tmp_path, beam_weights=(0.2, 0.3, 0.5))
+    case = ingest(folder)
+    each = _dose_of_each_file(folder)
+    assert sorted(each) == ["RD_0.dcm", "RD_1.dcm", "RD_2.dcm"]
+    np.testing.assert_allclose(case.dose, sum(each.values()), atol=1e-4)
+    assert (np.abs(case.dose - truth.dose) / truth.dose).max() < 0.01
+    assert ("no plan-summed RTDOSE: summed 3 per-beam RTDOSEs (DoseSummationType BEAM; one "
+            "per treatment beam of the RTPLAN)") in case.meta["warnings"]
+    (folder / "RP_plan.dcm").unlink()
+    unchecked = ingest(folder)
+    np.testing.assert_allclose(unchecked.dose, case.dose, atol=1e-6)
+    assert ("no plan-summed RTDOSE: summed 3 per-beam RTDOSEs (DoseSummationType BEAM; no "
+            "RTPLAN of theirs to check that every beam has one)") in unchecked.meta["warnings"]
+
+
+def _copy_dose(path, name, **changes):
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    ds = pydicom.dcmread(path)
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    for key, value in changes.items():
+        setattr(ds, key, value)
+    ds.save_as(path.parent / name)
+
+
+def test_the_plan_dose_wins_over_per_beam_doses_and_two_plan_doses_are_refused(tmp_path):
+    import pydicom
+
+    folder, truth = _variant(tmp_path, beam_weights=(0.3, 0.7), plan_dose_too=True)
+    beam = pydicom.dcmread(folder / "RD_0.dcm")  # a wrong per-beam dose: unused
+    beam.DoseGridScaling = float(beam.DoseGridScaling) * 3
+    beam.save_as(folder / "RD_0.dcm")
+    case = ingest(folder)
+    assert case.meta["dicom"]["dose_summation"] == "PLAN"
+    assert (np.abs(case.dose - truth.dose) / truth.dose).max() < 0.01
+    assert ("used the plan dose RD_plan.dcm; ignored 2 per-beam/fraction RTDOSE(s) beside it"
+            in case.meta["warnings"])
+    _copy_dose(folder / "RD_plan.dcm", "RD_plan_recalc.dcm")
+    with pytest.raises(DicomIngestError, match=r"several plan-summed RTDOSEs for one plan "
+                                               r"\(RD_plan.dcm, RD_plan_recalc.dcm\)"):
+        ingest(folder)
+
+
+def test_per_beam_doses_missing_a_beam_or_twice_one_beam_are_refused(tmp_path):
+    import pydicom
+
+    folder, _ = _variant(tmp_path, beam_weights=(0.2, 0.3, 0.5))
+    _copy_dose(folder / "RD_0.dcm", "RD_0_copy.dcm")
+    with pytest.raises(DicomIngestError, match="two per-beam RTDOSEs of beam 1"):
+        ingest(folder)
+    (folder / "RD_0_copy.dcm").unlink()
+    (folder / "RD_1.dcm").unlink()
+    with pytest.raises(DicomIngestError, match=r"per-beam RTDOSEs of beams \[1, 3\] but the "
+                                               r"RTPLAN has treatment beams \[1, 2, 3\]"):
+        ingest(folder)
+    plan = pydicom.dcmread(folder / "RP_plan.dcm")  # a plan that only counts its beams
+    del plan.FractionGroupSequence[0].ReferencedBeamSequence
+    plan.save_as(folder / "RP_plan.dcm")
+    with pytest.raises(DicomIngestError, match="per-beam RTDOSEs of 2 beams but the RTPLAN "
+                                               "has 3 treatment beams"):
+        ingest(folder)
+
+
+@pytest.mark.parametrize("names_series", [True, False])
+def test_of_several_ct_series_the_one_the_rtstruct_references_is_used(tmp_path, names_series):
+    # the other series share the frame of reference and the geometry (CT + 100, + 200 HU):
+    # only the RTSTRUCT's series reference, or its contours' images, single one out
+    folder, truth = _variant(tmp_path, extra_ct_series=2, struct_names_series=names_series)
+    case = ingest(folder, record_sources=True)
+    assert np.array_equal(case.ct, truth.ct)
+    assert case.meta["dicom"]["ct_series_instance_uid"] == truth.uids["ct_series"]
+    assert case.meta["dicom"]["ct_slices"] == 16
+    said = [w for w in case.meta["warnings"] if w.startswith("3 CT series")]
+    assert said == ["3 CT series in the patient folder: used the one the RTSTRUCT references "
+                    f"(16 slices, e.g. {min(p.name for p in truth.files['CT'])}); ignored 2 "
+                    "other series (32 files)"]
+
+
+def test_several_ct_series_without_a_reference_are_refused(tmp_path):
+    import pydicom
+
+    folder, truth = _variant(tmp_path, extra_ct_series=1, struct_names_series=False)
+    path = truth.files["RTSTRUCT"][0]
+    ds = pydicom.dcmread(path)
+    for roi in ds.ROIContourSequence:
+        for contour in roi.ContourSequence:
+            del contour.ContourImageSequence
+    ds.save_as(path)
+    with pytest.raises(DicomIngestError, match="2 CT series in the patient folder and the "
+                                               "RTSTRUCT does not single one out"):
+        ingest(folder)
+
+
+def test_slice_spacing_varying_within_the_series_is_resampled_and_said(tmp_path):
+    fine = GridSpec((31, 72, 96), (1.0, 2.0, 1.75), (-20.0, -70.0, -80.0))
+    kept = [*range(0, 13, 2), *range(15, 31, 3)]  # 2 mm gaps, then 3 mm gaps
+    folder, truth = _variant(tmp_path, ct=fine,
+                             skip_slices=tuple(sorted(set(range(31)) - set(kept))))
+    case = ingest(folder)
+    assert ("CT slice spacing varies within the series (2.00 to 3.00 mm between 13 slices): "
+            "resampled to a uniform 2.00 mm (16 slices; CT linear, contours from the nearest "
+            "stored slice)") in case.meta["warnings"]
+    assert case.shape == (16, 72, 96) and case.meta["dicom"]["ct_slices"] == 13
+    np.testing.assert_allclose(case.spacing_mm, [2.0, 2.0, 1.75])
+    np.testing.assert_allclose(case.origin_mm, [-20.0, -70.0, -80.0])
+    # the grid's slices lie on every other 1 mm slice of the truth; the CT is linear in z
+    # inside the body, so interpolating between the stored slices gives it back
+    np.testing.assert_allclose(case.ct, truth.ct[::2], atol=1)
+    assert (np.abs(case.dose - truth.dose[::2]) / truth.dose[::2]).max() < 0.01
+    for name in ("PTV70", "PTV56", "Rectum"):
+        assert dice(case.mask(name), truth.masks[name][::2]) > 0.9, name

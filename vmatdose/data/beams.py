@@ -8,8 +8,10 @@ isocentre identify nobody, so ingest may keep them):
      "protocol" | "phantom"}
 
 Angles are IEC 61217 degrees (gantry 0: the beam enters from anterior, heading
-posterior, for a head-first-supine patient; 90: enters from the patient's left); an arc
-is listed by the gantry angles of its control points. ``isocentre_mm`` is in the case
+posterior, for a head-first-supine patient; 90: enters from the patient's left); plans
+of other patient positions are converted to the same beam directions at ingest
+(:func:`vmatdose.data.ingest.dicom_plan.hfs_gantry_deg`); an arc is listed by the gantry
+angles of its control points. ``isocentre_mm`` is in the case
 file's patient coordinates (z, y, x), the same frame as ``origin_mm``.
 
 A case without ``meta["beams"]`` takes its protocol's default arrangement

@@ -7,14 +7,15 @@ The treatment-site protocol (:class:`~vmatdose.protocol.Protocol`) is the one so
 the site's facts: canonical structures and their ROI-name synonyms, the external
 contour's synonyms, targets and prescriptions, fractions and the required targets.
 
-* CT: sorted along the slice normal, head/feet-first flipped into the canonical LPS grid,
-  HU from RescaleSlope/Intercept, missing slices interpolated and reported
-  (:mod:`~vmatdose.data.ingest.dicom_ct`);
+* CT: the series the RTSTRUCT references (when there are several), sorted along the slice
+  normal, head/feet-first and supine/prone flipped into the canonical LPS grid, HU from
+  RescaleSlope/Intercept, missing slices interpolated, a spacing varying within the series
+  resampled to a uniform one, each reported (:mod:`~vmatdose.data.ingest.dicom_ct`);
 * RTSTRUCT on the CT's FrameOfReferenceUID, ROI names mapped to the protocol's canonical
   names by its synonyms, contours rasterised with their boundary, even-odd for holes
   (:mod:`~vmatdose.data.ingest.dicom_struct`, :mod:`~vmatdose.data.ingest.rasterize`);
-* RTDOSE scaled by DoseGridScaling, resampled linearly on the CT grid, per-beam doses summed
-  (:mod:`~vmatdose.data.ingest.dicom_dose`);
+* RTDOSE scaled by DoseGridScaling, resampled linearly on the CT grid; the PLAN dose, else
+  the per-beam (BEAM) doses summed with a warning (:mod:`~vmatdose.data.ingest.dicom_dose`);
 * prescriptions from the RTPLAN's DoseReferenceSequence, else the protocol's; the case's
   ``prescriptions_gy`` holds exactly the targets it has (:mod:`~vmatdose.data.ingest.dicom_plan`).
 
@@ -44,9 +45,9 @@ from vmatdose.data.case import Case
 from vmatdose.data.ingest.batch import SkipCase
 from vmatdose.data.ingest.dicom_ct import (
     CTSeries,
+    choose_ct_series,
     plan_ct_series,
     read_ct_volume,
-    select_ct_series,
 )
 from vmatdose.data.ingest.dicom_dose import DoseOnGrid, dose_on_grid, select_dose_files
 from vmatdose.data.ingest.dicom_files import DicomFolder, DicomIngestError, scan_folder
@@ -55,6 +56,7 @@ from vmatdose.data.ingest.dicom_plan import (
     plan_fractions,
     plan_prescriptions,
     select_plan,
+    treatment_beam_numbers,
 )
 from vmatdose.data.ingest.dicom_struct import (
     StructureSet,
@@ -130,18 +132,20 @@ def ingest_dicom_case(folder: str | os.PathLike, case_id: str | None = None,
     names = StructureNameMap.from_protocol(protocol)
     files = scan_folder(folder)
     sets = read_structure_sets(files)
-    ct_headers = select_ct_series(files, set().union(*(ss.series for ss in sets)))
+    ct_headers, notes = choose_ct_series(files, set().union(*(ss.series for ss in sets)),
+                                         set().union(*(ss.frames for ss in sets)))
     series = plan_ct_series(files, ct_headers)
     case_id = case_id or anonymous_case_id(*patient_keys(ct_headers[0][1]), settings.id_salt)
     frame = str(series.uids["frame_of_reference_uid"])
-    notes = list(series.warnings)
+    notes += series.warnings
     ss, more = select_structure_set(sets, frame, str(series.uids["ct_series_instance_uid"]))
     notes += more
     rois, roi_meta = _choose_rois(files, ss, frame, names, protocol, notes)
     plan, more = select_plan(files, frame)
     notes += more
     dose_files, summation, more = select_dose_files(
-        files, frame, str(plan[1].get("SOPInstanceUID", "")) if plan else None)
+        files, frame, str(plan[1].get("SOPInstanceUID", "")) if plan else None,
+        treatment_beam_numbers(plan[1]) if plan else None)
     notes += more
     if not dose_files and settings.require_dose:
         raise SkipCase("no RTDOSE in the patient folder (set source.require_dose=false to "
@@ -244,8 +248,7 @@ def _rasterize(ss: StructureSet, rois: dict[str, int], series: CTSeries, ct: np.
     masks: dict[str, np.ndarray] = {}
     body = None
     for name, number in rois.items():
-        mask, more = rasterize_roi(roi_contours(ss, number), series.grid, name)
-        fill_missing_slices(mask, series.missing)
+        mask, more = _roi_mask(roi_contours(ss, number), series, name)
         notes += more
         if not mask.any():
             notes.append(f"{name}: empty on the CT grid (dropped)")
@@ -257,6 +260,22 @@ def _rasterize(ss: StructureSet, rois: dict[str, int], series: CTSeries, ct: np.
         notes.append(f"no body contour: body = CT above {settings.body_threshold_hu:g} HU")
         body = body_from_ct(ct, settings.body_threshold_hu)
     return masks, body
+
+
+def _roi_mask(contours: list[np.ndarray], series: CTSeries, name: str
+              ) -> tuple[np.ndarray, list[str]]:
+    """(Z, Y, X) bool mask of one ROI's contours (patient points ``(x, y, z)`` mm) on the CT
+    grid: rasterised on the grid's slices, empty missing slices filled from their
+    neighbours; for a resampled series, rasterised on the stored slices and each grid
+    slice taking the nearest stored slice's."""
+    if not series.resampled:
+        mask, notes = rasterize_roi(contours, series.grid, name)
+        fill_missing_slices(mask, series.missing)
+        return mask, notes
+    on_stored = [np.column_stack([c[:, :2], series.stored_slice_index(c[:, 2])])
+                 for c in contours]
+    stored, notes = rasterize_roi(on_stored, series.stored_slice_grid(), name)
+    return stored[series.nearest_stored_slice()], notes
 
 
 def fill_missing_slices(mask: np.ndarray, missing: Sequence[int]) -> None:

@@ -1,9 +1,19 @@
 """A CT series -> the canonical grid and the HU volume.
 
 Slices are sorted by their position along the slice normal (row x column cosine) and
-placed on a regular canonical grid (z superior, y posterior, x patient left). Gaps that are
-whole multiples of the nominal spacing are *missing slices*: they are filled by linear
-interpolation between their neighbours and reported. Any other uneven spacing is an error.
+placed on a regular canonical grid (z superior, y posterior, x patient left); head-first
+and feet-first, supine and prone series (ImageOrientationPatient rows along +-x, columns
+along +-y) all come out in the same canonical orientation. Gaps that are whole multiples of
+the nominal spacing are *missing slices*: they are filled by linear interpolation between
+their neighbours and reported. A spacing that varies otherwise within the series (finer
+slices through the target, say) is *resampled*: the grid takes a uniform spacing (the
+smallest gap, at least half the median, fitted to the scanned length), the CT is
+interpolated linearly between the stored slices and each grid slice takes the contours of
+the nearest stored slice; one warning says so.
+
+When a folder holds several CT series, the one the RTSTRUCT references is used
+(RTReferencedSeriesSequence, else the series of the images its ContourImageSequence names,
+else the only series on its frame of reference), and a warning says so.
 """
 
 from __future__ import annotations
@@ -57,6 +67,9 @@ class CTSeries:
         missing: canonical slice indices without a file (filled by interpolation).
         flip_x, flip_y: whether stored columns / rows run opposite to canonical x / y.
         uids: FrameOfReference, Study and Series instance UIDs, and the orientation.
+        stored_z_mm: ``None`` when every stored slice lies on the grid; for a series of
+            varying spacing resampled onto the grid, (S,) z mm of the stored slices, and
+            ``files`` maps stored slice index ``0..S-1`` (sorted by z) -> file.
     """
 
     grid: CanonicalGrid
@@ -66,10 +79,53 @@ class CTSeries:
     flip_y: bool
     uids: dict[str, object] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    stored_z_mm: np.ndarray | None = None
+
+    @property
+    def resampled(self) -> bool:
+        """Whether the grid resamples stored slices of varying spacing."""
+        return self.stored_z_mm is not None
+
+    def nearest_stored_slice(self) -> np.ndarray:
+        """(Z,) index of the stored slice nearest each grid slice (resampled series)."""
+        z = self.grid.origin_mm[0] + self.grid.spacing_mm[0] * np.arange(self.grid.shape[0])
+        return np.abs(z[:, None] - self.stored_z_mm[None, :]).argmin(1)
+
+    def stored_slice_grid(self) -> CanonicalGrid:
+        """The grid of the stored slices in slice-index units along z (resampled series):
+        a point of z mm lies at ``stored_slice_index(z)`` on it."""
+        n = len(self.stored_z_mm)
+        return CanonicalGrid((n, *self.grid.shape[1:]), (1.0, *self.grid.spacing_mm[1:]),
+                             (0.0, *self.grid.origin_mm[1:]))
+
+    def stored_slice_index(self, z_mm: np.ndarray) -> np.ndarray:
+        """Continuous stored-slice index of patient z positions (linear between slices,
+        extrapolated with the end gaps beyond them)."""
+        z = self.stored_z_mm
+        index = np.interp(z_mm, z, np.arange(len(z), dtype=np.float64))
+        below, above = z_mm < z[0], z_mm > z[-1]
+        index[below] = (z_mm[below] - z[0]) / (z[1] - z[0])
+        index[above] = len(z) - 1 + (z_mm[above] - z[-1]) / (z[-1] - z[-2])
+        return index
 
 
 def select_ct_series(folder: DicomFolder, referenced_series: set[str]) -> list[tuple]:
     """The CT headers of the one series to use (the one the RTSTRUCT references if several)."""
+    return choose_ct_series(folder, referenced_series)[0]
+
+
+def choose_ct_series(folder: DicomFolder, referenced_series: set[str],
+                     referenced_frames: set[str] = frozenset()
+                     ) -> tuple[list[tuple[Path, Dataset]], list[str]]:
+    """The CT headers of the one series to use, and a warning when there was a choice.
+
+    With several series: the one the RTSTRUCT references (``referenced_series``: series
+    UIDs named by it or holding the images it names), else the only one on a frame of
+    reference it names (``referenced_frames``).
+
+    Raises:
+        DicomIngestError: no CT, or several series and nothing singles one out.
+    """
     series: dict[str, list] = {}
     for path, ds in folder.of("CT"):
         series.setdefault(str(ds.get("SeriesInstanceUID", "")), []).append((path, ds))
@@ -77,12 +133,21 @@ def select_ct_series(folder: DicomFolder, referenced_series: set[str]) -> list[t
         raise DicomIngestError(f"no CT image files in the patient folder "
                                f"({len(folder.ignored)} other files)")
     if len(series) == 1:
-        return next(iter(series.values()))
-    chosen = [uid for uid in series if uid in referenced_series]
+        return next(iter(series.values())), []
+    chosen, how = [uid for uid in series if uid in referenced_series], "references"
+    if not chosen:
+        chosen = [uid for uid, headers in series.items()
+                  if str(headers[0][1].get("FrameOfReferenceUID", "")) in referenced_frames]
+        how = "is on the frame of reference of"
     if len(chosen) != 1:
         raise DicomIngestError(f"{len(series)} CT series in the patient folder and the "
                                "RTSTRUCT does not single one out; keep one series per folder")
-    return series[chosen[0]]
+    headers = series[chosen[0]]
+    others = sum(len(h) for uid, h in series.items() if uid != chosen[0])
+    example = folder.rel(min(p for p, _ in headers))
+    return headers, [f"{len(series)} CT series in the patient folder: used the one the "
+                     f"RTSTRUCT {how} ({len(headers)} slices, e.g. {example}); ignored "
+                     f"{len(series) - 1} other series ({others} files)"]
 
 
 def plan_ct_series(folder: DicomFolder, headers: list[tuple[Path, Dataset]]) -> CTSeries:
@@ -98,7 +163,14 @@ def plan_ct_series(folder: DicomFolder, headers: list[tuple[Path, Dataset]]) -> 
     if normal[2] < 0:  # feet first: the normal points inferior, canonical z is superior
         order = order[::-1]
     z = positions[order, 2]
-    index, n_slices, dz, warnings = _slice_indices(folder, [headers[i][0] for i in order], z)
+    paths = [headers[i][0] for i in order]
+    _check_distinct(folder, paths, z)
+    stored_z = None
+    if _regular(z):
+        index, n_slices, dz, warnings = _slice_indices(z)
+    else:
+        index, n_slices, dz, warnings = _resampled_slices(z)
+        stored_z = z.copy()
     rows, cols = int(first.Rows), int(first.Columns)
     dy, dx = (float(v) for v in require(first, "PixelSpacing", label))
     ipp = positions[order[0]]
@@ -112,8 +184,9 @@ def plan_ct_series(folder: DicomFolder, headers: list[tuple[Path, Dataset]]) -> 
             "image_orientation_patient": [float(v) for v in first.ImageOrientationPatient],
             "patient_position": str(first.get("PatientPosition", "")),
             "ct_sop_instance_uids": [str(headers[i][1].get("SOPInstanceUID", "")) for i in order]}
-    missing = sorted(set(range(n_slices)) - set(files))
-    return CTSeries(grid, files, missing, bool(row[0] < 0), bool(col[1] < 0), uids, warnings)
+    missing = [] if stored_z is not None else sorted(set(range(n_slices)) - set(files))
+    return CTSeries(grid, files, missing, bool(row[0] < 0), bool(col[1] < 0), uids, warnings,
+                    stored_z)
 
 
 def _check_same_geometry(folder: DicomFolder, headers: list[tuple[Path, Dataset]]) -> None:
@@ -133,13 +206,11 @@ def _slice_signature(ds: Dataset) -> tuple:
     return iop, int(ds.get("Rows", 0)), int(ds.get("Columns", 0)), spacing
 
 
-def _slice_indices(folder: DicomFolder, paths: list[Path], z: np.ndarray
-                   ) -> tuple[np.ndarray, int, float, list[str]]:
-    """Canonical slice index of each (sorted) slice, the number of slices and dz.
+def _check_distinct(folder: DicomFolder, paths: list[Path], z: np.ndarray) -> None:
+    """At least two slices, no two at one position (``z`` sorted).
 
     Raises:
-        DicomIngestError: duplicate positions or spacing that is not a whole multiple of
-            the nominal (median) spacing.
+        DicomIngestError: naming the file.
     """
     if len(z) < 2:
         raise DicomIngestError(f"a CT series needs at least 2 slices, found {len(z)}",
@@ -149,15 +220,20 @@ def _slice_indices(folder: DicomFolder, paths: list[Path], z: np.ndarray
         k = int(np.argmax(gaps <= 1e-3))
         raise DicomIngestError(f"two CT slices at the same position z={z[k]:.3f} mm "
                                f"(also {folder.rel(paths[k])})", folder.rel(paths[k + 1]))
+
+
+def _regular(z: np.ndarray) -> bool:
+    """Every gap a whole multiple of the nominal (median) spacing (missing slices allowed)."""
+    gaps = np.diff(z)
+    dz = float(np.median(gaps))
+    return bool(np.all(np.abs(gaps - np.rint(gaps / dz) * dz) <= SPACING_TOLERANCE * dz))
+
+
+def _slice_indices(z: np.ndarray) -> tuple[np.ndarray, int, float, list[str]]:
+    """Canonical slice index of each (sorted, regular) slice, the number of slices and dz."""
+    gaps = np.diff(z)
     dz = float(np.median(gaps))
     steps = np.rint(gaps / dz)
-    deviation = np.abs(gaps - steps * dz)
-    if np.any(deviation > SPACING_TOLERANCE * dz):
-        bad = np.flatnonzero(deviation > SPACING_TOLERANCE * dz)
-        listed = ", ".join(f"{gaps[k]:.3f} mm after z={z[k]:.2f}" for k in bad[:5])
-        raise DicomIngestError(
-            f"uneven CT slice spacing: nominal {dz:.3f} mm but {len(bad)} gaps are not whole "
-            f"multiples of it ({listed})", folder.rel(paths[int(bad[0]) + 1]))
     index = np.concatenate([[0], np.cumsum(steps)]).astype(int)
     warnings = []
     n_missing = int(index[-1] + 1 - len(z))
@@ -168,9 +244,28 @@ def _slice_indices(folder: DicomFolder, paths: list[Path], z: np.ndarray
     return index, int(index[-1] + 1), dz, warnings
 
 
+def _resampled_slices(z: np.ndarray) -> tuple[np.ndarray, int, float, list[str]]:
+    """The uniform grid for stored slices of varying spacing: stored slice indices
+    ``0..S-1``, the number of grid slices and their spacing (the smallest gap, at least
+    half the median gap, shrunk so that the scanned length is a whole number of them)."""
+    gaps = np.diff(z)
+    target = max(float(gaps.min()), 0.5 * float(np.median(gaps)))
+    extent = float(z[-1] - z[0])
+    intervals = int(np.ceil(extent / target - 1e-6))
+    dz = extent / intervals
+    warning = (f"CT slice spacing varies within the series ({gaps.min():.2f} to "
+               f"{gaps.max():.2f} mm between {len(z)} slices): resampled to a uniform "
+               f"{dz:.2f} mm ({intervals + 1} slices; CT linear, contours from the nearest "
+               "stored slice)")
+    return np.arange(len(z)), intervals + 1, dz, [warning]
+
+
 def read_ct_volume(folder: DicomFolder, series: CTSeries) -> np.ndarray:
-    """(Z, Y, X) int16 HU on the canonical grid; missing slices linearly interpolated."""
-    volume = np.empty(series.grid.shape, dtype=np.float32)
+    """(Z, Y, X) int16 HU on the canonical grid; missing slices linearly interpolated, a
+    series of varying spacing linearly resampled."""
+    shape = (len(series.files), *series.grid.shape[1:]) if series.resampled \
+        else series.grid.shape
+    volume = np.empty(shape, dtype=np.float32)
     for k, path in series.files.items():
         ds = read_full(folder, path)
         label = folder.rel(path)
@@ -183,7 +278,20 @@ def read_ct_volume(folder: DicomFolder, series: CTSeries) -> np.ndarray:
         hu = pixels.astype(np.float32) * slope + intercept
         volume[k] = hu[::-1 if series.flip_y else 1, ::-1 if series.flip_x else 1]
     _fill_missing(volume, series.missing)
+    if series.resampled:
+        volume = _resample_slices(volume, series)
     return np.clip(np.rint(volume), -32768, 32767).astype(np.int16)
+
+
+def _resample_slices(stored: np.ndarray, series: CTSeries) -> np.ndarray:
+    """(S, Y, X) stored slices -> (Z, Y, X) on the uniform grid, linear along z."""
+    z = series.grid.origin_mm[0] + series.grid.spacing_mm[0] * np.arange(series.grid.shape[0])
+    index = np.clip(series.stored_slice_index(z), 0, len(stored) - 1)
+    below = np.minimum(np.floor(index).astype(int), len(stored) - 2)
+    out = np.empty((len(z), *stored.shape[1:]), dtype=np.float32)
+    for k, (i, w) in enumerate(zip(below, (index - below).astype(np.float32))):
+        out[k] = (1 - w) * stored[i] + w * stored[i + 1]  # one slice at a time: memory
+    return out
 
 
 def _fill_missing(volume: np.ndarray, missing: list[int]) -> None:

@@ -1,5 +1,14 @@
 """RTDOSE -> dose in Gy on the canonical CT grid (SimpleITK, linear), per-beam doses summed.
 
+Which RTDOSEs make the plan dose (of the chosen RTPLAN's, when the folder has one):
+
+* one PLAN (or MULTI_PLAN) dose: that one; per-beam doses beside it are ignored, said;
+* several PLAN doses of one plan: refused, naming them (which one is the plan's is not
+  knowable from the files: a re-calculation, another algorithm...);
+* per-beam doses (BEAM) only: summed, said; refused when two are of one beam
+  (ReferencedBeamNumber) or when they are not one per treatment beam of the RTPLAN;
+* per-fraction doses (FRACTION): summed and multiplied by the number of fractions.
+
 GridFrameOffsetVector is read in both forms the standard allows: *relative* (first element
 0, offsets along the slice normal from ImagePositionPatient) and *absolute* (first element
 equal to the z of ImagePositionPatient, values are patient z positions).
@@ -51,9 +60,26 @@ def referenced_plan(ds: Dataset) -> str:
     return str(refs[0].get("ReferencedSOPInstanceUID", "")) if refs else ""
 
 
-def select_dose_files(folder: DicomFolder, frame_uid: str, plan_uid: str | None
+def referenced_beam(ds: Dataset) -> int | None:
+    """ReferencedBeamNumber a per-beam RTDOSE names (ReferencedRTPlanSequence >
+    ReferencedFractionGroupSequence > ReferencedBeamSequence), or ``None``."""
+    for plan in ds.get("ReferencedRTPlanSequence") or []:
+        for group in plan.get("ReferencedFractionGroupSequence") or []:
+            for beam in group.get("ReferencedBeamSequence") or []:
+                if beam.get("ReferencedBeamNumber") is not None:
+                    return int(beam.ReferencedBeamNumber)
+    return None
+
+
+def select_dose_files(folder: DicomFolder, frame_uid: str, plan_uid: str | None,
+                      plan_beams: list[int | None] | None = None
                       ) -> tuple[list[tuple[Path, Dataset]], str, list[str]]:
-    """The RTDOSE files making the plan dose, and how to combine them.
+    """The RTDOSE files making the plan dose, and how to combine them (module docstring).
+
+    Args:
+        plan_beams: the beam numbers (``None``: unknown) of the treatment beams of the
+            RTPLAN ``plan_uid``, when known: per-beam doses of that plan must be one per
+            beam.
 
     Returns:
         ``(files, summation, warnings)``; ``files`` is empty when the folder has no RTDOSE.
@@ -72,30 +98,76 @@ def select_dose_files(folder: DicomFolder, frame_uid: str, plan_uid: str | None
             raise DicomIngestError("every RTDOSE is on another frame of reference than the CT "
                                    "(FrameOfReferenceUID differs)", others[0])
         warnings.append(f"ignored RTDOSE on another frame of reference: {', '.join(others)}")
-    if plan_uid and any(referenced_plan(ds) == plan_uid for _, ds in doses):
+    of_plan = bool(plan_uid) and any(referenced_plan(ds) == plan_uid for _, ds in doses)
+    if of_plan:
         doses = [(p, ds) for p, ds in doses if referenced_plan(ds) == plan_uid]
     plans = {referenced_plan(ds) for _, ds in doses}
     if len(plans) > 1:
         raise DicomIngestError(f"RTDOSEs of {len(plans)} different plans in the patient folder; "
                                "keep the dose of one plan per folder")
-    return (*_combine(folder, doses), warnings)
+    files, summation, more = _combine(folder, doses, plan_beams if of_plan else None)
+    return files, summation, warnings + more
 
 
-def _combine(folder: DicomFolder, doses: list) -> tuple[list, str]:
-    kinds = {str(ds.get("DoseSummationType", "PLAN")).upper() for _, ds in doses}
-    plan_doses = [(p, ds) for p, ds in doses
-                  if str(ds.get("DoseSummationType", "PLAN")).upper() in _PLAN_TYPES]
+def _summation(ds: Dataset) -> str:
+    return str(ds.get("DoseSummationType", "PLAN")).upper()
+
+
+def _combine(folder: DicomFolder, doses: list, plan_beams: list[int | None] | None
+             ) -> tuple[list, str, list[str]]:
+    """``(files, summation, warnings)`` of one plan's RTDOSEs (module docstring)."""
+    if not doses:
+        return [], "PLAN", []
+    plan_doses = [(p, ds) for p, ds in doses if _summation(ds) in _PLAN_TYPES]
     if plan_doses:
         if len(plan_doses) > 1:
             names = ", ".join(folder.rel(p) for p, _ in plan_doses)
-            raise DicomIngestError(f"several plan-summed RTDOSEs for one plan ({names})")
-        return plan_doses, "PLAN"
-    unsupported = kinds - set(_SUMMED_TYPES)
-    if unsupported or len(kinds) > 1:
+            raise DicomIngestError(f"several plan-summed RTDOSEs for one plan ({names}): "
+                                   "which is the plan's dose is not known; keep one per "
+                                   "folder")
+        others = len(doses) - 1
+        return plan_doses, "PLAN", ([f"used the plan dose {folder.rel(plan_doses[0][0])}; "
+                                     f"ignored {others} per-beam/fraction RTDOSE(s) beside it"]
+                                    if others else [])
+    kinds = {_summation(ds) for _, ds in doses}
+    if kinds - set(_SUMMED_TYPES) or len(kinds) > 1:
         raise DicomIngestError(f"cannot combine RTDOSE DoseSummationType {sorted(kinds)} "
                                f"(supported: one PLAN dose, or BEAM / FRACTION doses to sum)",
                                folder.rel(doses[0][0]))
-    return doses, kinds.pop() if kinds else "PLAN"
+    kind = kinds.pop()
+    if kind != "BEAM":
+        return doses, kind, []
+    return doses, kind, [_check_beam_doses(folder, doses, plan_beams)]
+
+
+def _check_beam_doses(folder: DicomFolder, doses: list,
+                      plan_beams: list[int | None] | None) -> str:
+    """The warning for summed per-beam doses, after checking they are one per beam.
+
+    Raises:
+        DicomIngestError: two doses of one beam, or not one per treatment beam of the plan.
+    """
+    numbers = [referenced_beam(ds) for _, ds in doses]
+    seen: dict[int, Path] = {}
+    for (path, _), number in zip(doses, numbers):
+        if number is not None and number in seen:
+            raise DicomIngestError(f"two per-beam RTDOSEs of beam {number} (also "
+                                   f"{folder.rel(seen[number])})", folder.rel(path))
+        if number is not None:
+            seen[number] = path
+    if plan_beams is not None:
+        named = None not in numbers and None not in plan_beams
+        if len(doses) != len(plan_beams) or (named and sorted(seen) != sorted(plan_beams)):
+            got = f"beams {sorted(seen)}" if named else f"{len(doses)} beams"
+            wanted = (f"treatment beams {sorted(plan_beams)}" if named
+                      else f"{len(plan_beams)} treatment beams")
+            raise DicomIngestError(f"per-beam RTDOSEs of {got} but the RTPLAN has {wanted}: "
+                                   "their sum would not be the plan dose",
+                                   folder.rel(doses[0][0]))
+    checked = ("one per treatment beam of the RTPLAN" if plan_beams is not None
+               else "no RTPLAN of theirs to check that every beam has one")
+    return (f"no plan-summed RTDOSE: summed {len(doses)} per-beam RTDOSEs (DoseSummationType "
+            f"BEAM; {checked})")
 
 
 def read_dose_image(folder: DicomFolder, path: Path) -> tuple[sitk.Image, list[str]]:

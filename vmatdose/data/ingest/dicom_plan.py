@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 from pydicom.dataset import Dataset
 
 from vmatdose.data.beams import BeamArrangement
@@ -65,6 +66,27 @@ def plan_prescriptions(plan: Dataset, roi_names: dict[int, str], names: Structur
     return prescriptions, warnings
 
 
+def treatment_beam_numbers(plan: Dataset) -> list[int | None] | None:
+    """BeamNumbers of the plan's treatment beams: the first fraction group's
+    ReferencedBeamSequence, else the TREATMENT items of the BeamSequence, else
+    ``NumberOfBeams`` unknown numbers (``None``); ``None`` when the plan says nothing
+    about its beams."""
+    groups = plan.get("FractionGroupSequence") or []
+    referenced = groups[0].get("ReferencedBeamSequence") if groups else None
+    if referenced:
+        return [_int_or_none(item.get("ReferencedBeamNumber")) for item in referenced]
+    beams = [beam for beam in plan.get("BeamSequence", [])
+             if str(beam.get("TreatmentDeliveryType", "TREATMENT")) == "TREATMENT"]
+    if beams:
+        return [_int_or_none(beam.get("BeamNumber")) for beam in beams]
+    count = groups[0].get("NumberOfBeams") if groups else None
+    return [None] * int(count) if count else None
+
+
+def _int_or_none(value) -> int | None:
+    return None if value is None or value == "" else int(value)
+
+
 def plan_fractions(plan: Dataset) -> int | None:
     """NumberOfFractionsPlanned of the first fraction group, if any."""
     groups = plan.get("FractionGroupSequence") or []
@@ -72,35 +94,85 @@ def plan_fractions(plan: Dataset) -> int | None:
     return int(value) if value else None
 
 
-#: IEC gantry angle -> the angle that gives the same beam direction in the patient for a
-#: head-first-supine patient (the convention of ``meta["beams"]``): feet first mirrors
-#: left/right, prone mirrors anterior/posterior.
-_HFS_GANTRY = {"HFS": lambda a: a, "FFS": lambda a: -a, "HFP": lambda a: 180.0 - a,
-               "FFP": lambda a: 180.0 + a}
+#: IEC gantry angle ``a`` -> the gantry angle giving the same beam direction in the
+#: patient when the patient lies head first supine (the convention of ``meta["beams"]``).
+_HFS_GANTRY = {"HFS": lambda a: a, "FFS": lambda a: 360.0 - a,
+               "HFP": lambda a: a + 180.0, "FFP": lambda a: 180.0 - a}
+
+
+def hfs_gantry_deg(gantry_deg: float, patient_position: str) -> float:
+    """The head-first-supine gantry angle (degrees in [0, 360)) of the beam that gantry
+    angle ``gantry_deg`` gives a patient lying in ``patient_position`` (HFS, FFS, HFP, FFP).
+
+    Why these four maps. IEC 61217 fixed system, seen from the foot of the couch looking
+    at the gantry: X to the right, Y towards the gantry (the rotation axis), Z up. The
+    source of gantry angle ``a`` sits at ``(sin a, 0, cos a)`` (0 above the couch, 90 to
+    the right, clockwise), so the beam travels along ``-(sin a, 0, cos a)``. A patient is
+    placed by the room directions of their head ``H`` and front ``A``; DICOM patient axes
+    are then left ``L = H x A``, posterior ``-A`` and superior ``H`` (LPS, right-handed).
+    The beam in the patient is ``(d . -A, d . L) = (dy, dx)``:
+
+    ====  ========  ========  ========  =====================  ==================
+    pos.  H         A         L         (dy, dx)               HFS angle ``b``
+    ====  ========  ========  ========  =====================  ==================
+    HFS   +Y        +Z        +X        (cos a, -sin a)        ``a``
+    FFS   -Y        +Z        -X        (cos a, +sin a)        ``360 - a``
+    HFP   +Y        -Z        -X        (-cos a, +sin a)       ``a + 180``
+    FFP   -Y        -Z        +X        (-cos a, -sin a)       ``180 - a``
+    ====  ========  ========  ========  =====================  ==================
+
+    with ``b`` solving ``(cos b, -sin b) = (dy, dx)`` (the head-first-supine row). So a
+    prone patient is the supine one turned 180 degrees about the head-feet axis: its beam
+    is the supine beam turned by 180 degrees (HFP ``a + 180``, FFP ``180 - a`` = FFS
+    ``360 - a`` plus 180), not mirrored front to back. Gantry 90 enters from the
+    patient's left for HFS and FFP, from the right for FFS and HFP; gantry 0 from the
+    front of a supine patient and the back of a prone one. The CT's
+    ImageOrientationPatient for each position (HFS ``[1,0,0, 0,1,0]``, FFS
+    ``[-1,0,0, 0,1,0]``, HFP ``[-1,0,0, 0,-1,0]``, FFP ``[1,0,0, 0,-1,0]``) are the room's
+    image axes (X, then -Z) written in these patient axes, the same geometry.
+
+    Raises:
+        KeyError: another position (decubitus, sitting).
+    """
+    return float(_HFS_GANTRY[str(patient_position).upper()](float(gantry_deg)) % 360.0)
+
+
+def _delivering(points: list[Dataset]) -> list[bool]:
+    """Per control point of an arc: whether meterset is delivered on the segment before or
+    after it (CumulativeMetersetWeight rises); all ``True`` without the weights."""
+    weights = [point.get("CumulativeMetersetWeight") for point in points]
+    if len(points) < 2 or any(w is None for w in weights):
+        return [True] * len(points)
+    rises = np.diff(np.asarray(weights, dtype=np.float64)) > 0
+    before = np.concatenate([[False], rises])
+    after = np.concatenate([rises, [False]])
+    return (before | after).tolist()
 
 
 def plan_beams(plan: Dataset, patient_position: str = "HFS"
                ) -> tuple[BeamArrangement | None, list[str]]:
     """The treatment beams of an RTPLAN as a :class:`BeamArrangement` (``None`` without
     photon treatment beams): every static field's gantry angle, every control point's of
-    an arc (``GantryRotationDirection`` CW/CC), as the head-first-supine angle of the same
-    direction in the patient (``patient_position`` of the CT: HFS, FFS, HFP, FFP; other
-    positions give no arrangement and a warning), couch angles carried from the previous
-    control point as DICOM does, the first beam's isocentre (DICOM patient x, y, z -> the
-    case's z, y, x) and nominal energy.
+    an arc (``GantryRotationDirection`` CW/CC) that delivers meterset on one side (the
+    points of a beam-off sector are left out; the arrangement has no weights, so the
+    meterset does not weight the rest), as the head-first-supine angle of the same
+    direction in the patient (``patient_position`` of the CT: HFS, FFS, HFP, FFP, see
+    :func:`hfs_gantry_deg`; other positions give no arrangement and a warning), couch
+    angles carried from the previous control point as DICOM does, the first beam's
+    isocentre (DICOM patient x, y, z -> the case's z, y, x) and nominal energy.
 
     Returns:
         ``(arrangement or None, warnings)``.
     """
-    to_hfs = _HFS_GANTRY.get(str(patient_position or "HFS").upper())
-    if to_hfs is None:
+    position = str(patient_position or "HFS").upper()
+    if position not in _HFS_GANTRY:
         return None, [f"RTPLAN beams of a {patient_position} patient are not recorded (only "
                       f"{sorted(_HFS_GANTRY)} map onto the case's beam convention)"]
     gantry: list[float] = []
     couch: list[float] = []
     isocentres: list[tuple[float, float, float]] = []
     energies: list[float] = []
-    arcs = 0
+    arcs = beam_off = 0
     for beam in plan.get("BeamSequence", []):
         if str(beam.get("TreatmentDeliveryType", "TREATMENT")) != "TREATMENT" or \
                 str(beam.get("RadiationType", "PHOTON")) != "PHOTON":
@@ -112,11 +184,14 @@ def plan_beams(plan: Dataset, patient_position: str = "HFS"
         is_arc = str(first.get("GantryRotationDirection", "NONE")) in ("CW", "CC")
         arcs += is_arc
         angle, table = float(first.GantryAngle), float(first.get("PatientSupportAngle", 0.0))
-        for point in points if is_arc else points[:1]:
+        delivering = _delivering(points) if is_arc else [True]
+        beam_off += delivering.count(False)
+        for point, on in zip(points, delivering):
             angle = float(point.get("GantryAngle", angle))
             table = float(point.get("PatientSupportAngle", table))
-            gantry.append(to_hfs(angle) % 360.0)
-            couch.append(table)
+            if on:
+                gantry.append(hfs_gantry_deg(angle, position))
+                couch.append(table)
         if first.get("IsocenterPosition") is not None:
             x, y, z = (float(v) for v in first.IsocenterPosition)
             isocentres.append((z, y, x))
@@ -125,6 +200,9 @@ def plan_beams(plan: Dataset, patient_position: str = "HFS"
     if not gantry or not isocentres:
         return None, ([] if not gantry else ["RTPLAN beams carry no isocentre (ignored)"])
     warnings = []
+    if beam_off:
+        warnings.append(f"RTPLAN arcs: {beam_off} control point(s) in beam-off sectors (no "
+                        "meterset on either side) left out of the beam arrangement")
     if len(set(isocentres)) > 1:
         warnings.append(f"RTPLAN has {len(set(isocentres))} isocentres; the beam "
                         "arrangement keeps the first")

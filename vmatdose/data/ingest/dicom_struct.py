@@ -34,7 +34,9 @@ class StructureSet:
         roi_names: ROI number -> name.
         roi_frames: ROI number -> FrameOfReferenceUID of the ROI.
         frames: every FrameOfReferenceUID the structure set refers to.
-        series: CT SeriesInstanceUIDs it refers to.
+        series: CT SeriesInstanceUIDs it refers to: named in RTReferencedSeriesSequence or,
+            when the folder holds several CT series, holding an image a
+            ContourImageSequence names.
     """
 
     path: Path
@@ -52,6 +54,9 @@ class StructureSet:
 
 def read_structure_sets(folder: DicomFolder) -> list[StructureSet]:
     """Every RTSTRUCT of the folder, with its ROI table."""
+    series_of_image = {str(ds.get("SOPInstanceUID", "")): str(ds.get("SeriesInstanceUID", ""))
+                       for _, ds in folder.of("CT")}
+    several_series = len(set(series_of_image.values())) > 1
     sets = []
     for path, ds in folder.of("RTSTRUCT"):
         ss = StructureSet(path, folder.rel(path), ds)
@@ -65,8 +70,27 @@ def read_structure_sets(folder: DicomFolder) -> list[StructureSet]:
             ss.roi_names[number] = str(roi.get("ROIName", f"ROI{number}")).strip()
             ss.roi_frames[number] = str(roi.get("ReferencedFrameOfReferenceUID", ""))
         ss.frames.update(f for f in ss.roi_frames.values() if f)
+        if several_series:
+            ss.series.update(series_of_image[uid] for uid in _contour_images(ds)
+                             if uid in series_of_image)
         sets.append(ss)
     return sets
+
+
+def _contour_images(ds: Dataset) -> set[str]:
+    """SOPInstanceUIDs of the images an RTSTRUCT's ContourImageSequences name (in its
+    referenced series and on its contours)."""
+    found: set[str] = set()
+    for ref in ds.get("ReferencedFrameOfReferenceSequence", []):
+        for study in ref.get("RTReferencedStudySequence", []):
+            for series in study.get("RTReferencedSeriesSequence", []):
+                found.update(str(image.get("ReferencedSOPInstanceUID", ""))
+                             for image in series.get("ContourImageSequence", []))
+    for roi in ds.get("ROIContourSequence", []):
+        for contour in roi.get("ContourSequence", []):
+            found.update(str(image.get("ReferencedSOPInstanceUID", ""))
+                         for image in contour.get("ContourImageSequence", []))
+    return found
 
 
 def select_structure_set(sets: list[StructureSet], frame_uid: str,
