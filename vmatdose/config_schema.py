@@ -84,6 +84,7 @@ class DataConfig:
     ct_window: list[float] = field(default_factory=lambda: list(CT_WINDOW_HU))
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     cache: bool = True
+    cache_budget_gb: float | None = None
     cache_workers: int = 1
     compact: bool = False
     device_cache: bool = False
@@ -118,6 +119,11 @@ class PhantomDataConfig(DataConfig):
     """``data=phantom``: generated on first use when ``cases_dir`` holds no case files."""
 
     generator: PhantomGeneratorConfig | None = None
+
+
+@dataclass
+class ClinicDataConfig(DataConfig):
+    """``data=clinic``: one's own case files (``cases_dir`` required, only read)."""
 
 
 @dataclass
@@ -221,6 +227,7 @@ class PreprocessConfig:
 SCHEMAS = (
     ("data", "schema_phantom", PhantomDataConfig),
     ("data", "schema_openkbp", OpenKBPDataConfig),
+    ("data", "schema_clinic", ClinicDataConfig),
     ("evaluation", "schema", EvaluationConfig),
     (None, "schema_eval", EvalConfig),
     (None, "schema_predict", PredictConfig),
