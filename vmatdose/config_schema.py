@@ -197,6 +197,7 @@ class PredictConfig:
     output_dir: str = MISSING
     spacing_mismatch: str = "resample"
     export_rtdose: bool = False
+    rtdose_grid_mm: float | None = 2.5
     source_dicom: str | None = None
     id_salt: str = ""
     case_id_map: str | None = None

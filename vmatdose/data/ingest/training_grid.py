@@ -156,8 +156,13 @@ def geometry_image(geometry: dict, pixel_type: int = sitk.sitkUInt8) -> sitk.Ima
 def resample_to_geometry(volume: np.ndarray, grid: CanonicalGrid, geometry: dict
                          ) -> np.ndarray:
     """A (Z, Y, X) float volume on a canonical grid -> the stored (frames, rows, columns)
-    array of ``geometry``, linear, 0 outside the canonical grid."""
-    out = sitk.Resample(canonical_image(volume.astype(np.float32), grid),
+    array of ``geometry``, linear; the edge voxels extend one voxel beyond the grid (a
+    voxel is a cube, and a dose grid usually overhangs the CT by a fraction of one), 0
+    further out."""
+    padded = np.pad(volume.astype(np.float32), 1, mode="edge")
+    grid = CanonicalGrid(tuple(n + 2 for n in grid.shape), grid.spacing_mm,
+                         tuple(o - s for o, s in zip(grid.origin_mm, grid.spacing_mm)))
+    out = sitk.Resample(canonical_image(padded, grid),
                         geometry_image(geometry), sitk.Transform(), sitk.sitkLinear, 0.0,
                         sitk.sitkFloat32)
     return sitk.GetArrayFromImage(out)
