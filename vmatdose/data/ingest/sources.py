@@ -72,13 +72,14 @@ def preprocess_dicom(input_dir: str | os.PathLike | None, output_dir: str | os.P
     log.info("DICOM (protocol %s): %d patient folders -> %s (%s)",
              ingest_settings.protocol.name, len(jobs), output_dir,
              f"training grid {spacing} mm" if spacing else "native CT grids")
+    chosen = {"margin_mm": float(grid.get("margin_mm", MARGIN_MM)),
+              "max_voxels": int(grid.get("max_voxels", MAX_VOXELS))}
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    write_fingerprint(output_dir, spacing, chosen)  # a killed run keeps its spacing
     summary = convert_cases(jobs, convert, output_dir, num_workers=num_workers,
                             progress=progress, summary_path=summary_path,
                             record_sources=record_sources)
-    fingerprint = write_fingerprint(output_dir, spacing, {
-        "margin_mm": float(grid.get("margin_mm", MARGIN_MM)),
-        "max_voxels": int(grid.get("max_voxels", MAX_VOXELS))})
-    log.info("dataset fingerprint: %s", fingerprint)
+    log.info("dataset fingerprint: %s", write_fingerprint(output_dir, spacing, chosen))
     return summary
 
 
