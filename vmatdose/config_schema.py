@@ -21,7 +21,7 @@ from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from hydra.experimental.callback import Callback
-from omegaconf import MISSING
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 from vmatdose.errors import InputError
 
@@ -255,6 +255,16 @@ def _is_int(value: Any, low: int) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= low
 
 
+def _is_missing(node: Any, key: str) -> bool:
+    """Whether ``node[key]`` is ``???`` (``in`` is false for such a key)."""
+    if not isinstance(node, DictConfig):
+        return False
+    try:
+        return OmegaConf.is_missing(node, key)
+    except Exception:  # no such key
+        return False
+
+
 def data_value_errors(data: Any, divisible_by: int | None = None) -> list[str]:
     """What is out of range in a data config; ``divisible_by``: the network's (default the
     data config's own)."""
@@ -277,6 +287,9 @@ def data_value_errors(data: Any, divisible_by: int | None = None) -> list[str]:
         errors += _check(good, "data.patch_size", patch,
                          f"must be 3 positive integers divisible by {step} (the network's "
                          "down-sampling, data.divisible_by), or null for whole volumes")
+    if _is_missing(data, "cases_dir"):
+        errors += ["data.cases_dir=???: give the folder of your case files "
+                   "(data.cases_dir=<dir>)"]
     split = data.get("split") or {}
     val, test = split.get("val_fraction", 0.0), split.get("test_fraction", 0.0)
     errors += _check(0.0 <= val < 1.0 and 0.0 <= test < 1.0 and val + test < 1.0,
