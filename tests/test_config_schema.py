@@ -85,6 +85,7 @@ def test_users_config_with_unknown_key_fails_at_composition(user_conf, monkeypat
     (train, ["data.batch_size=0"], "data.batch_size=0: must be an integer >= 1"),
     (train, ["data=openkbp", "data.patch_size=[7,7,7]"],
      "data.patch_size=[7, 7, 7]: must be 3 positive integers divisible by 16"),
+    (train, ["data=clinic"], "data.cases_dir=???: give the folder of your case files"),
     (train, ["model.optimizer.lr=-1"], "model.optimizer.lr=-1: must be > 0"),
     (train, ["trainer.max_epochs=-1"], "trainer.max_epochs=-1: must be an integer >= 1"),
     (train, ["trainer.max_epochs=0"], "trainer.max_epochs=0: must be an integer >= 1"),

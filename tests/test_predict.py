@@ -3,6 +3,8 @@ evaluate reads back; cases that do not match the checkpoint are refused by name.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pydicom
 import pytest
@@ -30,7 +32,8 @@ def test_predictions_and_rtdose_for_every_case(trained_run, tmp_path):
     root, _, ckpt = trained_run
     cases_dir = root / "data" / "phantom_smoke"
     out = tmp_path / "pred"
-    written = _predict(ckpt, cases_dir, out, export_rtdose=True)
+    # rtdose_grid_mm=None: a case without an RTDOSE of its own exports on its own grid
+    written = _predict(ckpt, cases_dir, out, export_rtdose=True, rtdose_grid_mm=None)
     cases = list_case_files(cases_dir)
     assert len(written) == 2 * len(cases) == 8
     case = load_case(cases[0])
@@ -38,6 +41,8 @@ def test_predictions_and_rtdose_for_every_case(trained_run, tmp_path):
         dose = data["dose"]
         assert dose.shape == case.shape and np.all(np.isfinite(dose)) and dose.min() >= 0
         np.testing.assert_allclose(data["spacing_mm"], case.spacing_mm)
+        grid = json.loads(str(data["grid"]))
+        assert grid["on"] == "case" and grid["shape"] == list(case.shape)
     rtdose = pydicom.dcmread(out / f"{case.case_id}_rtdose.dcm")
     assert (rtdose.Modality, rtdose.DoseUnits, rtdose.DoseType) == ("RTDOSE", "GY", "PHYSICAL")
     assert rtdose.BitsAllocated == 32

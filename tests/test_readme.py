@@ -176,6 +176,9 @@ COMMANDS: dict[str, Entry] = {
                               expect=("{out}/preprocess_summary.json",)),
     "python -m vmatdose.preprocess source=dicom protocol=prostate_sib input_dir=<dir> "
     "output_dir=data/clinic": Entry(expect=("data/clinic/preprocess_summary.json",)),
+    "python -m vmatdose.train data=clinic data.cases_dir=<dir> protocol=<site>":
+        Entry("trainer.max_epochs=1 evaluation=fast",
+              fill={"protocol=<site>": "protocol=prostate_sib"}),
     "python -m vmatdose.train logger=wandb logger.wandb.project=my-project":
         Entry(TINY, slow=True),
     "python -m vmatdose.train -m model.optimizer.lr=1e-3,3e-3 loss=l1,mse":

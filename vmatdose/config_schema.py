@@ -21,7 +21,7 @@ from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from hydra.experimental.callback import Callback
-from omegaconf import MISSING
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 from vmatdose.errors import InputError
 
@@ -84,6 +84,7 @@ class DataConfig:
     ct_window: list[float] = field(default_factory=lambda: list(CT_WINDOW_HU))
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     cache: bool = True
+    cache_budget_gb: float | None = None
     cache_workers: int = 1
     compact: bool = False
     device_cache: bool = False
@@ -118,6 +119,11 @@ class PhantomDataConfig(DataConfig):
     """``data=phantom``: generated on first use when ``cases_dir`` holds no case files."""
 
     generator: PhantomGeneratorConfig | None = None
+
+
+@dataclass
+class ClinicDataConfig(DataConfig):
+    """``data=clinic``: one's own case files (``cases_dir`` required, only read)."""
 
 
 @dataclass
@@ -191,6 +197,7 @@ class PredictConfig:
     output_dir: str = MISSING
     spacing_mismatch: str = "resample"
     export_rtdose: bool = False
+    rtdose_grid_mm: float | None = 2.5
     source_dicom: str | None = None
     id_salt: str = ""
     case_id_map: str | None = None
@@ -221,6 +228,7 @@ class PreprocessConfig:
 SCHEMAS = (
     ("data", "schema_phantom", PhantomDataConfig),
     ("data", "schema_openkbp", OpenKBPDataConfig),
+    ("data", "schema_clinic", ClinicDataConfig),
     ("evaluation", "schema", EvaluationConfig),
     (None, "schema_eval", EvalConfig),
     (None, "schema_predict", PredictConfig),
@@ -247,6 +255,16 @@ def _is_int(value: Any, low: int) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= low
 
 
+def _is_missing(node: Any, key: str) -> bool:
+    """Whether ``node[key]`` is ``???`` (``in`` is false for such a key)."""
+    if not isinstance(node, DictConfig):
+        return False
+    try:
+        return OmegaConf.is_missing(node, key)
+    except Exception:  # no such key
+        return False
+
+
 def data_value_errors(data: Any, divisible_by: int | None = None) -> list[str]:
     """What is out of range in a data config; ``divisible_by``: the network's (default the
     data config's own)."""
@@ -269,6 +287,9 @@ def data_value_errors(data: Any, divisible_by: int | None = None) -> list[str]:
         errors += _check(good, "data.patch_size", patch,
                          f"must be 3 positive integers divisible by {step} (the network's "
                          "down-sampling, data.divisible_by), or null for whole volumes")
+    if _is_missing(data, "cases_dir"):
+        errors += ["data.cases_dir=???: give the folder of your case files "
+                   "(data.cases_dir=<dir>)"]
     split = data.get("split") or {}
     val, test = split.get("val_fraction", 0.0), split.get("test_fraction", 0.0)
     errors += _check(0.0 <= val < 1.0 and 0.0 <= test < 1.0 and val + test < 1.0,

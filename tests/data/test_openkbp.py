@@ -35,7 +35,7 @@ from vmatdose.data.pipeline import (
 )
 from vmatdose.data.prior import fit_falloff_profile, prior_dose
 
-from conftest import OPENKBP_SAMPLE, make_box_case
+from conftest import OPENKBP_SAMPLE, last_line, make_box_case, openkbp_patients, run_cli
 
 needs_sample = pytest.mark.skipif(
     not OPENKBP_SAMPLE.is_dir(),
@@ -301,3 +301,49 @@ def test_openkbp_cases_carry_the_nine_challenge_beams_around_the_targets_centroi
     targets = np.stack([case.mask(t) for t in case.prescriptions_gy]).any(0)
     centroid = case.origin_mm + np.argwhere(targets).mean(0) * case.spacing_mm
     np.testing.assert_allclose(beams["isocentre_mm"], centroid, atol=1e-6)
+
+
+def _listing(folder) -> list[tuple[str, int, int]]:
+    return sorted((str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns)
+                  for p in folder.rglob("*"))
+
+
+def test_openkbp_refuses_a_folder_of_the_users_case_files_and_leaves_it_as_it_was(tmp_path):
+    mine = tmp_path / "my_cases"
+    for i in range(3):
+        save_case(make_box_case(case_id=f"mine_{i}"), mine / f"mine_{i}.npz")
+    (mine / "notes.txt").write_text("my own plans\n")
+    before = _listing(mine)
+    source = openkbp_patients(tmp_path / "openkbp", {"train-pats": ("pt_1",),
+                                                      "validation-pats": ("pt_201",)})
+    done = run_cli("vmatdose.train", "data=openkbp", f"data.cases_dir={mine}",
+                   f"data.source_dir={source}", "debug=limit", cwd=tmp_path)
+    assert done.returncode != 0
+    assert last_line(done.stdout) == (
+        f"error: data.cases_dir={mine}: not an OpenKBP import (no openkbp_split.json) and not "
+        "empty (4 entries, e.g. mine_0.npz); data=openkbp never imports into a folder of "
+        f"other files: train on your own case files with data=clinic data.cases_dir={mine}")
+    assert _listing(mine) == before
+    assert not list((tmp_path / "outputs").rglob("*.ckpt"))
+
+
+def test_openkbp_imports_into_an_empty_folder_and_then_reads_it(tmp_path):
+    from vmatdose.data.openkbp import OpenKBPDataModule
+    from vmatdose.protocol import Protocol
+
+    target = tmp_path / "import_here"
+    target.mkdir()
+    source = openkbp_patients(tmp_path / "openkbp", {"train-pats": ("pt_1",),
+                                                      "validation-pats": ("pt_201",)})
+    site = Protocol.load("head_neck")
+    data = OpenKBPDataModule(source_dir=str(source), data_dir=str(tmp_path / "data"),
+                             cases_dir=str(target), import_workers=1,
+                             structures=site.structures, targets=site.targets,
+                             prescriptions_gy=site.prescriptions_gy,
+                             dose_scale_gy=site.dose_scale_gy)
+    data.prepare_data()
+    assert sorted(p.name for p in target.glob("*.npz")) == ["openkbp_pt_1.npz",
+                                                            "openkbp_pt_201.npz"]
+    before = _listing(target)
+    data.prepare_data()  # an import there already: read, not redone
+    assert data.ensure_split()["train"] == ["openkbp_pt_1"] and _listing(target) == before

@@ -237,8 +237,10 @@ def _decompressed_outputs(tmp_path: Path, done: subprocess.CompletedProcess) -> 
 def test_head_and_neck_dicom_with_nothing_else_given(tmp_path, head_neck_root):
     root, truths = head_neck_root
     out = tmp_path / "cases"
+    # native CT grids, to compare with the builders' truth there (the training grid:
+    # test_training_grid.py, test_fingerprint.py)
     done = _preprocess(tmp_path, "source=dicom", "protocol=head_neck", f"input_dir={root}",
-                       f"output_dir={out}")
+                       f"output_dir={out}", "source.grid.resample=false")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     by_targets = {tuple(c.prescriptions_gy): c for c in map(load_case, list_case_files(out))}
     assert len(by_targets) == 2

@@ -1,6 +1,7 @@
 """``predict dicom_dir=<patients>``: ingest on the fly, one RTDOSE per patient, identity
 from the patient's own DICOM."""
 
+import json
 
 import numpy as np
 import pydicom
@@ -19,7 +20,7 @@ def patients(tmp_path_factory):
     return root, truths
 
 
-def test_predict_from_dicom_writes_one_rtdose_per_patient_on_its_ct_grid(
+def test_predict_from_dicom_writes_one_rtdose_per_patient_on_its_rtdose_grid(
         trained_run, patients, tmp_path):
     _, _, ckpt = trained_run
     root, truths = patients
@@ -37,21 +38,20 @@ def test_predict_from_dicom_writes_one_rtdose_per_patient_on_its_ct_grid(
         truth = next(t for t in truths.values() if t.uids["frame"] == ds.FrameOfReferenceUID)
         seen_frames.add(ds.FrameOfReferenceUID)
         assert ds.StudyInstanceUID == truth.uids["study"]
-        folder = next(root / n for n, t in truths.items() if t is truth)
-        ct_files = [p for p in folder.rglob("*") if p.is_file()
-                    and pydicom.dcmread(p, stop_before_pixels=True).Modality == "CT"]
-        reader = sitk.ImageSeriesReader()
-        reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(ct_files[0].parent),
-                                                          truth.uids["ct_series"]))
-        ct = reader.Execute()
+        own = sitk.ReadImage(str(truth.files["RTDOSE"][0]))  # the patient's own RTDOSE
         dose = sitk.ReadImage(str(path))
-        assert dose.GetSize() == ct.GetSize()
-        np.testing.assert_allclose(dose.GetSpacing(), ct.GetSpacing(), atol=1e-4)
-        np.testing.assert_allclose(dose.GetDirection(), ct.GetDirection(), atol=1e-6)
-        # the same corner voxel in patient space: the dose lies on the CT grid
-        corner = [s - 1 for s in ct.GetSize()]
-        np.testing.assert_allclose(dose.TransformIndexToPhysicalPoint(corner),
-                                   ct.TransformIndexToPhysicalPoint(corner), atol=1e-3)
+        assert dose.GetSize() == own.GetSize()
+        np.testing.assert_allclose(dose.GetSpacing(), own.GetSpacing(), atol=1e-4)
+        np.testing.assert_allclose(dose.GetDirection(), own.GetDirection(), atol=1e-6)
+        # the same corner voxels in patient space: the dose lies on the RTDOSE grid
+        for corner in ([0, 0, 0], [s - 1 for s in own.GetSize()]):
+            np.testing.assert_allclose(dose.TransformIndexToPhysicalPoint(corner),
+                                       own.TransformIndexToPhysicalPoint(corner), atol=1e-3)
+        case_id = path.name.removesuffix("_rtdose.dcm")
+        with np.load(out / f"{case_id}.npz") as prediction:
+            grid = json.loads(str(prediction["grid"]))
+        assert grid["on"] == "case" and grid["case_grid"] == "training"
+        assert grid["source_grids"]["rtdose"]["size"] == list(own.GetSize())
         values = sitk.GetArrayFromImage(dose) * float(ds.DoseGridScaling)
         assert 10.0 < values.max() < 110.0  # a real prediction in Gy, not zeros
     assert len(seen_frames) == 2

@@ -86,6 +86,7 @@ first; any other folder without case files is an error naming it.
         lr_pairs: Sequence[Sequence[str]] = (),
         augment: Mapping | None = None,
         cache: bool = True,
+        cache_budget_gb: float | None = None,
         divisible_by: int = 16,
         max_cases: int | None = None,
         prior_dose: Mapping | None = None,
@@ -114,6 +115,9 @@ first; any other folder without case files is an error naming it.
         above 10 % of the highest prescription); ``prior_dose`` adds the prior-dose
         channel; ``beams`` is the protocol's beam arrangement for cases without their own
         (the beam prior's); ``resolution_factor`` pools every volume by that factor.
+        ``cache_budget_gb``: the most memory the cached training and validation volumes may
+        take (estimated from the case headers, :meth:`cache_estimate_gb`); above it the
+        cases are read from disk for every sample instead (``None``: no limit).
         ``conditioning``: the model's (``model.conditioning``); other than ``none``, samples
         carry the plan's conditioning vector (:mod:`vmatdose.data.conditioning`)."""
         super().__init__()
@@ -128,6 +132,7 @@ first; any other folder without case files is an error naming it.
         self.max_cases = max_cases
         self.batch_size, self.num_workers = batch_size, num_workers
         self.cache, self.cache_workers = cache, int(cache_workers)
+        self.cache_budget_gb = cache_budget_gb
         self.device_cache = bool(device_cache)
         self.compact = bool(compact or device_cache)
         self.constraints = [dict(c) for c in constraints or ()]
@@ -218,8 +223,41 @@ first; any other folder without case files is an error naming it.
             # CacheDataset keeps everything up to the first random transform in memory.
             self._datasets[name] = (CacheDataset(items, transform, progress=False,
                                                  num_workers=self.cache_workers)
-                                    if self.cache else Dataset(items, transform))
+                                    if self._caches() else Dataset(items, transform))
         return self._datasets[name]
+
+    def _caches(self) -> bool:
+        """Whether the datasets are cached: ``cache``, within ``cache_budget_gb`` (decided
+        once, said on the console when the budget turns it off)."""
+        if not self.cache or self.cache_budget_gb is None:
+            return bool(self.cache)
+        if not hasattr(self, "_within_budget"):
+            estimate = self.cache_estimate_gb()
+            self._within_budget = estimate <= self.cache_budget_gb
+            if not self._within_budget:
+                log.warning("cached volumes would take about %.1f GB, over "
+                            "data.cache_budget_gb=%g: reading every sample from its case "
+                            "file instead (slower; raise the budget or coarsen the grid)",
+                            estimate, self.cache_budget_gb)
+        return self._within_budget
+
+    def cache_estimate_gb(self) -> float:
+        """Memory (GB) of the cached training and validation volumes, from the case headers:
+        per voxel 2 bytes each for CT, dose, the prior and the SDFs (float16 with
+        ``compact``, else 4), one bit per mask packed per 8 (else a float per mask) and the
+        body."""
+        from vmatdose.data.case import read_case_header
+
+        n = len(self.structures)
+        if self.compact:
+            per_voxel = 2 * (2 + bool(self.inputs.prior)) + -(-n // 8) + 1
+        else:
+            per_voxel = 4 * (2 + bool(self.inputs.prior) + n + 1)
+        if self.inputs.signed_distance:
+            per_voxel += n * (2 if self.compact else 4)
+        voxels = sum(int(np.prod(read_case_header(p).shapes["ct"]))
+                     for name in ("train", "val") for p in self.paths_of(name))
+        return voxels * per_voxel / 1e9
 
     def paths_of(self, name: str) -> list[Path]:
         """Case file paths of split ``name`` (``all`` for every case)."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 
 from vmatdose.data.case import list_case_files
@@ -19,6 +20,10 @@ from vmatdose.data.ingest.openkbp import SPLIT_FILE, default_source, import_open
 from vmatdose.errors import InputError
 
 log = logging.getLogger(__name__)
+
+#: What an OpenKBP import writes into its folder (case files, its lock, temporary files).
+_IMPORT_FILES = re.compile(r"^(openkbp_pt_\d+\.npz|\.openkbp_pt_\d+\..*\.npz\.tmp|"
+                           r"\.convert\.lock)$")
 
 
 def openkbp_cases_dir(source_dir: str | Path | None, data_dir: str | Path = "data",
@@ -60,12 +65,29 @@ class OpenKBPDataModule(DoseDataModule):
         super().__init__(cases_dir=str(cases), **kwargs)
 
     def prepare_data(self) -> None:
-        """Unpack and import the source once (idempotent: done cases are not re-read)."""
+        """Unpack and import the source once (idempotent: done cases are not re-read),
+        never into a folder holding anything else (:meth:`refuse_foreign_folder`)."""
         if not (self.cases_dir / SPLIT_FILE).is_file():
+            self.refuse_foreign_folder()
             import_openkbp_dataset(self.cases_dir, self.source_dir,
                                    num_workers=self.import_workers,
                                    unpack_dir=self.unpack_dir)
         super().prepare_data()
+
+    def refuse_foreign_folder(self) -> None:
+        """A ``cases_dir`` without an OpenKBP import (no split file) is only imported into
+        when it is empty or holds an unfinished import; anything else is the user's
+        folder: refused in one line, untouched."""
+        if not self.cases_dir.is_dir():
+            return
+        foreign = sorted(p.name for p in self.cases_dir.iterdir()
+                         if not _IMPORT_FILES.match(p.name))
+        if foreign:
+            raise InputError(
+                f"data.cases_dir={self.cases_dir}: not an OpenKBP import (no {SPLIT_FILE}) "
+                f"and not empty ({len(foreign)} entries, e.g. {foreign[0]}); data=openkbp "
+                "never imports into a folder of other files: train on your own case files "
+                f"with data=clinic data.cases_dir={self.cases_dir}")
 
     def ensure_split(self) -> dict[str, list[str]]:
         """The challenge's split (``openkbp_split.json`` written at import) unless

@@ -1,9 +1,13 @@
 """Predict straight from DICOM-RT patient folders (``predict dicom_dir=<patients>``).
 
 Each patient folder is ingested on the fly with the checkpoint's own protocol (so names,
-targets and channel order are those the model was trained on) into case files in a
+targets and channel order are those the model was trained on) onto the checkpoint's
+training spacing (its median), cropped to the body (no 512 x 512 volume reaches the
+network, and nothing is resampled twice), into case files in a
 temporary folder (kept under ``output_dir/cases`` only with ``keep_cases=true``), predicted,
-and written as ``<case_id>.npz`` plus ``<case_id>_rtdose.dcm``. The RTDOSE takes the
+and written as ``<case_id>.npz`` (on the case grid) plus ``<case_id>_rtdose.dcm`` on the
+grid of the patient's own RTDOSE when the folder has one (else ``rtdose_grid_mm`` over
+the body, :func:`~vmatdose.data.export.rtdose.export_geometry`). The RTDOSE takes the
 patient identity and study/frame/plan references from the patient's own folder (read at
 export time, never stored in a case file), so a planning system attaches it to the right
 patient and plan.
@@ -23,9 +27,10 @@ from pathlib import Path
 from tqdm import tqdm
 
 from vmatdose.data.case import save_case
-from vmatdose.data.export.rtdose import read_source_patient, write_rtdose
+from vmatdose.data.export.rtdose import DOSE_GRID_MM, read_source_patient, write_rtdose
 from vmatdose.data.ingest.dicom import DicomIngestError, DicomIngestSettings, ingest_dicom_case
 from vmatdose.data.ingest.dicom_files import find_dicom_patients
+from vmatdose.data.ingest.training_grid import GridSettings
 from vmatdose.data.privacy import case_id_for_folder, load_case_id_map
 from vmatdose.errors import InputError
 from vmatdose.inference.predictor import Predictor
@@ -44,7 +49,8 @@ def ingest_for_prediction(dicom_dir: Path, predictor: Predictor, cases_dir: Path
     if not folders:
         raise InputError(f"{dicom_dir}: no DICOM patient folders to predict")
     settings = DicomIngestSettings(protocol=predictor.protocol, require_dose=False,
-                                   id_salt=salt)
+                                   id_salt=salt, grid=GridSettings(
+                                       tuple(float(v) for v in predictor.spacing.median_mm)))
     cases: dict[Path, Path] = {}
     problems = []
     for folder in tqdm(folders, desc="ingesting DICOM patients", unit="patient"):
@@ -78,6 +84,7 @@ def predict_dicom(cfg: Mapping, predictor: Predictor) -> list[Path]:
             written += write_npz_prediction(prediction, output_dir, {})
             source = read_source_patient(cases[prediction.path])
             written.append(write_rtdose(prediction.dose_gy, case,
-                                        output_dir / f"{case.case_id}_rtdose.dcm", source))
+                                        output_dir / f"{case.case_id}_rtdose.dcm", source,
+                                        grid_mm=cfg.get("rtdose_grid_mm", DOSE_GRID_MM)))
     log.info("wrote %d files to %s", len(written), output_dir)
     return written

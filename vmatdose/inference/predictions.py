@@ -1,11 +1,16 @@
 """Prediction files: ``<case_id>.npz`` with ``dose`` (Gy, on the case grid), ``dose_std``
-(generative models), and the case's ``spacing_mm``, ``origin_mm`` and ``case_id``.
+(generative models), and the case's ``spacing_mm``, ``origin_mm`` and ``case_id``, and
+``grid``: JSON saying which grid the dose is on (``on``: ``case``; ``case_grid``: the
+case's ``meta["grid"]``, ``training`` or ``ct`` for DICOM cases; ``shape``, ``spacing_mm``,
+``origin_mm``; ``source_grids``: the patient's CT and RTDOSE grids an RTDOSE export goes
+back to, when ingest recorded them).
 
 The one module that writes them (predict) and reads them back (evaluate).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -27,12 +32,21 @@ def save_prediction(case: Case, dose_gy: np.ndarray, std_gy: np.ndarray | None,
     if not np.all(np.isfinite(dose_gy)):
         raise ValueError(f"{path}: refusing to write a prediction with non-finite doses")
     arrays = {"dose": dose_gy.astype(np.float32), "spacing_mm": case.spacing_mm,
-              "origin_mm": case.origin_mm, "case_id": np.asarray(case.case_id)}
+              "origin_mm": case.origin_mm, "case_id": np.asarray(case.case_id),
+              "grid": np.asarray(json.dumps(prediction_grid(case)))}
     if std_gy is not None:
         arrays["dose_std"] = std_gy.astype(np.float32)
     with atomic_path(path, ".npz.tmp") as tmp:
         write_npz(tmp, arrays)
     return path
+
+
+def prediction_grid(case: Case) -> dict:
+    """What a prediction file says about the grid its dose is on (the case's)."""
+    return {"on": "case", "case_grid": case.meta.get("grid"), "shape": list(case.shape),
+            "spacing_mm": [float(v) for v in case.spacing_mm],
+            "origin_mm": [float(v) for v in case.origin_mm],
+            "source_grids": case.meta.get("source_grids")}
 
 
 def load_prediction(path: str | Path, case: Case) -> tuple[np.ndarray, np.ndarray | None]:

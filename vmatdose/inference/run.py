@@ -67,7 +67,8 @@ def _predict_paths(cfg: Mapping, predictor: Predictor, paths: list[Path]) -> lis
     """Check every case, then predict each into ``cfg.output_dir`` with the chosen writers."""
     predictor.check(paths)  # before anything is written
     writers = chosen_writers(bool(cfg.get("export_rtdose")), bool(cfg.get("export_openkbp")))
-    options = {key: cfg.get(key) for key in ("source_dicom", "id_salt", "case_id_map")}
+    options = {key: cfg.get(key) for key in ("source_dicom", "id_salt", "case_id_map",
+                                             "rtdose_grid_mm")}
     output_dir = prepare_output_folder(cfg["output_dir"], cfg["ckpt_path"],
                                        bool(cfg.get("overwrite")), inputs=(cfg["cases_dir"],))
     written: list[Path] = []

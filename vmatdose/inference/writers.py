@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
+from vmatdose.data.export.rtdose import DOSE_GRID_MM
 from vmatdose.errors import InputError
 from vmatdose.inference.predictions import prediction_path, save_prediction
 from vmatdose.inference.predictor import Prediction
@@ -28,7 +29,8 @@ def write_npz_prediction(prediction: Prediction, output_dir: Path, options: Mapp
 
 def write_rtdose_file(prediction: Prediction, output_dir: Path, options: Mapping
                       ) -> list[Path]:
-    """``<case_id>_rtdose.dcm``: a DICOM RTDOSE of the predicted dose. With
+    """``<case_id>_rtdose.dcm``: a DICOM RTDOSE of the predicted dose, on the patient's
+    own RTDOSE grid, else ``options["rtdose_grid_mm"]`` over the body. With
     ``options["source_dicom"]`` (the patients' DICOM folder) the export reads the patient
     identity and study/frame UIDs from there."""
     from vmatdose.data.export.rtdose import find_source_patient, write_rtdose
@@ -44,7 +46,8 @@ def write_rtdose_file(prediction: Prediction, output_dir: Path, options: Mapping
                                          options.get("case_id_map"))
         except (LookupError, SaltError) as err:
             raise InputError(f"{case.case_id}: {err}") from err
-    return [write_rtdose(prediction.dose_gy, case, path, source=source)]
+    return [write_rtdose(prediction.dose_gy, case, path, source=source,
+                         grid_mm=options.get("rtdose_grid_mm", DOSE_GRID_MM))]
 
 
 def write_openkbp_file(prediction: Prediction, output_dir: Path, options: Mapping

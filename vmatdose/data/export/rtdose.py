@@ -3,6 +3,13 @@
     source = find_source_patient(case.case_id, "patients/", id_salt=salt)  # or None
     write_rtdose(dose_gy, case, "out/case_rtdose.dcm", source=source)
 
+The file is written on the patient's geometry, not the case's (:func:`export_geometry`):
+on the grid of the patient's own RTDOSE when the case has one
+(``meta["source_grids"]["rtdose"]``: the same ImagePositionPatient, orientation,
+PixelSpacing, frames and GridFrameOffsetVector), else on a ``grid_mm`` grid (2.5 mm) over
+the body's bounding box in the CT's orientation (``grid_mm=None``: the case's own grid).
+The dose is resampled linearly from the case grid (0 outside it).
+
 The file carries DoseUnits GY, DoseType PHYSICAL, DoseSummationType PLAN, 32-bit unsigned
 pixels with DoseGridScaling and a relative GridFrameOffsetVector. Case files keep no
 patient identity and no source UIDs, so these are read **at export time from the source
@@ -43,6 +50,7 @@ from pydicom.valuerep import format_number_as_ds
 from vmatdose.data.atomic import atomic_path
 from vmatdose.data.case import Case
 from vmatdose.data.ingest.dicom_ct import CanonicalGrid
+from vmatdose.data.ingest.training_grid import body_box, itk_geometry, resample_to_geometry
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +62,10 @@ _HFS = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 
 #: SeriesDescription of a dose exported without its source DICOM (at most 64 characters).
 NO_SOURCE_DESCRIPTION = "vmatdose dose; no source DICOM: PatientID is the case id"
-#: A case grid and its source CT grid agree to this much (mm).
+#: A case's recorded CT grid and its source CT grid agree to this much (mm).
 GRID_TOLERANCE_MM = 1e-3
+#: Spacing (mm) of an exported RTDOSE's grid for a case without an RTDOSE of its own.
+DOSE_GRID_MM = 2.5
 
 
 @dataclass(frozen=True)
@@ -174,16 +184,21 @@ def _source_index(root: str, salt: str, id_map: tuple[tuple[str, str], ...]
 
 
 def write_rtdose(dose_gy: np.ndarray, case: Case, path: str | os.PathLike,
-                 source: SourcePatient | None = None) -> Path:
-    """Write ``dose_gy`` as a DICOM RTDOSE on ``case``'s geometry, atomically; return the path.
+                 source: SourcePatient | None = None,
+                 grid_mm: float | None = DOSE_GRID_MM) -> Path:
+    """Write ``dose_gy`` as a DICOM RTDOSE on the patient's geometry, atomically; return
+    the path.
 
     Args:
         dose_gy: (Z, Y, X) dose in Gy on the case grid (canonical LPS orientation);
             negative values (a network's undershoot) are written as 0.
-        case: the case the dose belongs to (grid; orientation from ``meta["dicom"]``).
+        case: the case the dose belongs to (grid, source grids; orientation from
+            ``meta["dicom"]``).
         path: the ``.dcm`` file to write.
         source: the case's source DICOM (:func:`find_source_patient`): patient identity,
             study and frame UIDs and references come from it; ``None``: the case id.
+        grid_mm: the dose grid's spacing for a case without an RTDOSE of its own
+            (:func:`export_geometry`); ``None``: the case's grid.
 
     Raises:
         ValueError: dose off the case grid or not finite, or a ``source`` whose CT grid is
@@ -202,24 +217,86 @@ def write_rtdose(dose_gy: np.ndarray, case: Case, path: str | os.PathLike,
     recorded = dict(case.meta.get("dicom") or {})
     iop = _orientation(source.image_orientation_patient if source
                        else recorded.get("image_orientation_patient"))
-    native, ipp = to_native(np.maximum(dose, 0.0), case, iop)
+    geometry = export_geometry(case, iop, grid_mm)
+    native = resample_to_geometry(np.maximum(dose, 0.0), case_grid(case), geometry)
     position = source.patient_position if source else recorded.get("patient_position")
     ds = _dataset(case, source, iop, position)
-    _set_geometry(ds, native.shape, ipp, iop, case.spacing_mm)
+    _set_geometry(ds, geometry)
     _set_pixels(ds, native)
     return _save_atomic(ds, path)
 
 
+def case_grid(case: Case) -> CanonicalGrid:
+    """The case's own canonical grid."""
+    return CanonicalGrid(tuple(case.shape), tuple(float(v) for v in case.spacing_mm),
+                         tuple(float(v) for v in case.origin_mm))
+
+
+def recorded_ct_grid(case: Case) -> CanonicalGrid:
+    """The source CT's canonical grid ingest recorded (``meta["source_grids"]["ct"]``);
+    the case grid for cases without one."""
+    ct = (case.meta.get("source_grids") or {}).get("ct")
+    if not ct:
+        return case_grid(case)
+    return CanonicalGrid(tuple(int(v) for v in ct["size"][::-1]),
+                         tuple(float(v) for v in ct["spacing_mm"][::-1]),
+                         tuple(float(v) for v in ct["origin_mm"][::-1]))
+
+
+def export_geometry(case: Case, iop: tuple[float, ...], grid_mm: float | None = DOSE_GRID_MM
+                    ) -> dict:
+    """The grid an exported RTDOSE is written on, as an
+    :func:`~vmatdose.data.ingest.training_grid.itk_geometry` dict: the patient's own
+    RTDOSE grid when ingest recorded one; else ``grid_mm`` (isotropic) over the body's
+    bounding box, frames, rows and columns stored in ``iop``'s order; ``grid_mm=None``:
+    the case grid in that order."""
+    own = (case.meta.get("source_grids") or {}).get("rtdose")
+    if own:
+        return own
+    grid = case_grid(case) if grid_mm is None else body_dose_grid(case, float(grid_mm))
+    return stored_geometry(grid, iop)
+
+
+def body_dose_grid(case: Case, spacing_mm: float) -> CanonicalGrid:
+    """A ``spacing_mm`` grid from the first to past the last body voxel centre of the case
+    (the whole case when its body is empty)."""
+    grid = case_grid(case)
+    body = case.body > 0
+    if not body.any():
+        body = np.ones(case.shape, bool)
+    box = body_box(body, grid, 0.0)
+    low = np.array([o + b.start * s for o, b, s in zip(grid.origin_mm, box, grid.spacing_mm)])
+    high = np.array([o + (b.stop - 1) * s for o, b, s in zip(grid.origin_mm, box,
+                                                              grid.spacing_mm)])
+    shape = np.floor((high - low) / spacing_mm + 1e-6).astype(int) + 1
+    shape += (low + (shape - 1) * spacing_mm < high - 1e-6)  # reach the last body voxel
+    return CanonicalGrid(tuple(int(v) for v in shape), (spacing_mm,) * 3,
+                         tuple(float(v) for v in low))
+
+
+def stored_geometry(grid: CanonicalGrid, iop: tuple[float, ...]) -> dict:
+    """A canonical grid as stored in ``iop``'s order (frames along the row x column
+    normal): the ``itk_geometry`` whose first voxel is the canonical corner that order
+    starts from."""
+    row, col = np.asarray(iop[:3], float), np.asarray(iop[3:], float)
+    normal = np.cross(row, col)
+    flips = (normal[2] < 0, col[1] < 0, row[0] < 0)  # along z, y, x
+    first = np.array([n - 1 if f else 0 for n, f in zip(grid.shape, flips)], float)
+    zyx = np.asarray(grid.origin_mm, float) + first * np.asarray(grid.spacing_mm, float)
+    return itk_geometry(zyx[::-1], grid.spacing_mm[::-1], grid.shape[::-1],
+                        np.column_stack([row, col, normal]).ravel())
+
+
 def _check_source_grid(source: SourcePatient, case: Case, path: Path) -> None:
-    grid = source.grid
-    same = (tuple(grid.shape) == tuple(case.shape)
-            and np.allclose(grid.spacing_mm, case.spacing_mm, atol=GRID_TOLERANCE_MM)
-            and np.allclose(grid.origin_mm, case.origin_mm, atol=GRID_TOLERANCE_MM))
+    grid, recorded = source.grid, recorded_ct_grid(case)
+    same = (tuple(grid.shape) == tuple(recorded.shape)
+            and np.allclose(grid.spacing_mm, recorded.spacing_mm, atol=GRID_TOLERANCE_MM)
+            and np.allclose(grid.origin_mm, recorded.origin_mm, atol=GRID_TOLERANCE_MM))
     if not same:
         raise ValueError(f"{path}: the CT of source folder {source.folder.name} "
-                         f"({grid.shape}, spacing {grid.spacing_mm} mm) is not the grid of case "
-                         f"{case.case_id!r} ({case.shape}, spacing "
-                         f"{tuple(case.spacing_mm)} mm): wrong source patient?")
+                         f"({grid.shape}, spacing {grid.spacing_mm} mm) is not the CT grid of "
+                         f"case {case.case_id!r} ({recorded.shape}, spacing "
+                         f"{recorded.spacing_mm} mm): wrong source patient?")
 
 
 def _orientation(iop) -> tuple[float, ...]:
@@ -231,23 +308,6 @@ def _orientation(iop) -> tuple[float, ...]:
             and not np.any(values[[1, 2, 3, 5]])):
         return tuple(float(v) for v in values)
     return _HFS
-
-
-def to_native(dose: np.ndarray, case: Case, iop: tuple[float, ...]
-              ) -> tuple[np.ndarray, np.ndarray]:
-    """Canonical (Z, Y, X) -> stored (frames, rows, columns) order of ``iop``, and the
-    ImagePositionPatient ``(x, y, z)`` mm of the first stored voxel.
-
-    Frames run along the slice normal (row x column cosine), as the relative
-    GridFrameOffsetVector ``[0, dz, 2 dz, ...]`` says.
-    """
-    row, col = np.asarray(iop[:3]), np.asarray(iop[3:])
-    normal = np.cross(row, col)
-    flips = (normal[2] < 0, col[1] < 0, row[0] < 0)  # along z, y, x
-    native = dose[tuple(slice(None, None, -1) if f else slice(None) for f in flips)]
-    first = np.array([n - 1 if f else 0 for n, f in zip(dose.shape, flips)], float)
-    zyx = np.asarray(case.origin_mm, float) + first * np.asarray(case.spacing_mm, float)
-    return np.ascontiguousarray(native), zyx[::-1].copy()
 
 
 def _dataset(case: Case, source: SourcePatient | None, iop: tuple[float, ...],
@@ -321,18 +381,20 @@ def _reference(sop_class: str, sop_instance: str) -> Dataset:
     return item
 
 
-def _set_geometry(ds: Dataset, shape: tuple[int, int, int], ipp: np.ndarray,
-                  iop: tuple[float, ...], spacing_mm: np.ndarray) -> None:
-    """Image plane and multi-frame attributes; frames ``k * dz`` along the normal."""
-    dz, dy, dx = (float(v) for v in spacing_mm)
-    ds.ImagePositionPatient = [_ds(v) for v in ipp]
-    ds.ImageOrientationPatient = [_ds(v) for v in iop]
+def _set_geometry(ds: Dataset, geometry: dict) -> None:
+    """Image plane and multi-frame attributes of an ``itk_geometry`` grid; frames
+    ``k * dz`` along the normal (relative GridFrameOffsetVector)."""
+    dx, dy, dz = (float(v) for v in geometry["spacing_mm"])
+    columns, rows, frames = (int(v) for v in geometry["size"])
+    direction = np.asarray(geometry["direction"], float).reshape(3, 3)
+    ds.ImagePositionPatient = [_ds(v) for v in geometry["origin_mm"]]
+    ds.ImageOrientationPatient = [_ds(v) for v in (*direction[:, 0], *direction[:, 1])]
     ds.PixelSpacing = [_ds(dy), _ds(dx)]
     ds.SliceThickness = _ds(dz)
-    ds.NumberOfFrames = int(shape[0])
+    ds.NumberOfFrames = frames
     ds.FrameIncrementPointer = Tag(0x3004, 0x000C)
-    ds.GridFrameOffsetVector = [_ds(k * dz) for k in range(shape[0])]
-    ds.Rows, ds.Columns = int(shape[1]), int(shape[2])
+    ds.GridFrameOffsetVector = [_ds(k * dz) for k in range(frames)]
+    ds.Rows, ds.Columns = rows, columns
 
 
 def _set_pixels(ds: Dataset, native: np.ndarray) -> None:

@@ -44,6 +44,7 @@ from scipy import ndimage
 from vmatdose.data.case import Case
 from vmatdose.data.ingest.batch import SkipCase
 from vmatdose.data.ingest.dicom_ct import (
+    CanonicalGrid,
     CTSeries,
     choose_ct_series,
     plan_ct_series,
@@ -65,7 +66,18 @@ from vmatdose.data.ingest.dicom_struct import (
     roi_contours,
     select_structure_set,
 )
+from vmatdose.data.ingest.fingerprint import case_statistics
 from vmatdose.data.ingest.structure_names import BODY, StructureNameMap
+from vmatdose.data.ingest.training_grid import (
+    MARGIN_MM,
+    GridSettings,
+    body_box,
+    canonical_geometry,
+    crop_grid,
+    full_target_grid,
+    resample_ct,
+    rtdose_geometry,
+)
 from vmatdose.data.privacy import anonymous_case_id, patient_keys, require_salt
 from vmatdose.protocol import Protocol
 
@@ -89,6 +101,8 @@ class DicomIngestSettings:
         id_salt: secret mixed into the case-id hash (keep it private, keep it fixed).
         record_sources: keep the source DICOM UIDs in ``meta["dicom"]`` (off: a case file
             must not let a guessed patient be confirmed offline).
+        grid: the target grid (:class:`~vmatdose.data.ingest.training_grid.GridSettings`;
+            default: the native CT grid).
     """
 
     protocol: Protocol
@@ -96,6 +110,7 @@ class DicomIngestSettings:
     body_threshold_hu: float = -500.0
     id_salt: str = ""
     record_sources: bool = False
+    grid: GridSettings = GridSettings()
 
     @classmethod
     def from_config(cls, cfg: Mapping, protocol: Protocol | Mapping) -> DicomIngestSettings:
@@ -105,6 +120,12 @@ class DicomIngestSettings:
             protocol = Protocol.from_dict(protocol)
         known = {k: cfg[k] for k in cls.__dataclass_fields__
                  if k != "protocol" and k in cfg and cfg[k] is not None}
+        if isinstance(known.get("grid"), Mapping):
+            grid = known["grid"]
+            spacing = grid.get("spacing_mm")
+            known["grid"] = GridSettings(
+                tuple(float(v) for v in spacing) if spacing is not None else None,
+                float(grid.get("margin_mm", MARGIN_MM)))
         return cls(protocol=protocol, **known)
 
 
@@ -150,13 +171,18 @@ def ingest_dicom_case(folder: str | os.PathLike, case_id: str | None = None,
     if not dose_files and settings.require_dose:
         raise SkipCase("no RTDOSE in the patient folder (set source.require_dose=false to "
                        "ingest cases to predict)")
-    ct = read_ct_volume(files, series)
-    masks, body = _rasterize(ss, rois, series, ct, settings, notes)
-    _require_targets(files, protocol, masks, sorted(ss.roi_names.values()), "on the CT grid ")
+    ct, grid = placed_ct(read_ct_volume(files, series), series.grid, settings.grid)
+    body = _body(ss, rois, series, grid, ct, settings, notes)
+    if settings.grid.resamples:  # crop to the body with the margin
+        box = body_box(body, grid, settings.grid.margin_mm)
+        grid, ct, body = crop_grid(grid, box), ct[box], body[box]
+    masks = _rasterize(ss, rois, series, grid, notes)
+    _require_targets(files, protocol, masks, sorted(ss.roi_names.values()),
+                     "on the CT grid " if grid is series.grid else "on the training grid ")
     prescriptions, fractions, source = _prescriptions(plan, ss, names, protocol, masks, notes)
     dose = None
     if dose_files:
-        on_grid = dose_on_grid(files, series.grid, dose_files, summation, fractions)
+        on_grid = dose_on_grid(files, grid, dose_files, summation, fractions)
         _check_coverage(on_grid, masks, body, protocol, files.rel(dose_files[0][0]), notes)
         dose = on_grid.dose
     beams, more = (plan_beams(plan[1], series.uids["patient_position"]) if plan
@@ -166,10 +192,16 @@ def ingest_dicom_case(folder: str | os.PathLike, case_id: str | None = None,
                  roi_meta, notes)
     if beams is not None:
         meta["beams"] = beams.to_meta()
+    meta["grid"] = "training" if settings.grid.resamples else "ct"
+    meta["source_grids"] = {
+        "ct": canonical_geometry(series.grid),
+        "rtdose": (rtdose_geometry(dose_files[0][1], files.rel(dose_files[0][0]))
+                   if dose_files else None)}
+    meta["fingerprint"] = case_statistics(ct, body, masks, grid.spacing_mm)
     return Case(case_id=case_id, ct=ct, masks=np.stack(list(masks.values())).view(np.uint8),
                 structures=list(masks), body=body.view(np.uint8),
-                spacing_mm=np.asarray(series.grid.spacing_mm, float),
-                origin_mm=np.asarray(series.grid.origin_mm, float),
+                spacing_mm=np.asarray(grid.spacing_mm, float),
+                origin_mm=np.asarray(grid.origin_mm, float),
                 prescriptions_gy=prescriptions, dose=dose, meta=meta)
 
 
@@ -241,41 +273,72 @@ def _prescriptions(plan, ss: StructureSet, names: StructureNameMap, protocol: Pr
     return prescriptions, fractions or protocol.fractions, source
 
 
-def _rasterize(ss: StructureSet, rois: dict[str, int], series: CTSeries, ct: np.ndarray,
-               settings: DicomIngestSettings, notes: list[str]
-               ) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """Canonical name -> (Z, Y, X) bool mask (non-empty ones), and the body mask."""
+def placed_ct(ct: np.ndarray, ct_grid: CanonicalGrid, grid: GridSettings
+              ) -> tuple[np.ndarray, CanonicalGrid]:
+    """The CT on the grid the case is made on: native, or resampled (linear) onto the full
+    field of view at the target spacing (cropped afterwards)."""
+    if not grid.resamples:
+        return ct, ct_grid
+    target = full_target_grid(ct_grid, grid.spacing_mm)
+    return resample_ct(ct, ct_grid, target), target
+
+
+def _body(ss: StructureSet, rois: dict[str, int], series: CTSeries, grid: CanonicalGrid,
+          ct: np.ndarray, settings: DicomIngestSettings, notes: list[str]) -> np.ndarray:
+    """(Z, Y, X) bool body on ``grid``: the external contour, else CT above the threshold."""
+    if BODY in rois:
+        body, more = rasterize_roi(roi_contours(ss, rois[BODY]), series.grid, BODY,
+                                   target=grid, missing=series.missing)
+        if grid is series.grid:
+            fill_missing_slices(body, series.missing)
+        notes += more
+        if body.any():
+            return body
+        notes.append(f"{BODY}: empty on the CT grid (dropped)")
+    notes.append(f"no body contour: body = CT above {settings.body_threshold_hu:g} HU")
+    return body_from_ct(ct, settings.body_threshold_hu)
+
+
+def _rasterize(ss: StructureSet, rois: dict[str, int], series: CTSeries,
+               grid: CanonicalGrid, notes: list[str]) -> dict[str, np.ndarray]:
+    """Canonical name -> (Z, Y, X) bool mask on ``grid`` (non-empty ones, body apart)."""
     masks: dict[str, np.ndarray] = {}
-    body = None
     for name, number in rois.items():
-        mask, more = _roi_mask(roi_contours(ss, number), series, name)
+        if name == BODY:
+            continue
+        mask, more = _roi_mask(roi_contours(ss, number), series, name, grid)
         notes += more
         if not mask.any():
-            notes.append(f"{name}: empty on the CT grid (dropped)")
-        elif name == BODY:
-            body = mask
+            notes.append(f"{name}: empty on the {'CT' if grid is series.grid else 'training'}"
+                         " grid (dropped)")
         else:
             masks[name] = mask
-    if body is None:
-        notes.append(f"no body contour: body = CT above {settings.body_threshold_hu:g} HU")
-        body = body_from_ct(ct, settings.body_threshold_hu)
-    return masks, body
+    return masks
 
 
-def _roi_mask(contours: list[np.ndarray], series: CTSeries, name: str
-              ) -> tuple[np.ndarray, list[str]]:
-    """(Z, Y, X) bool mask of one ROI's contours (patient points ``(x, y, z)`` mm) on the CT
-    grid: rasterised on the grid's slices, empty missing slices filled from their
-    neighbours; for a resampled series, rasterised on the stored slices and each grid
-    slice taking the nearest stored slice's."""
+def _roi_mask(contours: list[np.ndarray], series: CTSeries, name: str,
+              grid: CanonicalGrid) -> tuple[np.ndarray, list[str]]:
+    """(Z, Y, X) bool mask of one ROI's contours (patient points ``(x, y, z)`` mm) on
+    ``grid`` (the CT grid or the training grid): filled at ``grid``'s own pixels, each
+    slice taking the contours of its nearest CT slice (empty missing slices filled from
+    their neighbours); for a resampled series (stored slices of varying spacing), the
+    nearest *stored* slice's."""
     if not series.resampled:
-        mask, notes = rasterize_roi(contours, series.grid, name)
-        fill_missing_slices(mask, series.missing)
+        mask, notes = rasterize_roi(contours, series.grid, name, target=grid,
+                                    missing=series.missing)
+        if grid is series.grid:
+            fill_missing_slices(mask, series.missing)
         return mask, notes
     on_stored = [np.column_stack([c[:, :2], series.stored_slice_index(c[:, 2])])
                  for c in contours]
-    stored, notes = rasterize_roi(on_stored, series.stored_slice_grid(), name)
-    return stored[series.nearest_stored_slice()], notes
+    n_stored = len(series.stored_z_mm)
+    # the stored slices filled at grid's in-plane pixels (z in stored-slice index units)
+    planes = CanonicalGrid((n_stored, *grid.shape[1:]), (1.0, *grid.spacing_mm[1:]),
+                           (0.0, *grid.origin_mm[1:]))
+    stored, notes = rasterize_roi(on_stored, series.stored_slice_grid(), name, target=planes)
+    z = grid.origin_mm[0] + grid.spacing_mm[0] * np.arange(grid.shape[0])
+    nearest = np.abs(z[:, None] - series.stored_z_mm[None, :]).argmin(1)
+    return stored[nearest], notes
 
 
 def fill_missing_slices(mask: np.ndarray, missing: Sequence[int]) -> None:

@@ -9,6 +9,7 @@ polygons) or on a contour (see :mod:`~vmatdose.data.ingest.rasterize` for why).
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -150,14 +151,64 @@ def _contour_points(contour: Dataset) -> np.ndarray:
     return np.asarray(contour.ContourData, dtype=np.float64)
 
 
-def rasterize_roi(contours: list[np.ndarray], grid: CanonicalGrid, name: str
+def rasterize_roi(contours: list[np.ndarray], grid: CanonicalGrid, name: str,
+                  target: CanonicalGrid | None = None, missing: Sequence[int] = ()
                   ) -> tuple[np.ndarray, list[str]]:
-    """Fill of a ROI's contours on the canonical grid (boundary included, even-odd holes).
+    """Fill of a ROI's contours (boundary included, even-odd holes) on ``target`` (default:
+    the CT's canonical ``grid``).
+
+    Each contour belongs to its nearest CT slice of ``grid``. On another ``target`` grid
+    (the training grid, :mod:`~vmatdose.data.ingest.training_grid`) the polygons are
+    filled in-plane at the target's own pixels (exact, no mask resampling) and each target
+    slice takes the fill of its nearest CT slice; a ``missing`` CT slice takes its nearest
+    present neighbour's (as :func:`~vmatdose.data.ingest.dicom.fill_missing_slices`).
 
     Returns:
-        ``(mask, warnings)``: (Z, Y, X) bool mask and messages about contours off the CT
-        slices, outside the grid or not transverse.
+        ``(mask, warnings)``: (Z, Y, X) bool mask on ``target`` and messages about
+        contours off the CT slices, outside the grid or not transverse.
     """
+    by_slice, warnings = _contours_by_slice(contours, grid, name)
+    target = target or grid
+    mask = np.zeros(target.shape, dtype=bool)
+    if target is grid:
+        for k, polygons in by_slice.items():
+            mask[k] = _fill(polygons, grid)
+        return mask, warnings
+    source = _source_slices(grid.shape[0], missing)
+    z_target = target.origin_mm[0] + np.arange(target.shape[0]) * target.spacing_mm[0]
+    nearest = np.rint((z_target - grid.origin_mm[0]) / grid.spacing_mm[0]).astype(int)
+    planes: dict[int, np.ndarray] = {}
+    for t, k in enumerate(nearest):
+        k = int(source[k]) if 0 <= k < grid.shape[0] else -1
+        if k in by_slice:
+            if k not in planes:
+                planes[k] = _fill(by_slice[k], target)
+            mask[t] = planes[k]
+    return mask, warnings
+
+
+def _fill(polygons: list[np.ndarray], grid: CanonicalGrid) -> np.ndarray:
+    """(Y, X) bool fill of (N, 3) patient-point polygons on ``grid``'s pixels."""
+    return rasterize_polygons([grid.continuous_index(p)[:, [2, 1]] for p in polygons],
+                              grid.shape[1:])
+
+
+def _source_slices(n_slices: int, missing: Sequence[int]) -> np.ndarray:
+    """CT slice -> the slice whose contours it shows: itself, or for a missing slice
+    between present ones the nearest present slice (the lower one on a tie)."""
+    absent = set(missing)
+    present = np.array([k for k in range(n_slices) if k not in absent])
+    source = np.arange(n_slices)
+    for k in absent:
+        below, above = present[present < k], present[present > k]
+        if below.size and above.size:
+            source[k] = below[-1] if k - below[-1] <= above[0] - k else above[0]
+    return source
+
+
+def _contours_by_slice(contours: list[np.ndarray], grid: CanonicalGrid, name: str
+                       ) -> tuple[dict[int, list[np.ndarray]], list[str]]:
+    """CT slice index -> the (N, 3) patient-point polygons on it, and warnings."""
     by_slice: dict[int, list[np.ndarray]] = defaultdict(list)
     off_slice = outside = oblique = 0
     for points in contours:
@@ -171,14 +222,11 @@ def rasterize_roi(contours: list[np.ndarray], grid: CanonicalGrid, name: str
             outside += 1
             continue
         off_slice += abs(z - k) > OFF_SLICE_TOLERANCE
-        by_slice[k].append(index[:, [2, 1]])
-    mask = np.zeros(grid.shape, dtype=bool)
-    for k, polygons in by_slice.items():
-        mask[k] = rasterize_polygons(polygons, grid.shape[1:])
+        by_slice[k].append(points)
     warnings = []
     for count, what in ((off_slice, "between CT slices (put on the nearest)"),
                         (outside, "outside the CT's slice range (dropped)"),
                         (oblique, "not transverse (dropped)")):
         if count:
             warnings.append(f"{name}: {count} contour(s) {what}")
-    return mask, warnings
+    return by_slice, warnings
