@@ -680,3 +680,21 @@ def test_slice_spacing_varying_within_the_series_is_resampled_and_said(tmp_path)
     assert (np.abs(case.dose - truth.dose[::2]) / truth.dose[::2]).max() < 0.01
     for name in ("PTV70", "PTV56", "Rectum"):
         assert dice(case.mask(name), truth.masks[name][::2]) > 0.9, name
+
+
+def test_varying_slice_spacing_onto_a_training_grid_gives_the_ct_grid_case_cropped(tmp_path):
+    """A resampled series on a training grid of the same spacing: the grid is a crop of the
+    uniform CT grid (same corner), so CT and masks are those of the CT-grid case there."""
+    from vmatdose.data.ingest.training_grid import GridSettings
+    fine = GridSpec((31, 72, 96), (1.0, 2.0, 1.75), (-20.0, -70.0, -80.0))
+    kept = [*range(0, 13, 2), *range(15, 31, 3)]
+    folder, _ = _variant(tmp_path, ct=fine, skip_slices=tuple(sorted(set(range(31)) - set(kept))))
+    on_ct = ingest(folder)
+    on_grid = ingest(folder, grid=GridSettings((2.0, 2.0, 1.75), margin_mm=4.0))
+    assert on_grid.meta["grid"] == "training" and on_grid.shape < on_ct.shape
+    offset = np.rint((np.asarray(on_grid.origin_mm) - on_ct.origin_mm)
+                     / np.asarray(on_ct.spacing_mm)).astype(int)
+    crop = tuple(slice(o, o + n) for o, n in zip(offset, on_grid.shape))
+    np.testing.assert_allclose(on_grid.ct, on_ct.ct[crop], atol=1)
+    for name in ("PTV70", "PTV56", "Rectum"):
+        assert dice(on_grid.mask(name), on_ct.mask(name)[crop]) == 1.0, name
