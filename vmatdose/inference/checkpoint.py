@@ -175,12 +175,31 @@ class Checkpoint:
                                   f"checkpoint's config ({str(err).splitlines()[0]})") from err
         # Loss modules with parameters (a discriminator) are not needed for inference.
         state = {k: v for k, v in self.state_dict.items() if not k.startswith("loss.")}
-        missing, _ = module.load_state_dict(state, strict=False)
-        if missing:
-            raise CheckpointError(f"{self.path}: weights missing for {len(missing)} "
-                                  f"parameters of the rebuilt model (first: {missing[0]})")
+        problem = weights_mismatch(module.state_dict(), state)
+        if problem:
+            raise CheckpointError(f"{self.path}: the weights do not fit the model rebuilt "
+                                  f"from its config: {problem}")
+        module.load_state_dict(state, strict=True)
         module.contract = self.contract.to_dict()
         return module.eval().to(device)
+
+
+def weights_mismatch(expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor],
+                     shown: int = 3) -> str:
+    """What keeps ``given`` weights from loading strictly into a module whose state dict is
+    ``expected``, in one line (missing, unexpected and wrong-shape keys, the first
+    ``shown`` of each named); empty when they fit."""
+    missing = [k for k in expected if k not in given]
+    unexpected = [k for k in given if k not in expected]
+    wrong = [f"{k} {tuple(given[k].shape)} instead of {tuple(expected[k].shape)}"
+             for k in expected if k in given and given[k].shape != expected[k].shape]
+    parts = []
+    for label, keys in (("missing", missing), ("unexpected", unexpected),
+                        ("wrong shape", wrong)):
+        if keys:
+            more = f" and {len(keys) - shown} more" if len(keys) > shown else ""
+            parts.append(f"{label} {len(keys)}: {', '.join(keys[:shown])}{more}")
+    return "; ".join(parts)
 
 
 def _check_targets(cfg: Any, path: Path) -> None:
