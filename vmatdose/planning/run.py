@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -74,8 +74,9 @@ def _predict_first(cfg: Mapping, output_dir: Path) -> Path:
     return folder
 
 
-def run_planning(cfg: Mapping) -> pd.DataFrame:
-    """Plan every case of ``cfg.cases_dir`` from its prediction; return the summary table.
+def run_planning(cfg: Mapping, report: Callable[[str], None] = log.info) -> pd.DataFrame:
+    """Plan every case of ``cfg.cases_dir`` from its prediction; return the summary table
+    (``report`` gets one line per planned case; the entry point prints them).
 
     Keys: ``cases_dir``, ``output_dir``, ``predictions_dir`` or ``ckpt_path``, ``protocol``
     (a protocol config), ``planning`` (:class:`PlanSettings`), ``gamma``
@@ -103,7 +104,7 @@ def run_planning(cfg: Mapping) -> pd.DataFrame:
         rows.append(row)
         criteria += case_criteria
         points += case_points
-        print(_case_line(row), flush=True)
+        report(_case_line(row))
     table = pd.DataFrame(rows)
     output_dir.mkdir(parents=True, exist_ok=True)
     table.to_csv(output_dir / "plan_summary.csv", index=False)
