@@ -23,6 +23,10 @@ USER_CONFIGS = {
     "my_predict.yaml": "defaults:\n  - predict\n  - _self_\n\nexport_rtdos: true\n",
     "my_preprocess.yaml": "defaults:\n  - preprocess\n  - _self_\n\nnum_worker: 3\n",
     "my_eval.yaml": "defaults:\n  - eval\n  - _self_\n\nsplit_fille: s.json\n",
+    "model/mine.yaml": "defaults:\n  - unet\n  - _self_\n\nchanels: [8, 16]\n",
+    "loss/mine.yaml": ("defaults:\n  - l1\n  - _self_\n\nterms:\n  voxel:\n    term:\n"
+                       "      knid: mse\n"),
+    "trainer/mine.yaml": "defaults:\n  - default\n  - _self_\n\nmax_epoch: 3\n",
 }
 
 
@@ -144,3 +148,43 @@ def test_evaluation_defaults_are_the_schemas():
     assert (settings.gamma_cutoff_percent, settings.region_margin_mm, settings.dpi) == (
         cfg.evaluation.gamma_cutoff_percent, cfg.evaluation.region_margin_mm,
         cfg.evaluation.dpi)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["model=mine"], "model.chanels: unknown key, not an argument of "
+                     "vmatdose.training.module.DoseModule"),
+    (["loss=mine"], "loss.terms.voxel.term.knid: unknown key, not an argument of "
+                    "vmatdose.losses.VoxelLoss; did you mean 'kind'?"),
+    (["trainer=mine"], "trainer.max_epoch: unknown key, not an argument of "
+                       "lightning.pytorch.Trainer; did you mean 'max_epochs'?"),
+    (["+model.net.chanels=[8]"], "model.net.chanels: unknown key, not an argument of "
+                                 "monai.networks.nets.UNet; did you mean 'channels'?"),
+    (["model=ddpm", "+model.ensemble=2"], "model.ensemble: unknown key, not an argument of "
+     "vmatdose.training.generative.DiffusionDoseModule; did you mean 'ensemble_size'?"),
+])
+def test_users_model_loss_or_trainer_config_with_unknown_key_is_refused_by_name(
+        user_conf, monkeypatch, capsys, argv, message):
+    conf, root = user_conf
+    code, _ = _run_main(train, [*argv, "--config-dir", str(conf)], monkeypatch, capsys)
+    assert isinstance(code, str) and code.startswith("error: bad config value: ")
+    assert message in code and "\n" not in code
+    assert list(root.iterdir()) == [], "no run folder, no data"
+
+
+def test_the_model_works_on_the_grid_the_data_is_pooled_to():
+    import hydra
+
+    cfg = _compose("train", ["data.resolution_factor=2"])
+    assert value_errors(cfg) == []
+    model = hydra.utils.instantiate(cfg.model, loss=None)
+    assert model.inference.resolution_factor == 2
+    assert value_errors(_compose("train", ["experiment=openkbp_cpu"])) == []
+    assert _compose("train", ["experiment=openkbp_cpu"]).model.resolution_factor == 2
+
+
+def test_a_model_resolution_factor_other_than_the_datas_is_refused_naming_the_key():
+    cfg = _compose("train", ["model.resolution_factor=2"])
+    assert value_errors(cfg) == [
+        "model.resolution_factor=2: must equal data.resolution_factor=1 (the data is "
+        "pooled by it and the predictor pools by the model's: set data.resolution_factor, "
+        "the model follows it)"]

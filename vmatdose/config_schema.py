@@ -317,6 +317,97 @@ def training_value_errors(cfg: Any) -> list[str]:
     return errors
 
 
+# --- keys of the nodes without a schema: their target's arguments ----------------------
+
+#: Hydra's own keys of an instantiated node.
+HYDRA_KEYS = frozenset({"_target_", "_partial_", "_recursive_", "_convert_", "_args_"})
+#: Config groups whose nodes (and every node with a ``_target_`` inside them) may only
+#: hold arguments of their target: the model (its network, optimizer, scheduler, ...), the
+#: loss (its terms), the trainer and the callbacks.
+TARGET_CHECKED = ("model", "loss", "trainer", "callbacks")
+
+
+def target_arguments(target: str) -> frozenset[str] | None:
+    """The keyword arguments ``target`` (a Hydra ``_target_``) accepts: its own and, through
+    ``**kwargs``, those of the base classes it passes them to; ``None`` when it takes any
+    keyword (or cannot be located: instantiation reports that)."""
+    import inspect
+
+    from hydra.utils import get_object
+
+    try:
+        obj = get_object(target)
+    except Exception:  # noqa: BLE001 - instantiation names a target it cannot find
+        return None
+    callables = ([c.__init__ for c in obj.__mro__ if "__init__" in vars(c)]
+                 if inspect.isclass(obj) else [obj])
+    names: set[str] = set()
+    for fn in callables:
+        try:
+            params = inspect.signature(fn).parameters.values()
+        except (TypeError, ValueError):
+            return None
+        names |= {p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+        if not any(p.kind == p.VAR_KEYWORD for p in params):
+            return frozenset(names - {"self"})
+        if not _passes_kwargs_up(fn):  # **kwargs kept for something else: any key goes
+            return None
+    return None
+
+
+def _passes_kwargs_up(fn: Any) -> bool:
+    """Whether ``fn`` (an ``__init__``) hands its ``**kwargs`` to ``super().__init__``."""
+    import inspect
+    import re
+
+    try:
+        source = inspect.getsource(fn)
+    except (OSError, TypeError):
+        return False
+    return re.search(r"super\(\)\.__init__\([^)]*\*\*kwargs", source) is not None
+
+
+def _unknown_key(where: str, key: str, target: str, accepted: frozenset[str]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(key, accepted, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"{where}.{key}: unknown key, not an argument of {target}{hint}"
+
+
+def unknown_key_errors(node: Any, where: str) -> list[str]:
+    """Keys of ``node`` and of the nodes with a ``_target_`` below it that are no argument
+    of their target (a misspelt ``model.chanels``), each ``key: ...``. Values are not
+    resolved."""
+    from omegaconf import DictConfig, ListConfig
+
+    errors = []
+    if isinstance(node, DictConfig):
+        target = str(node._get_node("_target_")._value()) if "_target_" in node else None
+        accepted = target_arguments(target) if target is not None else None
+        for key in node.keys():
+            if accepted is not None and key not in accepted and key not in HYDRA_KEYS:
+                errors.append(_unknown_key(where, str(key), target, accepted))
+            errors += unknown_key_errors(node._get_node(key), f"{where}.{key}")
+    elif isinstance(node, ListConfig):
+        for i in range(len(node)):
+            errors += unknown_key_errors(node._get_node(i), f"{where}[{i}]")
+    return errors
+
+
+def resolution_errors(cfg: Any) -> list[str]:
+    """The network must work on the grid the data is pooled to: ``model.resolution_factor``
+    follows ``data.resolution_factor`` (the one key to set)."""
+    data, model = cfg.get("data"), cfg.get("model")
+    if data is None or model is None or "resolution_factor" not in model:
+        return []
+    data_f, model_f = data.get("resolution_factor", 1), model.get("resolution_factor")
+    return _check(model_f == data_f, "model.resolution_factor", model_f,
+                  f"must equal data.resolution_factor={data_f} (the data is pooled by it "
+                  "and the predictor pools by the model's: set data.resolution_factor, "
+                  "the model follows it)")
+
+
 #: Allowed values of the entry points' choice keys.
 CHOICES = {"split": ("train", "val", "test", "all"), "spacing_mismatch": ("resample", "refuse")}
 
@@ -333,7 +424,10 @@ def value_errors(cfg: Any) -> list[str]:
         errors += data_value_errors(cfg.data, model.get("divisible_by"))
     if cfg.get("evaluation") is not None:
         errors += evaluation_value_errors(cfg.evaluation)
-    return errors + training_value_errors(cfg)
+    for group in TARGET_CHECKED:
+        if cfg.get(group) is not None:
+            errors += unknown_key_errors(cfg._get_node(group), group)
+    return errors + training_value_errors(cfg) + resolution_errors(cfg)
 
 
 def check_values(cfg: Any) -> None:

@@ -39,7 +39,8 @@ def test_training_stores_the_contract_once_and_it_loads_weights_only(trained_run
     spec = dict(contract.inputs).pop("spec")
     assert {k: v for k, v in contract.inputs.items() if k != "spec"} == {
         "ct_window": [-1000.0, 1500.0], "signed_distance": False, "sdf_scale_mm": 50.0,
-        "dose_scale_gy": 70.0, "prior_dose": None, "conditioning": None}
+        "dose_scale_gy": 70.0, "prior_dose": None, "conditioning": None,
+        "resolution_factor": 1}
     assert spec == InputSpec.build(protocol.structures, lr_pairs=protocol.lr_pairs).to_dict()
     # debug=smoke phantoms are 4 x 8 x 12 mm; the spacing is the training cases' median.
     assert contract.spacing["median_mm"] == [4.0, 8.0, 12.0]
@@ -197,3 +198,20 @@ def test_missing_weights_are_counted_and_the_first_named(trained_run):
     with pytest.raises(CheckpointError) as err:
         type(checkpoint)(checkpoint.path, checkpoint.contract, state).build_module()
     assert str(err.value).endswith(f"missing 5: {', '.join(names[:3])} and 2 more")
+
+
+def test_the_checkpoint_records_the_datas_grid_and_an_older_one_predicts_on_it(
+        trained_run, caplog):
+    _, _, ckpt = trained_run
+    checkpoint = read_checkpoint(ckpt)
+    assert checkpoint.contract.inputs["resolution_factor"] == 1
+    assert checkpoint.build_module().inference.resolution_factor == 1
+    # A checkpoint from before the model followed the data: data pooled by 2, model at 1.
+    raw = checkpoint.contract.to_dict()
+    del raw["inputs"]["resolution_factor"]
+    raw["config"]["data"]["resolution_factor"] = 2
+    raw["config"]["model"]["resolution_factor"] = 1
+    older = type(checkpoint)(ckpt, type(checkpoint.contract).from_dict(raw),
+                             checkpoint.state_dict)
+    assert older.build_module().inference.resolution_factor == 2
+    assert "trained on volumes pooled by 2 (data.resolution_factor)" in caplog.text
