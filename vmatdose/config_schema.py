@@ -1,5 +1,6 @@
-"""Schemas of the configs that users write their own of: data, evaluation, predict and
-preprocess.
+"""Schemas of the configs that users write their own of: data, evaluation, predict,
+preprocess and plan; and the key check of the nodes without a schema (model, loss,
+trainer, callbacks: their target's arguments).
 
 Each schema is a dataclass registered with Hydra's ConfigStore; the YAML file names it
 first in its defaults list (``defaults: [schema_phantom, _self_]``), so every key the YAML
@@ -217,6 +218,60 @@ class PreprocessConfig:
     paths: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class PlanningConfig:
+    """``planning`` of ``conf/plan.yaml``: :class:`vmatdose.planning.settings.PlanSettings`
+    (what each key means, its checks) takes these defaults."""
+
+    dose_grid_mm: float | None = 5.0
+    bixel_width_mm: float = 5.0
+    sparsity_cutoff: float = 0.01
+    lateral_cutoff_mm: float = 50.0
+    max_iter: int = 300
+    target_weight: float = 100.0
+    oar_weight: float = 10.0
+    body_weight: float = 1.0
+    constraint_weight: float = 100.0
+    memory_limit_gb: float = 16.0
+    progress: bool = True
+
+
+@dataclass
+class PlanGammaConfig:
+    """Gamma of the deliverable dose against the prediction (global, within the body)."""
+
+    dose_percent: float = 3.0
+    distance_mm: float = 3.0
+    cutoff_percent: float = 10.0
+
+
+@dataclass
+class PlanConfig:
+    """``conf/plan.yaml``: the keys :mod:`vmatdose.plan` reads.
+
+    cases_dir, output_dir: required; predictions_dir (``<case_id>.npz`` as ``predict``
+    writes them) or ckpt_path (predict first, into ``output_dir/predictions``);
+    export_rtdose: each deliverable dose also as a DICOM RTDOSE; source_dicom, id_salt,
+    case_id_map: as for ``predict`` (the RTDOSE's patient identity and UIDs).
+    """
+
+    task_name: str = "plan"
+    cases_dir: str = MISSING
+    predictions_dir: str | None = None
+    ckpt_path: str | None = None
+    accelerator: str = "auto"
+    spacing_mismatch: str = "resample"
+    output_dir: str = MISSING
+    export_rtdose: bool = True
+    source_dicom: str | None = None
+    id_salt: str = ""
+    case_id_map: str | None = None
+    planning: PlanningConfig = field(default_factory=PlanningConfig)
+    gamma: PlanGammaConfig = field(default_factory=PlanGammaConfig)
+    protocol: Any = None
+    paths: dict[str, Any] = field(default_factory=dict)
+
+
 #: (group, name, schema) of every registered schema; the YAML names them in its defaults.
 SCHEMAS = (
     ("data", "schema_phantom", PhantomDataConfig),
@@ -225,6 +280,7 @@ SCHEMAS = (
     (None, "schema_eval", EvalConfig),
     (None, "schema_predict", PredictConfig),
     (None, "schema_preprocess", PreprocessConfig),
+    (None, "schema_plan", PlanConfig),
 )
 
 
@@ -327,10 +383,11 @@ HYDRA_KEYS = frozenset({"_target_", "_partial_", "_recursive_", "_convert_", "_a
 TARGET_CHECKED = ("model", "loss", "trainer", "callbacks")
 
 
-def target_arguments(target: str) -> frozenset[str] | None:
-    """The keyword arguments ``target`` (a Hydra ``_target_``) accepts: its own and, through
-    ``**kwargs``, those of the base classes it passes them to; ``None`` when it takes any
-    keyword (or cannot be located: instantiation reports that)."""
+def target_parameters(target: str) -> dict[str, Any] | None:
+    """The keyword parameters (name -> ``inspect.Parameter``) ``target`` (a Hydra
+    ``_target_``) accepts: its own and, through ``**kwargs``, those of the base classes it
+    passes them to (a subclass's default first); ``None`` when it takes any keyword (or
+    cannot be located: instantiation reports that)."""
     import inspect
 
     from hydra.utils import get_object
@@ -341,18 +398,26 @@ def target_arguments(target: str) -> frozenset[str] | None:
         return None
     callables = ([c.__init__ for c in obj.__mro__ if "__init__" in vars(c)]
                  if inspect.isclass(obj) else [obj])
-    names: set[str] = set()
+    found: dict[str, Any] = {}
     for fn in callables:
         try:
             params = inspect.signature(fn).parameters.values()
         except (TypeError, ValueError):
             return None
-        names |= {p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+        for p in params:
+            if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and p.name != "self":
+                found.setdefault(p.name, p)
         if not any(p.kind == p.VAR_KEYWORD for p in params):
-            return frozenset(names - {"self"})
+            return found
         if not _passes_kwargs_up(fn):  # **kwargs kept for something else: any key goes
             return None
     return None
+
+
+def target_arguments(target: str) -> frozenset[str] | None:
+    """The names of :func:`target_parameters` (``None``: any keyword goes)."""
+    params = target_parameters(target)
+    return None if params is None else frozenset(params)
 
 
 def _passes_kwargs_up(fn: Any) -> bool:

@@ -14,6 +14,7 @@ Writes into ``output_dir``:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections.abc import Callable, Mapping
@@ -23,6 +24,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from vmatdose.config_schema import PlanGammaConfig
 from vmatdose.data.case import Case, list_case_files, load_case
 from vmatdose.errors import InputError
 from vmatdose.evaluation.constraints import Constraint, parse_constraints
@@ -45,7 +47,7 @@ from vmatdose.protocol import Protocol
 
 log = logging.getLogger(__name__)
 
-DEFAULT_GAMMA = {"dose_percent": 3.0, "distance_mm": 3.0, "cutoff_percent": 10.0}
+DEFAULT_GAMMA = dataclasses.asdict(PlanGammaConfig())
 
 
 def _folders(cfg: Mapping) -> tuple[Path, Path | None, Path]:
