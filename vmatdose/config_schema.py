@@ -152,6 +152,8 @@ class EvaluationConfig:
     region_margin_mm: OAR neighbourhood margin for region gamma.
     figures: draw figures and the HTML report; figure_cases: how many cases get them.
     dpi: PNG resolution.
+    max_cases: evaluate only the first this many cases of the split (the debug modes'
+    quick look, as Lightning's ``limit_*_batches`` for validation); null: every case.
     """
 
     gamma: list[GammaCriterion] = field(default_factory=lambda: [
@@ -161,6 +163,7 @@ class EvaluationConfig:
     figures: bool = True
     figure_cases: int = 3
     dpi: int = 300
+    max_cases: int | None = None
 
 
 @dataclass
@@ -351,6 +354,9 @@ def evaluation_value_errors(evaluation: Any) -> list[str]:
                      evaluation.get("figure_cases"), "must be an integer >= 0")
     errors += _check(_is_int(evaluation.get("dpi", 1), 1), "evaluation.dpi",
                      evaluation.get("dpi"), "must be an integer >= 1")
+    max_cases = evaluation.get("max_cases")
+    errors += _check(max_cases is None or _is_int(max_cases, 1), "evaluation.max_cases",
+                     max_cases, "must be an integer >= 1, or null for every case")
     return errors
 
 
