@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from vmatdose import evaluate, predict, preprocess, train
 from vmatdose.config import CONFIG_DIR
@@ -261,6 +262,26 @@ def _schema_of(path: Path):
     return next((cls for g, name, cls in SCHEMAS if g == group and name in names), None)
 
 
+def _target_defaults(node, inherited: str | None = None, where: str = "") -> list[str]:
+    """Keys of ``node`` (and of the nodes below it) that write the default of an argument
+    of their vmatdose ``_target_`` (``${vmatdose.default:}`` names it instead)."""
+    import inspect
+
+    from vmatdose.config_schema import target_parameters
+
+    if not isinstance(node, dict):
+        return []
+    target = node.get("_target_", inherited)
+    params = (target_parameters(target) or {}) if str(target).startswith("vmatdose.") else {}
+    defaults = {k: p.default for k, p in params.items()
+                if p.default is not inspect.Parameter.empty}
+    found = _repeats({k: v for k, v in node.items() if not isinstance(v, dict)}, defaults,
+                     where)
+    for key, value in node.items():
+        found += _target_defaults(value, None, f"{where}.{key}")
+    return found
+
+
 def _experiment_overrides(path: Path) -> list[str]:
     """The group choices an experiment or debug YAML's defaults list makes, as overrides."""
     out = []
@@ -275,9 +296,9 @@ def _experiment_overrides(path: Path) -> list[str]:
 
 
 def test_no_default_is_written_twice():
-    """A schema's default is not repeated by the YAML naming it; a group YAML repeats
-    nothing of the one it extends; an experiment or debug YAML nothing of what it
-    overrides."""
+    """A schema's default is not repeated by the YAML naming it; a vmatdose class's
+    default not by a YAML targeting it; a group YAML repeats nothing of the one it
+    extends; an experiment or debug YAML nothing of what it overrides."""
     from omegaconf import OmegaConf
 
     found = []
@@ -291,6 +312,8 @@ def test_no_default_is_written_twice():
         if parents:
             base = OmegaConf.to_container(OmegaConf.merge(*map(_merged, parents)))
             found += _repeats(own, base, f"{name} (extends)")
+        inherited = next((m.get("_target_") for m in map(_merged, parents)), None)
+        found += _target_defaults(own, inherited, f"{name} (target)")
         if path.parent.name in ("experiment", "debug"):
             composed = OmegaConf.to_container(_compose("train", _experiment_overrides(path)))
             found += _repeats(own, composed, f"{name} (overrides)")
@@ -348,3 +371,17 @@ def test_plan_config_refuses_an_unknown_key_and_takes_the_schemas_defaults(user_
             pytest.raises(ConfigCompositionException) as err:
         compose("my_plan", overrides=[f"hydra.searchpath=[file://{CONFIG_DIR}]"])
     assert "Key 'export_rtdos' not in 'PlanConfig'" in str(err.value)
+
+
+def test_a_key_named_for_its_targets_default_takes_it_from_the_code():
+    from vmatdose.training.generative import DiffusionDoseModule
+
+    cfg = _compose("train", ["model=ddpm", "model.sampling_steps=7"])
+    assert cfg.model.ensemble_size == 4 and list(cfg.model.tta_axes) == [-3, -2, -1]
+    assert cfg.model.sampling_steps == 7  # still an override without "+"
+    import inspect
+    default = inspect.signature(DiffusionDoseModule.__init__).parameters["num_train_timesteps"]
+    assert cfg.model.num_train_timesteps == default.default == 1000
+    with pytest.raises(Exception, match="needs a _target_ beside it"):
+        cfg = _compose("train", ["+model.film.hidden2=${vmatdose.default:}"])
+        OmegaConf.to_container(cfg.model.film, resolve=True)
