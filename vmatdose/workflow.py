@@ -33,8 +33,8 @@ def evaluate_best(cfg: DictConfig, trainer: L.Trainer, output_dir: Path) -> dict
         return None
     evaluation = OmegaConf.to_container(cfg.evaluation) if cfg.get("evaluation") else None
     table, summary = evaluate_checkpoint(ckpt, output_dir / "eval", evaluation=evaluation,
-                                         accelerator=cfg.trainer.get("accelerator", "auto"),
-                                         spacing_mismatch=cfg.get("spacing_mismatch", "resample"))
+                                         accelerator=cfg.trainer.accelerator,
+                                         spacing_mismatch=cfg.spacing_mismatch)
     log_evaluation(trainer.loggers, table, summary, output_dir / "eval")
     return summary
 
@@ -50,7 +50,7 @@ def run_training(cfg: DictConfig, overrides: list[str] | None = None,
     metric = optimized_metric(trainer, cfg.get("optimized_metric"))
     if not trainer.is_global_zero:
         return metric
-    if cfg.get("evaluate_after_training", True):
+    if cfg.evaluate_after_training:
         summary = evaluate_best(cfg, trainer, output_dir)
         if summary is not None:
             primary = Protocol.from_dict(cfg.protocol).targets[0]

@@ -141,7 +141,7 @@ def training_contract(cfg: Mapping, spacing: SpacingRange, cases_dir: str | Path
         structures=[str(s) for s in data["structures"]],
         inputs={"ct_window": [float(v) for v in data["ct_window"]],
                 "signed_distance": bool(data["signed_distance"]),
-                "sdf_scale_mm": float(data.get("sdf_scale_mm", 50.0)),
+                "sdf_scale_mm": float(data["sdf_scale_mm"]),
                 "dose_scale_gy": float(data["dose_scale_gy"]),
                 "prior_dose": data.get("prior_dose"),
                 "conditioning": conditioning,

@@ -48,7 +48,7 @@ def checked_datamodule(cfg: DictConfig) -> tuple[L.LightningDataModule, dict]:
     datamodule.prepare_data()
     paths = {name: datamodule.paths_of(name) for name in SPLITS}
     spacing = check_training_cases(paths, protocol, datamodule.structures,
-                                   cfg.get("spacing_mismatch", "resample"))
+                                   cfg.spacing_mismatch)
     contract = training_contract(cfg, spacing, datamodule.cases_dir, datamodule.ensure_split())
     return datamodule, contract.to_dict()
 
