@@ -163,3 +163,48 @@ def test_upward_sideways_and_undeclared_imports_are_named(tmp_path):
         f"vmatdose/training/side.py:1: training (layer {t}) imports "
         f"vmatdose.evaluation.pipeline.evaluate_checkpoint (layer {e})",
     ]
+
+
+# --- library output -------------------------------------------------------------------
+
+#: Modules that are the entry points' error exit (``error: ...`` and Hydra's hints on
+#: stderr, then the exit status), the one print a library module may hold.
+ERROR_EXITS = {"vmatdose.errors", "vmatdose.cli_hints", "vmatdose.records.job_failure"}
+
+
+def _module_name(path: Path) -> str:
+    return ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+
+
+def _calls(path: Path, name: str) -> list[int]:
+    """Lines of ``path`` that call ``name`` (``print``, ``matplotlib.use``)."""
+    return [node.lineno for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, ast.Call) and ast.unparse(node.func) == name]
+
+
+def test_library_modules_log_instead_of_printing():
+    library = [p for p in PACKAGE.rglob("*.py")
+               if _module_name(p) not in ENTRY_POINTS | ERROR_EXITS]
+    prints = {str(p.relative_to(PACKAGE)): _calls(p, "print") for p in library}
+    assert {k: v for k, v in prints.items() if v} == {}
+
+
+def _import_time_calls(path: Path, name: str) -> list[int]:
+    """Lines of ``path`` that call ``name`` when the module is imported (outside any
+    function or method body)."""
+    tree = ast.parse(path.read_text())
+    in_functions = {id(node) for fn in ast.walk(tree)
+                    if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef))
+                    for node in ast.walk(fn)}
+    return [node.lineno for node in ast.walk(tree)
+            if isinstance(node, ast.Call) and id(node) not in in_functions
+            and ast.unparse(node.func) == name]
+
+
+def test_no_module_switches_the_matplotlib_backend_when_imported():
+    """Importing the library leaves a notebook's backend alone; the entry points call
+    ``plot_style.use_file_backend``."""
+    switches = {str(p.relative_to(PACKAGE)): _import_time_calls(p, "matplotlib.use")
+                for p in PACKAGE.rglob("*.py")}
+    assert {k: v for k, v in switches.items() if v} == {}
+    assert _calls(PACKAGE / "plot_style.py", "matplotlib.use")  # the one switch, on call

@@ -4,7 +4,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from vmatdose.config import CONFIG_DIR
-from vmatdose.protocol import Protocol, available_protocols
+from vmatdose.protocol import Protocol, ProtocolError, available_protocols
 
 
 def test_the_three_sites_are_provided():
@@ -50,3 +50,32 @@ def test_round_trip_and_bad_protocols_are_refused():
         Protocol.from_dict({**hn.to_dict(), "lr_pairs": [["LeftEye", "RightEye"]]})
     with pytest.raises(ValueError, match="unknown protocol"):
         Protocol.load("liver")
+
+
+@pytest.mark.parametrize("beams, problem", [
+    ({"n_beam": 9, "couch_deg": 0.0}, "beams: unknown key 'n_beam' (allowed: gantry_deg,"),
+    ({"n_beams": 9, "strat_deg": 20}, "beams: unknown key 'strat_deg'"),
+    ({"couch_deg": 0.0}, "beams: give either gantry_deg (a list of angles) or n_beams"),
+    ({"n_beams": 0}, "beams: n_beams=0 must be an integer >= 1"),
+    ({"gantry_deg": [0, "left"]}, "beams: gantry_deg=[0, 'left'] must be a non-empty list"),
+    ({"n_beams": 9, "energy_mv": "6 MV"}, "beams: energy_mv='6 MV' must be a number"),
+])
+def test_a_misspelt_or_bad_beams_key_is_refused_naming_the_protocol_file(beams, problem):
+    hn = Protocol.load("head_neck").to_dict()
+    with pytest.raises(ProtocolError) as err:
+        Protocol.from_dict({**hn, "beams": beams})
+    message = str(err.value)
+    assert message.startswith("protocol 'head_neck' (conf/protocol/head_neck.yaml): ")
+    assert problem in message and "\n" not in message
+
+
+def test_a_misspelt_beams_key_stops_training_before_the_run_record(tmp_path):
+    from vmatdose.training.fit import fit
+
+    from conftest import smoke_config
+
+    cfg = smoke_config(tmp_path, tmp_path / "run", "+protocol.beams.strat_deg=20")
+    with pytest.raises(ProtocolError, match="beams: unknown key 'strat_deg'"):
+        fit(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+    assert not (tmp_path / "data").exists()  # the phantom was not generated either

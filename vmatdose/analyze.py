@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from vmatdose.analysis.anatomy import write_anatomy_analysis
+from vmatdose.plot_style import use_file_backend
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -27,6 +28,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                          help="case files (default: the runs' data.cases_dir)")
     anatomy.add_argument("--errors", nargs="+", default=None, help="per-case error columns")
     args = parser.parse_args(argv)
+    use_file_backend()
     for path in write_anatomy_analysis(args.location, args.output, args.cases_dir,
                                        args.errors):
         print(f"wrote {path}")

@@ -22,6 +22,7 @@ import pandas as pd
 
 from vmatdose.analysis.study import write_study_statistics
 from vmatdose.errors import exit_on_input_error
+from vmatdose.plot_style import use_file_backend
 from vmatdose.tracking import compare
 
 
@@ -69,6 +70,7 @@ def run_compare(argv: Sequence[str] | None = None) -> pd.DataFrame:
 def main(argv: Sequence[str] | None = None) -> None:
     """``vmatdose-compare`` / ``python -m vmatdose.compare`` (returns nothing: a console
     script's return value becomes its exit status)."""
+    use_file_backend()
     with exit_on_input_error():
         run_compare(argv)
 

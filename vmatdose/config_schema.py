@@ -1,5 +1,6 @@
-"""Schemas of the configs that users write their own of: data, evaluation, predict and
-preprocess.
+"""Schemas of the configs that users write their own of: data, evaluation, predict,
+preprocess and plan; and the key check of the nodes without a schema (model, loss,
+trainer, callbacks: their target's arguments).
 
 Each schema is a dataclass registered with Hydra's ConfigStore; the YAML file names it
 first in its defaults list (``defaults: [schema_phantom, _self_]``), so every key the YAML
@@ -157,6 +158,8 @@ class EvaluationConfig:
     region_margin_mm: OAR neighbourhood margin for region gamma.
     figures: draw figures and the HTML report; figure_cases: how many cases get them.
     dpi: PNG resolution.
+    max_cases: evaluate only the first this many cases of the split (the debug modes'
+    quick look, as Lightning's ``limit_*_batches`` for validation); null: every case.
     """
 
     gamma: list[GammaCriterion] = field(default_factory=lambda: [
@@ -166,6 +169,7 @@ class EvaluationConfig:
     figures: bool = True
     figure_cases: int = 3
     dpi: int = 300
+    max_cases: int | None = None
 
 
 @dataclass
@@ -224,6 +228,60 @@ class PreprocessConfig:
     paths: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class PlanningConfig:
+    """``planning`` of ``conf/plan.yaml``: :class:`vmatdose.planning.settings.PlanSettings`
+    (what each key means, its checks) takes these defaults."""
+
+    dose_grid_mm: float | None = 5.0
+    bixel_width_mm: float = 5.0
+    sparsity_cutoff: float = 0.01
+    lateral_cutoff_mm: float = 50.0
+    max_iter: int = 300
+    target_weight: float = 100.0
+    oar_weight: float = 10.0
+    body_weight: float = 1.0
+    constraint_weight: float = 100.0
+    memory_limit_gb: float = 16.0
+    progress: bool = True
+
+
+@dataclass
+class PlanGammaConfig:
+    """Gamma of the deliverable dose against the prediction (global, within the body)."""
+
+    dose_percent: float = 3.0
+    distance_mm: float = 3.0
+    cutoff_percent: float = 10.0
+
+
+@dataclass
+class PlanConfig:
+    """``conf/plan.yaml``: the keys :mod:`vmatdose.plan` reads.
+
+    cases_dir, output_dir: required; predictions_dir (``<case_id>.npz`` as ``predict``
+    writes them) or ckpt_path (predict first, into ``output_dir/predictions``);
+    export_rtdose: each deliverable dose also as a DICOM RTDOSE; source_dicom, id_salt,
+    case_id_map: as for ``predict`` (the RTDOSE's patient identity and UIDs).
+    """
+
+    task_name: str = "plan"
+    cases_dir: str = MISSING
+    predictions_dir: str | None = None
+    ckpt_path: str | None = None
+    accelerator: str = "auto"
+    spacing_mismatch: str = "resample"
+    output_dir: str = MISSING
+    export_rtdose: bool = True
+    source_dicom: str | None = None
+    id_salt: str = ""
+    case_id_map: str | None = None
+    planning: PlanningConfig = field(default_factory=PlanningConfig)
+    gamma: PlanGammaConfig = field(default_factory=PlanGammaConfig)
+    protocol: Any = None
+    paths: dict[str, Any] = field(default_factory=dict)
+
+
 #: (group, name, schema) of every registered schema; the YAML names them in its defaults.
 SCHEMAS = (
     ("data", "schema_phantom", PhantomDataConfig),
@@ -233,6 +291,7 @@ SCHEMAS = (
     (None, "schema_eval", EvalConfig),
     (None, "schema_predict", PredictConfig),
     (None, "schema_preprocess", PreprocessConfig),
+    (None, "schema_plan", PlanConfig),
 )
 
 
@@ -316,6 +375,9 @@ def evaluation_value_errors(evaluation: Any) -> list[str]:
                      evaluation.get("figure_cases"), "must be an integer >= 0")
     errors += _check(_is_int(evaluation.get("dpi", 1), 1), "evaluation.dpi",
                      evaluation.get("dpi"), "must be an integer >= 1")
+    max_cases = evaluation.get("max_cases")
+    errors += _check(max_cases is None or _is_int(max_cases, 1), "evaluation.max_cases",
+                     max_cases, "must be an integer >= 1, or null for every case")
     return errors
 
 
@@ -338,6 +400,106 @@ def training_value_errors(cfg: Any) -> list[str]:
     return errors
 
 
+# --- keys of the nodes without a schema: their target's arguments ----------------------
+
+#: Hydra's own keys of an instantiated node.
+HYDRA_KEYS = frozenset({"_target_", "_partial_", "_recursive_", "_convert_", "_args_"})
+#: Config groups whose nodes (and every node with a ``_target_`` inside them) may only
+#: hold arguments of their target: the model (its network, optimizer, scheduler, ...), the
+#: loss (its terms), the trainer and the callbacks.
+TARGET_CHECKED = ("model", "loss", "trainer", "callbacks")
+
+
+def target_parameters(target: str) -> dict[str, Any] | None:
+    """The keyword parameters (name -> ``inspect.Parameter``) ``target`` (a Hydra
+    ``_target_``) accepts: its own and, through ``**kwargs``, those of the base classes it
+    passes them to (a subclass's default first); ``None`` when it takes any keyword (or
+    cannot be located: instantiation reports that)."""
+    import inspect
+
+    from hydra.utils import get_object
+
+    try:
+        obj = get_object(target)
+    except Exception:  # noqa: BLE001 - instantiation names a target it cannot find
+        return None
+    callables = ([c.__init__ for c in obj.__mro__ if "__init__" in vars(c)]
+                 if inspect.isclass(obj) else [obj])
+    found: dict[str, Any] = {}
+    for fn in callables:
+        try:
+            params = inspect.signature(fn).parameters.values()
+        except (TypeError, ValueError):
+            return None
+        for p in params:
+            if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and p.name != "self":
+                found.setdefault(p.name, p)
+        if not any(p.kind == p.VAR_KEYWORD for p in params):
+            return found
+        if not _passes_kwargs_up(fn):  # **kwargs kept for something else: any key goes
+            return None
+    return None
+
+
+def target_arguments(target: str) -> frozenset[str] | None:
+    """The names of :func:`target_parameters` (``None``: any keyword goes)."""
+    params = target_parameters(target)
+    return None if params is None else frozenset(params)
+
+
+def _passes_kwargs_up(fn: Any) -> bool:
+    """Whether ``fn`` (an ``__init__``) hands its ``**kwargs`` to ``super().__init__``."""
+    import inspect
+    import re
+
+    try:
+        source = inspect.getsource(fn)
+    except (OSError, TypeError):
+        return False
+    return re.search(r"super\(\)\.__init__\([^)]*\*\*kwargs", source) is not None
+
+
+def _unknown_key(where: str, key: str, target: str, accepted: frozenset[str]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(key, accepted, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"{where}.{key}: unknown key, not an argument of {target}{hint}"
+
+
+def unknown_key_errors(node: Any, where: str) -> list[str]:
+    """Keys of ``node`` and of the nodes with a ``_target_`` below it that are no argument
+    of their target (a misspelt ``model.chanels``), each ``key: ...``. Values are not
+    resolved."""
+    from omegaconf import DictConfig, ListConfig
+
+    errors = []
+    if isinstance(node, DictConfig):
+        target = str(node._get_node("_target_")._value()) if "_target_" in node else None
+        accepted = target_arguments(target) if target is not None else None
+        for key in node.keys():
+            if accepted is not None and key not in accepted and key not in HYDRA_KEYS:
+                errors.append(_unknown_key(where, str(key), target, accepted))
+            errors += unknown_key_errors(node._get_node(key), f"{where}.{key}")
+    elif isinstance(node, ListConfig):
+        for i in range(len(node)):
+            errors += unknown_key_errors(node._get_node(i), f"{where}[{i}]")
+    return errors
+
+
+def resolution_errors(cfg: Any) -> list[str]:
+    """The network must work on the grid the data is pooled to: ``model.resolution_factor``
+    follows ``data.resolution_factor`` (the one key to set)."""
+    data, model = cfg.get("data"), cfg.get("model")
+    if data is None or model is None or "resolution_factor" not in model:
+        return []
+    data_f, model_f = data.get("resolution_factor", 1), model.get("resolution_factor")
+    return _check(model_f == data_f, "model.resolution_factor", model_f,
+                  f"must equal data.resolution_factor={data_f} (the data is pooled by it "
+                  "and the predictor pools by the model's: set data.resolution_factor, "
+                  "the model follows it)")
+
+
 #: Allowed values of the entry points' choice keys.
 CHOICES = {"split": ("train", "val", "test", "all"), "spacing_mismatch": ("resample", "refuse")}
 
@@ -354,7 +516,10 @@ def value_errors(cfg: Any) -> list[str]:
         errors += data_value_errors(cfg.data, model.get("divisible_by"))
     if cfg.get("evaluation") is not None:
         errors += evaluation_value_errors(cfg.evaluation)
-    return errors + training_value_errors(cfg)
+    for group in TARGET_CHECKED:
+        if cfg.get(group) is not None:
+            errors += unknown_key_errors(cfg._get_node(group), group)
+    return errors + training_value_errors(cfg) + resolution_errors(cfg)
 
 
 def check_values(cfg: Any) -> None:

@@ -18,6 +18,7 @@ from vmatdose.cli_hints import with_quoting_hint
 from vmatdose.config import CONFIG_DIR
 from vmatdose.errors import exit_on_input_error
 from vmatdose.evaluation.pipeline import data_source, run_evaluation
+from vmatdose.plot_style import use_file_backend
 from vmatdose.tracking.console import setup_console
 
 
@@ -25,6 +26,7 @@ from vmatdose.tracking.console import setup_console
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
 def main(cfg: DictConfig) -> None:
     setup_console()
+    use_file_backend()
     hydra_cfg = HydraConfig.get()
     with exit_on_input_error():
         _, summary = run_evaluation(cfg, hydra_cfg.runtime.output_dir,

@@ -11,20 +11,25 @@ fluence maps and a reference / prediction / deliverable evaluation per case (see
 
 from __future__ import annotations
 
+import functools
+
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from vmatdose.config import CONFIG_DIR
 from vmatdose.errors import exit_on_input_error
 from vmatdose.planning.run import run_planning
+from vmatdose.plot_style import use_file_backend
 from vmatdose.tracking.console import setup_console
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="plan")
 def main(cfg: DictConfig) -> None:
     setup_console()
+    use_file_backend()
     with exit_on_input_error():
-        run_planning(OmegaConf.to_container(cfg, resolve=True))
+        run_planning(OmegaConf.to_container(cfg, resolve=True),
+                     report=functools.partial(print, flush=True))
 
 
 if __name__ == "__main__":

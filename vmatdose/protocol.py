@@ -17,8 +17,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from vmatdose.config import CONFIG_DIR
+from vmatdose.errors import InputError
 
 REQUIRE_RULES = ("all", "any")
+#: The keys a protocol's ``beams`` may hold (read by :mod:`vmatdose.data.beams`):
+#: ``gantry_deg`` (a list) or ``n_beams`` equispaced from ``start_deg``, then ``couch_deg``,
+#: ``energy_mv``, ``delivery``.
+BEAM_KEYS = ("gantry_deg", "n_beams", "start_deg", "couch_deg", "energy_mv", "delivery")
+
+
+class ProtocolError(InputError):
+    """A protocol that cannot be used (the message names its file and the key)."""
 
 
 @dataclass(frozen=True)
@@ -54,7 +63,7 @@ class Protocol:
     beams: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        where = f"protocol {self.name!r}"
+        where = f"protocol {self.name!r} (conf/protocol/{self.name}.yaml)"
         if not self.prescriptions_gy:
             raise ValueError(f"{where}: no targets (prescriptions_gy is empty)")
         if self.required not in REQUIRE_RULES:
@@ -70,6 +79,9 @@ class Protocol:
         stray += sorted({str(c["structure"]) for c in self.constraints} - names)
         if stray:
             raise ValueError(f"{where}: lr_pairs/constraints name unknown structures {stray}")
+        problem = beams_problem(self.beams)
+        if problem:
+            raise ProtocolError(f"{where}: beams: {problem}")
 
     @property
     def targets(self) -> tuple[str, ...]:
@@ -148,6 +160,34 @@ class Protocol:
         if name not in available:
             raise ValueError(f"unknown protocol {name!r}; available: {', '.join(available)}")
         return cls.from_dict(_protocol_node(name))
+
+
+def beams_problem(beams: Mapping) -> str:
+    """What is wrong with a protocol's ``beams`` mapping (empty: nothing; an empty
+    mapping is no default arrangement)."""
+    if not beams:
+        return ""
+    unknown = [str(k) for k in beams if k not in BEAM_KEYS]
+    if unknown:
+        return (f"unknown key {', '.join(map(repr, unknown))} (allowed: "
+                f"{', '.join(BEAM_KEYS)})")
+    if ("gantry_deg" in beams) == ("n_beams" in beams):
+        return "give either gantry_deg (a list of angles) or n_beams (equispaced), not both"
+    if "n_beams" in beams:
+        n = beams["n_beams"]
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            return f"n_beams={n!r} must be an integer >= 1"
+    elif not beams["gantry_deg"] or not all(_is_number(a) for a in beams["gantry_deg"]):
+        return f"gantry_deg={beams['gantry_deg']!r} must be a non-empty list of angles"
+    numbers = [k for k in ("start_deg", "couch_deg", "energy_mv")
+               if k in beams and not _is_number(beams[k])]
+    if numbers:
+        return f"{numbers[0]}={beams[numbers[0]]!r} must be a number"
+    return ""
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _protocol_node(name: str):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
@@ -32,26 +33,28 @@ def evaluate_best(cfg: DictConfig, trainer: L.Trainer, output_dir: Path) -> dict
         return None
     evaluation = OmegaConf.to_container(cfg.evaluation) if cfg.get("evaluation") else None
     table, summary = evaluate_checkpoint(ckpt, output_dir / "eval", evaluation=evaluation,
-                                         accelerator=cfg.trainer.get("accelerator", "auto"),
-                                         spacing_mismatch=cfg.get("spacing_mismatch", "resample"))
+                                         accelerator=cfg.trainer.accelerator,
+                                         spacing_mismatch=cfg.spacing_mismatch)
     log_evaluation(trainer.loggers, table, summary, output_dir / "eval")
     return summary
 
 
-def run_training(cfg: DictConfig, overrides: list[str] | None = None) -> float | None:
+def run_training(cfg: DictConfig, overrides: list[str] | None = None,
+                 report: Callable[[str], None] = log.info) -> float | None:
     """Fit (the run record is written once every case file passed its checks), evaluate;
-    return the optimised metric (for sweepers)."""
+    return the optimised metric (for sweepers). ``report`` gets the one-line summary of
+    the evaluation (the entry point prints it)."""
     start = time.perf_counter()
     output_dir = Path(cfg.paths.output_dir)
     trainer, _ = fit(cfg, output_dir, overrides)
     metric = optimized_metric(trainer, cfg.get("optimized_metric"))
     if not trainer.is_global_zero:
         return metric
-    if cfg.get("evaluate_after_training", True):
+    if cfg.evaluate_after_training:
         summary = evaluate_best(cfg, trainer, output_dir)
         if summary is not None:
             primary = Protocol.from_dict(cfg.protocol).targets[0]
             means = {k: v["mean"] for k, v in summary["metrics"].items()}
-            print(summary_line(cfg.task_name, means, primary, time.perf_counter() - start))
+            report(summary_line(cfg.task_name, means, primary, time.perf_counter() - start))
     finish_loggers(trainer.loggers)
     return metric

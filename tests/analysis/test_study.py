@@ -129,7 +129,7 @@ def test_default_metrics_name_the_protocols_first_target(tmp_path):
 
 
 def test_unevaluated_runs_are_left_out_and_run_level_scores_and_steps_reported(
-        study, tmp_path, capsys):
+        study, tmp_path, caplog):
     runs, _ = study
     for run, (dose, dvh, steps) in zip(runs[:2], [(3.0, 2.0, 300), (4.0, 3.0, 340)]):
         (run / "eval" / "summary.json").write_text(json.dumps(
@@ -143,7 +143,7 @@ def test_unevaluated_runs_are_left_out_and_run_level_scores_and_steps_reported(
     (stopped / "run_record.json").write_text(json.dumps({"overrides": ["seed=9"], "seed": 9}))
     paths = write_study_statistics([*runs, stopped], "experiment=baseline",
                                    output_dir=tmp_path / "out")
-    assert f"left out of the study: {stopped}" in capsys.readouterr().out
+    assert f"left out of the study: {stopped}" in caplog.text
     levels = pd.read_csv(tmp_path / "out" / "study_runs.csv").set_index("recipe")
     base = levels.loc["experiment=baseline"]
     assert base.n_seeds == 2 and base.openkbp_dose_score_gy_mean == 3.5

@@ -92,3 +92,19 @@ def test_a_checkpoint_whose_cases_are_gone_names_the_missing_file(trained_run, t
     test_id = raw["vmatdose"]["split"]["test"][0]
     with pytest.raises(CaseSetError, match=f"{tmp_path / 'moved' / test_id}.npz: no such case"):
         evaluate_checkpoint(moved, tmp_path / "eval", accelerator="cpu")
+
+
+def test_the_debug_evaluation_scores_two_cases_without_gamma(trained_run, tmp_path):
+    root, _, ckpt = trained_run
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("eval", overrides=[
+            f"paths.root_dir={tmp_path}", f"ckpt_path={ckpt}", "split=all", "evaluation=debug",
+            f"data.cases_dir={root / 'data' / 'phantom_smoke'}", "accelerator=cpu"])
+        limit = compose("train", overrides=["data=openkbp", "debug=limit"])
+    table, summary = run_evaluation(cfg, tmp_path / "eval", "config")
+    assert summary["n_cases"] == len(table) == 2  # of the 4 phantom_smoke cases
+    assert list(table.case_id) == ["phantom_000", "phantom_001"]
+    assert table.mae_body_gy.notna().all()
+    assert not [c for c in table.columns if c.startswith("gamma")]
+    assert not list((tmp_path / "eval").rglob("*.png"))
+    assert limit.evaluation.max_cases == 2 and list(limit.evaluation.gamma) == []

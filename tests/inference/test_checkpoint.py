@@ -39,7 +39,8 @@ def test_training_stores_the_contract_once_and_it_loads_weights_only(trained_run
     spec = dict(contract.inputs).pop("spec")
     assert {k: v for k, v in contract.inputs.items() if k != "spec"} == {
         "ct_window": [-1000.0, 1500.0], "signed_distance": False, "sdf_scale_mm": 50.0,
-        "dose_scale_gy": 70.0, "prior_dose": None, "conditioning": None}
+        "dose_scale_gy": 70.0, "prior_dose": None, "conditioning": None,
+        "resolution_factor": 1}
     assert spec == InputSpec.build(protocol.structures, lr_pairs=protocol.lr_pairs).to_dict()
     # debug=smoke phantoms are 4 x 8 x 12 mm; the spacing is the training cases' median.
     assert contract.spacing["median_mm"] == [4.0, 8.0, 12.0]
@@ -160,3 +161,57 @@ def test_spacing_record_is_a_median_and_range():
     assert not spacing.contains([2.5, 3.37, 4.0])    # 3.37 < 3.75 * 0.9
     assert SpacingRange.from_dict(spacing.to_dict()) == spacing
     np.testing.assert_equal(SpacingRange.of([[4, 8, 12]]).describe(), "4x8x12 mm")
+
+
+def test_an_extra_weight_is_refused_in_one_line_naming_it(trained_run):
+    _, _, ckpt = trained_run
+    checkpoint = read_checkpoint(ckpt)
+    state = {**checkpoint.state_dict, "net.extra_head.weight": torch.zeros(3)}
+    with pytest.raises(CheckpointError) as err:
+        type(checkpoint)(checkpoint.path, checkpoint.contract, state).build_module()
+    message = str(err.value)
+    assert "\n" not in message
+    assert message == (f"{ckpt}: the weights do not fit the model rebuilt from its config: "
+                       "unexpected 1: net.extra_head.weight")
+
+
+def test_a_weight_of_the_wrong_shape_is_refused_in_one_line_naming_it(trained_run):
+    _, _, ckpt = trained_run
+    checkpoint = read_checkpoint(ckpt)
+    name = next(k for k, v in checkpoint.state_dict.items() if v.ndim == 5)
+    state = dict(checkpoint.state_dict)
+    shape = tuple(state[name].shape)
+    state[name] = torch.zeros(shape[0] + 1, *shape[1:])
+    with pytest.raises(CheckpointError) as err:
+        type(checkpoint)(checkpoint.path, checkpoint.contract, state).build_module()
+    message = str(err.value)
+    assert "\n" not in message
+    assert message.endswith(f"wrong shape 1: {name} {(shape[0] + 1, *shape[1:])} "
+                            f"instead of {shape}")
+
+
+def test_missing_weights_are_counted_and_the_first_named(trained_run):
+    _, _, ckpt = trained_run
+    checkpoint = read_checkpoint(ckpt)
+    names = list(checkpoint.state_dict)
+    state = {k: v for k, v in checkpoint.state_dict.items() if k not in names[:5]}
+    with pytest.raises(CheckpointError) as err:
+        type(checkpoint)(checkpoint.path, checkpoint.contract, state).build_module()
+    assert str(err.value).endswith(f"missing 5: {', '.join(names[:3])} and 2 more")
+
+
+def test_the_checkpoint_records_the_datas_grid_and_an_older_one_predicts_on_it(
+        trained_run, caplog):
+    _, _, ckpt = trained_run
+    checkpoint = read_checkpoint(ckpt)
+    assert checkpoint.contract.inputs["resolution_factor"] == 1
+    assert checkpoint.build_module().inference.resolution_factor == 1
+    # A checkpoint from before the model followed the data: data pooled by 2, model at 1.
+    raw = checkpoint.contract.to_dict()
+    del raw["inputs"]["resolution_factor"]
+    raw["config"]["data"]["resolution_factor"] = 2
+    raw["config"]["model"]["resolution_factor"] = 1
+    older = type(checkpoint)(ckpt, type(checkpoint.contract).from_dict(raw),
+                             checkpoint.state_dict)
+    assert older.build_module().inference.resolution_factor == 2
+    assert "trained on volumes pooled by 2 (data.resolution_factor)" in caplog.text

@@ -29,6 +29,7 @@ Runs without an evaluation (stopped or failed mid-sweep) are listed and left out
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -41,6 +42,8 @@ from scipy import stats
 from vmatdose.errors import InputError
 from vmatdose.metrics.registry import heading, is_experimental, study_metrics
 from vmatdose.plot_style import OKABE_ITO, plt, save_figure
+
+log = logging.getLogger(__name__)
 
 BOOTSTRAP_RESAMPLES = 10_000
 BOOTSTRAP_SEED = 0
@@ -353,8 +356,8 @@ def write_study_statistics(run_dirs: Sequence[str | Path], baseline: str = "expe
     ``output_dir``; return the paths."""
     runs, unevaluated = load_study_runs(run_dirs)
     for folder in unevaluated:
-        print(f"left out of the study: {folder}: no eval/per_case.csv (not evaluated: "
-              "stopped or failed)")
+        log.warning("left out of the study: %s: no eval/per_case.csv (not evaluated: "
+                    "stopped or failed)", folder)
     if len(runs) < 2:
         raise InputError(f"a study needs at least two evaluated runs; found {len(runs)} "
                          f"among {len(runs) + len(unevaluated)} run folders")

@@ -13,7 +13,7 @@ import torch
 from monai.data import CacheDataset, DataLoader, Dataset
 from monai.transforms import Compose
 
-from vmatdose.config_schema import CT_WINDOW_HU, SDF_SCALE_MM
+from vmatdose.config_schema import CT_WINDOW_HU, SDF_SCALE_MM, DataConfig, SplitConfig
 from vmatdose.data.case import list_case_files
 from vmatdose.data.conditioning import conditioning_spec
 from vmatdose.data.pipeline import (
@@ -78,30 +78,32 @@ first; any other folder without case files is an error naming it.
         split: Mapping | None = None,
         split_output: str | None = None,
         patch_size: Sequence[int] | None = None,
-        batch_size: int = 2,
-        num_workers: int = 0,
-        signed_distance: bool = False,
+        batch_size: int = DataConfig.batch_size,
+        num_workers: int = DataConfig.num_workers,
+        signed_distance: bool = DataConfig.signed_distance,
         sdf_scale_mm: float = SDF_SCALE_MM,
         ct_window: Sequence[float] = CT_WINDOW_HU,
         lr_pairs: Sequence[Sequence[str]] = (),
         augment: Mapping | None = None,
-        cache: bool = True,
-        cache_budget_gb: float | None = None,
-        divisible_by: int = 16,
+        cache: bool = DataConfig.cache,
+        cache_budget_gb: float | None = DataConfig.cache_budget_gb,
+        divisible_by: int = DataConfig.divisible_by,
         max_cases: int | None = None,
         prior_dose: Mapping | None = None,
-        resolution_factor: int = 1,
-        patch_sampling: str = "uniform",
-        dose_patch_fraction: float = 0.8,
-        compact: bool = False,
-        device_cache: bool = False,
-        cache_workers: int = 1,
-        conditioning: str = "none",
+        resolution_factor: int = DataConfig.resolution_factor,
+        patch_sampling: str = DataConfig.patch_sampling,
+        dose_patch_fraction: float = DataConfig.dose_patch_fraction,
+        compact: bool = DataConfig.compact,
+        device_cache: bool = DataConfig.device_cache,
+        cache_workers: int = DataConfig.cache_workers,
+        conditioning: str = DataConfig.conditioning,
         constraints: Sequence[Mapping] = (),
         beams: Mapping | None = None,
     ):
         """The arguments are the data config's keys (:class:`vmatdose.config_schema.DataConfig`
-        lists them; there is no catch-all, so an unknown key is an error).
+        lists them and holds their defaults, which these take; ``None`` or empty: the
+        schema's ``split`` and ``augment``, no prior, beams or constraints; there is no
+        catch-all, so an unknown key is an error).
 
         ``constraints``: the protocol's clinical constraints ``{structure, metric, op,
         limit}`` (the conditioning vector's limits); ``beams``: the protocol's beam
@@ -127,7 +129,7 @@ first; any other folder without case files is an error naming it.
         self.prescriptions_gy = dict(prescriptions_gy)
         self.dose_scale_gy = float(dose_scale_gy)
         self.generator = generator
-        self.split_cfg = dict(split or {})
+        self.split_cfg = SplitConfig(**dict(split or {}))
         self.split_output = split_output
         self.max_cases = max_cases
         self.batch_size, self.num_workers = batch_size, num_workers
@@ -200,12 +202,11 @@ first; any other folder without case files is an error naming it.
         if self.split is not None:
             return self.split
         ids = list(self.case_paths())
-        if self.split_cfg.get("file"):
-            self.split = read_split(self.split_cfg["file"], ids)
+        if self.split_cfg.file:
+            self.split = read_split(self.split_cfg.file, ids)
         else:
-            self.split = make_split(ids, self.split_cfg.get("val_fraction", 0.125),
-                                    self.split_cfg.get("test_fraction", 0.125),
-                                    self.split_cfg.get("seed", 0))
+            self.split = make_split(ids, self.split_cfg.val_fraction,
+                                    self.split_cfg.test_fraction, self.split_cfg.seed)
         if self.split_output:
             Path(self.split_output).parent.mkdir(parents=True, exist_ok=True)
             Path(self.split_output).write_text(json.dumps(self.split, indent=2))

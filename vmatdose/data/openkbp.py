@@ -14,6 +14,7 @@ import logging
 import re
 from pathlib import Path
 
+from vmatdose.config_schema import OpenKBPDataConfig
 from vmatdose.data.case import list_case_files
 from vmatdose.data.datamodule import DoseDataModule
 from vmatdose.data.ingest.openkbp import SPLIT_FILE, default_source, import_openkbp_dataset
@@ -52,8 +53,9 @@ class OpenKBPDataModule(DoseDataModule):
             challenge's split).
     """
 
-    def __init__(self, source_dir: str | None = None, data_dir: str = "data",
-                 cases_dir: str | None = None, import_workers: int = 2, **kwargs):
+    def __init__(self, *, data_dir: str, source_dir: str | None = None,
+                 cases_dir: str | None = None,
+                 import_workers: int = OpenKBPDataConfig.import_workers, **kwargs):
         self.source_dir = Path(source_dir) if source_dir else default_source()
         cases = openkbp_cases_dir(self.source_dir, data_dir, cases_dir)
         self.unpack_dir = Path(data_dir) / "openkbp" / "source"
@@ -92,7 +94,7 @@ class OpenKBPDataModule(DoseDataModule):
     def ensure_split(self) -> dict[str, list[str]]:
         """The challenge's split (``openkbp_split.json`` written at import) unless
         ``split.file`` names another one."""
-        if self.split is not None or self.split_cfg.get("file"):
+        if self.split is not None or self.split_cfg.file:
             return super().ensure_split()
         path = self.cases_dir / SPLIT_FILE
         if not path.is_file():

@@ -12,6 +12,7 @@ import json
 from collections.abc import Mapping
 from pathlib import Path
 
+from vmatdose.config_schema import SplitConfig
 from vmatdose.data.case import list_case_files
 from vmatdose.data.datamodule import make_split, read_split
 from vmatdose.errors import InputError
@@ -55,8 +56,8 @@ def split_case_paths(data_cfg: Mapping, split: str, split_file: str | None = Non
 
 def _split_ids(data_cfg: Mapping, cases_dir: Path, known: list[str],
                split_file: str | None) -> dict[str, list[str]]:
-    split_cfg = dict(data_cfg.get("split") or {})
-    chosen = split_file or split_cfg.get("file")
+    split_cfg = SplitConfig(**dict(data_cfg.get("split") or {}))
+    chosen = split_file or split_cfg.file
     try:
         if chosen:
             return read_split(chosen, known)
@@ -66,5 +67,4 @@ def _split_ids(data_cfg: Mapping, cases_dir: Path, known: list[str],
             return {k: [i for i in ids.get(k, []) if i in known] for k in ("train", "val", "test")}
     except (ValueError, OSError) as err:
         raise InputError(str(err)) from err
-    return make_split(known, split_cfg.get("val_fraction", 0.125),
-                      split_cfg.get("test_fraction", 0.125), split_cfg.get("seed", 0))
+    return make_split(known, split_cfg.val_fraction, split_cfg.test_fraction, split_cfg.seed)

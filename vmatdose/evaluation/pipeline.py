@@ -42,6 +42,16 @@ def evaluate_pairs(pairs: Iterable[tuple], protocol: Protocol, evaluation: Mappi
     return run_suite(pairs, settings, output_dir, baseline, total)
 
 
+def first_cases(paths: Sequence[Path], evaluation: Mapping | None) -> list[Path]:
+    """The first ``evaluation["max_cases"]`` of ``paths`` (every one when it is unset)."""
+    limit = (evaluation or {}).get("max_cases")
+    if limit is None or limit >= len(paths):
+        return list(paths)
+    log.info("evaluating the first %d of the %d cases (evaluation.max_cases)", limit,
+             len(paths))
+    return list(paths)[:limit]
+
+
 def fit_baseline(structures: Sequence[str], train_paths: Sequence[Path]
                  ) -> StructureMeanBaseline | None:
     """The mean-dose-per-structure baseline of the training cases (``None`` without any)."""
@@ -62,6 +72,7 @@ def evaluate_checkpoint(ckpt_path: str | Path, output_dir: str | Path, *, split:
         paths, train = _checkpoint_split(contract, split, split_file)
     else:
         paths, train = _config_split(data_cfg, split, split_file)
+    paths = first_cases(paths, evaluation)
     predictor.check(paths)  # before the baseline reads the training cases
     baseline = fit_baseline(contract.structures, train) if split != "all" else None
     pairs = ((p.case, p.dose_gy, p.std_gy) for p in predictor.predict_all(paths))
@@ -101,6 +112,7 @@ def evaluate_prediction_folder(predictions_dir: str | Path, data_cfg: DictConfig
     """Evaluate ``<predictions_dir>/<case_id>.npz`` against ``split`` of ``data_cfg``'s
     case files (each checked against ``protocol`` first)."""
     paths, train = _config_split(data_cfg, split, split_file)
+    paths = first_cases(paths, evaluation)
     check_cases(paths, protocol, list(data_cfg.structures))
     missing = [p.stem for p in paths if not prediction_path(predictions_dir, p.stem).is_file()]
     if missing:  # before any case is scored or drawn

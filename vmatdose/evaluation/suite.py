@@ -52,6 +52,8 @@ class EvaluationSettings:
         figures: draw figures and the HTML report.
         figure_cases: how many cases get slice, DVH and gamma figures.
         dpi: PNG resolution.
+        max_cases: only the first this many cases of the split are evaluated (the
+            pipeline leaves the rest unread); ``None``: every case.
     """
 
     targets: Sequence[str]
@@ -64,6 +66,7 @@ class EvaluationSettings:
     figures: bool = EvaluationConfig.figures
     figure_cases: int = EvaluationConfig.figure_cases
     dpi: int = EvaluationConfig.dpi
+    max_cases: int | None = EvaluationConfig.max_cases
 
     @classmethod
     def from_config(cls, targets: Sequence[str], constraints: Sequence[Mapping] | None,

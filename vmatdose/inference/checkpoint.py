@@ -12,6 +12,7 @@ that opens a checkpoint file.
 from __future__ import annotations
 
 import json
+import logging
 import zipfile
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -25,6 +26,8 @@ from vmatdose.data.input_spec import InputSpec
 from vmatdose.data.validation import SpacingRange
 from vmatdose.errors import InputError
 from vmatdose.protocol import Protocol
+
+log = logging.getLogger(__name__)
 
 #: The checkpoint key holding the contract.
 CHECKPOINT_KEY = "vmatdose"
@@ -50,7 +53,8 @@ class CheckpointContract:
         protocol: :meth:`vmatdose.protocol.Protocol.to_dict` of the training protocol.
         structures: mask channel order of the network input.
         inputs: input transform settings: ``ct_window`` (HU, HU), ``signed_distance``,
-            ``sdf_scale_mm``, ``dose_scale_gy`` (the network's dose unit, Gy), and
+            ``sdf_scale_mm``, ``dose_scale_gy`` (the network's dose unit, Gy),
+            ``resolution_factor`` (the data's pooling, the grid the network learnt), and
             ``spec``: the :class:`~vmatdose.data.input_spec.InputSpec` (channel layout).
         spacing: :meth:`SpacingRange.to_dict` of the training cases' voxel spacings.
         cases_dir: absolute path of the folder of case files it was trained on.
@@ -137,10 +141,11 @@ def training_contract(cfg: Mapping, spacing: SpacingRange, cases_dir: str | Path
         structures=[str(s) for s in data["structures"]],
         inputs={"ct_window": [float(v) for v in data["ct_window"]],
                 "signed_distance": bool(data["signed_distance"]),
-                "sdf_scale_mm": float(data.get("sdf_scale_mm", 50.0)),
+                "sdf_scale_mm": float(data["sdf_scale_mm"]),
                 "dose_scale_gy": float(data["dose_scale_gy"]),
                 "prior_dose": data.get("prior_dose"),
                 "conditioning": conditioning,
+                "resolution_factor": int(data.get("resolution_factor", 1)),
                 "spec": InputSpec.from_data_config(data, conditioning,
                                                    protocol.lr_pairs).to_dict()},
         spacing=spacing.to_dict(),
@@ -166,7 +171,8 @@ class Checkpoint:
         if not isinstance(model_cfg, Mapping):
             raise CheckpointError(f"{self.path}: the contract's config has no model section")
         # Inference needs no optimizer or scheduler: their configs are dropped unread.
-        model_cfg = {**model_cfg, "loss": None, "optimizer": None, "scheduler": None}
+        model_cfg = {**model_cfg, "loss": None, "optimizer": None, "scheduler": None,
+                     **self._learnt_grid(model_cfg)}
         _check_targets(model_cfg, self.path)
         try:
             module = hydra.utils.instantiate(OmegaConf.create(model_cfg))
@@ -175,12 +181,46 @@ class Checkpoint:
                                   f"checkpoint's config ({str(err).splitlines()[0]})") from err
         # Loss modules with parameters (a discriminator) are not needed for inference.
         state = {k: v for k, v in self.state_dict.items() if not k.startswith("loss.")}
-        missing, _ = module.load_state_dict(state, strict=False)
-        if missing:
-            raise CheckpointError(f"{self.path}: weights missing for {len(missing)} "
-                                  f"parameters of the rebuilt model (first: {missing[0]})")
+        problem = weights_mismatch(module.state_dict(), state)
+        if problem:
+            raise CheckpointError(f"{self.path}: the weights do not fit the model rebuilt "
+                                  f"from its config: {problem}")
+        module.load_state_dict(state, strict=True)
         module.contract = self.contract.to_dict()
         return module.eval().to(device)
+
+    def _learnt_grid(self, model_cfg: Mapping) -> dict:
+        """``{"resolution_factor": f}`` with the data's factor f when the model config
+        says otherwise (a checkpoint trained before the model followed the data: the
+        network learnt on volumes pooled by f, so inference pools by f)."""
+        data = self.contract.config.get("data") or {}
+        data_f = int(self.contract.inputs.get("resolution_factor",
+                                              data.get("resolution_factor", 1)))
+        model_f = int(model_cfg.get("resolution_factor", 1))
+        if model_f == data_f:
+            return {}
+        log.warning("%s: trained on volumes pooled by %d (data.resolution_factor) but its "
+                    "model.resolution_factor is %d; predicting on the training grid (%d)",
+                    self.path, data_f, model_f, data_f)
+        return {"resolution_factor": data_f}
+
+
+def weights_mismatch(expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor],
+                     shown: int = 3) -> str:
+    """What keeps ``given`` weights from loading strictly into a module whose state dict is
+    ``expected``, in one line (missing, unexpected and wrong-shape keys, the first
+    ``shown`` of each named); empty when they fit."""
+    missing = [k for k in expected if k not in given]
+    unexpected = [k for k in given if k not in expected]
+    wrong = [f"{k} {tuple(given[k].shape)} instead of {tuple(expected[k].shape)}"
+             for k in expected if k in given and given[k].shape != expected[k].shape]
+    parts = []
+    for label, keys in (("missing", missing), ("unexpected", unexpected),
+                        ("wrong shape", wrong)):
+        if keys:
+            more = f" and {len(keys) - shown} more" if len(keys) > shown else ""
+            parts.append(f"{label} {len(keys)}: {', '.join(keys[:shown])}{more}")
+    return "; ".join(parts)
 
 
 def _check_targets(cfg: Any, path: Path) -> None:

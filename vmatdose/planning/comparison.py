@@ -16,20 +16,17 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping, Sequence
 
-import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.lines import Line2D
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.lines import Line2D  # noqa: E402
-
-from vmatdose.data.case import Case  # noqa: E402
-from vmatdose.evaluation.constraints import Constraint  # noqa: E402
-from vmatdose.evaluation.figures import structure_colours  # noqa: E402
-from vmatdose.evaluation.openkbp_scores import dose_score, dvh_entries, dvh_errors  # noqa: E402
-from vmatdose.metrics.dvh import cumulative_dvh  # noqa: E402
-from vmatdose.metrics.gamma import gamma_index, pass_rate_from_gamma  # noqa: E402
-from vmatdose.plot_style import FONT  # noqa: E402
+from vmatdose.data.case import Case
+from vmatdose.evaluation.constraints import Constraint
+from vmatdose.evaluation.figures import structure_colours
+from vmatdose.evaluation.openkbp_scores import dose_score, dvh_entries, dvh_errors
+from vmatdose.metrics.dvh import cumulative_dvh
+from vmatdose.metrics.gamma import gamma_index, pass_rate_from_gamma
+from vmatdose.plot_style import FONT
 
 DOSES = ("reference", "prediction", "deliverable")
 _STYLES = {"reference": "-", "prediction": "--", "deliverable": ":"}

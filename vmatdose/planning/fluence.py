@@ -6,15 +6,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from vmatdose.data.atomic import atomic_path  # noqa: E402
-from vmatdose.data.case import write_npz  # noqa: E402
-from vmatdose.planning.optimise import BeamFluence  # noqa: E402
+from vmatdose.data.atomic import atomic_path
+from vmatdose.data.case import write_npz
+from vmatdose.planning.optimise import BeamFluence
 
 
 def fluence_map(beam: BeamFluence, bixel_width_mm: float

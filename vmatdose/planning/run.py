@@ -14,15 +14,17 @@ Writes into ``output_dir``:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from vmatdose.config_schema import PlanGammaConfig
 from vmatdose.data.case import Case, list_case_files, load_case
 from vmatdose.errors import InputError
 from vmatdose.evaluation.constraints import Constraint, parse_constraints
@@ -45,7 +47,7 @@ from vmatdose.protocol import Protocol
 
 log = logging.getLogger(__name__)
 
-DEFAULT_GAMMA = {"dose_percent": 3.0, "distance_mm": 3.0, "cutoff_percent": 10.0}
+DEFAULT_GAMMA = dataclasses.asdict(PlanGammaConfig())
 
 
 def _folders(cfg: Mapping) -> tuple[Path, Path | None, Path]:
@@ -74,8 +76,9 @@ def _predict_first(cfg: Mapping, output_dir: Path) -> Path:
     return folder
 
 
-def run_planning(cfg: Mapping) -> pd.DataFrame:
-    """Plan every case of ``cfg.cases_dir`` from its prediction; return the summary table.
+def run_planning(cfg: Mapping, report: Callable[[str], None] = log.info) -> pd.DataFrame:
+    """Plan every case of ``cfg.cases_dir`` from its prediction; return the summary table
+    (``report`` gets one line per planned case; the entry point prints them).
 
     Keys: ``cases_dir``, ``output_dir``, ``predictions_dir`` or ``ckpt_path``, ``protocol``
     (a protocol config), ``planning`` (:class:`PlanSettings`), ``gamma``
@@ -103,7 +106,7 @@ def run_planning(cfg: Mapping) -> pd.DataFrame:
         rows.append(row)
         criteria += case_criteria
         points += case_points
-        print(_case_line(row), flush=True)
+        report(_case_line(row))
     table = pd.DataFrame(rows)
     output_dir.mkdir(parents=True, exist_ok=True)
     table.to_csv(output_dir / "plan_summary.csv", index=False)

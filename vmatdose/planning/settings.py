@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 
+from vmatdose.config_schema import PlanningConfig
 from vmatdose.errors import InputError
 
 
@@ -31,17 +32,18 @@ class PlanSettings:
         progress: show progress bars (the engine's per-beam bars and the case loop).
     """
 
-    dose_grid_mm: float | None = 5.0
-    bixel_width_mm: float = 5.0
-    sparsity_cutoff: float = 0.01
-    lateral_cutoff_mm: float = 50.0
-    max_iter: int = 300
-    target_weight: float = 100.0
-    oar_weight: float = 10.0
-    body_weight: float = 1.0
-    constraint_weight: float = 100.0
-    memory_limit_gb: float = 16.0
-    progress: bool = True
+    # The defaults are the config schema's (written once, there).
+    dose_grid_mm: float | None = PlanningConfig.dose_grid_mm
+    bixel_width_mm: float = PlanningConfig.bixel_width_mm
+    sparsity_cutoff: float = PlanningConfig.sparsity_cutoff
+    lateral_cutoff_mm: float = PlanningConfig.lateral_cutoff_mm
+    max_iter: int = PlanningConfig.max_iter
+    target_weight: float = PlanningConfig.target_weight
+    oar_weight: float = PlanningConfig.oar_weight
+    body_weight: float = PlanningConfig.body_weight
+    constraint_weight: float = PlanningConfig.constraint_weight
+    memory_limit_gb: float = PlanningConfig.memory_limit_gb
+    progress: bool = PlanningConfig.progress
 
     def __post_init__(self) -> None:
         positive = {"bixel_width_mm": self.bixel_width_mm,

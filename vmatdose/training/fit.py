@@ -44,12 +44,12 @@ def best_checkpoint(trainer: L.Trainer) -> str | None:
 def checked_datamodule(cfg: DictConfig) -> tuple[L.LightningDataModule, dict]:
     """The data module of ``cfg.data`` with every case file of every split checked
     against the protocol (before any model is built), and the checkpoint contract."""
+    protocol = Protocol.from_dict(cfg.protocol)  # a bad protocol: refused before any work
     datamodule = hydra.utils.instantiate(cfg.data)
     datamodule.prepare_data()
     paths = {name: datamodule.paths_of(name) for name in SPLITS}
-    spacing = check_training_cases(paths, Protocol.from_dict(cfg.protocol),
-                                   datamodule.structures,
-                                   cfg.get("spacing_mismatch", "resample"))
+    spacing = check_training_cases(paths, protocol, datamodule.structures,
+                                   cfg.spacing_mismatch)
     contract = training_contract(cfg, spacing, datamodule.cases_dir, datamodule.ensure_split())
     return datamodule, contract.to_dict()
 
