@@ -23,11 +23,11 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.tag import Tag
 from pydicom.uid import RTDoseStorage, RTPlanStorage, generate_uid
-from scipy import ndimage
 
 from vmatdose.data.beams import BeamArrangement
 from vmatdose.data.case import Case
 from vmatdose.data.ingest.dicom import body_from_ct
+from vmatdose.data.resample import Grid, resample_volume
 
 from dicom_builders import (
     ORIENTATIONS,
@@ -69,24 +69,19 @@ def clinical_grid(case: Case, inplane_mm: float = 1.2, slice_mm: float | None = 
     return GridSpec(tuple(int(n) for n in shape), tuple(spacing), tuple(origin))
 
 
-def resample(volume: np.ndarray, origin_mm, spacing_mm, grid: GridSpec, order: int = 1
-             ) -> np.ndarray:
-    """``volume`` (Z, Y, X on ``origin_mm``/``spacing_mm``) sampled at ``grid``'s voxel
-    centres (spline ``order``; 0 outside the volume)."""
-    index = [(axis - o) / s for axis, o, s in zip(grid.axes(), origin_mm, spacing_mm)]
-    coords = np.meshgrid(*index, indexing="ij", sparse=True)
-    full = np.broadcast_arrays(*coords)
-    return ndimage.map_coordinates(volume.astype(np.float32), full, order=order,
-                                   mode="constant", cval=0.0)
+def resample(volume: np.ndarray, origin_mm, spacing_mm, grid: GridSpec) -> np.ndarray:
+    """``volume`` (Z, Y, X on ``origin_mm``/``spacing_mm``) sampled linearly at ``grid``'s
+    voxel centres (clamped at the outermost source voxel centres)."""
+    source = Grid(tuple(volume.shape), tuple(spacing_mm), tuple(origin_mm))
+    return resample_volume(volume, source, Grid(grid.shape, grid.spacing, grid.origin))
 
 
 def dose_grid_over(grid: GridSpec, spacing_mm: float = 2.5) -> GridSpec:
-    """A ``spacing_mm`` grid over ``grid``'s extent, offset by a third of a voxel."""
+    """A ``spacing_mm`` grid covering all of ``grid``'s voxel centres, its first voxel a
+    third of a voxel before the first CT voxel (the two grids never line up)."""
     extent = (np.asarray(grid.shape) - 1) * np.asarray(grid.spacing)
-    shape = np.floor(extent / spacing_mm).astype(int) + 1
-    origin = np.asarray(grid.origin) + (extent - (shape - 1) * spacing_mm) / 2 + \
-        spacing_mm / 3
-    shape = np.maximum(1, shape - 1)
+    shape = np.ceil(extent / spacing_mm + 1 / 3).astype(int) + 1
+    origin = np.asarray(grid.origin) - spacing_mm / 3
     return GridSpec(tuple(int(n) for n in shape), (spacing_mm,) * 3, tuple(origin))
 
 

@@ -10,6 +10,7 @@ pooling, TTA, upsampling, zeroing) is the module's
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,11 +19,14 @@ import numpy as np
 import torch
 from monai.transforms import Compose
 
+from vmatdose.data.body_region import body_mismatch
 from vmatdose.data.case import Case, load_case
 from vmatdose.data.pipeline import inference_transform
 from vmatdose.data.resample import Grid, resample_case, resample_volume
 from vmatdose.data.validation import SPACING_TOLERANCE, check_cases
 from vmatdose.inference.checkpoint import CheckpointContract, read_checkpoint
+
+log = logging.getLogger(__name__)
 
 #: What to do with a case whose spacing is off the training spacing by more than 10 %.
 SPACING_POLICIES = ("resample", "refuse")
@@ -120,8 +124,13 @@ class Predictor:
         (:func:`vmatdose.data.resample.resample_case`, in patient mm), so every input
         channel (the prior, SDFs) is computed on the grid the model was trained on; the
         dose comes back onto the case's grid (trilinear, in patient mm) and is zeroed
-        outside the case's own body there."""
+        outside the case's own body there. A case whose body is another kind of region
+        than the training cases' (:mod:`vmatdose.data.body_region`) is predicted with a
+        warning naming it."""
         case = load_case(path)
+        mismatch = body_mismatch(case.meta, self.contract.body)
+        if mismatch:
+            log.warning("%s: %s", Path(path).name, mismatch)
         work = self._on_training_grid(case)
         sample = self.transform({"path": str(path), "case": work})
         # zeroed once, on the case's own grid (zeros would bleed into the interpolation)

@@ -16,6 +16,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from vmatdose.data.body_region import body_kinds
 from vmatdose.data.datamodule import SPLITS
 from vmatdose.data.validation import check_training_cases
 from vmatdose.inference.checkpoint import training_contract
@@ -49,7 +50,9 @@ def checked_datamodule(cfg: DictConfig) -> tuple[L.LightningDataModule, dict]:
     spacing = check_training_cases(paths, Protocol.from_dict(cfg.protocol),
                                    datamodule.structures,
                                    cfg.get("spacing_mismatch", "resample"))
-    contract = training_contract(cfg, spacing, datamodule.cases_dir, datamodule.ensure_split())
+    body = body_kinds([p for name in SPLITS for p in paths[name]])
+    contract = training_contract(cfg, spacing, datamodule.cases_dir, datamodule.ensure_split(),
+                                 body)
     return datamodule, contract.to_dict()
 
 
