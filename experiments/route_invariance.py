@@ -30,7 +30,7 @@ from vmatdose.data.beams import BeamArrangement  # noqa: E402
 from vmatdose.data.case import Case, load_case, save_case  # noqa: E402
 from vmatdose.data.ingest.dicom import DicomIngestSettings, ingest_dicom_case  # noqa: E402
 from vmatdose.data.ingest.openkbp import SAMPLE, import_openkbp_patient  # noqa: E402
-from vmatdose.data.resample import Grid, resample_case, resample_volume  # noqa: E402
+from vmatdose.data.resample import Grid, resample_volume  # noqa: E402
 from vmatdose.inference import Predictor  # noqa: E402
 from vmatdose.inference.predictor import predict_image  # noqa: E402
 
@@ -56,7 +56,7 @@ def predict_before(predictor: Predictor, case: Case) -> np.ndarray:
 
 
 def predict_after(predictor: Predictor, case: Case) -> np.ndarray:
-    work = resample_case(case, predictor.spacing.median_mm)
+    work = predictor.on_training_grid(case)
     sample = predictor.transform({"path": "", "case": work})
     mean, _ = predict_image(predictor.module, sample["image"][None], sample["body"][None],
                             zero=False)
@@ -66,7 +66,7 @@ def predict_after(predictor: Predictor, case: Case) -> np.ndarray:
 
 def prior_gy(predictor: Predictor, case: Case) -> tuple[np.ndarray, Grid]:
     """The prior channel (Gy) the model sees and the grid it is on (the training grid)."""
-    work = resample_case(case, predictor.spacing.median_mm)
+    work = predictor.on_training_grid(case)
     image = predictor.transform({"path": "", "case": work})["image"]
     return np.asarray(image[-1]) * predictor.contract.dose_scale_gy, Grid.of(work)
 
@@ -115,8 +115,9 @@ def measure(predictor: Predictor, patient: str, work: Path) -> dict:
             row["isocentre_10mm_after"] = mean(on_a(predict_after(
                 predictor, shifted_isocentre(b, 10.0)) - predict_after(predictor, b), b))
         prior_b, grid_b = prior_gy(predictor, b)
+        prior_a, grid_a = prior_gy(predictor, a)
         row[f"prior_gy_{body}"] = mean(resample_volume(prior_b, grid_b, ga)
-                                       - prior_gy(predictor, a)[0])
+                                       - resample_volume(prior_a, grid_a, ga))
         row[f"before_{body}"] = mean(on_a(predict_before(predictor, b), b) - dose_a)
         row[f"after_{body}"] = mean(on_a(predict_after(predictor, b), b) - dose_a)
     return row

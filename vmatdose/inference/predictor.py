@@ -131,7 +131,7 @@ class Predictor:
         mismatch = body_mismatch(case.meta, self.contract.body)
         if mismatch:
             log.warning("%s: %s", Path(path).name, mismatch)
-        work = self._on_training_grid(case)
+        work = self.on_training_grid(case)
         sample = self.transform({"path": str(path), "case": work})
         # zeroed once, on the case's own grid (zeros would bleed into the interpolation)
         mean, std = predict_image(self.module, sample["image"][None], sample["body"][None],
@@ -144,7 +144,7 @@ class Predictor:
             std_gy = None if std_gy is None else self._back_on(case, work, std_gy)
         return Prediction(case, Path(path), dose, std_gy)
 
-    def _on_training_grid(self, case: Case) -> Case:
+    def on_training_grid(self, case: Case) -> Case:
         """``case`` itself within 10 % of the training spacing, else resampled to the
         training median spacing."""
         if self.spacing.contains(case.spacing_mm, SPACING_TOLERANCE):
