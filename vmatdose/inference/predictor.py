@@ -28,8 +28,10 @@ from vmatdose.inference.checkpoint import CheckpointContract, read_checkpoint
 
 log = logging.getLogger(__name__)
 
-#: What to do with a case whose spacing is off the training spacing by more than 10 %.
-SPACING_POLICIES = ("resample", "refuse")
+#: What to do with a case whose spacing is off the training spacing by more than 10 %;
+#: ``training_grid``: resample every case not at the training median spacing (a model
+#: trained on mixed spacings then predicts on one grid whatever the route).
+SPACING_POLICIES = ("resample", "refuse", "training_grid")
 
 
 @dataclass
@@ -76,7 +78,9 @@ class Predictor:
         contract: the checkpoint contract it was trained under.
         spacing_mismatch: ``resample`` (a case more than 10 % off the training spacing is
             resampled to the training median, predicted, and the dose resampled back onto
-            the case's grid) or ``refuse`` (such a case is an error).
+            the case's grid), ``refuse`` (such a case is an error) or ``training_grid``
+            (every case not at the training median spacing is resampled: the same patient
+            is predicted on the same grid whether it comes at 1.2 mm or at 5.4 mm).
     """
 
     def __init__(self, module: torch.nn.Module, contract: CheckpointContract,
@@ -145,9 +149,13 @@ class Predictor:
         return Prediction(case, Path(path), dose, std_gy)
 
     def on_training_grid(self, case: Case) -> Case:
-        """``case`` itself within 10 % of the training spacing, else resampled to the
-        training median spacing."""
-        if self.spacing.contains(case.spacing_mm, SPACING_TOLERANCE):
+        """``case`` itself within 10 % of the training spacing (``training_grid``: at the
+        training median spacing), else resampled to the training median spacing."""
+        median = np.asarray(self.spacing.median_mm, float)
+        if self.spacing_mismatch == "training_grid":
+            if np.allclose(case.spacing_mm, median, rtol=1e-3):
+                return case
+        elif self.spacing.contains(case.spacing_mm, SPACING_TOLERANCE):
             return case
         return resample_case(case, self.spacing.median_mm)
 
