@@ -8,7 +8,8 @@ and ingested back. Prints one JSON line per patient (experiments/route_invarianc
 Mean absolute differences (Gy) inside the possible-dose mask, on the OpenKBP grid:
 ``before``: the predictor as it was (input channels built on the 1.2 mm grid, then
 resized by index: masks nearest = floor, shifting them up to half a coarse voxel);
-``after``: the case resampled to the training spacing in patient mm first.
+``after``: the case resampled to the training spacing in patient mm first;
+``training_grid``: ``spacing_mismatch=training_grid`` (both routes on the median grid).
 """
 
 from __future__ import annotations
@@ -99,6 +100,8 @@ def measure(predictor: Predictor, patient: str, work: Path) -> dict:
     row: dict = {"patient": patient}
     dose_a = predict_after(predictor, a)
     row["pred_mean_gy"] = mean(dose_a)
+    one_grid = Predictor(predictor.module, predictor.contract, "training_grid")
+    dose_a_one_grid = predict_after(one_grid, a)
     for body in ("external", "possible_dose"):
         b = dicom_case(a, work / patient, body)
         gb = Grid.of(b)
@@ -120,6 +123,8 @@ def measure(predictor: Predictor, patient: str, work: Path) -> dict:
                                        - resample_volume(prior_a, grid_a, ga))
         row[f"before_{body}"] = mean(on_a(predict_before(predictor, b), b) - dose_a)
         row[f"after_{body}"] = mean(on_a(predict_after(predictor, b), b) - dose_a)
+        row[f"training_grid_{body}"] = mean(on_a(predict_after(one_grid, b), b)
+                                            - dose_a_one_grid)
     return row
 
 

@@ -8,8 +8,8 @@ on; the CT outline beyond it, shoulders or the skull, is left out). A DICOM case
 patient. The mask cannot be rebuilt from a DICOM case to predict (it has no dose grid),
 and the body enters the model's input through the prior channel (zero outside it, the
 beams traced through it), so the same model on the same patient gives another dose by the
-two routes (``experiments/route_invariance.md``: 1.1 Gy mean inside the mask on
-OpenKBP ``pt_1``). The checkpoint records the kinds it was trained on
+two routes (``experiments/route_invariance.md``: 0.1-1.1 Gy mean inside the mask on
+three OpenKBP patients). The checkpoint records the kinds it was trained on
 (:func:`body_kinds`), and the predictor says when a case's kind is not among them.
 """
 
@@ -46,5 +46,5 @@ def body_mismatch(case_meta: Mapping, trained_on: Iterable[str]) -> str | None:
         return None
     return (f"its body is the {kind} but the model was trained on cases whose body is the "
             f"{' / '.join(trained)}: the prior channel and the zeroing see another region, "
-            "so the dose differs from the training route's (about 1 Gy mean inside the "
+            "so the dose differs from the training route's (0.1-1.1 Gy mean inside the "
             "body on OpenKBP patients, experiments/route_invariance.md)")
