@@ -501,7 +501,8 @@ def resolution_errors(cfg: Any) -> list[str]:
 
 
 #: Allowed values of the entry points' choice keys.
-CHOICES = {"split": ("train", "val", "test", "all"), "spacing_mismatch": ("resample", "refuse")}
+CHOICES = {"split": ("train", "val", "test", "all"),
+           "spacing_mismatch": ("resample", "refuse", "training_grid")}
 
 
 def value_errors(cfg: Any) -> list[str]:

@@ -73,3 +73,20 @@ def test_spacing_within_ten_percent_is_predicted_as_is(phantom, tmp_path):
     original = write(case, tmp_path)
     np.testing.assert_array_equal(predictor.predict(near).dose_gy,
                                   predictor.predict(original).dose_gy)
+
+
+def test_training_grid_policy_resamples_every_case_off_the_median(phantom, tmp_path):
+    """``training_grid`` puts a case within 10 % of the training spacing on the training
+    grid too (``resample`` predicts it as is), so a patient is predicted on one grid
+    whatever spacing it comes at."""
+    ckpt, case = phantom
+    near = with_spacing(case, [4.3, 7.4, 13.0], "near")
+    as_is = Predictor.from_checkpoint(ckpt, "cpu")
+    assert as_is.on_training_grid(near) is near
+    one_grid = Predictor(as_is.module, as_is.contract, spacing_mismatch="training_grid")
+    moved = one_grid.on_training_grid(near)
+    np.testing.assert_allclose(moved.spacing_mm, as_is.spacing.median_mm)
+    assert one_grid.on_training_grid(case) is case
+    path = write(near, tmp_path)
+    assert one_grid.predict(path).dose_gy.shape == near.shape
+    assert not np.array_equal(one_grid.predict(path).dose_gy, as_is.predict(path).dose_gy)

@@ -229,7 +229,8 @@ def test_cuda_matches_cpu():
 
 
 def test_training_module_call_style():
-    # vmatdose.training.module calls gamma_pass_rate(ref, pred, spacing_list, **val_gamma)
+    # gamma_pass_rate(ref, pred, spacing_list, **criteria), numpy or torch (as two_way_gamma
+    # calls gamma_index for val/gamma_pass)
     spacing = [2.5, 2.5, 2.5]
     ref = blobs((12, 12, 12), spacing, [(15, 15, 15)], [8], [60]).astype(np.float32)
     pred = ref * 1.01

@@ -14,8 +14,8 @@ from __future__ import annotations
 import json
 import logging
 import zipfile
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +60,9 @@ class CheckpointContract:
         cases_dir: absolute path of the folder of case files it was trained on.
         split: ``{"train": [...], "val": [...], "test": [...]}`` case ids (file stems).
         version: :data:`CONTRACT_VERSION`.
+        body: the kinds of region the training cases' ``body`` is
+            (:mod:`vmatdose.data.body_region`: ``possible-dose mask``, ``external
+            contour``); empty in a checkpoint written before it was recorded.
     """
 
     config: dict
@@ -70,6 +73,7 @@ class CheckpointContract:
     cases_dir: str
     split: dict[str, list[str]]
     version: int = CONTRACT_VERSION
+    body: list[str] = field(default_factory=list)
 
     @property
     def protocol_obj(self) -> Protocol:
@@ -105,8 +109,10 @@ class CheckpointContract:
             raise CheckpointError(f"{where}: checkpoint contract version "
                                   f"{data.get('version')!r}; this vmatdose reads "
                                   f"{CONTRACT_VERSION} (retrain or use a matching vmatdose)")
+        optional = ("body",)
         try:
-            return cls(**{k: data[k] for k in cls.__dataclass_fields__})
+            return cls(**{k: data[k] for k in cls.__dataclass_fields__
+                          if k not in optional or k in data})
         except KeyError as err:
             raise CheckpointError(f"{where}: checkpoint contract lacks {err.args[0]!r}") from err
 
@@ -126,8 +132,10 @@ def contract_input_spec(contract: Mapping) -> InputSpec:
 
 
 def training_contract(cfg: Mapping, spacing: SpacingRange, cases_dir: str | Path,
-                      split: Mapping[str, list[str]]) -> CheckpointContract:
-    """The contract of a training run composed as ``cfg`` (resolved mapping or DictConfig)."""
+                      split: Mapping[str, list[str]], body: Sequence[str] = ()
+                      ) -> CheckpointContract:
+    """The contract of a training run composed as ``cfg`` (resolved mapping or DictConfig);
+    ``body``: the kinds of body region of its cases (:func:`vmatdose.data.body_region.body_kinds`)."""
     from omegaconf import DictConfig, OmegaConf
 
     plain = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
@@ -150,7 +158,8 @@ def training_contract(cfg: Mapping, spacing: SpacingRange, cases_dir: str | Path
                                                    protocol.lr_pairs).to_dict()},
         spacing=spacing.to_dict(),
         cases_dir=str(Path(cases_dir).resolve()),
-        split={k: [str(i) for i in v] for k, v in split.items()})
+        split={k: [str(i) for i in v] for k, v in split.items()},
+        body=[str(b) for b in body])
 
 
 @dataclass(frozen=True)

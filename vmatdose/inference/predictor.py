@@ -10,22 +10,28 @@ pooling, TTA, upsampling, zeroing) is the module's
 
 from __future__ import annotations
 
-import itertools
+import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from monai.transforms import Compose, Resize
+from monai.transforms import Compose
 
+from vmatdose.data.body_region import body_mismatch
 from vmatdose.data.case import Case, load_case
 from vmatdose.data.pipeline import inference_transform
+from vmatdose.data.resample import Grid, resample_case, resample_volume
 from vmatdose.data.validation import SPACING_TOLERANCE, check_cases
 from vmatdose.inference.checkpoint import CheckpointContract, read_checkpoint
 
-#: What to do with a case whose spacing is off the training spacing by more than 10 %.
-SPACING_POLICIES = ("resample", "refuse")
+log = logging.getLogger(__name__)
+
+#: What to do with a case whose spacing is off the training spacing by more than 10 %;
+#: ``training_grid``: resample every case not at the training median spacing (a model
+#: trained on mixed spacings then predicts on one grid whatever the route).
+SPACING_POLICIES = ("resample", "refuse", "training_grid")
 
 
 @dataclass
@@ -72,7 +78,9 @@ class Predictor:
         contract: the checkpoint contract it was trained under.
         spacing_mismatch: ``resample`` (a case more than 10 % off the training spacing is
             resampled to the training median, predicted, and the dose resampled back onto
-            the case's grid) or ``refuse`` (such a case is an error).
+            the case's grid), ``refuse`` (such a case is an error) or ``training_grid``
+            (every case not at the training median spacing is resampled: the same patient
+            is predicted on the same grid whether it comes at 1.2 mm or at 5.4 mm).
     """
 
     def __init__(self, module: torch.nn.Module, contract: CheckpointContract,
@@ -114,49 +122,47 @@ class Predictor:
             yield self.predict(path)
 
     def predict(self, path: Path) -> Prediction:
-        """The dose of one (checked) case file, on its own grid (the file read once)."""
+        """The dose of one (checked) case file, on its own grid (the file read once).
+
+        A case off the training spacing is resampled to the training median first
+        (:func:`vmatdose.data.resample.resample_case`, in patient mm), so every input
+        channel (the prior, SDFs) is computed on the grid the model was trained on; the
+        dose comes back onto the case's grid (trilinear, in patient mm) and is zeroed
+        outside the case's own body there. A case whose body is another kind of region
+        than the training cases' (:mod:`vmatdose.data.body_region`) is predicted with a
+        warning naming it."""
         case = load_case(path)
-        sample = self.transform({"path": str(path), "case": case})
-        image, body = sample["image"], sample["body"]
-        target = self._resampled_shape(case)
-        if target is not None:
-            image, body = self._resample_inputs(image, body, target)
-        mean, std = predict_image(self.module, image[None], body[None], zero=target is None)
-        if target is not None:
-            # back onto the case's grid, then zeroed outside the case's own body there
-            back = Resize(case.shape, mode="trilinear")
-            mean = torch.as_tensor(back(mean[0]))[None]
-            std = None if std is None else torch.as_tensor(back(std[0]))[None]
-            inside = torch.as_tensor(case.body[None, None] > 0)
-            mean, std = self.module.inference.zero_outside(mean, std, inside)
+        mismatch = body_mismatch(case.meta, self.contract.body)
+        if mismatch:
+            log.warning("%s: %s", Path(path).name, mismatch)
+        work = self.on_training_grid(case)
+        sample = self.transform({"path": str(path), "case": work})
+        # zeroed once, on the case's own grid (zeros would bleed into the interpolation)
+        mean, std = predict_image(self.module, sample["image"][None], sample["body"][None],
+                                  zero=work is case)
         scale = self.contract.dose_scale_gy
-        dose = (np.asarray(mean[0, 0]) * scale).astype(np.float32)
-        std_gy = None if std is None else (np.asarray(std[0, 0]) * scale).astype(np.float32)
+        dose, std_gy = (np.asarray(mean[0, 0]) * scale).astype(np.float32), \
+            None if std is None else (np.asarray(std[0, 0]) * scale).astype(np.float32)
+        if work is not case:
+            dose = self._back_on(case, work, dose)
+            std_gy = None if std_gy is None else self._back_on(case, work, std_gy)
         return Prediction(case, Path(path), dose, std_gy)
 
-    def _resampled_shape(self, case: Case) -> tuple[int, int, int] | None:
-        """The grid shape at the training spacing, when the case needs resampling."""
-        if self.spacing.contains(case.spacing_mm, SPACING_TOLERANCE):
-            return None
-        extent = np.asarray(case.shape) * np.asarray(case.spacing_mm)
-        shape = np.maximum(1, np.round(extent / np.asarray(self.spacing.median_mm)))
-        return tuple(int(v) for v in shape)
+    def on_training_grid(self, case: Case) -> Case:
+        """``case`` itself within 10 % of the training spacing (``training_grid``: at the
+        training median spacing), else resampled to the training median spacing."""
+        median = np.asarray(self.spacing.median_mm, float)
+        if self.spacing_mismatch == "training_grid":
+            if np.allclose(case.spacing_mm, median, rtol=1e-3):
+                return case
+        elif self.spacing.contains(case.spacing_mm, SPACING_TOLERANCE):
+            return case
+        return resample_case(case, self.spacing.median_mm)
 
-    def _resample_inputs(self, image: torch.Tensor, body: torch.Tensor,
-                         shape: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Image channels and body to ``shape``, each channel as the input specification
-        says (CT, SDFs, prior trilinearly; masks and body by nearest neighbour, so they
-        stay binary; constant planes either way)."""
-        resize = {"linear": Resize(shape, mode="trilinear"),
-                  "nearest": Resize(shape, mode="nearest")}
-        resize["constant"] = resize["nearest"]
-        modes = self.contract.input_spec.interpolations
-        if len(modes) != image.shape[0]:
-            raise ValueError(f"the input specification has {len(modes)} channels, the image "
-                             f"{image.shape[0]}")
-        parts, start = [], 0
-        for mode, run in itertools.groupby(modes):  # consecutive channels of one mode
-            n = len(list(run))
-            parts.append(torch.as_tensor(resize[mode](image[start:start + n])))
-            start += n
-        return torch.cat(parts), torch.as_tensor(resize["nearest"](body))
+    def _back_on(self, case: Case, work: Case, volume_gy: np.ndarray) -> np.ndarray:
+        """A (Z, Y, X) dose on ``work``'s grid -> ``case``'s grid, zeroed outside its body
+        when the model zeroes (``zero_outside_body``)."""
+        back = resample_volume(volume_gy, Grid.of(work), Grid.of(case))
+        if self.module.inference.zero_outside_body:
+            back = np.where(case.body > 0, back, 0.0).astype(np.float32)
+        return back

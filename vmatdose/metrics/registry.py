@@ -128,6 +128,7 @@ _PATTERNS: list[tuple[str, str, str, str]] = [
     (_GAMMA + r"_oar_(?P<s>.+)_pass", "gamma {dose}%/{mm} mm pass rate near {s}", "%",
      "higher"),
     (r"gamma_pass", "gamma pass rate", "%", "higher"),
+    (r"gamma_points", "gamma evaluated voxels", "", "none"),
     (r"openkbp_dose_score_gy", "OpenKBP dose score", "Gy", "lower"),
     (r"openkbp_dvh_score_gy", "OpenKBP DVH score", "Gy", "lower"),
     (r"openkbp_dvh_score_gy", "OpenKBP DVH score", "Gy", "lower"),

@@ -16,6 +16,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from vmatdose.data.body_region import body_kinds
 from vmatdose.data.datamodule import SPLITS
 from vmatdose.data.validation import check_training_cases
 from vmatdose.inference.checkpoint import training_contract
@@ -50,7 +51,9 @@ def checked_datamodule(cfg: DictConfig) -> tuple[L.LightningDataModule, dict]:
     paths = {name: datamodule.paths_of(name) for name in SPLITS}
     spacing = check_training_cases(paths, protocol, datamodule.structures,
                                    cfg.spacing_mismatch)
-    contract = training_contract(cfg, spacing, datamodule.cases_dir, datamodule.ensure_split())
+    body = body_kinds([p for name in SPLITS for p in paths[name]])
+    contract = training_contract(cfg, spacing, datamodule.cases_dir, datamodule.ensure_split(),
+                                 body)
     return datamodule, contract.to_dict()
 
 

@@ -54,8 +54,9 @@ class DoseModule(L.LightningModule):
         scheduler: partial LR scheduler factory (``optimizer -> scheduler``) or ``None``.
         inference_patch_size: sliding-window size for whole-volume inference; ``None`` pads
             the whole volume to ``divisible_by`` and predicts it in one pass.
-        val_gamma: gamma criteria computed on validation cases each epoch, e.g.
-            ``{"dose_percent": 3, "distance_mm": 3}``; ``None`` skips it.
+        val_gamma: gamma criteria of the two-way gamma (``val/gamma_pass``, with
+            ``val/gamma_points`` evaluated voxels) computed on validation cases each epoch,
+            e.g. ``{"dose_percent": 3, "distance_mm": 3}``; ``None`` skips it.
         max_relative_dose: predictions are clipped to ``[0, max_relative_dose]`` in units
             of the highest prescription: no plan delivers 150 % of it, and an undertrained
             network's hot spots would otherwise dominate Dmax-type metrics. ``None``: no cap.
@@ -217,19 +218,28 @@ class DoseModule(L.LightningModule):
         mae = mae_in_body_gy(pred, batch["dose"], batch["body"], batch["dose_scale_gy"])
         self.log("val/mae_gy", mae.mean(), prog_bar=True, batch_size=n, sync_dist=True)
         if self.val_gamma:
-            self.log("val/gamma_pass", self._gamma_pass(pred, batch), prog_bar=True,
-                     batch_size=n, sync_dist=True)
+            rate, points = self._gamma_pass(pred, batch)
+            self.log("val/gamma_pass", rate, prog_bar=True, batch_size=n, sync_dist=True)
+            self.log("val/gamma_points", points, batch_size=n, sync_dist=True)
 
-    def _gamma_pass(self, pred: torch.Tensor, batch: dict) -> torch.Tensor:
-        from vmatdose.metrics.gamma import gamma_pass_rate
+    def _gamma_pass(self, pred: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean two-way gamma pass rate %, mean evaluated voxels) over the batch's cases.
 
-        rates = []
+        Two-way (:func:`vmatdose.metrics.gamma.two_way_gamma`): the interpolated one-way
+        gamma passes an untrained network's voxel-to-voxel noise, and this number is an
+        objective (``hparams_search=loss_weights``)."""
+        from vmatdose.metrics.gamma import two_way_gamma
+
+        rates, points = [], []
         for i in range(pred.shape[0]):
             scale = float(batch["dose_scale_gy"][i])
-            rates.append(gamma_pass_rate(batch["dose"][i, 0].float() * scale,
-                                         pred[i, 0].float() * scale,
-                                         batch["spacing_mm"][i].tolist(), **self.val_gamma))
-        return torch.tensor(rates, dtype=torch.float32).nanmean()
+            result = two_way_gamma(batch["dose"][i, 0].float() * scale,
+                                   pred[i, 0].float() * scale,
+                                   batch["spacing_mm"][i].tolist(), **self.val_gamma)
+            rates.append(result.pass_percent)
+            points.append(float(result.points))
+        return (torch.tensor(rates, dtype=torch.float32).nanmean(),
+                torch.tensor(points, dtype=torch.float32).mean())
 
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory(params=weight_decay_groups(

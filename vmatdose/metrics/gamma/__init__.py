@@ -51,9 +51,16 @@ compete with numba's. On CUDA (or ``backend="torch"``) a vectorised torch versio
 the shells in increasing radius over compacted lists of still-unresolved voxels, pruned by
 a per-voxel dose-range bound.
 
+Which gamma where: :func:`gamma_index` / :func:`gamma_pass_rate` (this reference gamma) in
+evaluation, planning and the pymedphys parity tests, where the evaluated dose is a smooth
+plan and interpolating it is correct physics; :func:`two_way_gamma` (:mod:`.two_way`: a voxel
+passes only when the prediction-as-reference gamma passes too) for ``val/gamma_pass`` and
+any search objective, where the evaluated dose is an unfinished network's output whose
+voxel-to-voxel noise the interpolated search would pass.
+
 Layout: :mod:`.api` (public functions, validation, the shared driver), :mod:`.points`
 (the pymedphys point set, split into grid cells), :mod:`.cpu` (numba kernel),
-:mod:`.torch_kernel` (vectorised torch sweep).
+:mod:`.torch_kernel` (vectorised torch sweep), :mod:`.two_way` (the validation gamma).
 """
 
 from vmatdose.metrics.gamma.api import (
@@ -64,6 +71,8 @@ from vmatdose.metrics.gamma.api import (
     pass_rate_from_gamma,
 )
 from vmatdose.metrics.gamma.points import pymedphys_search_radii, pymedphys_shell
+from vmatdose.metrics.gamma.two_way import TwoWayGamma, two_way_gamma
 
-__all__ = ["ArrayLike", "Backend", "gamma_index", "gamma_pass_rate", "pass_rate_from_gamma",
-           "pymedphys_search_radii", "pymedphys_shell"]
+__all__ = ["ArrayLike", "Backend", "TwoWayGamma", "gamma_index", "gamma_pass_rate",
+           "pass_rate_from_gamma", "pymedphys_search_radii", "pymedphys_shell",
+           "two_way_gamma"]
