@@ -278,3 +278,31 @@ def test_one_case_overfit_is_recovered_by_the_sampler(name, tmp_path):
     mae = (pred - dose).abs()[body].mean()
     mean_dose_mae = (dose[body] - dose[body].mean()).abs().mean()
     assert mae < 0.15 * mean_dose_mae, (float(mae), float(mean_dose_mae))
+
+
+def test_ema_weights_follow_the_trained_ones_and_are_not_optimised(tmp_path):
+    model, _ = _model("ddpm", tmp_path, "model.ema_decay=0.5")
+    optimizer = model.configure_optimizers()["optimizer"]
+    optimised = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert optimised == {id(p) for p in model.net.parameters()}
+    first = next(model.net.parameters())
+    average = next(model.ema_net.parameters())
+    start = average.detach().clone()
+    with torch.no_grad():
+        first.add_(1.0)
+    model.update_ema()  # update 0: decay min(0.5, 1 / 10) = 0.1
+    torch.testing.assert_close(average, start + 0.9)
+    with torch.no_grad():
+        first.add_(1.0)
+    model.update_ema()  # update 1: decay min(0.5, 2 / 11) = 0.18
+    torch.testing.assert_close(average, start + 0.9 + (2.0 - 0.9) * (1 - 2 / 11))
+    assert int(model.ema_updates) == 2
+    assert model.sampling_net is model.ema_net
+
+
+def test_without_ema_the_trained_network_samples(tmp_path):
+    model, _ = _model("flow_matching", tmp_path, "model.ema_decay=null")
+    assert model.ema_net is None and model.sampling_net is model.net
+    model.update_ema()  # nothing to update
+    with pytest.raises(InstantiationException, match="ema_decay"):
+        build_model("ddpm", tmp_path, *TINY, "model.ema_decay=1.0")
