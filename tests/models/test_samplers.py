@@ -131,3 +131,30 @@ def test_heun_is_second_order_and_euler_first_order(steps):
     heun = float(flow.heun_sample(velocity, scheduler, x0)[0].mean())
     assert euler == pytest.approx(0.5 - 1 / (2 * steps), abs=1e-6)
     assert heun == pytest.approx(0.5 - 1 / (2 * steps ** 2), abs=1e-6)
+
+
+def test_velocity_from_data_inverts_the_one_step_estimate():
+    scheduler = RFlowScheduler(T)
+    noise, data = _noise(), _clean()
+    t = torch.tensor([1, 600])
+    x = scheduler.add_noise(data, noise, t)
+    v = flow.velocity_from_data(x, data, t, T)
+    torch.testing.assert_close(v, data - noise, atol=1e-4, rtol=0)  # the path's velocity
+    torch.testing.assert_close(flow.predicted_data(x, v, t, T), data)
+
+
+@pytest.mark.parametrize("steps", [1, 4])
+def test_a_data_predicting_network_lands_on_its_prediction(steps):
+    """A network that always answers the data point: the velocity it implies carries any
+    noise to that point in any number of Euler steps."""
+    data = _clean()
+
+    class DataOracle(torch.nn.Module):
+        def forward(self, x, timesteps, context=None):
+            assert x.shape[1] == 1 + _condition().shape[1]
+            return data
+
+    scheduler = RFlowScheduler(T)
+    scheduler.set_timesteps(steps)
+    net = flow.DataPredictionVelocity(DataOracle(), T)
+    torch.testing.assert_close(sample(net, scheduler, _noise()), data, atol=1e-5, rtol=0)

@@ -21,8 +21,14 @@ from matplotlib.colors import ListedColormap
 from matplotlib.lines import Line2D
 
 from vmatdose.data.case import Case
+from vmatdose.evaluation.uncertainty import (
+    interval_coverage,
+    outside_interval,
+    spread_error_correlation,
+)
 from vmatdose.metrics.dvh import cumulative_dvh
 from vmatdose.metrics.gamma import pass_rate_from_gamma
+from vmatdose.metrics.registry import INTERVAL_Z
 from vmatdose.plot_style import FONT, OKABE_ITO, plt
 
 DOSE_CMAP = "viridis"
@@ -295,3 +301,75 @@ def error_boxplot_figure(table: pd.DataFrame, structures: Sequence[str],
         ax.grid(axis="y", alpha=0.3)
     return fig
 
+
+
+#: Colour map of spread and error magnitudes (Gy; perceptually uniform, dark = small).
+SPREAD_CMAP = "magma"
+
+
+def spread_error_figure(case: Case, pred_gy: np.ndarray, std_gy: np.ndarray,
+                        targets: Sequence[str]) -> plt.Figure:
+    """Is the spread where the error is? Axial, coronal and sagittal slices through the
+    main target (rows): the ensemble's 95 % interval half-width (1.96 x std), the
+    absolute error |prediction - reference| on the same colour scale (Gy), and the
+    voxels whose reference lies outside the interval; structure contours on each.
+    ``pred_gy``, ``std_gy``: (Z, Y, X) ensemble mean and std in Gy."""
+    with plt.rc_context(FONT):
+        return _spread_error(case, pred_gy, std_gy, targets)
+
+
+def _spread_error(case, pred_gy, std_gy, targets) -> plt.Figure:
+    centre = slice_centre(case, targets)
+    present = [s for s in case.structures if case.has_structure(s) and case.mask(s).any()]
+    colours = structure_colours(present, [t for t in targets if t in present]
+                                or list(case.prescriptions_gy))
+    body = case.body > 0
+    half_width = INTERVAL_Z * std_gy
+    error = np.abs(pred_gy - case.dose)
+    outside = np.where(body, outside_interval(case.dose, pred_gy, std_gy).astype(float),
+                       np.nan)
+    limit = max(float(np.percentile(np.maximum(error, half_width)[body], 99.5))
+                if body.any() else 0.0, 1e-3)
+    correlation = spread_error_correlation(std_gy[body], error[body])
+    coverage = interval_coverage(case.dose[body], pred_gy[body], std_gy[body])
+    columns = ["95 % interval half-width (1.96 std)", "|prediction - reference|",
+               f"reference outside the interval ({100 - coverage:.1f} % of body)"]
+    ratios = [_aspect(case, view) for view in VIEWS]
+    panel_in = 3.1
+    fig, axes = plt.subplots(3, 3, squeeze=False, constrained_layout=True,
+                             figsize=(panel_in * 3 + 1.5, panel_in * sum(ratios) + 2.6),
+                             gridspec_kw={"height_ratios": ratios})
+    images = {}
+    for row, view in enumerate(VIEWS):
+        extent = _extent(case, view)
+        for col, volume in enumerate((half_width, error, outside)):
+            ax = axes[row, col]
+            ax.imshow(_view(case.ct, view, centre), cmap="gray", vmin=-400, vmax=600,
+                      extent=extent)
+            shown = np.ma.masked_invalid(np.where(body, volume, np.nan))
+            if col < 2:
+                images["gy"] = ax.imshow(_view(shown, view, centre), cmap=SPREAD_CMAP,
+                                         vmin=0, vmax=limit, extent=extent, alpha=0.9)
+            else:
+                images["outside"] = ax.imshow(
+                    _view(shown, view, centre), cmap=ListedColormap(GAMMA_COLOURS), vmin=0,
+                    vmax=1, extent=extent, interpolation="nearest", alpha=0.9)
+            _contours(ax, case, view, centre, extent, colours, lw=1.0)
+            _label_edges(ax, view)
+            if row == 0:
+                ax.set_title(columns[col])
+        axis, position = slice_position_mm(case, view, centre)
+        rows_axis, cols_axis, _ = _VIEW_AXES[view]
+        axes[row, 0].set_ylabel(f"{view}, {axis} = {position:.1f} mm\n"
+                                f"{_AXIS_NAMES[rows_axis]} (mm)")
+        for ax in axes[row]:
+            ax.set_xlabel(f"{_AXIS_NAMES[cols_axis]} (mm)")
+    fig.colorbar(images["gy"], ax=axes[:, :2], shrink=0.5, label="Gy (same scale)")
+    bar = fig.colorbar(images["outside"], ax=axes[:, 2], shrink=0.3, ticks=[0.25, 0.75])
+    bar.ax.set_yticklabels(["inside", "outside"])
+    fig.legend(handles=[Line2D([], [], color=c, lw=2 if n in targets else 1.2, label=n)
+                        for n, c in colours.items()], title="structures",
+               loc="outside lower center", ncol=min(len(colours), 6), frameon=False)
+    fig.suptitle(f"{case.case_id}: ensemble spread against error (body: correlation "
+                 f"{correlation:.2f}, 95 % interval coverage {coverage:.1f} %)", fontsize=13)
+    return fig

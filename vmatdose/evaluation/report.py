@@ -122,7 +122,8 @@ def _warnings_block(warnings: Sequence[str]) -> str:
 
 
 def _per_case_table(table: pd.DataFrame) -> str:
-    shown = table.set_index("case_id")[[c for c in registry.HEADLINE if c in table]]
+    columns = [c for c in (*registry.HEADLINE, *registry.UNCERTAINTY) if c in table]
+    shown = table.set_index("case_id")[columns]
     shown = shown.loc[:, shown.notna().any()]
     shown.index.name = "case"
     return shown.rename(columns=registry.heading).to_html(

@@ -35,6 +35,7 @@ from vmatdose.evaluation.openkbp_scores import dose_score, dvh_errors, openkbp_s
 from vmatdose.evaluation.regions import region_pass_rates, scoring_regions
 from vmatdose.evaluation.report import write_report
 from vmatdose.evaluation.tables import summarise
+from vmatdose.evaluation.uncertainty import uncertainty_metrics
 from vmatdose.metrics.dvh import dvh_metrics
 from vmatdose.metrics.gamma import gamma_index, pass_rate_from_gamma
 from vmatdose.plot_style import save_figure
@@ -97,8 +98,8 @@ def evaluate_case(case: Case, pred_gy: np.ndarray, settings: EvaluationSettings,
                   baseline: StructureMeanBaseline | None = None,
                   std_gy: np.ndarray | None = None) -> CaseResult:
     """Every metric of one predicted dose (Z, Y, X) in Gy against the case's reference;
-    ``std_gy`` (Z, Y, X), a generative model's per-voxel ensemble std, adds uncertainty
-    metrics."""
+    ``std_gy`` (Z, Y, X), a generative model's per-voxel ensemble std, adds the
+    uncertainty calibration (:mod:`vmatdose.evaluation.uncertainty`)."""
     targets = [t for t in settings.targets if case.has_structure(t)]
     row: dict = {"case_id": case.case_id, **basic_case_metrics(case, pred_gy, targets)}
     row["openkbp_dose_score_gy"] = dose_score(case, pred_gy)
@@ -106,7 +107,7 @@ def evaluate_case(case: Case, pred_gy: np.ndarray, settings: EvaluationSettings,
         row["baseline_mae_body_gy"] = basic_case_metrics(
             case, baseline.predict(case), targets)["mae_body_gy"]
     if std_gy is not None:
-        row.update(uncertainty_metrics(case, pred_gy, std_gy))
+        row.update(uncertainty_metrics(case, pred_gy, std_gy, targets))
     dvh_rows = _dvh_rows(case, pred_gy, targets)
     for r in dvh_rows:
         if r["metric"] == "Dmean":
@@ -130,17 +131,6 @@ def evaluate_case(case: Case, pred_gy: np.ndarray, settings: EvaluationSettings,
     return CaseResult(row, dvh_rows, constraints, errors, gamma_map)
 
 
-def uncertainty_metrics(case: Case, pred_gy: np.ndarray, std_gy: np.ndarray) -> dict:
-    """Mean ensemble std in the body (Gy), and how well it ranks the actual errors:
-    Pearson correlation of std and |pred - ref| over body voxels (NaN if std is flat)."""
-    body = case.body > 0
-    std, error = std_gy[body].astype(np.float64), np.abs(pred_gy - case.dose)[body]
-    flat = std.size < 2 or np.std(std) == 0 or np.std(error) == 0
-    return {"uncertainty_mean_std_gy": float(std.mean()) if std.size else float("nan"),
-            "uncertainty_error_correlation": float("nan") if flat
-            else float(np.corrcoef(std, error)[0, 1])}
-
-
 def _dvh_rows(case: Case, pred_gy: np.ndarray, targets: Sequence[str]) -> list[dict]:
     present = [s for s in case.structures if case.mask(s).any()]
     if not present:
@@ -162,10 +152,12 @@ def run_suite(pairs: Iterable[tuple], settings: EvaluationSettings,
     output_dir.mkdir(parents=True, exist_ok=True)
     results, figure_paths = [], []
     for case, pred_gy, *std in tqdm(pairs, total=total, desc="evaluate", unit="case"):
-        result = evaluate_case(case, pred_gy, settings, baseline, std[0] if std else None)
+        std_gy = std[0] if std else None
+        result = evaluate_case(case, pred_gy, settings, baseline, std_gy)
         results.append(result)
         if settings.figures and len(results) <= settings.figure_cases:
-            figure_paths += _case_figures(case, pred_gy, result, settings, output_dir)
+            figure_paths += _case_figures(case, pred_gy, result, settings, output_dir,
+                                          std_gy)
     if not results:
         raise ValueError("nothing to evaluate: the split has no cases")
     table = pd.DataFrame([r.row for r in results])
@@ -194,7 +186,8 @@ def run_suite(pairs: Iterable[tuple], settings: EvaluationSettings,
 
 
 def _case_figures(case: Case, pred_gy: np.ndarray, result: CaseResult,
-                  settings: EvaluationSettings, output_dir: Path) -> list[Path]:
+                  settings: EvaluationSettings, output_dir: Path,
+                  std_gy: np.ndarray | None = None) -> list[Path]:
     folder = output_dir / "figures"
     label = "gamma"
     if settings.gamma:
@@ -203,8 +196,12 @@ def _case_figures(case: Case, pred_gy: np.ndarray, result: CaseResult,
     slices = figures.dose_slices_figure(case, pred_gy, settings.targets, result.gamma_map,
                                         gamma_label=label)
     dvh = figures.dvh_figure(case, pred_gy, targets=settings.targets)
-    return (save_figure(slices, folder / f"{case.case_id}_slices", settings.dpi)
-            + save_figure(dvh, folder / f"{case.case_id}_dvh", settings.dpi))
+    paths = (save_figure(slices, folder / f"{case.case_id}_slices", settings.dpi)
+             + save_figure(dvh, folder / f"{case.case_id}_dvh", settings.dpi))
+    if std_gy is not None:
+        spread = figures.spread_error_figure(case, pred_gy, std_gy, settings.targets)
+        paths += save_figure(spread, folder / f"{case.case_id}_spread", settings.dpi)
+    return paths
 
 
 def _structure_order(dvh_table: pd.DataFrame) -> list[str]:

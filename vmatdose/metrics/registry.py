@@ -62,6 +62,20 @@ PTV_MARGIN_MM = 5.0
 HIGH_DOSE_FRACTION = 0.5
 LOW_DOSE_FRACTION = 0.1
 
+#: Uncertainty calibration (:mod:`vmatdose.evaluation.uncertainty`): the ensemble's 95 %
+#: interval is ``mean +- INTERVAL_Z * std`` (Gaussian); the regions its coverage and
+#: spread-error correlation are reported in (``body`` without a name suffix).
+INTERVAL_Z = 1.959964
+UNCERTAINTY_REGIONS = ("body", "targets", "oars", "low_dose")
+_UNCERTAINTY_REGION_LABELS = {"targets": "targets", "oars": "organs at risk",
+                              "low_dose": f"{100 * LOW_DOSE_FRACTION:g}-"
+                              f"{100 * HIGH_DOSE_FRACTION:g} % of Rx"}
+#: The per-case uncertainty columns the report shows beside the headline ones (a model
+#: that returns a spread).
+UNCERTAINTY = ("uncertainty_mean_std_gy", "uncertainty_error_correlation",
+               "uncertainty_coverage95", "uncertainty_coverage95_targets",
+               "uncertainty_coverage95_oars", "uncertainty_coverage95_low_dose")
+
 #: The headline metrics (``per_case.csv`` / ``summary.json`` names), in reading order: the
 #: report's summary and per-case table, and the columns ``compare`` shows per run.
 HEADLINE = ("mae_body_gy", "baseline_mae_body_gy", "gamma_3pct_3mm_pass",
@@ -134,6 +148,12 @@ _PATTERNS: list[tuple[str, str, str, str]] = [
     (r"openkbp_dvh_score_gy", "OpenKBP DVH score", "Gy", "lower"),
     (r"uncertainty_mean_std_gy", "mean ensemble std in body", "Gy", "none"),
     (r"uncertainty_error_correlation", "ensemble std - error correlation", "", "higher"),
+    (r"uncertainty_error_correlation_(?P<s>targets|oars|low_dose)",
+     "ensemble std - error correlation in {s}", "", "higher"),
+    (r"uncertainty_coverage95", "reference inside the ensemble's 95 % interval", "%",
+     "none"),
+    (r"uncertainty_coverage95_(?P<s>targets|oars|low_dose)",
+     "reference inside the ensemble's 95 % interval in {s}", "%", "none"),
     (r"loss(?:_epoch|_step)?", "loss", "", "lower"),
     (r"loss/(?P<s>[^_]+)(?:_epoch|_step)?", "loss term {s}", "", "lower"),
 ]
@@ -152,6 +172,8 @@ def metric(name: str) -> Metric | None:
             if "m" in groups:
                 groups["M"] = groups["m"].upper() if groups["m"][0] == "d" and \
                     groups["m"][1:].isdigit() else groups["m"].capitalize()
+            if bare.startswith("uncertainty_") and "s" in groups:
+                groups["s"] = _UNCERTAINTY_REGION_LABELS[groups["s"]]
             text = label.format(**groups)
             if stage and stage != "test":
                 text = f"{_STAGES[stage]} {text}"

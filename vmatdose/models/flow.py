@@ -15,6 +15,9 @@ import torch
 from monai.networks.schedulers import RFlowScheduler
 
 SOLVERS = ("euler", "heun")
+#: What the network outputs: the velocity (MONAI's convention) or the data x1 itself
+#: (x-prediction; the velocity follows from it, :class:`DataPredictionVelocity`).
+PREDICTIONS = ("velocity", "data")
 
 #: ``velocity(x_t (B, 1, Z, Y, X), timesteps (B,) in [0, T]) -> v (B, 1, Z, Y, X)``
 Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -38,6 +41,31 @@ def predicted_data(noisy: torch.Tensor, velocity: torch.Tensor, timesteps: torch
     """One Euler jump to t = 0: x1_hat = x_t + (t / T) v_hat (``timesteps`` (B,))."""
     t = timesteps.to(noisy).reshape(-1, *([1] * (noisy.ndim - 1))) / num_train_timesteps
     return noisy + t * velocity
+
+
+def velocity_from_data(noisy: torch.Tensor, data: torch.Tensor, timesteps: torch.Tensor,
+                       num_train_timesteps: int) -> torch.Tensor:
+    """The straight-path velocity that reaches the predicted data ``data`` from ``noisy``
+    at t: v = (x1_hat - x_t) T / t (the inverse of :func:`predicted_data`; ``timesteps``
+    (B,) or (1,), t >= 1: samplers never query t = 0)."""
+    t = timesteps.to(noisy).reshape(-1, *([1] * (noisy.ndim - 1))).clamp_min(1.0)
+    return (data - noisy) * (num_train_timesteps / t)
+
+
+class DataPredictionVelocity(torch.nn.Module):
+    """A network that predicts the data x1 (output (B, 1, ...)) as the velocity network
+    MONAI's sampling loop and :func:`heun_sample` step with: same call signature
+    ``(x, timesteps, context=None)``, the diffused state is ``x[:, :1]``."""
+
+    def __init__(self, net: torch.nn.Module, num_train_timesteps: int):
+        super().__init__()
+        self.net = net
+        self.num_train_timesteps = int(num_train_timesteps)
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor,
+                context: torch.Tensor | None = None) -> torch.Tensor:
+        data = self.net(x, timesteps=timesteps, context=context).float()
+        return velocity_from_data(x[:, :1].float(), data, timesteps, self.num_train_timesteps)
 
 
 def step_pairs(scheduler: RFlowScheduler) -> list[tuple[int, int]]:

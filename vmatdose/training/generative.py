@@ -3,19 +3,23 @@
 * :class:`DiffusionDoseModule`: conditional DDPM (MONAI ``DDPMScheduler``) trained to predict
   the noise, v or the dose; sampled with deterministic DDIM (MONAI ``DDIMScheduler``).
 * :class:`FlowMatchingDoseModule`: rectified flow (MONAI ``RFlowScheduler``) trained to
-  predict the velocity from noise to dose; sampled with Euler or Heun steps.
+  predict the velocity from noise to dose, or the dose itself; sampled with Euler or Heun
+  steps.
 
-Both diffuse the dose mapped to [-1, 1] (``dose_max`` -> +1) with a MONAI
-``DiffusionModelUNet`` conditioned on the batch ``image`` by channel concatenation
-(MONAI ``DiffusionInferer``, ``mode="concat"``: network input ``[state, image]``), predict
-whole volumes as an ensemble of samples (mean dose and per-voxel standard deviation), and
-draw all noise from a ``torch.Generator`` seeded with ``sampling_seed`` so predictions
-repeat exactly.
+Both diffuse the dose mapped to [-1, 1] (``dose_max`` -> +1) with a network conditioned on
+the batch ``image`` by channel concatenation (MONAI ``DiffusionInferer``,
+``mode="concat"``: network input ``[state, image]``): a MONAI ``DiffusionModelUNet`` or any
+dose network reading the noise level as a channel
+(:class:`~vmatdose.models.noise_level.NoiseLevelChannelNet`). They predict whole volumes
+as an ensemble of samples (mean dose and per-voxel standard deviation), draw all noise
+from a ``torch.Generator`` seeded with ``sampling_seed`` so predictions repeat exactly,
+and sample with an exponential moving average of the weights when ``ema_decay`` is set.
 """
 
 from __future__ import annotations
 
 import abc
+import copy
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -30,7 +34,8 @@ from torch.nn import functional as F
 from vmatdose.inference.volume import PassFn, pad_to_multiple
 from vmatdose.losses import CompositeLoss
 from vmatdose.models import diffusion, flow
-from vmatdose.training.module import DoseModule
+from vmatdose.models.noise_level import downsampling_factor
+from vmatdose.training.module import DoseModule, weight_decay_groups
 
 
 def dose_to_model(dose: torch.Tensor, dose_max: float) -> torch.Tensor:
@@ -64,7 +69,8 @@ class GenerativeDoseModule(DoseModule, abc.ABC):
     """Shared training, sampling and validation logic of the generative dose models.
 
     Args:
-        net: a MONAI :class:`~monai.networks.nets.DiffusionModelUNet` with
+        net: a MONAI :class:`~monai.networks.nets.DiffusionModelUNet` or a
+            :class:`~vmatdose.models.noise_level.NoiseLevelChannelNet`, with
             ``in_channels`` = 1 (the diffused dose) + the ``image`` channels, one output.
         loss: voxel loss terms, used on the validation samples (as for every model) and,
             with ``loss_on_x0_weight`` > 0, on the network's one-step dose estimate in
@@ -82,6 +88,11 @@ class GenerativeDoseModule(DoseModule, abc.ABC):
         dose_max: normalised dose mapped to +1 (headroom above the highest prescription
             keeps hot spots inside the sampler's [-1, 1] range).
         divisible_by: whole volumes are zero-padded to multiples of this for sampling.
+        ema_decay: keep an exponential moving average of the network weights
+            (``ema_net``, updated after every training batch with decay
+            ``min(ema_decay, (1 + n) / (10 + n))`` at update n, so a short run is not
+            dominated by its random start) and sample with it; ``None``: sample with the
+            trained weights.
         val_gamma: as for :class:`DoseModule`.
         **kwargs: further :class:`DoseModule` arguments.
     """
@@ -101,6 +112,7 @@ class GenerativeDoseModule(DoseModule, abc.ABC):
         loss_on_x0_weight: float = 0.0,
         dose_max: float = 1.2,
         divisible_by: int = 16,
+        ema_decay: float | None = None,
         val_gamma: Mapping | None = None,
         **kwargs: Any,
     ):
@@ -109,7 +121,7 @@ class GenerativeDoseModule(DoseModule, abc.ABC):
         if self.inference_patch_size:
             raise ValueError("generative models sample whole volumes; set "
                              "model.inference_patch_size=null")
-        factor = 2 ** (len(net.block_out_channels) - 1)
+        factor = downsampling_factor(net)
         if divisible_by % factor:
             raise ValueError(f"divisible_by={divisible_by} is not a multiple of the network's "
                              f"downsampling factor {factor}")
@@ -123,6 +135,46 @@ class GenerativeDoseModule(DoseModule, abc.ABC):
         self.loss_on_x0_weight = float(loss_on_x0_weight)
         self.dose_max = float(dose_max)
         self._val_cases_seen = 0
+        if ema_decay is not None and not 0.0 < ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in (0, 1) or null, not {ema_decay}")
+        self.ema_decay = None if ema_decay is None else float(ema_decay)
+        self.ema_net: nn.Module | None = None
+        if self.ema_decay is not None:
+            self.ema_net = copy.deepcopy(self.net).requires_grad_(False)
+            self.register_buffer("ema_updates", torch.zeros((), dtype=torch.long))
+
+    # -- weights ------------------------------------------------------------------------
+
+    @property
+    def sampling_net(self) -> nn.Module:
+        """The network that samples: the moving average when kept, else ``net``."""
+        return self.ema_net if self.ema_net is not None else self.net
+
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        """One moving-average update of ``ema_net`` towards ``net`` (see ``ema_decay``)."""
+        if self.ema_net is None:
+            return
+        n = int(self.ema_updates)
+        decay = min(self.ema_decay, (1.0 + n) / (10.0 + n))
+        for average, current in zip(self.ema_net.parameters(), self.net.parameters()):
+            average.lerp_(current.detach().to(average.dtype), 1.0 - decay)
+        for average, current in zip(self.ema_net.buffers(), self.net.buffers()):
+            average.copy_(current)
+        self.ema_updates += 1
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.update_ema()
+
+    def configure_optimizers(self) -> Any:
+        """As :class:`DoseModule`'s, over the trained parameters only (not ``ema_net``)."""
+        trained = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        optimizer = self.optimizer_factory(params=weight_decay_groups(trained))
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer=optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler,
+                                                         "interval": "epoch"}}
 
     # -- what a generative model defines
 
@@ -183,16 +235,11 @@ class GenerativeDoseModule(DoseModule, abc.ABC):
         target, clean_hat = self.target_and_estimate(clean, noise, noisy, output, t)
         return F.mse_loss(output, target), clean_hat.clamp(-1.0, 1.0)
 
-    def denoise(self, state: torch.Tensor, condition: torch.Tensor,
-                timesteps: torch.Tensor) -> torch.Tensor:
-        """Network output (B, 1, Z, Y, X) at ``state`` given the ``image`` channels."""
-        return self.net(torch.cat([state, condition.to(state.dtype)], dim=1),
-                        timesteps=timesteps).float()
-
     def inferer_sample(self, scheduler: Scheduler, noise: torch.Tensor,
-                       condition: torch.Tensor) -> torch.Tensor:
-        """MONAI's sampling loop over ``scheduler``'s steps, concatenation conditioning."""
-        return self.inferer.sample(noise, self.net, scheduler=scheduler,
+                       condition: torch.Tensor, net: nn.Module | None = None) -> torch.Tensor:
+        """MONAI's sampling loop over ``scheduler``'s steps, concatenation conditioning,
+        with ``net`` (default: :attr:`sampling_net`)."""
+        return self.inferer.sample(noise, net or self.sampling_net, scheduler=scheduler,
                                    conditioning=condition.to(noise.dtype), mode="concat",
                                    verbose=False).float()
 
@@ -353,22 +400,30 @@ class DiffusionDoseModule(GenerativeDoseModule):
 
 
 class FlowMatchingDoseModule(GenerativeDoseModule):
-    """Conditional rectified flow: the network predicts v = dose - noise at x_t (MONAI's
+    """Conditional rectified flow along x_t = (1 - t/T) dose + (t/T) noise (MONAI's
     :class:`RFlowScheduler` convention, see :mod:`vmatdose.models.flow`).
 
     Args:
         solver: ``euler`` (MONAI's ``RFlowScheduler.step`` through the inferer) or
             ``heun`` (:func:`vmatdose.models.flow.heun_sample`).
+        prediction: what the network outputs: ``velocity`` v = dose - noise, trained
+            with the MSE to it, or ``data``, the dose itself (x-prediction, trained with
+            the MSE to the dose; the sampler steps with the velocity it implies,
+            :func:`vmatdose.models.flow.velocity_from_data`).
         num_train_timesteps: T, the range of the network's timestep input.
         **kwargs: :class:`GenerativeDoseModule` arguments.
     """
 
-    def __init__(self, *args: Any, solver: str = "euler", num_train_timesteps: int = 1000,
-                 **kwargs: Any):
+    def __init__(self, *args: Any, solver: str = "euler", prediction: str = "velocity",
+                 num_train_timesteps: int = 1000, **kwargs: Any):
         super().__init__(*args, **kwargs)
         if solver not in flow.SOLVERS:
             raise ValueError(f"unknown solver {solver!r}; choose one of {flow.SOLVERS}")
+        if prediction not in flow.PREDICTIONS:
+            raise ValueError(f"unknown prediction {prediction!r}; choose one of "
+                             f"{flow.PREDICTIONS}")
         self.solver = solver
+        self.prediction = prediction
         self.rflow = flow.rflow_scheduler(num_train_timesteps)
         self.inferer = DiffusionInferer(self.rflow)
 
@@ -379,16 +434,25 @@ class FlowMatchingDoseModule(GenerativeDoseModule):
     def target_and_estimate(self, clean: torch.Tensor, noise: torch.Tensor,
                             noisy: torch.Tensor, output: torch.Tensor,
                             timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The straight path's velocity and the one-step estimate x1_hat."""
+        """(the velocity or the dose, the one-step estimate x1_hat)."""
+        if self.prediction == "data":
+            return clean, output
         return clean - noise, flow.predicted_data(noisy, output, timesteps,
                                                   self.rflow.num_train_timesteps)
 
+    def velocity_net(self) -> nn.Module:
+        """The sampling network as a velocity network (MONAI's convention)."""
+        if self.prediction == "data":
+            return flow.DataPredictionVelocity(self.sampling_net, self.rflow.num_train_timesteps)
+        return self.sampling_net
+
     def sample(self, noise: torch.Tensor, condition: torch.Tensor, steps: int) -> torch.Tensor:
         self.rflow.set_timesteps(steps)
+        net = self.velocity_net()
         if self.solver == "euler":
-            return self.inferer_sample(self.rflow, noise, condition)
+            return self.inferer_sample(self.rflow, noise, condition, net)
 
         def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return self.denoise(x, condition, t)
+            return net(torch.cat([x, condition.to(x.dtype)], dim=1), timesteps=t).float()
 
         return flow.heun_sample(velocity, self.rflow, noise)
