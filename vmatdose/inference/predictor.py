@@ -144,8 +144,7 @@ class Predictor:
         dose, std_gy = (np.asarray(mean[0, 0]) * scale).astype(np.float32), \
             None if std is None else (np.asarray(std[0, 0]) * scale).astype(np.float32)
         if work is not case:
-            dose = self._back_on(case, work, dose)
-            std_gy = None if std_gy is None else self._back_on(case, work, std_gy)
+            dose, std_gy = self._back_on(case, work, dose, std_gy)
         return Prediction(case, Path(path), dose, std_gy)
 
     def on_training_grid(self, case: Case) -> Case:
@@ -159,10 +158,15 @@ class Predictor:
             return case
         return resample_case(case, self.spacing.median_mm)
 
-    def _back_on(self, case: Case, work: Case, volume_gy: np.ndarray) -> np.ndarray:
-        """A (Z, Y, X) dose on ``work``'s grid -> ``case``'s grid, zeroed outside its body
-        when the model zeroes (``zero_outside_body``)."""
-        back = resample_volume(volume_gy, Grid.of(work), Grid.of(case))
-        if self.module.inference.zero_outside_body:
-            back = np.where(case.body > 0, back, 0.0).astype(np.float32)
-        return back
+    def _back_on(self, case: Case, work: Case, dose_gy: np.ndarray, std_gy: np.ndarray | None
+                 ) -> tuple[np.ndarray, np.ndarray | None]:
+        """(Z, Y, X) dose and std (or ``None``) on ``work``'s grid -> ``case``'s grid
+        (trilinear in patient mm), then zeroed outside its body by the module's inference
+        (:meth:`~vmatdose.inference.volume.VolumeInference.zero_outside`), once."""
+        def back(volume: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(resample_volume(volume, Grid.of(work), Grid.of(case))
+                                    .astype(np.float32))[None, None]
+        mean, std = self.module.inference.zero_outside(
+            back(dose_gy), None if std_gy is None else back(std_gy),
+            torch.from_numpy(np.asarray(case.body))[None, None])
+        return mean[0, 0].numpy(), None if std is None else std[0, 0].numpy()
