@@ -77,7 +77,7 @@ def test_grid_too_large_for_the_memory_limit(tmp_path, prostate):
     assert 1.0 < job.estimated_gb < 2.0  # the defaults fit
     with pytest.raises(InputError, match=r"case 'big' .*GB .*memory_limit_gb=16"):
         run_planning(_cfg(prostate, cases_dir, pred_dir, tmp_path / "out",
-                          dose_grid_mm=1.0, bixel_width_mm=1.0))
+                          dose_grid_mm=1.0, bixel_width_mm=1.0, leaf_width_mm=1.0))
     assert not (tmp_path / "out").exists()
 
 
