@@ -171,7 +171,10 @@ def test_rtdose_identity_comes_from_source_dicom_and_a_miss_stops_before_plannin
     jobs = check_cases(sorted(cases_dir.glob("*.npz")), pred_dir, Protocol.from_dict(prostate),
                        PlanSettings.from_config(cfg["planning"]))
     assert rtdose_sources(jobs, cfg)[case.case_id].patient["PatientID"] == PATIENT_ID
-    assert rtdose_sources(jobs, {**cfg, "export_rtdose": False}) == {}
+    # the RT Plan carries the identity too, with or without an RTDOSE
+    assert rtdose_sources(jobs, {**cfg, "export_rtdose": False})[case.case_id].patient[
+        "PatientID"] == PATIENT_ID
+    assert rtdose_sources(jobs, {**cfg, "source_dicom": None}) == {}
     planned = []
     monkeypatch.setattr(plan_run, "require_pyradplan", lambda: None)
     monkeypatch.setattr(plan_run, "plan_one", lambda *args: planned.append(args))
