@@ -90,9 +90,10 @@ def gamma_pass(reference_gy: np.ndarray, evaluated_gy: np.ndarray, case: Case,
 def distance_metrics(case: Case, pred_gy: np.ndarray, fluence_gy: np.ndarray,
                      deliverable_gy: np.ndarray, targets: Sequence[str], gamma: Mapping
                      ) -> dict[str, float]:
-    """Deliverable and fluence plan vs prediction (dose score, DVH score, gamma pass rate
-    %), deliverable vs fluence plan (gamma), and each vs the reference plan's dose (dose
-    scores) when the case has one."""
+    """Deliverable vs prediction (dose score, DVH score, gamma pass rate %), fluence plan
+    vs prediction (dose and DVH score), deliverable vs fluence plan (gamma: what
+    sequencing changed), and each vs the reference plan's dose (dose scores) when the
+    case has one."""
     as_reference = dataclasses.replace(case, dose=np.asarray(pred_gy, np.float32))
     label = f"gamma_{gamma['dose_percent']:g}pct_{gamma['distance_mm']:g}mm"
     out: dict[str, float] = {}
@@ -101,7 +102,8 @@ def distance_metrics(case: Case, pred_gy: np.ndarray, fluence_gy: np.ndarray,
         out[f"{name}_vs_prediction_dose_score_gy"] = dose_score(as_reference, dose)
         out[f"{name}_vs_prediction_dvh_score_gy"] = float(np.mean(errors)) if errors \
             else float("nan")
-        out[f"{name}_vs_prediction_{label}_pass"] = gamma_pass(pred_gy, dose, case, gamma)
+    out[f"deliverable_vs_prediction_{label}_pass"] = gamma_pass(pred_gy, deliverable_gy,
+                                                                case, gamma)
     out[f"deliverable_vs_fluence_{label}_pass"] = gamma_pass(fluence_gy, deliverable_gy,
                                                              case, gamma)
     has_ref = case.dose is not None

@@ -232,7 +232,7 @@ def plan_case(case: Case, pred_gy: np.ndarray, arrangement: BeamArrangement,
         if settings.criteria_weight > 0 and sequenced.apertures.shape[1]:
             result = optimise_segments(objective, sequenced.apertures,
                                        sequenced.segment_weights, limits.min_segment_weight,
-                                       settings.criteria_max_iter)
+                                       settings.segment_max_iter)
             sequenced = sequenced.with_segment_weights(result.x)
             stages["segments"] = result.iterations
             capped += ["segments"] if result.hit_cap else []

@@ -34,7 +34,8 @@ class PlanSettings:
         criteria_margin: how far inside each criterion the second stage aims (fraction
             of its dose: V95 % aims at 95 % x (1 + margin) of the prescription, Dmax < L
             at L x (1 - margin)).
-        criteria_max_iter: iteration cap of the second stage (and of the segment stage).
+        criteria_max_iter: iteration cap of the second stage.
+        segment_max_iter: iteration cap of the segment-weight stage after sequencing.
         smoothing_weight: priority of the fluence-smoothness term of the second stage.
         leaf_width_mm: MLC leaf width in the isocentre plane (mm); the bixel width must
             be a whole multiple of it.
@@ -56,14 +57,15 @@ class PlanSettings:
     bixel_width_mm: float = 5.0
     sparsity_cutoff: float = 0.01
     lateral_cutoff_mm: float = 50.0
-    max_iter: int = 300
+    max_iter: int = 100
     target_weight: float = 100.0
     oar_weight: float = 10.0
     body_weight: float = 1.0
     constraint_weight: float = 100.0
     criteria_weight: float = 1000.0
     criteria_margin: float = 0.02
-    criteria_max_iter: int = 150
+    criteria_max_iter: int = 100
+    segment_max_iter: int = 50
     smoothing_weight: float = 10.0
     leaf_width_mm: float = 5.0
     intensity_levels: int = 10
@@ -81,6 +83,7 @@ class PlanSettings:
                     "lateral_cutoff_mm": self.lateral_cutoff_mm,
                     "max_iter": self.max_iter, "memory_limit_gb": self.memory_limit_gb,
                     "criteria_max_iter": self.criteria_max_iter,
+                    "segment_max_iter": self.segment_max_iter,
                     "leaf_width_mm": self.leaf_width_mm, "intensity_levels": self.intensity_levels,
                     "max_segments_per_beam": self.max_segments_per_beam,
                     "min_segment_bixels": self.min_segment_bixels,
