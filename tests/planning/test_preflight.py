@@ -13,7 +13,12 @@ from vmatdose.data.case import save_case
 from vmatdose.errors import InputError
 from vmatdose.inference.predictions import save_prediction
 from vmatdose.planning.engine import INSTALL_COMMAND, PlanningEngineMissing, require_pyradplan
-from vmatdose.planning.preflight import check_cases, estimate_bixels
+from vmatdose.planning.preflight import (
+    DIVERGENCE,
+    check_cases,
+    estimate_bixels,
+    estimate_entries,
+)
 from vmatdose.planning.run import run_planning
 from vmatdose.planning.settings import PlanSettings
 from vmatdose.protocol import Protocol
@@ -111,6 +116,16 @@ def test_bixel_estimate_counts_the_target_view_plus_margin():
     assert estimate_bixels(case, one_beam, 5.0) == 25
     two_beams = BeamArrangement((0.0, 90.0), (0.0, 0.0), iso)
     assert estimate_bixels(case, two_beams, 5.0) == 50
+    # a cut-off wider than the body: every bixel keeps the whole body (20^3 voxels of
+    # 1 mm^3 = 8000 mm^3 = 64 dose-grid voxels of 5 mm)
+    body_voxels = case.body.sum() / 125.0
+    wide = PlanSettings(dose_grid_mm=5.0, lateral_cutoff_mm=500.0)
+    assert estimate_entries(case, one_beam, wide) == pytest.approx(
+        DIVERGENCE * 25 * body_voxels)
+    # a narrow one keeps less: only the body near each bixel's ray
+    narrow = PlanSettings(dose_grid_mm=5.0, lateral_cutoff_mm=5.0)
+    assert estimate_entries(case, one_beam, narrow) < 0.5 * estimate_entries(case, one_beam,
+                                                                             wide)
 
 
 def test_cli_names_the_case_and_exits_1(tmp_path):
