@@ -6,8 +6,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from vmatdose.errors import InputError
-from vmatdose.planning.mlc import mlc_geometry, open_area_mm2, pairs_per_row, segment_shape
+from vmatdose.planning.mlc import mlc_geometry, segment_shape
 from vmatdose.planning.rtplan import DeliveredBeam, write_rtplan
 from vmatdose.planning.sequencing import SequencingLimits, sequence_fluence
 
@@ -34,20 +33,6 @@ def _beam(gantry: float, fluence: np.ndarray, extent, leaf_width=5.0) -> Deliver
     mlc = mlc_geometry(fluence.shape, extent, 5.0, leaf_width)
     shapes = [segment_shape(s, mlc) for s in seq.segments]
     return DeliveredBeam(gantry, 0.0, mlc, shapes, np.array([s.weight for s in seq.segments]))
-
-
-def test_segment_shape_leaves_and_jaws():
-    fluence = np.array([[0.0, 1.0, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
-    [segment] = sequence_fluence(fluence, SequencingLimits(levels=1)).segments
-    mlc = mlc_geometry(fluence.shape, (-10.0, 10.0, -7.5, 7.5), 5.0, 2.5)
-    shape = segment_shape(segment, mlc)
-    assert mlc.n_pairs == 6 and mlc.boundaries_mm.tolist() == [-7.5, -5, -2.5, 0, 2.5, 5, 7.5]
-    np.testing.assert_allclose(shape.leaves_mm[0], [-5, -5, 0, 0, -10, -10])
-    np.testing.assert_allclose(shape.leaves_mm[1], [5, 5, 0, 0, 10, 10])
-    assert shape.jaw_x_mm.tolist() == [-10.0, 10.0] and shape.jaw_y_mm.tolist() == [-7.5, 7.5]
-    assert open_area_mm2(shape, mlc) == pytest.approx(10 * 5 + 20 * 5)
-    with pytest.raises(InputError, match="whole multiple"):
-        pairs_per_row(5.0, 3.0)
 
 
 def test_rtplan_round_trip(tmp_path):
