@@ -237,11 +237,24 @@ class PlanningConfig:
     bixel_width_mm: float = 5.0
     sparsity_cutoff: float = 0.01
     lateral_cutoff_mm: float = 50.0
-    max_iter: int = 300
+    max_iter: int = 100
     target_weight: float = 100.0
     oar_weight: float = 10.0
     body_weight: float = 1.0
     constraint_weight: float = 100.0
+    criteria_weight: float = 1000.0
+    criteria_margin: float = 0.02
+    criteria_max_iter: int = 100
+    segment_max_iter: int = 50
+    smoothing_weight: float = 10.0
+    leaf_width_mm: float = 5.0
+    intensity_levels: int = 10
+    max_segments_per_beam: int = 15
+    min_segment_mu: float = 2.0
+    min_segment_bixels: int = 2
+    mu_per_weight: float = 100.0
+    normalisation: str = "d95"
+    normalisation_percent: float = 97.0
     memory_limit_gb: float = 16.0
     progress: bool = True
 

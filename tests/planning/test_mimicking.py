@@ -8,6 +8,7 @@ import json
 
 import numpy as np
 import pandas as pd
+import pydicom
 import pytest
 
 pytest.importorskip("pyRadPlan", reason='the planning engine is an optional extra: '
@@ -24,7 +25,8 @@ from vmatdose.planning.run import write_case_outputs  # noqa: E402
 from vmatdose.planning.settings import PlanSettings  # noqa: E402
 from vmatdose.protocol import Protocol  # noqa: E402
 
-SETTINGS = PlanSettings(dose_grid_mm=8.0, bixel_width_mm=8.0, max_iter=150, progress=False)
+SETTINGS = PlanSettings(dose_grid_mm=8.0, bixel_width_mm=8.0, leaf_width_mm=4.0, max_iter=150,
+                        criteria_max_iter=60, progress=False)
 OARS = ("Rectum", "Bladder", "Femur_L", "Femur_R")
 
 
@@ -58,6 +60,23 @@ def test_deliverable_reaches_the_prescription(planned):
     assert plan.seconds["total"] > 0 and plan.peak_rss_gb > 0.1
 
 
+def test_sequenced_plan_stays_close_to_the_fluence_plan(planned):
+    _, case, _, constraints, plan = planned
+    segments = [len(b.segments) for b in plan.sequenced.beams]
+    assert all(1 <= n <= SETTINGS.max_segments_per_beam for n in segments)
+    # the segments deliver the bixel weights whose dose is the deliverable dose
+    np.testing.assert_allclose(plan.dose_for(plan.sequenced.bixel_weights), plan.dose_gy,
+                               rtol=1e-4, atol=1e-3)
+    ptv = case.mask("PTV70") > 0
+    for dose in (plan.fluence_dose_gy, plan.dose_gy):  # both normalised: D95 97 % of 70 Gy
+        assert np.percentile(dose[ptv], 5) == pytest.approx(0.97 * 70.0, rel=1e-3)
+    body = case.body > 0
+    assert np.abs(plan.dose_gy - plan.fluence_dose_gy)[body].mean() < 0.05 * 70.0
+    met = {k: sum(c.passes(c.value(case, d)) for c in constraints)
+           for k, d in (("fluence", plan.fluence_dose_gy), ("deliverable", plan.dose_gy))}
+    assert met["deliverable"] >= met["fluence"] - 1, met
+
+
 def test_mimicking_beats_an_open_field_plan_on_the_organs(planned):
     _, case, _, _, plan = planned
     open_field = plan.dose_for(np.ones(plan.n_bixels))
@@ -76,12 +95,19 @@ def test_outputs_are_written(planned):
                                                SETTINGS, gamma, out, export_rtdose=True)
     folder = out / case.case_id
     for name in ("fluence.npz", "fluence.png", "dvh.png", "criteria.csv", "dvh_points.csv",
-                 "summary.json"):
+                 "summary.json", "segments.csv", "fluence_dose.npz"):
         assert (folder / name).is_file(), name
     assert (out / f"{case.case_id}.npz").is_file()
+    plan_file = pydicom.dcmread(out / f"{case.case_id}_rtplan.dcm")
+    assert len(plan_file.BeamSequence) == 5
+    meterset = sum(float(b.BeamMeterset)
+                   for b in plan_file.FractionGroupSequence[0].ReferencedBeamSequence)
+    assert meterset == pytest.approx(row["mu_per_fraction"], abs=0.5)
     assert (out / f"{case.case_id}_rtdose.dcm").is_file()
     assert len(criteria) == len(constraints)
-    assert {"reference_gy", "prediction_gy", "deliverable_gy"} <= set(points[0])
+    assert {"reference_gy", "prediction_gy", "fluence_gy", "deliverable_gy"} <= set(points[0])
+    assert {"fluence_criteria_met", "deliverable_criteria_met",
+            "reference_criteria_evaluable"} <= set(row)
     assert 0.0 <= row["deliverable_vs_prediction_gamma_3pct_3mm_pass"] <= 100.0
     assert json.loads((folder / "summary.json").read_text())["n_bixels"] == plan.n_bixels
     table = pd.read_csv(folder / "criteria.csv")

@@ -13,7 +13,12 @@ from vmatdose.data.case import save_case
 from vmatdose.errors import InputError
 from vmatdose.inference.predictions import save_prediction
 from vmatdose.planning.engine import INSTALL_COMMAND, PlanningEngineMissing, require_pyradplan
-from vmatdose.planning.preflight import check_cases, estimate_bixels
+from vmatdose.planning.preflight import (
+    DIVERGENCE,
+    check_cases,
+    estimate_bixels,
+    estimate_entries,
+)
 from vmatdose.planning.run import run_planning
 from vmatdose.planning.settings import PlanSettings
 from vmatdose.protocol import Protocol
@@ -77,7 +82,7 @@ def test_grid_too_large_for_the_memory_limit(tmp_path, prostate):
     assert 1.0 < job.estimated_gb < 2.0  # the defaults fit
     with pytest.raises(InputError, match=r"case 'big' .*GB .*memory_limit_gb=16"):
         run_planning(_cfg(prostate, cases_dir, pred_dir, tmp_path / "out",
-                          dose_grid_mm=1.0, bixel_width_mm=1.0))
+                          dose_grid_mm=1.0, bixel_width_mm=1.0, leaf_width_mm=1.0))
     assert not (tmp_path / "out").exists()
 
 
@@ -111,6 +116,16 @@ def test_bixel_estimate_counts_the_target_view_plus_margin():
     assert estimate_bixels(case, one_beam, 5.0) == 25
     two_beams = BeamArrangement((0.0, 90.0), (0.0, 0.0), iso)
     assert estimate_bixels(case, two_beams, 5.0) == 50
+    # a cut-off wider than the body: every bixel keeps the whole body (20^3 voxels of
+    # 1 mm^3 = 8000 mm^3 = 64 dose-grid voxels of 5 mm)
+    body_voxels = case.body.sum() / 125.0
+    wide = PlanSettings(dose_grid_mm=5.0, lateral_cutoff_mm=500.0)
+    assert estimate_entries(case, one_beam, wide) == pytest.approx(
+        DIVERGENCE * 25 * body_voxels)
+    # a narrow one keeps less: only the body near each bixel's ray
+    narrow = PlanSettings(dose_grid_mm=5.0, lateral_cutoff_mm=5.0)
+    assert estimate_entries(case, one_beam, narrow) < 0.5 * estimate_entries(case, one_beam,
+                                                                             wide)
 
 
 def test_cli_names_the_case_and_exits_1(tmp_path):
@@ -171,7 +186,10 @@ def test_rtdose_identity_comes_from_source_dicom_and_a_miss_stops_before_plannin
     jobs = check_cases(sorted(cases_dir.glob("*.npz")), pred_dir, Protocol.from_dict(prostate),
                        PlanSettings.from_config(cfg["planning"]))
     assert rtdose_sources(jobs, cfg)[case.case_id].patient["PatientID"] == PATIENT_ID
-    assert rtdose_sources(jobs, {**cfg, "export_rtdose": False}) == {}
+    # the RT Plan carries the identity too, with or without an RTDOSE
+    assert rtdose_sources(jobs, {**cfg, "export_rtdose": False})[case.case_id].patient[
+        "PatientID"] == PATIENT_ID
+    assert rtdose_sources(jobs, {**cfg, "source_dicom": None}) == {}
     planned = []
     monkeypatch.setattr(plan_run, "require_pyradplan", lambda: None)
     monkeypatch.setattr(plan_run, "plan_one", lambda *args: planned.append(args))

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -11,7 +12,33 @@ import numpy as np
 
 from vmatdose.data.atomic import atomic_path
 from vmatdose.data.case import write_npz
-from vmatdose.planning.optimise import BeamFluence
+
+
+@dataclass(frozen=True)
+class BeamFluence:
+    """The optimised weights of one beam's bixels.
+
+    Attributes:
+        gantry_deg, couch_deg: the beam's angles (IEC degrees).
+        positions_mm: (N, 2) bixel centres in the isocentre plane, beam's-eye view
+            (lateral, longitudinal) mm.
+        weights: (N,) optimised bixel weights (>= 0).
+    """
+
+    gantry_deg: float
+    couch_deg: float
+    positions_mm: np.ndarray
+    weights: np.ndarray
+
+
+def bixel_cells(beam: BeamFluence, bixel_width_mm: float) -> tuple[np.ndarray, np.ndarray]:
+    """(N, 2) (row, column) of each bixel in :func:`fluence_map`'s grid, and that grid's
+    (rows, columns) shape."""
+    cells = np.round(beam.positions_mm / bixel_width_mm).astype(np.int64)
+    low = cells.min(0)
+    shape = cells.max(0) - low + 1
+    return np.stack([cells[:, 1] - low[1], cells[:, 0] - low[0]], 1), \
+        np.array([shape[1], shape[0]])
 
 
 def fluence_map(beam: BeamFluence, bixel_width_mm: float
@@ -19,11 +46,11 @@ def fluence_map(beam: BeamFluence, bixel_width_mm: float
     """(rows = longitudinal, columns = lateral) map of ``beam``'s weights, NaN where the
     beam has no bixel, and its extent ``(lateral min, max, longitudinal min, max)`` mm of
     the bixel edges."""
-    cells = np.round(beam.positions_mm / bixel_width_mm).astype(np.int64)
-    low = cells.min(0)
-    shape = cells.max(0) - low + 1
-    grid = np.full((shape[1], shape[0]), np.nan)
-    grid[cells[:, 1] - low[1], cells[:, 0] - low[0]] = beam.weights
+    rc, (rows, cols) = bixel_cells(beam, bixel_width_mm)
+    low = np.round(beam.positions_mm / bixel_width_mm).astype(np.int64).min(0)
+    shape = np.array([cols, rows])
+    grid = np.full((rows, cols), np.nan)
+    grid[rc[:, 0], rc[:, 1]] = beam.weights
     half = bixel_width_mm / 2.0
     lat0, long0 = low * bixel_width_mm
     extent = (lat0 - half, lat0 + shape[0] * bixel_width_mm - half,

@@ -1,10 +1,16 @@
-"""One case planned with pyRadPlan: steering file, dose influence matrix, fluence
-optimisation and the dose the optimised fluences deliver.
+"""One case planned with pyRadPlan: steering file, dose influence matrix, then
 
-The engine computes on a dose grid of ``settings.dose_grid_mm`` (coarser than the case
-grid if asked); the deliverable dose is interpolated (linearly) back onto the case grid.
-Fluences are the optimised bixel weights (non-negative, one per bixel), in the engine's
-monitor-unit-like unit in which the dose influence matrix gives Gy.
+1. mimicking: the engine's fluence optimisation of the prediction (:mod:`.objectives`);
+2. criteria: the protocol's criteria enforced on the case grid, fluence smoothed
+   (:mod:`.refinement`), giving the *fluence plan*;
+3. sequencing: each beam's fluence into MLC segments (:mod:`.delivery`), the segments'
+   weights re-optimised with the same objective, giving the *deliverable plan*, whose
+   dose the engine recomputes through the apertures (``D @ (apertures @ weights)``);
+4. normalisation of each plan (primary target's D95 or median, ``planning.normalisation``).
+
+The engine computes on a dose grid of ``settings.dose_grid_mm``; doses are interpolated
+(linearly) onto the case grid, where stages 2-3 judge them. Fluences are bixel weights
+(non-negative), in the engine's unit in which the dose influence matrix gives Gy.
 """
 
 from __future__ import annotations
@@ -22,77 +28,103 @@ import numpy as np
 from vmatdose.data.beams import BeamArrangement
 from vmatdose.data.case import Case
 from vmatdose.evaluation.constraints import Constraint
+from vmatdose.planning.arrangement import case_targets
+from vmatdose.planning.delivery import SequencedPlan, sequence_plan
+from vmatdose.planning.dose_grid import (
+    DoseGrid,
+    interpolation_matrix,
+    resample_to_case,
+    voxel_centres_mm,
+)
 from vmatdose.planning.engine import require_pyradplan
+from vmatdose.planning.fluence import BeamFluence, bixel_cells
 from vmatdose.planning.memory import PeakRSS
 from vmatdose.planning.objectives import assign_objectives
-from vmatdose.planning.patient import build_ct, build_structure_set, image_array
+from vmatdose.planning.patient import build_ct, build_structure_set
+from vmatdose.planning.refinement import (
+    PlanObjective,
+    neighbour_pairs,
+    optimise_bixels,
+    optimise_segments,
+    plan_terms,
+)
+from vmatdose.planning.sequencing import SequencingLimits
 from vmatdose.planning.settings import PlanSettings
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class BeamFluence:
-    """The optimised weights of one beam's bixels.
-
-    Attributes:
-        gantry_deg, couch_deg: the beam's angles (IEC degrees).
-        positions_mm: (N, 2) bixel centres in the isocentre plane, beam's-eye view
-            (lateral, longitudinal) mm.
-        weights: (N,) optimised bixel weights (>= 0).
-    """
-
-    gantry_deg: float
-    couch_deg: float
-    positions_mm: np.ndarray
-    weights: np.ndarray
-
-
 @dataclass
 class PlannedCase:
-    """A case's plan: fluences, deliverable dose and what it cost.
+    """A case's plan: fluences, segments, doses and what it cost.
 
     Attributes:
         case_id: the case.
-        weights: (n_bixels,) optimised bixel weights, in steering-file order.
-        dose_gy: (Z, Y, X) deliverable dose on the case grid, Gy.
-        beams: per-beam fluences (:class:`BeamFluence`).
-        seconds: wall-clock seconds of ``stf``, ``dij``, ``optimise`` and ``total``.
+        weights: (n_bixels,) the fluence plan's bixel weights (after the criteria stage
+            and normalisation), in steering-file order.
+        fluence_dose_gy: (Z, Y, X) the fluence plan's dose on the case grid, Gy.
+        dose_gy: (Z, Y, X) the deliverable (sequenced) plan's dose on the case grid, Gy.
+        beams: per-beam fluences of the fluence plan (:class:`BeamFluence`).
+        sequenced: the deliverable plan's segments (:class:`SequencedPlan`).
+        seconds: wall-clock seconds of ``stf``, ``dij``, ``optimise`` (mimicking),
+            ``criteria``, ``sequence`` (with the segment stage) and ``total``.
         peak_rss_gb: peak resident memory while planning (GB).
         n_bixels, dij_nonzeros: size of the dose influence matrix.
         dose_grid_shape: (Z, Y, X) of the engine's dose grid.
-        iterations: optimiser iterations (``None`` if the solver does not say).
+        iterations: iterations of the mimicking stage (``None`` if the solver does not
+            say); ``stage_iterations``: of every stage, ``hit_cap``: the stages stopped
+            by their iteration cap.
+        normalisation: factor applied to the fluence and to the sequenced plan.
         penalties: labels of the constraint penalties used.
     """
 
     case_id: str
     weights: np.ndarray
+    fluence_dose_gy: np.ndarray
     dose_gy: np.ndarray
     beams: list[BeamFluence]
+    sequenced: SequencedPlan
     seconds: dict[str, float]
     peak_rss_gb: float
     n_bixels: int
     dij_nonzeros: int
     dose_grid_shape: tuple[int, int, int]
     iterations: int | None
+    stage_iterations: dict[str, int] = field(default_factory=dict)
+    hit_cap: list[str] = field(default_factory=list)
+    normalisation: dict[str, float] = field(default_factory=dict)
     penalties: list[str] = field(default_factory=list)
-    _dij: Any = field(default=None, repr=False)
+    _engine: Any = field(default=None, repr=False)
 
     def dose_for(self, weights: np.ndarray) -> np.ndarray:
         """(Z, Y, X) dose (Gy) on the case grid of other bixel ``weights`` (n_bixels,),
         e.g. an open-field plan; needs the plan's dose influence matrix (kept until
         :meth:`release`)."""
-        if self._dij is None:
+        if self._engine is None:
             raise RuntimeError(f"{self.case_id}: the dose influence matrix was released")
         weights = np.asarray(weights, dtype=np.float64)
         if weights.shape != self.weights.shape:
             raise ValueError(f"{self.case_id}: expected {self.weights.shape} weights, "
                              f"got {weights.shape}")
-        return image_array(self._dij.compute_result_ct_grid(weights)["physical_dose"])
+        return self._engine.case_dose(weights)
 
     def release(self) -> None:
         """Drop the dose influence matrix (the largest object of a plan)."""
-        self._dij = None
+        self._engine = None
+
+
+@dataclass
+class EngineDose:
+    """The dose influence matrix and the grids: bixel weights -> dose on the case grid."""
+
+    matrix: Any
+    grid: DoseGrid
+    case: Case
+
+    def case_dose(self, weights: np.ndarray) -> np.ndarray:
+        """(Z, Y, X) Gy on the case grid, as the engine's ``compute_result_ct_grid``."""
+        return resample_to_case(self.grid, self.matrix @ weights, self.case.shape,
+                                self.case.origin_mm, self.case.spacing_mm)
 
 
 @contextlib.contextmanager
@@ -150,7 +182,8 @@ def beam_fluences(stf: Any, weights: np.ndarray) -> list[BeamFluence]:
 
 def plan_case(case: Case, pred_gy: np.ndarray, arrangement: BeamArrangement,
               constraints: Sequence[Constraint], settings: PlanSettings) -> PlannedCase:
-    """Plan ``case`` to mimic ``pred_gy`` (Z, Y, X) Gy with ``arrangement``'s beams."""
+    """Plan ``case`` to mimic ``pred_gy`` (Z, Y, X) Gy with ``arrangement``'s beams, then
+    enforce the criteria, sequence the fluences into segments and normalise both plans."""
     require_pyradplan()
     from pyRadPlan import calc_dose_influence, fluence_optimization, generate_stf
 
@@ -172,16 +205,93 @@ def plan_case(case: Case, pred_gy: np.ndarray, arrangement: BeamArrangement,
         penalties = assign_objectives(cst, case, pred_gy, constraints, settings)
         tick = time.perf_counter()
         info: dict = {}
-        weights = np.asarray(fluence_optimization(ct, cst, stf, dij, pln, opt_info=info),
-                             dtype=np.float64)
+        mimicked = np.asarray(fluence_optimization(ct, cst, stf, dij, pln, opt_info=info),
+                              dtype=np.float64)
         seconds["optimise"] = time.perf_counter() - tick
-        dose = image_array(dij.compute_result_ct_grid(weights)["physical_dose"])
+        del ct, cst
+        engine = EngineDose(dij.physical_dose.flat[0], DoseGrid.from_engine(dij.dose_grid),
+                            case)
+        del dij
+        stages = {"mimicking": int(info.get("num_iter") or 0)}
+        capped = ["mimicking"] if stages["mimicking"] >= settings.max_iter else []
+        tick = time.perf_counter()
+        objective = criteria_objective(case, pred_gy, constraints, settings, engine,
+                                       beam_fluences(stf, mimicked))
+        weights = mimicked
+        if settings.criteria_weight > 0:
+            result = optimise_bixels(objective, mimicked, settings.criteria_max_iter)
+            weights, stages["criteria"] = result.x, result.iterations
+            capped += ["criteria"] if result.hit_cap else []
+        seconds["criteria"] = time.perf_counter() - tick
+        tick = time.perf_counter()
+        fractions = int(case.meta.get("fractions") or 1)
+        limits = sequencing_limits(settings, fractions)
+        fluences = beam_fluences(stf, weights)
+        sequenced = sequence_plan(fluences, settings.bixel_width_mm, settings.leaf_width_mm,
+                                  limits)
+        if settings.criteria_weight > 0 and sequenced.apertures.shape[1]:
+            result = optimise_segments(objective, sequenced.apertures,
+                                       sequenced.segment_weights, limits.min_segment_weight,
+                                       settings.segment_max_iter)
+            sequenced = sequenced.with_segment_weights(result.x)
+            stages["segments"] = result.iterations
+            capped += ["segments"] if result.hit_cap else []
+        seconds["sequence"] = time.perf_counter() - tick
+        fluence_dose = engine.case_dose(weights)
+        dose = engine.case_dose(sequenced.bixel_weights)
+        factors = {"fluence": normalisation_factor(case, fluence_dose, settings),
+                   "deliverable": normalisation_factor(case, dose, settings)}
+        weights = weights * factors["fluence"]
+        fluence_dose *= factors["fluence"]
+        sequenced = sequenced.with_segment_weights(sequenced.segment_weights
+                                                   * factors["deliverable"])
+        dose *= factors["deliverable"]
         seconds["total"] = time.perf_counter() - start
-    matrix = dij.physical_dose.flat[0]
-    grid = dij.dose_grid.dimensions
+    grid = engine.grid.shape
     log.info("%s: %d bixels, %d dij entries, %.1f s, peak %.2f GB", case.case_id,
-             weights.size, matrix.nnz, seconds["total"], rss.peak_gb)
-    return PlannedCase(case.case_id, weights, dose, beam_fluences(stf, weights), seconds,
-                       rss.peak_gb, int(weights.size), int(matrix.nnz),
-                       (int(grid[2]), int(grid[1]), int(grid[0])), info.get("num_iter"),
-                       penalties, dij)
+             weights.size, engine.matrix.nnz, seconds["total"], rss.peak_gb)
+    return PlannedCase(case.case_id, weights, fluence_dose, dose, beam_fluences(stf, weights),
+                       sequenced, seconds, rss.peak_gb, int(weights.size),
+                       int(engine.matrix.nnz), grid, info.get("num_iter"), stages, capped,
+                       factors, penalties, engine)
+
+
+def sequencing_limits(settings: PlanSettings, fractions: int) -> SequencingLimits:
+    """The sequencer's limits in fluence units (``min_segment_mu`` is per fraction)."""
+    return SequencingLimits(
+        levels=settings.intensity_levels, max_segments=settings.max_segments_per_beam,
+        min_segment_weight=settings.min_segment_mu * fractions / settings.mu_per_weight,
+        min_segment_bixels=settings.min_segment_bixels)
+
+
+def criteria_objective(case: Case, pred_gy: np.ndarray, constraints: Sequence[Constraint],
+                       settings: PlanSettings, engine: EngineDose,
+                       fluences: Sequence[BeamFluence]) -> PlanObjective:
+    """The criteria stage's objective on the case grid: body and structure voxels."""
+    selection = case.body > 0
+    for name in case.structures:
+        selection |= case.mask(name) > 0
+    centres = voxel_centres_mm(np.argwhere(selection), case.origin_mm, case.spacing_mm)
+    interpolation = interpolation_matrix(engine.grid, centres)
+    terms = plan_terms(case, pred_gy, selection, constraints,
+                       {"target": settings.target_weight, "oar": settings.oar_weight,
+                        "body": settings.body_weight},
+                       settings.criteria_weight, settings.criteria_margin)
+    pairs = neighbour_pairs([bixel_cells(f, settings.bixel_width_mm)[0] for f in fluences])
+    start = np.concatenate([f.weights for f in fluences])
+    scale = float(start.mean()) if start.size and start.mean() > 0 else 1.0
+    return PlanObjective(engine.matrix, interpolation, terms, pairs,
+                         settings.smoothing_weight, scale)
+
+
+def normalisation_factor(case: Case, dose_gy: np.ndarray, settings: PlanSettings) -> float:
+    """The factor that puts the primary target's D95 (or median) at
+    ``normalisation_percent`` % of its prescription; 1 for ``normalisation: none``."""
+    if settings.normalisation == "none":
+        return 1.0
+    primary = case_targets(case)[0]
+    values = dose_gy[case.mask(primary) > 0]
+    level = np.percentile(values, 5.0) if settings.normalisation == "d95" \
+        else np.median(values)
+    goal = settings.normalisation_percent / 100.0 * case.prescriptions_gy[primary]
+    return float(goal / level) if level > 0 else 1.0

@@ -1,13 +1,16 @@
 """Every case checked before any optimisation starts: its prediction, its targets, its
 protocol, its beams, and whether planning it fits in the memory limit.
 
-The memory estimate needs no planning engine: the bixel count is the number of
-``bixel_width``-sized cells the targets cover in each beam's view (divergence ignored),
-the dose influence matrix keeps per bixel about the dose-grid voxels of a cylinder of
-:data:`CORE_RADIUS_MM` along the body's equivalent diameter, at :data:`BYTES_PER_ENTRY`,
-and the engine's assembly holds up to :data:`ASSEMBLY_FACTOR` copies of it at its peak.
-(Measured at 5 mm grid and bixels: OpenKBP pt_201 2.7 GB peak, estimate 4.5 GB; the
-36-beam phantom 4.0 GB, estimate 3.8 GB.)
+The memory estimate needs no planning engine. Bixels: the ``bixel_width``-sized cells
+the targets cover in each beam's view plus a one-bixel margin (:func:`estimate_bixels`;
+the engine's divergent rays make about :data:`DIVERGENCE` times more). Matrix entries:
+each bixel keeps the dose-grid voxels of the body within the pencil beam's lateral
+cut-off (``planning.lateral_cutoff_mm``) of its ray, counted by projecting the body into
+the beam's view (:func:`estimate_entries`: 0.92-1.01 of the engine's count on ten
+OpenKBP patients, 1.00 on the 36-beam phantom). Peak: :data:`BASE_GB` plus
+:data:`ASSEMBLY_FACTOR` times the matrix at :data:`BYTES_PER_ENTRY`
+(:func:`estimate_peak_gb`), fitted to peaks measured one case per process
+(experiments/planning.md).
 """
 
 from __future__ import annotations
@@ -26,17 +29,14 @@ from vmatdose.planning.arrangement import case_arrangement, case_targets
 from vmatdose.planning.settings import PlanSettings
 from vmatdose.protocol import Protocol
 
-#: Radius (mm) of the cylinder whose dose-grid voxels stand for one bixel's entries,
-#: fitted to the engine's matrices at 5 mm: an OpenKBP patient (8600 entries per bixel)
-#: and the pelvic phantom (14400); it errs on the safe side for the first.
-CORE_RADIUS_MM = 45.0
+#: Engine bixels per estimated bixel (its rays diverge from the source; measured 1.10-1.18).
+DIVERGENCE = 1.14
 #: float64 value + int32 row index of a sparse (CSC) entry.
 BYTES_PER_ENTRY = 12
-#: Peak copies of the matrix while the engine assembles it (measured about 1.5; kept
-#: on the safe side).
-ASSEMBLY_FACTOR = 2.0
-#: Python, the engine and one case's arrays (GB), measured on the phantom.
-BASE_GB = 1.0
+#: Peak copies of the matrix while the engine assembles it and the stages use it.
+ASSEMBLY_FACTOR = 1.7
+#: Python, the engine and one case's arrays (GB).
+BASE_GB = 1.05
 
 
 @dataclass(frozen=True)
@@ -51,36 +51,73 @@ class PlanJob:
     estimated_gb: float
 
 
+def beam_views(case: Case, arrangement: BeamArrangement, mask: np.ndarray
+               ) -> list[np.ndarray]:
+    """Per beam, (N, 2) (lateral, longitudinal) mm of ``mask``'s voxels projected into
+    the beam's view at the isocentre (divergence ignored)."""
+    idx = np.argwhere(mask)
+    zyx = case.origin_mm + idx * case.spacing_mm - np.asarray(arrangement.isocentre_mm)
+    z, y, x = zyx.T
+    views = []
+    for gantry, couch in zip(arrangement.gantry_deg, arrangement.couch_deg):
+        c, g = np.deg2rad(couch), np.deg2rad(gantry)
+        xr, zr = x * np.cos(c) - z * np.sin(c), x * np.sin(c) + z * np.cos(c)
+        views.append(np.stack([xr * np.cos(g) + y * np.sin(g), zr], 1))
+    return views
+
+
+def _bixel_cells(view: np.ndarray, bixel_width_mm: float) -> np.ndarray:
+    """The cells a target view covers plus a one-cell margin (as the engine does)."""
+    cells = np.unique(np.round(view / bixel_width_mm).astype(np.int64), axis=0)
+    ring = np.concatenate([cells + (i, j) for i in (-1, 0, 1) for j in (-1, 0, 1)])
+    return np.unique(ring, axis=0)
+
+
+def _targets(case: Case) -> np.ndarray:
+    return np.stack([case.mask(t) for t in case_targets(case)]).any(0)
+
+
 def estimate_bixels(case: Case, arrangement: BeamArrangement, bixel_width_mm: float) -> int:
     """Bixels covering the targets, summed over beams (each beam's view of the targets
     cut into ``bixel_width_mm`` squares in the isocentre plane, plus a one-bixel margin;
     divergence ignored)."""
-    union = np.stack([case.mask(t) for t in case_targets(case)]).any(0)
-    idx = np.argwhere(union)
-    zyx = case.origin_mm + idx * case.spacing_mm - np.asarray(arrangement.isocentre_mm)
-    z, y, x = zyx.T
-    total = 0
-    for gantry, couch in zip(arrangement.gantry_deg, arrangement.couch_deg):
-        c, g = np.deg2rad(couch), np.deg2rad(gantry)
-        xr, zr = x * np.cos(c) - z * np.sin(c), x * np.sin(c) + z * np.cos(c)
-        lateral = xr * np.cos(g) + y * np.sin(g)
-        cells = np.unique(np.round(np.stack([lateral, zr], 1) / bixel_width_mm)
-                          .astype(np.int64), axis=0)
-        # the engine adds a margin of about one bixel around the targets' outline
-        ring = np.concatenate([cells + (i, j) for i in (-1, 0, 1) for j in (-1, 0, 1)])
-        total += len(np.unique(ring, axis=0))
-    return int(total)
+    return int(sum(len(_bixel_cells(view, bixel_width_mm))
+                   for view in beam_views(case, arrangement, _targets(case))))
 
 
-def estimate_peak_gb(case: Case, n_bixels: int, settings: PlanSettings) -> float:
-    """Estimated peak resident memory (GB) of planning ``case`` with ``n_bixels``."""
+def estimate_entries(case: Case, arrangement: BeamArrangement, settings: PlanSettings
+                     ) -> float:
+    """Dose influence matrix entries: for each bixel, the dose-grid voxels of the body
+    within ``settings.lateral_cutoff_mm`` of its ray (the body projected into each beam's
+    view, summed over a disc around each bixel), times :data:`DIVERGENCE`."""
+    from scipy import ndimage
+
+    width = float(settings.bixel_width_mm)
     voxel_mm3 = float(settings.dose_grid_mm) ** 3 if settings.dose_grid_mm else \
         float(np.prod(case.spacing_mm))
-    axial_mm2 = case.body.sum(axis=(1, 2)).max() * case.spacing_mm[1] * case.spacing_mm[2]
-    diameter_mm = 2.0 * np.sqrt(axial_mm2 / np.pi)
-    body_voxels = case.body.sum() * float(np.prod(case.spacing_mm)) / voxel_mm3
-    per_bixel = min(np.pi * CORE_RADIUS_MM ** 2 * diameter_mm / voxel_mm3, body_voxels)
-    matrix_gb = n_bixels * per_bixel * BYTES_PER_ENTRY / 1e9
+    per_voxel = float(np.prod(case.spacing_mm)) / voxel_mm3
+    radius = float(settings.lateral_cutoff_mm) / width
+    k = int(np.ceil(radius))
+    yy, xx = np.mgrid[-k:k + 1, -k:k + 1]
+    disc = (yy ** 2 + xx ** 2 <= radius ** 2).astype(np.float64)
+    total = 0.0
+    for body, target in zip(beam_views(case, arrangement, case.body > 0),
+                            beam_views(case, arrangement, _targets(case))):
+        cells = np.round(body / width).astype(np.int64)
+        bixels = _bixel_cells(target, width)
+        low = np.minimum(cells.min(0), bixels.min(0)) - k
+        shape = np.maximum(cells.max(0), bixels.max(0)) - low + k + 1
+        depth = np.zeros(shape)
+        np.add.at(depth, tuple((cells - low).T), per_voxel)
+        near = ndimage.convolve(depth, disc, mode="constant")
+        total += float(near[tuple((bixels - low).T)].sum())
+    return DIVERGENCE * total
+
+
+def estimate_peak_gb(case: Case, arrangement: BeamArrangement, settings: PlanSettings
+                     ) -> float:
+    """Estimated peak resident memory (GB) of planning ``case``."""
+    matrix_gb = estimate_entries(case, arrangement, settings) * BYTES_PER_ENTRY / 1e9
     return float(BASE_GB + ASSEMBLY_FACTOR * matrix_gb)
 
 
@@ -105,7 +142,7 @@ def check_case(case_path: Path, predictions_dir: Path, protocol: Protocol,
         raise InputError(f"{label}: {err}") from err
     arrangement = case_arrangement(case, protocol)
     n_bixels = estimate_bixels(case, arrangement, settings.bixel_width_mm)
-    peak = estimate_peak_gb(case, n_bixels, settings)
+    peak = estimate_peak_gb(case, arrangement, settings)
     if peak > settings.memory_limit_gb:
         grid = f"{settings.dose_grid_mm} mm" if settings.dose_grid_mm else "the case grid"
         raise InputError(

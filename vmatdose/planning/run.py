@@ -2,12 +2,15 @@
 
 Writes into ``output_dir``:
 
-* ``<case_id>.npz``: the deliverable dose on the case grid (the prediction-file format,
-  so ``python -m vmatdose.evaluate predictions_dir=<output_dir>`` scores it too);
-* ``<case_id>_rtdose.dcm``: the same as DICOM RTDOSE (``export_rtdose=true``);
-* ``<case_id>/``: ``fluence.npz`` and ``fluence.png`` (per-beam fluence maps),
-  ``dvh.png`` (reference, prediction, deliverable), ``criteria.csv``, ``dvh_points.csv``
-  and ``summary.json`` (distances, time, memory);
+* ``<case_id>.npz``: the deliverable (sequenced) plan's dose on the case grid (the
+  prediction-file format, so ``python -m vmatdose.evaluate predictions_dir=<output_dir>``
+  scores it too);
+* ``<case_id>_rtplan.dcm``: the deliverable plan as a DICOM RT Plan (MLC segments, MU);
+* ``<case_id>_rtdose.dcm``: its dose as DICOM RTDOSE (``export_rtdose=true``);
+* ``<case_id>/``: ``fluence.npz`` and ``fluence.png`` (per-beam fluence maps of the
+  fluence plan), ``fluence_dose.npz`` (its dose), ``segments.csv`` (segments and MU per
+  beam), ``dvh.png`` (reference, prediction, fluence, deliverable), ``criteria.csv``,
+  ``dvh_points.csv`` and ``summary.json`` (distances, time, memory);
 * ``plan_summary.csv`` (one row per case), ``criteria.csv`` and ``dvh_points.csv`` (all
   cases).
 """
@@ -34,13 +37,15 @@ from vmatdose.planning.comparison import (
     criteria_rows,
     distance_metrics,
     dvh_point_rows,
-    three_doses,
-    three_dvh_figure,
+    plan_doses,
+    plan_dvh_figure,
 )
+from vmatdose.planning.delivery import delivered_beams
 from vmatdose.planning.engine import require_pyradplan
 from vmatdose.planning.fluence import fluence_figure, save_fluence_arrays
 from vmatdose.planning.optimise import PlannedCase, plan_case
 from vmatdose.planning.preflight import PlanJob, check_cases
+from vmatdose.planning.rtplan import DeliveredBeam, write_rtplan
 from vmatdose.planning.settings import PlanSettings
 from vmatdose.plot_style import save_figure
 from vmatdose.protocol import Protocol
@@ -117,9 +122,9 @@ def run_planning(cfg: Mapping, report: Callable[[str], None] = log.info) -> pd.D
 
 def rtdose_sources(jobs: list[PlanJob], cfg: Mapping) -> dict[str, object]:
     """case id -> its source patient (:func:`~vmatdose.data.export.rtdose.find_source_patient`)
-    when ``source_dicom`` is given, so each RTDOSE carries the patient's identity and UIDs
-    as ``predict`` writes them; found for every case before any optimisation."""
-    if not cfg.get("export_rtdose") or not cfg.get("source_dicom"):
+    when ``source_dicom`` is given, so each RTPLAN and RTDOSE carries the patient's identity
+    and UIDs as ``predict`` writes them; found for every case before any optimisation."""
+    if not cfg.get("source_dicom"):
         return {}
     from vmatdose.data.export.rtdose import find_source_patient
     from vmatdose.data.privacy import SaltError
@@ -156,7 +161,14 @@ def write_case_outputs(case: Case, pred: np.ndarray, planned: PlannedCase, job: 
     folder = output_dir / case.case_id
     folder.mkdir(parents=True, exist_ok=True)
     dose = np.maximum(planned.dose_gy, 0.0)
+    fluence_dose = np.maximum(planned.fluence_dose_gy, 0.0)
     save_prediction(case, dose, None, output_dir / f"{case.case_id}.npz")
+    save_prediction(case, fluence_dose, None, folder / "fluence_dose.npz")
+    fractions = int(case.meta.get("fractions") or 1)
+    beams = delivered_beams(planned.sequenced, planned.beams, settings.mu_per_weight,
+                            fractions)
+    write_rtplan(case, beams, job.arrangement.isocentre_mm, case.prescriptions_gy, fractions,
+                 output_dir / f"{case.case_id}_rtplan.dcm", source=source)
     if export_rtdose:
         from vmatdose.data.export.rtdose import write_rtdose
 
@@ -165,49 +177,81 @@ def write_case_outputs(case: Case, pred: np.ndarray, planned: PlannedCase, job: 
     save_figure(fluence_figure(planned.beams, settings.bixel_width_mm,
                                f"{case.case_id}: optimised fluence per beam"),
                 folder / "fluence", dpi=120)
+    segment_table(beams).to_csv(folder / "segments.csv", index=False)
     targets = case_targets(case)
-    doses = three_doses(case, pred, dose)
-    save_figure(three_dvh_figure(case, doses, targets), folder / "dvh", dpi=120)
+    doses = plan_doses(case, pred, fluence_dose, dose)
+    save_figure(plan_dvh_figure(case, doses, targets), folder / "dvh", dpi=120)
     criteria = criteria_rows(case, doses, constraints)
     points = dvh_point_rows(case, doses, targets)
     pd.DataFrame(criteria).to_csv(folder / "criteria.csv", index=False)
     pd.DataFrame(points).to_csv(folder / "dvh_points.csv", index=False)
-    row = summary_row(case, pred, dose, planned, job, criteria, targets, gamma)
+    row = summary_row(case, pred, fluence_dose, dose, planned, job, criteria, targets, gamma,
+                      beams)
     (folder / "summary.json").write_text(json.dumps(row, indent=2, default=float) + "\n")
     return row, criteria, points
 
 
-def summary_row(case: Case, pred: np.ndarray, dose: np.ndarray, planned: PlannedCase,
-                job: PlanJob, criteria: list[dict], targets: list[str],
-                gamma: Mapping) -> dict:
-    """One row of ``plan_summary.csv``."""
+def segment_table(beams: list[DeliveredBeam]) -> pd.DataFrame:
+    """One row per beam: gantry and couch angles, segments, MU per fraction."""
+    return pd.DataFrame([{"beam": i + 1, "gantry_deg": b.gantry_deg, "couch_deg": b.couch_deg,
+                          "segments": len(b.shapes), "mu": round(b.mu, 2)}
+                         for i, b in enumerate(beams)])
+
+
+def summary_row(case: Case, pred: np.ndarray, fluence_dose: np.ndarray, dose: np.ndarray,
+                planned: PlannedCase, job: PlanJob, criteria: list[dict],
+                targets: list[str], gamma: Mapping, beams: list[DeliveredBeam]) -> dict:
+    """One row of ``plan_summary.csv`` ("deliverable": the sequenced plan, "fluence": the
+    plan before sequencing)."""
     primary = targets[0]
     mask = case.mask(primary) > 0
+    segments = [len(b.shapes) for b in beams]
     row: dict = {"case_id": case.case_id, "n_beams": len(planned.beams),
                  "n_bixels": planned.n_bixels, "estimated_bixels": job.estimated_bixels,
                  "dij_nonzeros": planned.dij_nonzeros,
                  "dose_grid": "x".join(str(n) for n in planned.dose_grid_shape),
                  "iterations": planned.iterations,
+                 **{f"iterations_{k}": v for k, v in planned.stage_iterations.items()},
+                 "iteration_cap_hit": ";".join(planned.hit_cap),
                  **{f"seconds_{k}": round(v, 2) for k, v in planned.seconds.items()},
                  "peak_rss_gb": round(planned.peak_rss_gb, 3),
                  "estimated_peak_gb": round(job.estimated_gb, 3),
                  "primary_target": primary,
                  "deliverable_median_primary_gy": float(np.median(dose[mask])),
-                 "prescription_primary_gy": case.prescriptions_gy[primary]}
-    for kind in ("reference", "prediction", "deliverable"):
+                 "fluence_median_primary_gy": float(np.median(fluence_dose[mask])),
+                 "prescription_primary_gy": case.prescriptions_gy[primary],
+                 "normalisation": planned.normalisation.get("deliverable", 1.0),
+                 "fluence_normalisation": planned.normalisation.get("fluence", 1.0),
+                 "segments": int(sum(segments)),
+                 "segments_per_beam": " ".join(str(n) for n in segments),
+                 "mu_per_fraction": round(sum(b.mu for b in beams), 1),
+                 "mu_per_beam": " ".join(f"{b.mu:.0f}" for b in beams),
+                 "dropped_fluence_fraction": dropped_fraction(planned)}
+    for kind in ("reference", "prediction", "fluence", "deliverable"):
         met = [r[f"{kind}_met"] for r in criteria if r[f"{kind}_met"] is not None]
         row[f"{kind}_criteria_met"] = int(sum(met))
         row[f"{kind}_criteria_evaluable"] = len(met)
-    row.update(distance_metrics(case, pred, dose, targets, gamma))
+    row.update(distance_metrics(case, pred, fluence_dose, dose, targets, gamma))
     row["penalties"] = "; ".join(planned.penalties)
     return row
 
 
+def dropped_fraction(planned: PlannedCase) -> float:
+    """Share of the fluence the sequencer dropped (segments too small or too many)."""
+    dropped = sum(b.dropped_weight for b in planned.sequenced.beams)
+    total = dropped + sum(b.total_weight for b in planned.sequenced.beams)
+    return round(dropped / total, 4) if total > 0 else 0.0
+
+
 def _case_line(row: Mapping) -> str:
-    gamma = next(v for k, v in row.items() if k.endswith("_pass"))
+    gamma = next(v for k, v in row.items()
+                 if k.startswith("deliverable_vs_prediction_gamma") and k.endswith("_pass"))
+    vs_fluence = next(v for k, v in row.items() if k.startswith("deliverable_vs_fluence_"))
     return (f"{row['case_id']}: criteria met reference {row['reference_criteria_met']}/"
-            f"{row['reference_criteria_evaluable']}, deliverable "
-            f"{row['deliverable_criteria_met']}/{row['deliverable_criteria_evaluable']}; "
-            f"deliverable vs prediction: dose score "
+            f"{row['reference_criteria_evaluable']}, fluence {row['fluence_criteria_met']}, "
+            f"deliverable {row['deliverable_criteria_met']}/"
+            f"{row['deliverable_criteria_evaluable']}; {row['segments']} segments, "
+            f"{row['mu_per_fraction']:.0f} MU; deliverable vs fluence gamma "
+            f"{vs_fluence:.1f} %, vs prediction: dose score "
             f"{row['deliverable_vs_prediction_dose_score_gy']:.2f} Gy, gamma {gamma:.1f} %; "
             f"{row['seconds_total']:.0f} s, peak {row['peak_rss_gb']:.2f} GB")
