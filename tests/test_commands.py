@@ -21,6 +21,8 @@ import torch
 
 from conftest import REPO_ROOT, last_line, openkbp_patients
 
+pytestmark = pytest.mark.cli
+
 
 def cli(module: str, *args: str, cwd: Path, tmpdir: Path | None = None
         ) -> subprocess.CompletedProcess:

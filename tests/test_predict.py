@@ -77,6 +77,7 @@ def test_source_dicom_without_rtdose_export_is_refused(trained_run, tmp_path):
         _predict(ckpt, root / "data" / "phantom_smoke", tmp_path, source_dicom=str(tmp_path))
 
 
+@pytest.mark.cli
 def test_a_case_missing_a_required_target_is_refused_before_any_prediction(trained_run,
                                                                            tmp_path):
     root, _, ckpt = trained_run

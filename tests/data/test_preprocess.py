@@ -150,6 +150,7 @@ def test_dicom_source_in_two_spawned_workers(tmp_path, dicom_root):
     assert json.loads((out / "preprocess_summary.json").read_text())["counts"]["processed"] == 3
 
 
+@pytest.mark.cli
 def test_preprocess_killed_half_way_then_restarted_writes_every_case_once(tmp_path,
                                                                           dicom_root):
     out = tmp_path / "cases"
@@ -234,6 +235,7 @@ def _decompressed_outputs(tmp_path: Path, done: subprocess.CompletedProcess) -> 
     return blobs
 
 
+@pytest.mark.cli
 def test_head_and_neck_dicom_with_nothing_else_given(tmp_path, head_neck_root):
     root, truths = head_neck_root
     out = tmp_path / "cases"
@@ -264,6 +266,7 @@ def test_head_and_neck_dicom_with_nothing_else_given(tmp_path, head_neck_root):
     assert not leaks
 
 
+@pytest.mark.cli
 def test_missing_target_fails_naming_the_folder_and_exits_non_zero(tmp_path):
     root = tmp_path / "in"
     write_patient(root / "hn_ok", head_neck_spec(("PTV56",)))
@@ -284,6 +287,7 @@ def test_missing_target_fails_naming_the_folder_and_exits_non_zero(tmp_path):
     assert _preprocess(tmp_path, *args, "allow_failures=true").returncode == 0
 
 
+@pytest.mark.cli
 def test_all_cases_failed_exits_non_zero(tmp_path):
     for name in ("a", "b"):  # prostate patients without targets
         write_patient(tmp_path / "in" / name, PatientSpec(structures=("Body", "Rectum"),
@@ -297,6 +301,7 @@ def test_all_cases_failed_exits_non_zero(tmp_path):
     assert not list_case_files(out)
 
 
+@pytest.mark.cli
 def test_empty_salt_is_refused_before_any_work(tmp_path, dicom_root):
     out = tmp_path / "cases"
     for salt in (None, ""):
@@ -330,6 +335,7 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
+@pytest.mark.cli
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
 def test_workers_exit_when_the_parent_is_killed(tmp_path, dicom_root):
     command = [sys.executable, "-m", "vmatdose.preprocess", "source=dicom",
@@ -358,6 +364,7 @@ def test_workers_exit_when_the_parent_is_killed(tmp_path, dicom_root):
                 os.kill(pid, signal.SIGKILL)
 
 
+@pytest.mark.cli
 def test_a_worker_whose_parent_is_already_gone_exits_at_once():
     # exit_with_parent(pid) in a process whose parent is not pid: the re-parented branch
     code = ("from vmatdose.data.ingest.batch import exit_with_parent\n"

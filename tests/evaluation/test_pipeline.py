@@ -16,6 +16,7 @@ from case_variants import first_case, without_structure, write
 from conftest import last_line, run_cli
 
 
+@pytest.mark.cli
 def test_evaluate_with_only_a_checkpoint_reproduces_the_runs_own_test_mae(trained_run,
                                                                          tmp_path):
     _, run_dir, ckpt = trained_run
@@ -62,6 +63,7 @@ def test_a_checkpoint_on_other_case_files_scores_them_all(trained_run, tmp_path,
     assert opened == [(str(ckpt), True)], "the checkpoint is read once, weights only"
 
 
+@pytest.mark.cli
 def test_a_case_missing_a_required_target_stops_evaluation_by_name(trained_run, tmp_path):
     root, _, ckpt = trained_run
     case = without_structure(first_case(root / "data" / "phantom_smoke"), "PTV56")

@@ -112,6 +112,7 @@ def test_a_checkpoint_without_the_input_spec_loads_and_predicts_the_same(trained
     np.testing.assert_array_equal(before.predict(case).dose_gy, new.predict(case).dose_gy)
 
 
+@pytest.mark.cli
 @pytest.mark.parametrize("writer", ["torch.save", "pickle"])
 def test_a_crafted_pickle_never_runs_in_predict_or_evaluate(trained_run, tmp_path, writer):
     root, _, _ = trained_run
@@ -137,6 +138,7 @@ def test_a_crafted_pickle_never_runs_in_predict_or_evaluate(trained_run, tmp_pat
     assert not (tmp_path / "pred").exists()
 
 
+@pytest.mark.cli
 def test_predict_names_a_text_file_given_as_checkpoint_in_one_line(trained_run, tmp_path):
     root, _, _ = trained_run
     text = tmp_path / "last.ckpt"

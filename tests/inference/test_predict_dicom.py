@@ -19,6 +19,7 @@ def patients(tmp_path_factory):
     return root, truths
 
 
+@pytest.mark.cli
 def test_predict_from_dicom_writes_one_rtdose_per_patient_on_its_ct_grid(
         trained_run, patients, tmp_path):
     _, _, ckpt = trained_run
@@ -57,6 +58,7 @@ def test_predict_from_dicom_writes_one_rtdose_per_patient_on_its_ct_grid(
     assert len(seen_frames) == 2
 
 
+@pytest.mark.cli
 def test_predict_needs_cases_or_dicom_but_not_both(trained_run, patients, tmp_path):
     _, _, ckpt = trained_run
     root, _ = patients

@@ -20,6 +20,7 @@ def phantom(trained_run):
     return ckpt, first_case(root / "data" / "phantom_smoke")
 
 
+@pytest.mark.cli
 def test_prostate_checkpoint_refuses_head_and_neck_cases(phantom, tmp_path):
     ckpt, case = phantom
     path = write(as_head_and_neck(case), tmp_path / "hn")

@@ -113,6 +113,7 @@ def test_bixel_estimate_counts_the_target_view_plus_margin():
     assert estimate_bixels(case, two_beams, 5.0) == 50
 
 
+@pytest.mark.cli
 def test_cli_names_the_case_and_exits_1(tmp_path):
     cases_dir, pred_dir = _write(tmp_path, [make_box_case(case_id="nopred")], predict=False)
     out = tmp_path / "out"

@@ -27,6 +27,7 @@ def _train(tmp_path, *overrides, timeout=600):
                           env=env, capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.cli
 def test_smoke_run_prints_no_third_party_info_line(tmp_path):
     done = _train(tmp_path, "debug=smoke", "evaluation=fast")
     assert done.returncode == 0, done.stderr[-3000:]
@@ -43,6 +44,7 @@ def test_smoke_run_prints_no_third_party_info_line(tmp_path):
     assert not (tmp_path / "outputs" / "train").exists(), "debug runs stay in outputs/debug"
 
 
+@pytest.mark.cli
 def test_smoke_refuses_another_data_set(tmp_path):
     done = _train(tmp_path, "data=openkbp", "debug=smoke", timeout=120)
     assert done.returncode == 1
@@ -67,6 +69,7 @@ def test_debug_modes_keep_the_configured_data(mode, expected):
 
 @pytest.mark.skipif(not OPENKBP_SAMPLE.is_dir(),
                     reason=f"OpenKBP sample not found at {OPENKBP_SAMPLE}")
+@pytest.mark.cli
 def test_fast_dev_run_trains_one_batch_of_openkbp_data(tmp_path):
     source = tmp_path / "sample"
     for split, n in (("train-pats", 3), ("validation-pats", 1)):

@@ -102,6 +102,7 @@ def _bad_copy(trained_run, tmp_path):
     return cases_dir, test_path, broken
 
 
+@pytest.mark.cli
 def test_bad_cases_of_any_split_stop_training_before_the_first_epoch(trained_run, tmp_path):
     cases_dir, test_path, broken = _bad_copy(trained_run, tmp_path)
     result = run_cli("vmatdose.train", "debug=smoke", f"paths.root_dir={tmp_path}",
