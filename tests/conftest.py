@@ -182,6 +182,60 @@ def run_cli(module: str, *overrides: str, cwd) -> subprocess.CompletedProcess:
                           timeout=600)
 
 
+def run_main(module: str, *args: str, cwd: Path, tmpdir: Path | None = None,
+             env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """``python -m <module> <args>`` run as the module's ``main()`` in this process, as if
+    started in ``cwd`` (Hydra's folder there): the same argv parsing, messages and exit
+    status as the command, without a process's torch + Hydra start-up. stdout and stderr
+    together in ``.stdout``; ``tmpdir``: the temporary folder (``tempfile``) it uses;
+    ``env``: environment variables set while it runs. Logging handlers, the working
+    folder and Hydra's global state are put back afterwards."""
+    import contextlib
+    import importlib
+    import io
+    import logging
+    import tempfile
+
+    from hydra.core.global_hydra import GlobalHydra
+
+    entry = importlib.import_module(module)
+    argv = [str(entry.__file__), *args, f"hydra.run.dir={Path(cwd) / 'hydra'}"]
+    root, output, code = logging.getLogger(), io.StringIO(), 0
+    saved = (root.handlers[:], root.level, sys.argv, os.getcwd(), tempfile.tempdir)
+    env = {"HYDRA_FULL_ERROR": "0", **(env or {})}
+    saved_env = {key: os.environ.get(key) for key in env}
+    try:
+        sys.argv = argv
+        os.chdir(cwd)
+        os.environ.update(env)
+        if tmpdir is not None:
+            tmpdir.mkdir(parents=True, exist_ok=True)
+            tempfile.tempdir = str(tmpdir)
+        with contextlib.redirect_stdout(output), contextlib.redirect_stderr(output):
+            try:
+                entry.main()
+            except SystemExit as exit_:
+                if isinstance(exit_.code, str):
+                    print(exit_.code, file=sys.stderr)
+                code = exit_.code if isinstance(exit_.code, int) else int(bool(exit_.code))
+    finally:
+        for handler in root.handlers:
+            if handler not in saved[0]:
+                handler.close()
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+        sys.argv = saved[2]
+        os.chdir(saved[3])
+        tempfile.tempdir = saved[4]
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        GlobalHydra.instance().clear()
+    return subprocess.CompletedProcess(argv, code, output.getvalue())
+
+
 def last_line(output: str) -> str:
     """The last non-empty line of a command's output."""
     return [line for line in output.splitlines() if line.strip()][-1]
