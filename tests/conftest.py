@@ -183,12 +183,13 @@ def run_cli(module: str, *overrides: str, cwd) -> subprocess.CompletedProcess:
 
 
 def run_main(module: str, *args: str, cwd: Path, tmpdir: Path | None = None,
-             env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+             env: dict[str, str | None] | None = None) -> subprocess.CompletedProcess:
     """``python -m <module> <args>`` run as the module's ``main()`` in this process, as if
     started in ``cwd`` (Hydra's folder there): the same argv parsing, messages and exit
     status as the command, without a process's torch + Hydra start-up. stdout and stderr
-    together in ``.stdout``; ``tmpdir``: the temporary folder (``tempfile``) it uses;
-    ``env``: environment variables set while it runs. Logging handlers, the working
+    together in ``.stdout`` (``.stderr`` empty); ``tmpdir``: the temporary folder
+    (``tempfile``) it uses; ``env``: environment variables set (``None``: unset) while
+    it runs. Logging handlers, the working
     folder and Hydra's global state are put back afterwards."""
     import contextlib
     import importlib
@@ -207,7 +208,11 @@ def run_main(module: str, *args: str, cwd: Path, tmpdir: Path | None = None,
     try:
         sys.argv = argv
         os.chdir(cwd)
-        os.environ.update(env)
+        for key, value in env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
         if tmpdir is not None:
             tmpdir.mkdir(parents=True, exist_ok=True)
             tempfile.tempdir = str(tmpdir)
@@ -233,7 +238,7 @@ def run_main(module: str, *args: str, cwd: Path, tmpdir: Path | None = None,
             else:
                 os.environ[key] = value
         GlobalHydra.instance().clear()
-    return subprocess.CompletedProcess(argv, code, output.getvalue())
+    return subprocess.CompletedProcess(argv, code, output.getvalue(), "")
 
 
 def last_line(output: str) -> str:

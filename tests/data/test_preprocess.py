@@ -23,7 +23,7 @@ from vmatdose.data.case import list_case_files, load_case
 from vmatdose.data.ingest.batch import SkipCase, convert_cases, format_summary
 from vmatdose.data.ingest.sources import run_preprocess
 
-from conftest import OPENKBP_SAMPLE, REPO_ROOT, make_box_case
+from conftest import OPENKBP_SAMPLE, REPO_ROOT, make_box_case, run_main
 from dicom_builders import (
     PATIENT_BIRTH_DATE,
     PATIENT_ID,
@@ -104,17 +104,13 @@ def _compose(tmp_path: Path, overrides: list[str]):
                                                 *salt, *overrides])
 
 
-def _preprocess(tmp_path: Path, *overrides: str, salt: str | None = SALT,
-                timeout: float = 300) -> subprocess.CompletedProcess:
-    """``python -m vmatdose.preprocess <overrides>`` in ``tmp_path`` (Hydra folder there)."""
-    env = {k: v for k, v in os.environ.items() if k != "VMATDOSE_ID_SALT"}
-    env["PYTHONPATH"] = str(REPO_ROOT)
-    if salt is not None:
-        env["VMATDOSE_ID_SALT"] = salt
-    command = [sys.executable, "-m", "vmatdose.preprocess", *overrides, "progress=false",
-               f"hydra.run.dir={tmp_path / 'hydra'}"]
-    return subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+def _preprocess(tmp_path: Path, *overrides: str, salt: str | None = SALT
+                ) -> subprocess.CompletedProcess:
+    """``python -m vmatdose.preprocess <overrides>`` in ``tmp_path`` (Hydra folder there),
+    as its ``main()`` in this process (:func:`conftest.run_main`); ``salt=None``: no
+    ``VMATDOSE_ID_SALT``."""
+    return run_main("vmatdose.preprocess", *overrides, "progress=false", cwd=tmp_path,
+                    env={"VMATDOSE_ID_SALT": salt})
 
 
 def _last_line(done: subprocess.CompletedProcess) -> str:
@@ -235,7 +231,6 @@ def _decompressed_outputs(tmp_path: Path, done: subprocess.CompletedProcess) -> 
     return blobs
 
 
-@pytest.mark.cli
 def test_head_and_neck_dicom_with_nothing_else_given(tmp_path, head_neck_root):
     root, truths = head_neck_root
     out = tmp_path / "cases"
@@ -266,7 +261,6 @@ def test_head_and_neck_dicom_with_nothing_else_given(tmp_path, head_neck_root):
     assert not leaks
 
 
-@pytest.mark.cli
 def test_missing_target_fails_naming_the_folder_and_exits_non_zero(tmp_path):
     root = tmp_path / "in"
     write_patient(root / "hn_ok", head_neck_spec(("PTV56",)))
@@ -287,7 +281,6 @@ def test_missing_target_fails_naming_the_folder_and_exits_non_zero(tmp_path):
     assert _preprocess(tmp_path, *args, "allow_failures=true").returncode == 0
 
 
-@pytest.mark.cli
 def test_all_cases_failed_exits_non_zero(tmp_path):
     for name in ("a", "b"):  # prostate patients without targets
         write_patient(tmp_path / "in" / name, PatientSpec(structures=("Body", "Rectum"),
@@ -301,7 +294,6 @@ def test_all_cases_failed_exits_non_zero(tmp_path):
     assert not list_case_files(out)
 
 
-@pytest.mark.cli
 def test_empty_salt_is_refused_before_any_work(tmp_path, dicom_root):
     out = tmp_path / "cases"
     for salt in (None, ""):
