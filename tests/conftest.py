@@ -172,16 +172,6 @@ def trained_run(tmp_path_factory):
     return root, run_dir, run_dir / "checkpoints" / "last.ckpt"
 
 
-def run_cli(module: str, *overrides: str, cwd) -> subprocess.CompletedProcess:
-    """``python -m <module> <overrides>`` in ``cwd`` with this checkout on the path; stdout
-    and stderr together in ``.stdout``."""
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "HYDRA_FULL_ERROR": "0"}
-    return subprocess.run([sys.executable, "-m", module, *overrides,
-                           f"hydra.run.dir={Path(cwd) / 'hydra'}"], cwd=cwd, env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          timeout=600)
-
-
 def run_main(module: str, *args: str, cwd: Path, tmpdir: Path | None = None,
              env: dict[str, str | None] | None = None) -> subprocess.CompletedProcess:
     """``python -m <module> <args>`` run as the module's ``main()`` in this process, as if

@@ -15,7 +15,7 @@ from vmatdose.data.input_spec import InputSpec
 from vmatdose.inference import CheckpointError, Predictor, read_checkpoint
 from vmatdose.protocol import Protocol
 
-from conftest import last_line, run_cli
+from conftest import last_line, run_main
 
 
 class _Payload:
@@ -112,7 +112,6 @@ def test_a_checkpoint_without_the_input_spec_loads_and_predicts_the_same(trained
     np.testing.assert_array_equal(before.predict(case).dose_gy, new.predict(case).dose_gy)
 
 
-@pytest.mark.cli
 @pytest.mark.parametrize("writer", ["torch.save", "pickle"])
 def test_a_crafted_pickle_never_runs_in_predict_or_evaluate(trained_run, tmp_path, writer):
     root, _, _ = trained_run
@@ -129,7 +128,7 @@ def test_a_crafted_pickle_never_runs_in_predict_or_evaluate(trained_run, tmp_pat
                 "vmatdose.evaluate": []}
     for module, extra in commands.items() if writer == "torch.save" else [
             ("vmatdose.predict", commands["vmatdose.predict"])]:
-        result = run_cli(module, f"ckpt_path={crafted}", *extra, cwd=tmp_path)
+        result = run_main(module, f"ckpt_path={crafted}", *extra, cwd=tmp_path)
         assert result.returncode != 0
         assert last_line(result.stdout) == (
             f"error: {crafted}: not a vmatdose checkpoint (it holds Python objects that a "
@@ -138,12 +137,11 @@ def test_a_crafted_pickle_never_runs_in_predict_or_evaluate(trained_run, tmp_pat
     assert not (tmp_path / "pred").exists()
 
 
-@pytest.mark.cli
 def test_predict_names_a_text_file_given_as_checkpoint_in_one_line(trained_run, tmp_path):
     root, _, _ = trained_run
     text = tmp_path / "last.ckpt"
     text.write_text("not a checkpoint\n")
-    result = run_cli("vmatdose.predict", f"ckpt_path={text}",
+    result = run_main("vmatdose.predict", f"ckpt_path={text}",
                      f"cases_dir={root / 'data' / 'phantom_smoke'}",
                      f"output_dir={tmp_path / 'pred'}", cwd=tmp_path)
     assert result.returncode == 1
