@@ -34,13 +34,14 @@ demo: install
 	$(PY) -m vmatdose.train task_name=demo
 
 ## The whole suite, CI's command (CPU, at most 8 minutes on 2 cores): two xdist workers
-## of one torch thread each; the README's commands stay on one worker (loadgroup).
+## of one torch thread each, a test file per worker at a time (the README's commands,
+## tests/test_readme.py, on one worker while the other runs the rest).
 test: install
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadgroup
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadfile
 
 ## The inner loop (CPU, under 2 minutes on 2 cores): no command started, no README sweep.
 test-fast: install
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadgroup -m "not cli and not slow"
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 -m "not cli and not slow"
 
 ## One-minute end-to-end check.
 smoke: install
