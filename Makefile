@@ -39,7 +39,7 @@ demo: install
 test: install
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadfile
 
-## The inner loop (CPU, under 2 minutes on 2 cores): no command started, no README sweep.
+## The inner loop (CPU, under 2 minutes on 2 cores): no command started, no `slow` test.
 test-fast: install
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 -m "not cli and not slow"
 

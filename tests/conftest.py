@@ -2,7 +2,8 @@
 tests share (built once per session, also across pytest-xdist workers).
 
 Markers: ``cli`` for a test that starts a command (``python -m vmatdose...`` or ``bash -c``
-in a subprocess; each pays torch + Hydra start-up), ``slow`` for the README's sweeps.
+in a subprocess; each pays torch + Hydra start-up), ``slow`` for tests of seconds or more
+(optimizer steps, worker processes, the README's sweeps).
 ``make test-fast`` runs ``-m "not cli and not slow"``; a test without the ``cli`` marker
 that starts a command fails (:func:`commands_only_in_cli_tests`).
 """

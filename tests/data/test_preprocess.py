@@ -128,6 +128,7 @@ def dicom_root(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_dicom_source_in_two_spawned_workers(tmp_path, dicom_root):
     out = tmp_path / "cases"
     cfg = _compose(tmp_path, ["source=dicom", f"input_dir={dicom_root}", f"output_dir={out}",
