@@ -22,6 +22,8 @@ import torch
 
 from conftest import last_line, openkbp_patients, run_main
 
+pytestmark = pytest.mark.slow  # each runs an entry point end to end (seconds)
+
 
 def cli(module: str, *args: str, cwd: Path, tmpdir: Path | None = None,
         env: dict[str, str] | None = None) -> subprocess.CompletedProcess:

@@ -232,6 +232,7 @@ def _decompressed_outputs(tmp_path: Path, done: subprocess.CompletedProcess) -> 
     return blobs
 
 
+@pytest.mark.slow
 def test_head_and_neck_dicom_with_nothing_else_given(tmp_path, head_neck_root):
     root, truths = head_neck_root
     out = tmp_path / "cases"
@@ -295,6 +296,7 @@ def test_all_cases_failed_exits_non_zero(tmp_path):
     assert not list_case_files(out)
 
 
+@pytest.mark.slow
 def test_empty_salt_is_refused_before_any_work(tmp_path, dicom_root):
     out = tmp_path / "cases"
     for salt in (None, ""):

@@ -56,6 +56,7 @@ def test_wandb_multirun_gives_two_named_runs_in_one_group_with_evaluation_images
         assert (file.parents[2] / "training_curves.png").is_file()
 
 
+@pytest.mark.slow
 def test_tensorboard_event_files_hold_hparams_and_test_metrics(tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
