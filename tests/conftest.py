@@ -189,6 +189,7 @@ def run_main(module: str, *args: str, cwd: Path, tmpdir: Path | None = None,
     import tempfile
 
     from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
 
     entry = importlib.import_module(module)
     argv = [str(entry.__file__), *args, f"hydra.run.dir={Path(cwd) / 'hydra'}"]
@@ -229,6 +230,7 @@ def run_main(module: str, *args: str, cwd: Path, tmpdir: Path | None = None,
             else:
                 os.environ[key] = value
         GlobalHydra.instance().clear()
+        HydraConfig.instance().cfg = None  # no stale run config for the next test
     return subprocess.CompletedProcess(argv, code, output.getvalue(), "")
 
 
