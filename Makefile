@@ -11,7 +11,7 @@ else
 endif
 STAMP := $(dir $(PY)).vmatdose-installed
 
-.PHONY: install demo test smoke bench bench-openkbp experiments lint clean
+.PHONY: install demo test test-fast smoke bench bench-openkbp experiments lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -33,9 +33,15 @@ install: $(STAMP)
 demo: install
 	$(PY) -m vmatdose.train task_name=demo
 
-## The test suite (CPU, under 15 minutes on 2 cores).
+## The whole suite, CI's command (CPU, at most 8 minutes on 2 cores): two xdist workers
+## of one torch thread each, a test file per worker at a time (the README's commands,
+## tests/test_readme.py, on one worker while the other runs the rest).
 test: install
-	$(PY) -m pytest -q
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadfile
+
+## The inner loop (CPU, under 2 minutes on 2 cores): no command started, no `slow` test.
+test-fast: install
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 -m "not cli and not slow"
 
 ## One-minute end-to-end check.
 smoke: install

@@ -1,5 +1,8 @@
 """The entry points as a user runs them (``python -m vmatdose.<app> ...``): exit code, the
-message, and what is (and is not) written, for the defects of issue 18.
+message, and what is (and is not) written, for the defects of issue 18. Each command runs
+as its module's ``main()`` in this process (:func:`conftest.run_main`: the same argv,
+messages and exit status, without a process's start-up); ``tests/test_readme.py`` starts
+every entry point as a command.
 
 Folders a command only reads are made read-only (``chmod -R a-w``) and their listing is
 compared before and after.
@@ -8,32 +11,25 @@ compared before and after.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import stat
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import REPO_ROOT, last_line, openkbp_patients
+from conftest import last_line, openkbp_patients, run_main
+
+pytestmark = pytest.mark.slow  # each runs an entry point end to end (seconds)
 
 
-def cli(module: str, *args: str, cwd: Path, tmpdir: Path | None = None
-        ) -> subprocess.CompletedProcess:
+def cli(module: str, *args: str, cwd: Path, tmpdir: Path | None = None,
+        env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """``python -m vmatdose.<module> <args>`` in ``cwd`` (Hydra's folder there); with
-    ``tmpdir`` the process's temporary files go there (to see what it leaves)."""
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "HYDRA_FULL_ERROR": "0"}
-    if tmpdir is not None:
-        tmpdir.mkdir(parents=True, exist_ok=True)
-        env["TMPDIR"] = str(tmpdir)
-    return subprocess.run([sys.executable, "-m", f"vmatdose.{module}", *args,
-                           f"hydra.run.dir={cwd / 'hydra'}"], cwd=cwd, env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          timeout=600)
+    ``tmpdir`` its temporary files go there (to see what it leaves)."""
+    return run_main(f"vmatdose.{module}", *args, cwd=cwd, tmpdir=tmpdir, env=env)
 
 
 def listing(folder: Path) -> dict[str, tuple[int, int]]:
@@ -278,11 +274,9 @@ def test_preprocess_names_a_failed_source_folder_on_the_console_only(tmp_path):
     write_patient(tmp_path / "in" / "Doe_Jane", PatientSpec(structures=("Body", "Rectum"),
                                                            with_plan=False))
     out = tmp_path / "cases"
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "VMATDOSE_ID_SALT": "s" * 32}
-    done = subprocess.run([sys.executable, "-m", "vmatdose.preprocess", "source=dicom",
-                           f"input_dir={tmp_path / 'in'}", f"output_dir={out}", "num_workers=1",
-                           f"hydra.run.dir={tmp_path / 'hydra'}"], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)
+    done = cli("preprocess", "source=dicom", f"input_dir={tmp_path / 'in'}",
+               f"output_dir={out}", "num_workers=1", cwd=tmp_path,
+               env={"VMATDOSE_ID_SALT": "s" * 32})
     assert done.returncode == 1
     case_id = json.loads((out / "preprocess_summary.json").read_text())["failed"][0]["case_id"]
     assert f"failed {case_id}: source {tmp_path / 'in' / 'Doe_Jane'}" in done.stdout

@@ -54,6 +54,7 @@ def _run_main(module, argv: list[str], monkeypatch, capsys) -> tuple[int, str]:
     return exit_info.value.code, capsys.readouterr().err
 
 
+@pytest.mark.cli
 def test_train_with_misspelt_key_in_users_data_config_fails_naming_it(user_conf):
     """The issue's command, as a user runs it."""
     conf, root = user_conf

@@ -19,7 +19,7 @@ from vmatdose.inference.run import run_prediction
 from vmatdose.inference.writers import WRITERS, chosen_writers
 
 from case_variants import first_case, without_structure, write
-from conftest import last_line, run_cli
+from conftest import last_line, run_main
 
 
 def _predict(ckpt, cases_dir, out, **extra):
@@ -90,7 +90,7 @@ def test_a_case_missing_a_required_target_is_refused_before_any_prediction(train
     missing = without_structure(good, "PTV56")
     missing.case_id = "no_ptv56"
     bad = write(missing, tmp_path / "cases")
-    result = run_cli("vmatdose.predict", f"ckpt_path={ckpt}", f"cases_dir={tmp_path / 'cases'}",
+    result = run_main("vmatdose.predict", f"ckpt_path={ckpt}", f"cases_dir={tmp_path / 'cases'}",
                      f"output_dir={tmp_path / 'pred'}", "accelerator=cpu", cwd=tmp_path)
     assert result.returncode == 1
     assert last_line(result.stdout) == (

@@ -95,6 +95,7 @@ def test_sample_patient_anatomy_is_in_canonical_orientation():
     assert case.prescriptions_gy == {"PTV70": 70.0, "PTV63": 63.0, "PTV56": 56.0}
 
 
+@pytest.mark.slow
 @needs_sample
 def test_sample_imports_into_case_files_once(tmp_path):
     patients = find_openkbp_patients(OPENKBP_SAMPLE)

@@ -133,9 +133,14 @@ def test_a_second_prescription_level_is_planned_and_recorded_per_case(tmp_path):
 
 def test_a_folder_recorded_before_the_protocol_keys_existed_stays_valid(tmp_path):
     kwargs = dict(n_cases=1, **SMALL, num_workers=1, progress=False)
-    generate_phantom_dataset(tmp_path, **kwargs)
-    record = json.loads((tmp_path / DATASET_FILE).read_text())
+    [path] = generate_phantom_dataset(tmp_path, **kwargs)
+    full = json.loads((tmp_path / DATASET_FILE).read_text())
+    record = dict(full)
     for key in ("protocol", "prescriptions_gy", "second_level_gy", "second_level_fraction"):
         del record[key]
     (tmp_path / DATASET_FILE).write_text(json.dumps(record))
-    generate_phantom_dataset(tmp_path, **kwargs)  # accepted: the old folders were these
+    stamp, data = path.stat().st_mtime_ns, path.read_bytes()
+    # accepted (the old folders were these): its case is kept, its record completed
+    assert generate_phantom_dataset(tmp_path, **kwargs) == [path]
+    assert path.stat().st_mtime_ns == stamp and path.read_bytes() == data
+    assert json.loads((tmp_path / DATASET_FILE).read_text()) == full

@@ -116,6 +116,7 @@ def test_evaluate_case_row_has_gamma_dvh_and_scores():
     assert np.isnan(errors).sum() == 1
 
 
+@pytest.mark.slow
 def test_suite_writes_tables_figures_and_report(tmp_path):
     cases = [make_box_case(case_id=f"box{i}") for i in range(2)]
     pairs = [(c, c.dose * (1.0 + 0.02 * i)) for i, c in enumerate(cases)]

@@ -13,14 +13,14 @@ from vmatdose.data.validation import CaseSetError
 from vmatdose.evaluation.pipeline import data_source, evaluate_checkpoint, run_evaluation
 
 from case_variants import first_case, without_structure, write
-from conftest import last_line, run_cli
+from conftest import last_line, run_main
 
 
 def test_evaluate_with_only_a_checkpoint_reproduces_the_runs_own_test_mae(trained_run,
                                                                          tmp_path):
     _, run_dir, ckpt = trained_run
     # Run from another folder: the default phantom config would point somewhere else.
-    result = run_cli("vmatdose.evaluate", f"ckpt_path={ckpt}", "evaluation=fast",
+    result = run_main("vmatdose.evaluate", f"ckpt_path={ckpt}", "evaluation=fast",
                      "accelerator=cpu", cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-2000:]
     own = json.loads((run_dir / "eval" / "summary.json").read_text())
@@ -73,7 +73,7 @@ def test_a_case_missing_a_required_target_stops_evaluation_by_name(trained_run, 
     with pytest.raises(CaseSetError, match=f"{bad}: missing required target PTV56"):
         run_evaluation(cfg, tmp_path / "eval", "config")
     # A folder of predictions is checked against the protocol the same way.
-    result = run_cli("vmatdose.evaluate", f"predictions_dir={tmp_path}",
+    result = run_main("vmatdose.evaluate", f"predictions_dir={tmp_path}",
                      f"data.cases_dir={bad.parent}", "split=all", cwd=tmp_path)
     assert result.returncode == 1
     assert last_line(result.stdout) == (

@@ -95,6 +95,7 @@ def test_provenance_is_read_from_the_training_run_folder(tmp_path):
     assert found["prescriptions_gy"] == {"PTV70": 70.0}
 
 
+@pytest.mark.cli  # starts a browser
 @pytest.mark.skipif(not CHROMIUM.is_file(), reason="needs /usr/bin/chromium "
                     "(Debian package `chromium`) for the headless render")
 def test_report_renders_in_headless_chromium(tmp_path):

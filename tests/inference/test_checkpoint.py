@@ -15,7 +15,7 @@ from vmatdose.data.input_spec import InputSpec
 from vmatdose.inference import CheckpointError, Predictor, read_checkpoint
 from vmatdose.protocol import Protocol
 
-from conftest import last_line, run_cli
+from conftest import last_line, run_main
 
 
 class _Payload:
@@ -129,7 +129,7 @@ def test_a_crafted_pickle_never_runs_in_predict_or_evaluate(trained_run, tmp_pat
                 "vmatdose.evaluate": []}
     for module, extra in commands.items() if writer == "torch.save" else [
             ("vmatdose.predict", commands["vmatdose.predict"])]:
-        result = run_cli(module, f"ckpt_path={crafted}", *extra, cwd=tmp_path)
+        result = run_main(module, f"ckpt_path={crafted}", *extra, cwd=tmp_path)
         assert result.returncode != 0
         assert last_line(result.stdout) == (
             f"error: {crafted}: not a vmatdose checkpoint (it holds Python objects that a "
@@ -142,7 +142,7 @@ def test_predict_names_a_text_file_given_as_checkpoint_in_one_line(trained_run, 
     root, _, _ = trained_run
     text = tmp_path / "last.ckpt"
     text.write_text("not a checkpoint\n")
-    result = run_cli("vmatdose.predict", f"ckpt_path={text}",
+    result = run_main("vmatdose.predict", f"ckpt_path={text}",
                      f"cases_dir={root / 'data' / 'phantom_smoke'}",
                      f"output_dir={tmp_path / 'pred'}", cwd=tmp_path)
     assert result.returncode == 1

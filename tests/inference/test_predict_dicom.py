@@ -8,7 +8,7 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 
-from conftest import last_line, run_cli
+from conftest import last_line, run_main
 from dicom_builders import PATIENT_ID, PATIENT_NAME, PatientSpec, write_patient
 
 
@@ -25,7 +25,7 @@ def test_predict_from_dicom_writes_one_rtdose_per_patient_on_its_rtdose_grid(
     _, _, ckpt = trained_run
     root, truths = patients
     out = tmp_path / "out"
-    result = run_cli("vmatdose.predict", f"ckpt_path={ckpt}", f"dicom_dir={root}",
+    result = run_main("vmatdose.predict", f"ckpt_path={ckpt}", f"dicom_dir={root}",
                      f"output_dir={out}", "accelerator=cpu", cwd=tmp_path)
     assert result.returncode == 0, result.stdout
     rtdoses = sorted(out.glob("*_rtdose.dcm"))
@@ -60,7 +60,7 @@ def test_predict_from_dicom_writes_one_rtdose_per_patient_on_its_rtdose_grid(
 def test_predict_needs_cases_or_dicom_but_not_both(trained_run, patients, tmp_path):
     _, _, ckpt = trained_run
     root, _ = patients
-    both = run_cli("vmatdose.predict", f"ckpt_path={ckpt}", f"dicom_dir={root}",
+    both = run_main("vmatdose.predict", f"ckpt_path={ckpt}", f"dicom_dir={root}",
                    f"cases_dir={root}", f"output_dir={tmp_path / 'o'}", cwd=tmp_path)
     assert both.returncode == 1
     assert last_line(both.stdout) == ("error: give cases_dir (case files) or dicom_dir "

@@ -11,7 +11,7 @@ from vmatdose.data.validation import CaseSetError, SpacingRange
 from vmatdose.inference import Predictor
 
 from case_variants import as_head_and_neck, first_case, upsampled, with_spacing, write
-from conftest import last_line, run_cli
+from conftest import last_line, run_main
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +23,7 @@ def phantom(trained_run):
 def test_prostate_checkpoint_refuses_head_and_neck_cases(phantom, tmp_path):
     ckpt, case = phantom
     path = write(as_head_and_neck(case), tmp_path / "hn")
-    result = run_cli("vmatdose.predict", f"ckpt_path={ckpt}", f"cases_dir={tmp_path / 'hn'}",
+    result = run_main("vmatdose.predict", f"ckpt_path={ckpt}", f"cases_dir={tmp_path / 'hn'}",
                      f"output_dir={tmp_path / 'pred'}", "accelerator=cpu", cwd=tmp_path)
     assert result.returncode == 1
     line = last_line(result.stdout)

@@ -145,6 +145,7 @@ def train_tiny_model(objective, steps: int = STEPS) -> list[float]:
     return values
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", LOSSES)
 def test_a_few_steps_of_a_tiny_model_lower_the_loss(tmp_path, name):
     _, loss = build_loss(tmp_path, name)
@@ -153,6 +154,7 @@ def test_a_few_steps_of_a_tiny_model_lower_the_loss(tmp_path, name):
     assert values[-1] < 0.5 * values[0], values
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("term_name, config", sorted(TERM_CONFIGS.items()))
 def test_each_term_alone_is_lowered_by_a_few_steps(tmp_path, term_name, config):
     # Not carried by the voxel term: every term on its own pulls a tiny model toward the

@@ -177,6 +177,7 @@ def test_loss_on_x0_adds_the_voxel_terms_to_the_objective(name, tmp_path):
     assert m["train/loss/x0_voxel"] > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", GENERATIVE)
 def test_checkpoint_reloads_through_the_evaluation_loader(name, tmp_path):
     model, cfg = _model(name, tmp_path, "model.sampling_steps=2", "model.ensemble_size=2")

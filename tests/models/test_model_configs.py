@@ -85,6 +85,7 @@ TRAINING_CASES = [("unet", 16, 20, 0.4), ("unet32", 16, 20, 0.4),
                   ("ddpm", 16, 30, 0.4), ("flow_matching", 16, 30, 0.8)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("name", "size", "steps", "ratio"), TRAINING_CASES)
 def test_a_few_training_steps_lower_the_training_loss(name, size, steps, ratio, tmp_path):
     torch.manual_seed(0)

@@ -23,7 +23,7 @@ from vmatdose.planning.run import run_planning
 from vmatdose.planning.settings import PlanSettings
 from vmatdose.protocol import Protocol
 
-from conftest import last_line, make_box_case, run_cli
+from conftest import last_line, make_box_case, run_main
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +131,7 @@ def test_bixel_estimate_counts_the_target_view_plus_margin():
 def test_cli_names_the_case_and_exits_1(tmp_path):
     cases_dir, pred_dir = _write(tmp_path, [make_box_case(case_id="nopred")], predict=False)
     out = tmp_path / "out"
-    result = run_cli("vmatdose.plan", f"cases_dir={cases_dir}", f"predictions_dir={pred_dir}",
+    result = run_main("vmatdose.plan", f"cases_dir={cases_dir}", f"predictions_dir={pred_dir}",
                      f"output_dir={out}", cwd=tmp_path)
     assert result.returncode == 1, result.stdout
     assert last_line(result.stdout).startswith("error: case 'nopred' ")

@@ -59,6 +59,7 @@ def categorical_sweep(tmp_path):
     return sweep
 
 
+@pytest.mark.slow
 def test_table_shows_only_what_differs_sorted_by_the_metric(three_runs):
     runs = find_runs([str(three_runs / "multirun")])
     assert len(runs) == 3
@@ -122,6 +123,7 @@ def test_excluded_runs_are_not_found(categorical_sweep):
     assert len(find_runs([str(categorical_sweep)], exclude=["*/1"])) == 2
 
 
+@pytest.mark.slow
 def test_unknown_metric_and_missing_folder_are_clear(three_runs, tmp_path):
     runs = find_runs([str(three_runs / "multirun")])
     with pytest.raises(ValueError, match="metric 'test/nope' not in the runs"):

@@ -1,12 +1,12 @@
 """The console of a smoke run (no third-party INFO lines, labelled progress bars) and the
 debug modes: smoke refuses other data, fdr/limit/overfit work on any data, debug runs go
-to outputs/debug/."""
+to outputs/debug/. ``python -m vmatdose.train data=openkbp debug=fdr`` itself (one batch,
+the OpenKBP import bar) is the README's command, run in tests/test_readme.py."""
 
 from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 import sys
 
@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 
 from vmatdose.config import CONFIG_DIR
 
-from conftest import OPENKBP_SAMPLE, REPO_ROOT
+from conftest import REPO_ROOT, run_main
 
 LOG_LINE = re.compile(r"^\[[^\]]+\]\[(?P<logger>[\w.]+)\]\[(?P<level>[A-Z]+)\]")
 
@@ -27,6 +27,7 @@ def _train(tmp_path, *overrides, timeout=600):
                           env=env, capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.cli
 def test_smoke_run_prints_no_third_party_info_line(tmp_path):
     done = _train(tmp_path, "debug=smoke", "evaluation=fast")
     assert done.returncode == 0, done.stderr[-3000:]
@@ -44,10 +45,11 @@ def test_smoke_run_prints_no_third_party_info_line(tmp_path):
 
 
 def test_smoke_refuses_another_data_set(tmp_path):
-    done = _train(tmp_path, "data=openkbp", "debug=smoke", timeout=120)
+    done = run_main("vmatdose.train", "data=openkbp", "debug=smoke", cwd=tmp_path,
+                    env={"VMATDOSE_ROOT": str(tmp_path)})
     assert done.returncode == 1
     assert "debug=smoke trains on its own tiny phantom cases and cannot be combined with " \
-           "data=openkbp" in done.stderr
+           "data=openkbp" in done.stdout
     assert not (tmp_path / "data").exists(), "refused before any data work"
 
 
@@ -63,19 +65,3 @@ def test_debug_modes_keep_the_configured_data(mode, expected):
     assert cfg.protocol.name == "head_neck"
     assert {k: cfg.trainer[k] for k in expected} == expected
     assert OmegaConf.to_container(cfg.hydra.run)["dir"].startswith("${paths.log_dir}/debug/")
-
-
-@pytest.mark.skipif(not OPENKBP_SAMPLE.is_dir(),
-                    reason=f"OpenKBP sample not found at {OPENKBP_SAMPLE}")
-def test_fast_dev_run_trains_one_batch_of_openkbp_data(tmp_path):
-    source = tmp_path / "sample"
-    for split, n in (("train-pats", 3), ("validation-pats", 1)):
-        for patient in sorted((OPENKBP_SAMPLE / split).iterdir())[:n]:
-            shutil.copytree(patient, source / split / patient.name)  # no symlinks
-    done = _train(tmp_path, "data=openkbp", "debug=fdr", "model.val_gamma=null",
-                  f"data.source_dir={source}")
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "will run the requested loop using 1 batch(es)" in done.stderr
-    assert "importing OpenKBP patients:" in done.stderr
-    assert len(list((tmp_path / "data" / "openkbp").rglob("openkbp_pt_*.npz"))) == 4
-    assert list((tmp_path / "outputs" / "debug" / "train" / "runs").glob("*/run_record.json"))

@@ -8,8 +8,10 @@ import subprocess
 import sys
 
 import pandas as pd
+import pytest
 
 
+@pytest.mark.cli
 def test_two_process_ddp_run_on_cpu(tmp_path):
     run_dir = tmp_path / "run"
     command = [sys.executable, "-m", "vmatdose.train", "debug=smoke", "trainer=ddp",

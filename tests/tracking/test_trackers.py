@@ -26,6 +26,7 @@ def test_run_names_come_from_the_task_and_the_describing_overrides():
     assert path_safe("train: loss=grad,model=unet32") == "train-loss=grad,model=unet32"
 
 
+@pytest.mark.cli
 def test_wandb_multirun_gives_two_named_runs_in_one_group_with_evaluation_images(tmp_path):
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path),
            "VMATDOSE_ROOT": str(tmp_path), "PYTHONPATH": str(REPO_ROOT)}
@@ -55,6 +56,7 @@ def test_wandb_multirun_gives_two_named_runs_in_one_group_with_evaluation_images
         assert (file.parents[2] / "training_curves.png").is_file()
 
 
+@pytest.mark.slow
 def test_tensorboard_event_files_hold_hparams_and_test_metrics(tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

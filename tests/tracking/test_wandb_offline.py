@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from hydra.core.hydra_config import HydraConfig
 
 from vmatdose.workflow import run_training as run
@@ -13,6 +14,7 @@ from conftest import smoke_config
 from wandb_records import config_keys, config_values, history_rows, run_info, summary_values
 
 
+@pytest.mark.slow
 def test_offline_wandb_run_holds_config_choices_metrics_images_and_scores(tmp_path,
                                                                           monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")

@@ -15,7 +15,7 @@ from vmatdose.protocol import Protocol
 from vmatdose.training.fit import fit
 
 from case_variants import with_spacing, without_structure, write
-from conftest import last_line, run_cli, smoke_config
+from conftest import last_line, run_main, smoke_config
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +106,7 @@ def _bad_copy(trained_run, tmp_path):
 
 def test_bad_cases_of_any_split_stop_training_before_the_first_epoch(trained_run, tmp_path):
     cases_dir, test_path, broken = _bad_copy(trained_run, tmp_path)
-    result = run_cli("vmatdose.train", "debug=smoke", f"paths.root_dir={tmp_path}",
+    result = run_main("vmatdose.train", "debug=smoke", f"paths.root_dir={tmp_path}",
                      f"data.cases_dir={cases_dir}", "logger=none", cwd=tmp_path)
     assert result.returncode == 1
     assert last_line(result.stdout) == (
