@@ -98,6 +98,18 @@ def one_torch_thread_for_model_tests(request):
         torch.set_num_threads(previous)
 
 
+def pytest_runtest_teardown(item):
+    """Drop pymedphys' lazy alias modules (``pymedphys._imports.<package>``) from
+    ``sys.modules`` after each test. pymedphys (the gamma reference, imported by tests
+    only) registers one per optional package; touching one whose package is not installed
+    (altair) raises, and Hydra's ``instantiate`` reads every module in ``sys.modules``
+    (``vars(module)``), so a later in-process command in the same worker would fail.
+    pymedphys keeps its own references to them."""
+    for name in [n for n in list(sys.modules) if n.startswith("pymedphys._imports.")]:
+        if type(sys.modules[name]).__name__ == "AliasModule":
+            del sys.modules[name]
+
+
 def pytest_configure(config):
     if os.environ.get("PYTEST_XDIST_WORKER"):
         import torch

@@ -35,7 +35,7 @@ from vmatdose.data.pipeline import (
 )
 from vmatdose.data.prior import fit_falloff_profile, prior_dose
 
-from conftest import OPENKBP_SAMPLE, last_line, make_box_case, openkbp_patients, run_cli
+from conftest import OPENKBP_SAMPLE, last_line, make_box_case, openkbp_patients, run_main
 
 needs_sample = pytest.mark.skipif(
     not OPENKBP_SAMPLE.is_dir(),
@@ -317,8 +317,8 @@ def test_openkbp_refuses_a_folder_of_the_users_case_files_and_leaves_it_as_it_wa
     before = _listing(mine)
     source = openkbp_patients(tmp_path / "openkbp", {"train-pats": ("pt_1",),
                                                       "validation-pats": ("pt_201",)})
-    done = run_cli("vmatdose.train", "data=openkbp", f"data.cases_dir={mine}",
-                   f"data.source_dir={source}", "debug=limit", cwd=tmp_path)
+    done = run_main("vmatdose.train", "data=openkbp", f"data.cases_dir={mine}",
+                    f"data.source_dir={source}", "debug=limit", cwd=tmp_path)
     assert done.returncode != 0
     assert last_line(done.stdout) == (
         f"error: data.cases_dir={mine}: not an OpenKBP import (no openkbp_split.json) and not "
