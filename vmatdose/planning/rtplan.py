@@ -21,22 +21,25 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 
 import numpy as np
-from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
+from pydicom.dataset import Dataset, FileDataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import (
-    PYDICOM_IMPLEMENTATION_UID,
-    ExplicitVRLittleEndian,
     RTPlanStorage,
     RTStructureSetStorage,
     generate_uid,
 )
 
 from vmatdose.data.case import Case
-from vmatdose.data.export.rtdose import SourcePatient, _ds, _reference, _save_atomic
+from vmatdose.data.export.rtdose import (
+    SourcePatient,
+    _ds,
+    _reference,
+    _save_atomic,
+    identity_dataset,
+)
 from vmatdose.planning.mlc import MlcGeometry, SegmentShape
 
 #: SeriesDescription of a plan exported without its source DICOM (at most 64 characters).
@@ -106,37 +109,9 @@ def write_rtplan(case: Case, beams: Sequence[DeliveredBeam], isocentre_mm: Seque
 
 def _plan_dataset(case: Case, source: SourcePatient | None) -> FileDataset:
     """Patient, study, series, frame, equipment, general plan and SOP common."""
-    sop_uid = generate_uid()
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = RTPlanStorage
-    meta.MediaStorageSOPInstanceUID = sop_uid
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    ds = FileDataset("", {}, file_meta=meta, preamble=b"\0" * 128)
-    now = datetime.now()
-    date, time = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
-    ds.SOPClassUID, ds.SOPInstanceUID = RTPlanStorage, sop_uid
-    ds.Modality = "RTPLAN"
-    ds.InstanceCreationDate, ds.InstanceCreationTime = date, time
-    if source is not None:
-        for keyword, value in source.patient.items():
-            setattr(ds, keyword, value)
-        ds.StudyInstanceUID = source.study_instance_uid
-        ds.FrameOfReferenceUID = source.frame_of_reference_uid
-        ds.SeriesDescription = "vmatdose sequenced plan"
-    else:
-        ds.PatientName = case.case_id  # anonymous: the case id, never patient data
-        ds.PatientID = case.case_id
-        ds.PatientBirthDate, ds.PatientSex = "", ""
-        ds.StudyDate, ds.StudyTime = date, time
-        ds.ReferringPhysicianName, ds.StudyID, ds.AccessionNumber = "", "", ""
-        ds.StudyInstanceUID = generate_uid(entropy_srcs=[case.case_id, "study"])
-        ds.FrameOfReferenceUID = generate_uid(entropy_srcs=[case.case_id, "frame"])
-        ds.SeriesDescription = NO_SOURCE_DESCRIPTION
-    ds.SeriesInstanceUID = generate_uid()
-    ds.SeriesNumber, ds.InstanceNumber = 901, 1
-    ds.PositionReferenceIndicator = ""
-    ds.Manufacturer = "vmatdose"
+    ds = identity_dataset(case, source, RTPlanStorage, "RTPLAN", "vmatdose sequenced plan",
+                          901)
+    date, time = ds.InstanceCreationDate, ds.InstanceCreationTime
     ds.RTPlanLabel = "vmatdose"
     ds.RTPlanName = "sequenced IMRT"
     ds.RTPlanDate, ds.RTPlanTime = date, time

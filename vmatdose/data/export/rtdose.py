@@ -310,28 +310,31 @@ def _orientation(iop) -> tuple[float, ...]:
     return _HFS
 
 
-def _dataset(case: Case, source: SourcePatient | None, iop: tuple[float, ...],
-             position: str | None) -> FileDataset:
-    """Patient, study, series, frame of reference, equipment and reference attributes."""
+def identity_dataset(case: Case, source: SourcePatient | None, sop_class: str,
+                     modality: str, description: str, series_number: int) -> FileDataset:
+    """A new DICOM object of ``sop_class``: file meta, SOP common, patient, study, series
+    and frame of reference, equipment. With ``source`` the patient's identity and
+    study/frame UIDs (``description`` as SeriesDescription); without, the case id as
+    PatientID and :data:`NO_SOURCE_DESCRIPTION` (UIDs derived from the case id). Shared by
+    the RTDOSE here and the RT Plan of :mod:`vmatdose.planning.rtplan`."""
     sop_uid = generate_uid()
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = RTDoseStorage
+    meta.MediaStorageSOPClassUID = sop_class
     meta.MediaStorageSOPInstanceUID = sop_uid
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
     ds = FileDataset("", {}, file_meta=meta, preamble=b"\0" * 128)
     now = datetime.now()
     date, time = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
-    ds.SOPClassUID, ds.SOPInstanceUID = RTDoseStorage, sop_uid
-    ds.Modality = "RTDOSE"
-    ds.ContentDate, ds.ContentTime = date, time
+    ds.SOPClassUID, ds.SOPInstanceUID = sop_class, sop_uid
+    ds.Modality = modality
     ds.InstanceCreationDate, ds.InstanceCreationTime = date, time
     if source is not None:
         for keyword, value in source.patient.items():
             setattr(ds, keyword, value)
         ds.StudyInstanceUID = source.study_instance_uid
         ds.FrameOfReferenceUID = source.frame_of_reference_uid
-        ds.SeriesDescription = "vmatdose predicted dose"
+        ds.SeriesDescription = description
     else:
         ds.PatientName = case.case_id  # anonymous: the case id, never patient data
         ds.PatientID = case.case_id
@@ -342,9 +345,18 @@ def _dataset(case: Case, source: SourcePatient | None, iop: tuple[float, ...],
         ds.FrameOfReferenceUID = generate_uid(entropy_srcs=[case.case_id, "frame"])
         ds.SeriesDescription = NO_SOURCE_DESCRIPTION
     ds.SeriesInstanceUID = generate_uid()
-    ds.SeriesNumber, ds.InstanceNumber = 900, 1
+    ds.SeriesNumber, ds.InstanceNumber = series_number, 1
     ds.PositionReferenceIndicator = ""
     ds.Manufacturer = "vmatdose"
+    return ds
+
+
+def _dataset(case: Case, source: SourcePatient | None, iop: tuple[float, ...],
+             position: str | None) -> FileDataset:
+    """Patient, study, series, frame of reference, equipment and reference attributes."""
+    ds = identity_dataset(case, source, RTDoseStorage, "RTDOSE", "vmatdose predicted dose",
+                          900)
+    ds.ContentDate, ds.ContentTime = ds.InstanceCreationDate, ds.InstanceCreationTime
     ds.PatientPosition = _patient_position(position, iop)
     if source is not None:
         _set_references(ds, source)
