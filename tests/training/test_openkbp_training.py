@@ -163,6 +163,7 @@ def test_recipes_compose_and_train_two_steps_on_tiny_volumes(tmp_path, recipe):
     assert mean.shape == (1, 1, 32, 32, 32) and float(mean.abs().sum()) == 0.0
 
 
+@pytest.mark.slow  # trains and evaluates on the OpenKBP sample (a minute and more)
 @needs_sample
 def test_openkbp_sample_trains_with_the_challenge_split_and_evaluates(tmp_path):
     run_dir = tmp_path / "run"
