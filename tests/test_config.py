@@ -102,3 +102,12 @@ def test_the_loss_study_recipe_is_the_cpu_recipe_on_its_short_budget(tmp_path):
     ran.pop("tags")
     assert study == ran
     assert study["trainer"]["max_time"] == "00:00:08:00"
+
+
+@pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
+def test_memory_format_and_precision_are_overridable_without_plus(tmp_path, fmt):
+    cfg = compose_train(tmp_path, [f"callbacks.memory_format.format={fmt}",
+                                   "trainer.precision=32-true"])
+    assert cfg.callbacks.memory_format.format == fmt
+    assert compose_train(tmp_path).callbacks.memory_format.format == "auto"
+    assert cfg.trainer.precision == "32-true"
