@@ -35,6 +35,7 @@ from vmatdose.inference.volume import PassFn, pad_to_multiple
 from vmatdose.losses import CompositeLoss
 from vmatdose.models import diffusion, flow
 from vmatdose.models.noise_level import downsampling_factor
+from vmatdose.models.timestep_sampling import TimestepSampling
 from vmatdose.training.module import DoseModule, weight_decay_groups
 
 
@@ -88,6 +89,9 @@ class GenerativeDoseModule(DoseModule, abc.ABC):
         dose_max: normalised dose mapped to +1 (headroom above the highest prescription
             keeps hot spots inside the sampler's [-1, 1] range).
         divisible_by: whole volumes are zero-padded to multiples of this for sampling.
+        timestep_sampling: the law of the training timesteps,
+            :class:`~vmatdose.models.timestep_sampling.TimestepSampling` arguments
+            (``distribution``, ``loc``, ``scale``); ``None``: uniform.
         ema_decay: keep an exponential moving average of the network weights
             (``ema_net``, updated after every training batch with decay
             ``min(ema_decay, (1 + n) / (10 + n))`` at update n, so a short run is not
@@ -113,6 +117,7 @@ class GenerativeDoseModule(DoseModule, abc.ABC):
         dose_max: float = 1.2,
         divisible_by: int = 16,
         ema_decay: float | None = None,
+        timestep_sampling: Mapping[str, Any] | None = None,
         val_gamma: Mapping | None = None,
         **kwargs: Any,
     ):
@@ -135,6 +140,7 @@ class GenerativeDoseModule(DoseModule, abc.ABC):
         self.loss_on_x0_weight = float(loss_on_x0_weight)
         self.dose_max = float(dose_max)
         self._val_cases_seen = 0
+        self.timestep_sampling = TimestepSampling(**dict(timestep_sampling or {}))
         if ema_decay is not None and not 0.0 < ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in (0, 1) or null, not {ema_decay}")
         self.ema_decay = None if ema_decay is None else float(ema_decay)
@@ -205,18 +211,11 @@ class GenerativeDoseModule(DoseModule, abc.ABC):
             return torch.randn(shape, device=like.device)
         return torch.randn(shape, generator=generator).to(like.device)
 
-    @staticmethod
-    def rand(n: int, like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        """(n,) uniform [0, 1) float32 on ``like``'s device (see :meth:`randn`)."""
-        if generator is None:
-            return torch.rand(n, device=like.device)
-        return torch.rand(n, generator=generator).to(like.device)
-
     def objective(self, clean: torch.Tensor, condition: torch.Tensor,
                   generator: torch.Generator | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor]:
         """Training objective on one batch: MSE between the network output and its target
-        at a uniform random training step.
+        at random training steps drawn from ``timestep_sampling``.
 
         Args:
             clean: (B, 1, Z, Y, X) dose in the model range [-1, 1].
@@ -227,8 +226,8 @@ class GenerativeDoseModule(DoseModule, abc.ABC):
         """
         scheduler = self.train_scheduler
         noise = self.randn(clean.shape, clean, generator)
-        t = (self.rand(clean.shape[0], clean, generator) * scheduler.num_train_timesteps).long()
-        t = t.clamp_max(scheduler.num_train_timesteps - 1)
+        t = self.timestep_sampling.sample(clean.shape[0], scheduler.num_train_timesteps,
+                                          generator, clean.device)
         output = self.inferer(clean, self.net, noise, t, condition=condition.to(clean.dtype),
                               mode="concat").float()
         noisy = scheduler.add_noise(clean, noise, t)
