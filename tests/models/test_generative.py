@@ -109,6 +109,22 @@ def test_ddpm_sampling_uses_the_configured_number_of_ddim_steps(tmp_path):
     assert len(seen) == 12 and seen[:6] == model.ddim.timesteps.tolist()
 
 
+def test_ddim_grid_is_the_one_its_steps_walk(tmp_path):
+    """DDIMScheduler.step goes from t to t - T // steps; the network must be queried at
+    exactly those states: [999, 799, 599, 399, 199] for 5 steps, the last step to
+    alpha_bar = 1 (MONAI's own grid, [999, 749, 500, 250, 0], queries each state at a
+    lower noise level than it holds and leaves the noise of t = 50 in the sample)."""
+    model, _ = _model("ddpm", tmp_path, "model.sampling_steps=5", "model.ensemble_size=1")
+    seen = []
+    net_forward = model.sampling_net.forward
+    model.sampling_net.forward = lambda x, timesteps=None, **kw: (
+        seen.append(int(timesteps[0])) or net_forward(x, timesteps, **kw))
+    model.predict_dose(_image())
+    ratio = model.num_train_timesteps // 5
+    assert seen == [999, 799, 599, 399, 199]
+    assert all(a - ratio == b for a, b in zip(seen, seen[1:])) and seen[-1] - ratio < 0
+
+
 def test_flow_heun_calls_the_network_twice_per_step_but_the_last(tmp_path):
     model, _ = _model("flow_matching", tmp_path, "model.solver=heun", "model.sampling_steps=4",
                       "model.ensemble_size=1")

@@ -394,7 +394,9 @@ class DiffusionDoseModule(GenerativeDoseModule):
                 diffusion.predicted_clean(self.noise_scheduler, output, noisy, timesteps))
 
     def sample(self, noise: torch.Tensor, condition: torch.Tensor, steps: int) -> torch.Tensor:
+        """DDIM (eta = 0) over :func:`~vmatdose.models.diffusion.trailing_timesteps`."""
         self.ddim.set_timesteps(steps)
+        self.ddim.timesteps = diffusion.trailing_timesteps(self.num_train_timesteps, steps)
         return self.inferer_sample(self.ddim, noise, condition)
 
 
