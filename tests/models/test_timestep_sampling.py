@@ -53,8 +53,8 @@ def test_bad_timestep_sampling_is_refused(bad, match):
 
 @pytest.mark.parametrize("name", GENERATIVE)
 def test_training_objective_draws_the_configured_timesteps(name, tmp_path):
-    """The model configs train on logit-normal(1, 1) noise levels (median t / T 0.73);
-    ``distribution=uniform`` restores uniform ones (median 0.5)."""
+    """``model.timestep_sampling``: logit-normal with the configs' loc 1, scale 1 (median
+    t / T 0.73; flow_matching's default) or uniform (median 0.5; ddpm's default)."""
     medians = {}
     for law in ("logit_normal", "uniform"):
         model, _ = build_model(name, tmp_path, "model.net.net.channels=[8,16,16,16]",
