@@ -77,7 +77,7 @@ def _predict_first(cfg: Mapping, output_dir: Path) -> Path:
     folder = output_dir / "predictions"
     run_prediction({"ckpt_path": cfg["ckpt_path"], "cases_dir": cfg["cases_dir"],
                     "output_dir": str(folder), "accelerator": cfg.get("accelerator", "auto"),
-                    "spacing_mismatch": cfg.get("spacing_mismatch", "resample")})
+                    "spacing_mismatch": cfg["spacing_mismatch"]})
     return folder
 
 
