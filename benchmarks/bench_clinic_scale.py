@@ -7,7 +7,7 @@ Writes N head-and-neck patients with the project's own DICOM builders
 (tests/data/dicom_builders.py), each its own patient: its own anatomy size (the phantom's
 head and neck scaled by 1.15-1.35), CT pixel size (0.98-1.17 mm), slice spacing (2.0 /
 2.5 / 3.0 mm, cycled), table position (ImagePositionPatient shifted by up to +-20 mm
-across and +-10 mm along the patient), identity and UIDs; a 512 x 512 CT over 240 mm,
+across and +-10 mm along the patient), name, ID and UIDs; a 512 x 512 CT over 240 mm,
 RTSTRUCT, a 2.5 mm RTDOSE over the body, an RTPLAN of two VMAT arcs with a control point
 every 2 degrees. They are written in chunks of ``--chunk`` patients: each chunk is
 written, preprocessed (``python -m vmatdose.preprocess source=dicom protocol=head_neck``,
@@ -91,7 +91,8 @@ def patient_spec(index: int):
     arcs = ({"gantry_deg": clockwise, "rotation": "CW", "isocentre_xyz": isocentre},
             {"gantry_deg": clockwise[::-1], "rotation": "CC", "isocentre_xyz": isocentre})
     return head_neck_spec(ct=ct, dose_grid=dose, scale=scale, vertices=160, beams=arcs,
-                          beam_weights=(1.0,))
+                          beam_weights=(1.0,), patient_name=f"Bench^Patient{index:04d}",
+                          patient_id=f"BENCH-{index:04d}")
 
 
 def _children() -> dict[int, list[int]]:

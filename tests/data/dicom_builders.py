@@ -128,6 +128,8 @@ class PatientSpec:
     # the ContourImageSequence of each contour points at the CT images
     struct_names_series: bool = True
     ct_hu: float | None = None  # uniform HU inside the body instead of the ramp pattern
+    patient_name: str = PATIENT_NAME  # identity every file carries
+    patient_id: str = PATIENT_ID
 
 
 def head_neck_spec(targets: tuple[str, ...] = ("PTV70", "PTV63", "PTV56"), **kwargs
@@ -222,7 +224,7 @@ def analytic_masks(spec: PatientSpec) -> dict[str, np.ndarray]:
     return masks
 
 
-def _file_dataset(sop_class: str, modality: str, uids: dict) -> FileDataset:
+def _file_dataset(sop_class: str, modality: str, uids: dict, spec: PatientSpec) -> FileDataset:
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = sop_class
     meta.MediaStorageSOPInstanceUID = generate_uid()
@@ -231,7 +233,7 @@ def _file_dataset(sop_class: str, modality: str, uids: dict) -> FileDataset:
     ds = FileDataset("", {}, file_meta=meta, preamble=b"\0" * 128)
     ds.SOPClassUID, ds.SOPInstanceUID = sop_class, meta.MediaStorageSOPInstanceUID
     ds.Modality = modality
-    ds.PatientName, ds.PatientID = PATIENT_NAME, PATIENT_ID
+    ds.PatientName, ds.PatientID = spec.patient_name, spec.patient_id
     ds.PatientBirthDate, ds.PatientSex = PATIENT_BIRTH_DATE, "F"
     ds.StudyInstanceUID = uids["study"]
     ds.StudyDate, ds.StudyTime, ds.StudyID = "20240102", "101500", "S-4417"
@@ -285,7 +287,7 @@ def write_ct(folder: Path, spec: PatientSpec, ct: np.ndarray, uids: dict,
     for k, z in enumerate(z_axis):
         if k in spec.skip_slices:
             continue
-        ds = _file_dataset(CTImageStorage, "CT", uids)
+        ds = _file_dataset(CTImageStorage, "CT", uids, spec)
         ds.SeriesInstanceUID = uids[series_key]
         images[k] = ds.SOPInstanceUID
         ds.PatientPosition = spec.orientation
@@ -314,7 +316,7 @@ def _set_image(ds: Dataset, pixels: np.ndarray, bits: int) -> None:
 
 def write_rtstruct(folder: Path, spec: PatientSpec, uids: dict) -> Path:
     """CLOSED_PLANAR contours of every structure on its CT slices (several per slice)."""
-    ds = _file_dataset(RTStructureSetStorage, "RTSTRUCT", uids)
+    ds = _file_dataset(RTStructureSetStorage, "RTSTRUCT", uids, spec)
     ds.StructureSetLabel, ds.StructureSetDate, ds.StructureSetTime = "RS", "20240102", "1100"
     frame = spec.struct_frame_uid or uids["frame"]
     images = uids.get("ct_series_images", {})
@@ -420,7 +422,7 @@ def write_rtdoses(folder: Path, spec: PatientSpec, uids: dict) -> list[Path]:
     weights = list(spec.beam_weights) + ([1.0] if per_beam and spec.plan_dose_too else [])
     for b, weight in enumerate(weights):
         is_beam = per_beam and b < len(spec.beam_weights)
-        ds = _file_dataset(RTDoseStorage, "RTDOSE", uids)
+        ds = _file_dataset(RTDoseStorage, "RTDOSE", uids, spec)
         ds.FrameOfReferenceUID = spec.dose_frame_uid or uids["frame"]
         values = native * weight
         scaling = float(_ds(values.max() / 60000.0))
@@ -452,7 +454,7 @@ def write_rtdoses(folder: Path, spec: PatientSpec, uids: dict) -> list[Path]:
 
 def write_rtplan(folder: Path, spec: PatientSpec, uids: dict) -> Path:
     """DoseReferenceSequence (TargetPrescriptionDose per target ROI) and fractions."""
-    ds = _file_dataset(RTPlanStorage, "RTPLAN", uids)
+    ds = _file_dataset(RTPlanStorage, "RTPLAN", uids, spec)
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = uids["plan"]
     ds.RTPlanLabel, ds.RTPlanGeometry = "SIB", "PATIENT"
     references = []
