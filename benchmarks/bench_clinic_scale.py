@@ -60,6 +60,7 @@ SHIFT_XY_MM, SHIFT_Z_MM = 20.0, 10.0  # table position: +- this across / along t
 LENGTH_MM = 240.0
 DOSE_MM = 2.5
 SAMPLE_S = 0.5  # memory sampling period of a stage's process tree
+BATCH = 2  # data=clinic's batch_size: an epoch of T training cases has ceil(T / 2) steps
 
 
 def patient_spec(index: int):
@@ -125,12 +126,13 @@ def tree_pss_gb(root: int) -> float:
 
 
 def timed(command: list[str], cwd: Path, env: dict, log: Path) -> dict:
-    """Run ``command`` under GNU time: ``{"seconds", "peak_rss_gb"}`` (its largest
-    process) and ``peak_tree_gb`` (its whole process tree, sampled every 0.5 s)."""
+    """Run ``command`` under GNU time: ``{"seconds", "cpu_seconds", "peak_rss_gb"}`` (wall,
+    user + system of the whole tree, its largest process) and ``peak_tree_gb`` (its whole
+    process tree, sampled every 0.5 s)."""
     stats = log.with_suffix(".time")
     peak = [0.0]
     with open(log, "w") as out:
-        process = subprocess.Popen(["/usr/bin/time", "-f", "%e %M", "-o", str(stats),
+        process = subprocess.Popen(["/usr/bin/time", "-f", "%e %M %U %S", "-o", str(stats),
                                     *command], cwd=cwd, env=env, stdout=out,
                                    stderr=subprocess.STDOUT)
 
@@ -147,8 +149,9 @@ def timed(command: list[str], cwd: Path, env: dict, log: Path) -> dict:
         tail = "\n".join(log.read_text().splitlines()[-15:])
         raise RuntimeError(f"{' '.join(command[:4])} ... failed ({returncode}), log "
                            f"{log}:\n{tail}")
-    seconds, kb = stats.read_text().split()[-2:]
-    return {"seconds": float(seconds), "peak_rss_gb": round(int(kb) / 1e6, 3),
+    seconds, kb, user, system = stats.read_text().split()[-4:]
+    return {"seconds": float(seconds), "cpu_seconds": round(float(user) + float(system), 1),
+            "peak_rss_gb": round(int(kb) / 1e6, 3),
             "peak_tree_gb": round(peak[0], 3)}
 
 
@@ -188,14 +191,20 @@ def preprocess_chunks(args, work: Path, env: dict, state: State) -> dict:
         if key in state.data["chunks"]:
             continue
         chunk = work / "dicom" / f"chunk_{start // args.chunk}"
-        shutil.rmtree(chunk, ignore_errors=True)  # an interrupted chunk starts again
-        began = time.perf_counter()
+        # an interrupted chunk starts again: its DICOM (new UIDs, so new case ids) and the
+        # case files it left go
+        shutil.rmtree(chunk, ignore_errors=True)
+        known = {c for done in state.data["chunks"].values() for c in done["case_ids"]}
+        for path in cases.glob("*.npz"):
+            if path.stem not in known:
+                path.unlink()
+        began, began_cpu = time.perf_counter(), time.process_time()
         indices = range(start, min(args.patients, start + args.chunk))
         dicom_mb = []
         for i in indices:
             write_patient(chunk / f"patient_{i:04d}", patient_spec(i))
             dicom_mb.append(folder_mb(chunk / f"patient_{i:04d}"))
-        write_s = time.perf_counter() - began
+        write_s, write_cpu = time.perf_counter() - began, time.process_time() - began_cpu
         command = [sys.executable, "-m", "vmatdose.preprocess", "source=dicom",
                    "protocol=head_neck", f"input_dir={chunk}", f"output_dir={cases}",
                    f"num_workers={args.workers}", "progress=false",
@@ -205,8 +214,10 @@ def preprocess_chunks(args, work: Path, env: dict, state: State) -> dict:
             if len(list(keep.iterdir())) < args.predict_patients:
                 shutil.move(str(patient), keep / patient.name)
         shutil.rmtree(chunk)
-        state.data["chunks"][key] = {**run, "patients": len(indices),
+        new = sorted(p.stem for p in cases.glob("*.npz") if p.stem not in known)
+        state.data["chunks"][key] = {**run, "patients": len(indices), "case_ids": new,
                                      "write_seconds": round(write_s, 1),
+                                     "write_cpu_seconds": round(write_cpu, 1),
                                      "dicom_mb": round(float(np.sum(dicom_mb)), 1)}
         state.save()
         done = state.data["chunks"].values()
@@ -225,10 +236,13 @@ def preprocess_summary(cases: Path, runs: list[dict]) -> dict:
     fingerprint = json.loads((cases / "dataset_fingerprint.json").read_text())
     seconds = sum(r["seconds"] for r in runs)
     patients = sum(r["patients"] for r in runs)
-    return {"cases": len(files),
+    cpu = sum(r["cpu_seconds"] for r in runs)
+    return {"cases": len(files), "cpu_seconds_per_case": round(cpu / len(files), 2),
             "write_seconds": round(sum(r["write_seconds"] for r in runs), 1),
             "write_seconds_per_patient": round(sum(r["write_seconds"] for r in runs)
                                                / patients, 2),
+            "write_cpu_seconds_per_patient": round(sum(r["write_cpu_seconds"] for r in runs)
+                                                   / patients, 2),
             "dicom_mb_per_patient": round(sum(r["dicom_mb"] for r in runs) / patients, 1),
             "seconds": round(seconds, 1), "seconds_per_case": round(seconds / len(files), 2),
             "peak_rss_gb": max(r["peak_rss_gb"] for r in runs),
@@ -238,7 +252,7 @@ def preprocess_summary(cases: Path, runs: list[dict]) -> dict:
             "case_shape_max": fingerprint["shape"]["max"],
             "case_voxels_mean": int(np.mean([np.prod(c["shape"])
                                              for c in fingerprint["per_case"].values()])),
-            "chunks": runs}
+            "chunks": [{k: v for k, v in r.items() if k != "case_ids"} for r in runs]}
 
 
 def train(args, work: Path, env: dict) -> dict:
@@ -273,28 +287,32 @@ def predict(args, work: Path, env: dict, ckpt: str) -> dict:
 
 
 def estimate(args) -> str | None:
-    """The run's duration from the per-case costs of the largest smaller N measured."""
-    done = []
-    for path in RESULTS.glob("bench_clinic_scale_n*.json"):
-        result = json.loads(path.read_text())
-        if result["patients"] < args.patients and "write_seconds_per_patient" in result[
-                "preprocess"]:
-            done.append(result)
+    """The run's duration from the largest smaller N measured: its per-case costs (wall, at
+    its load) and, for a quiet machine, its CPU seconds spread over the cores."""
+    done = [json.loads(p.read_text()) for p in RESULTS.glob("bench_clinic_scale_n*.json")]
+    done = [r for r in done if r["patients"] < args.patients and "cpu_seconds" in r["train"]]
     if not done:
         return None
     ref = max(done, key=lambda r: r["patients"])
     prep, fit, pred = ref["preprocess"], ref["train"], ref["predict"]
-    n = args.patients
-    cached = fit["train_cases"] + fit["val_cases"]
-    train_cases = round(n * (fit["train_cases"] + fit["val_cases"]) / ref["patients"])
-    seconds = (n * (prep["write_seconds_per_patient"] + prep["seconds_per_case"])
-               + fit["setup_seconds"] * train_cases / cached
-               + fit["fit_loop_seconds"] * args.steps / fit["steps"]
-               + pred["seconds_per_patient"] * min(n, args.predict_patients))
+    n, cores = args.patients, min(2, os.cpu_count() or 1)
+    steps = min(args.steps, -(-round(n * fit["train_cases"] / ref["patients"]) // BATCH))
+    per_step = fit["fit_loop_seconds"] / fit["steps"]
+    per_step_cpu = fit["cpu_seconds"] * fit["fit_loop_seconds"] / fit["seconds"] / fit["steps"]
+    setup_cpu = fit["cpu_seconds"] - per_step_cpu * fit["steps"]
+    wall = (n * (prep["write_seconds_per_patient"] + prep["seconds_per_case"])
+            + fit["setup_seconds"] * n / ref["patients"] + per_step * steps
+            + pred["seconds_per_patient"] * min(n, args.predict_patients))
+    # quiet: writing is one process, the rest spreads over the cores at best
+    quiet = (n * prep["write_cpu_seconds_per_patient"]
+             + (n * prep["cpu_seconds_per_case"] + setup_cpu * n / ref["patients"]
+                + per_step_cpu * steps
+                + pred["cpu_seconds"] / pred["patients"] * min(n, args.predict_patients))
+             / cores)
     load = ref["machine"]["load_average_at_start"][0]
-    return (f"estimated duration ~{_minutes(seconds)} (per-case costs of N = "
-            f"{ref['patients']}, measured at load average {load:.1f}: a quieter machine is "
-            f"faster)")
+    return (f"estimated duration ~{_minutes(wall)} at the load of N = {ref['patients']} "
+            f"(load average {load:.1f}), ~{_minutes(quiet)} on a quiet machine (its CPU "
+            f"seconds over {cores} cores; {steps} training steps)")
 
 
 def machine_info() -> dict:
@@ -314,17 +332,21 @@ def print_table(result: dict, path: Path) -> None:
           f"case {prep['case_shape_max']}")
     print(f"{'stage':<44}{'value':>12}")
     rows = [("DICOM per patient (MB)", prep["dicom_mb_per_patient"]),
-            ("writing DICOM s per patient", prep["write_seconds_per_patient"]),
-            ("preprocess s per case (wall)", prep["seconds_per_case"]),
+            ("writing DICOM s per patient (wall / CPU)",
+             f"{prep['write_seconds_per_patient']} / {prep['write_cpu_seconds_per_patient']}"),
+            ("preprocess s per case (wall / CPU)",
+             f"{prep['seconds_per_case']} / {prep['cpu_seconds_per_case']}"),
             ("preprocess peak RSS / tree (GB)",
              f"{prep['peak_rss_gb']} / {prep['peak_tree_gb']}"),
             ("case file (MB)", prep["case_mb"]),
             (f"train setup s ({fit['train_cases']}+{fit['val_cases']} cases)",
              fit["setup_seconds"]),
+            ("train CPU s (whole command)", fit["cpu_seconds"]),
             (f"train steps/s ({fit['steps']} steps, wall)", fit["steps_per_s"]),
             ("train steps/s (fit loop)", fit["fit_steps_per_s"]),
             ("train peak RSS / tree (GB)", f"{fit['peak_rss_gb']} / {fit['peak_tree_gb']}"),
             (f"predict s per patient ({pred['patients']})", pred["seconds_per_patient"]),
+            ("predict CPU s per patient", round(pred["cpu_seconds"] / pred["patients"], 1)),
             ("predict peak RSS / tree (GB)",
              f"{pred['peak_rss_gb']} / {pred['peak_tree_gb']}"),
             ("RTDOSE file (MB)", pred["rtdose_mb"]),
