@@ -2,6 +2,7 @@
 
     python benchmarks/bench_clinic_scale.py --patients N [--workers 2] [--steps 20]
         [--work-dir DIR]   # resumable: rerun the same command to go on where it stopped
+    python benchmarks/bench_clinic_scale.py --patients N --estimate   # duration only
 
 Writes N head-and-neck patients with the project's own DICOM builders
 (tests/data/dicom_builders.py), each its own patient: its own anatomy size (the phantom's
@@ -303,16 +304,16 @@ def estimate(args) -> str | None:
     wall = (n * (prep["write_seconds_per_patient"] + prep["seconds_per_case"])
             + fit["setup_seconds"] * n / ref["patients"] + per_step * steps
             + pred["seconds_per_patient"] * min(n, args.predict_patients))
-    # quiet: writing is one process, the rest spreads over the cores at best
-    quiet = (n * prep["write_cpu_seconds_per_patient"]
-             + (n * prep["cpu_seconds_per_case"] + setup_cpu * n / ref["patients"]
-                + per_step_cpu * steps
-                + pred["cpu_seconds"] / pred["patients"] * min(n, args.predict_patients))
-             / cores)
+    # quiet: writing is one process; the rest runs on all the cores at best, one at worst
+    cpu = (n * prep["cpu_seconds_per_case"] + setup_cpu * n / ref["patients"]
+           + per_step_cpu * steps
+           + pred["cpu_seconds"] / pred["patients"] * min(n, args.predict_patients))
+    write = n * prep["write_cpu_seconds_per_patient"]
     load = ref["machine"]["load_average_at_start"][0]
     return (f"estimated duration ~{_minutes(wall)} at the load of N = {ref['patients']} "
-            f"(load average {load:.1f}), ~{_minutes(quiet)} on a quiet machine (its CPU "
-            f"seconds over {cores} cores; {steps} training steps)")
+            f"(load average {load:.1f}); on a quiet machine ~{_minutes(write + cpu / cores)} "
+            f"to {_minutes(write + cpu)} (its CPU seconds over {cores} cores .. one core); "
+            f"{steps} training steps")
 
 
 def machine_info() -> dict:
@@ -370,9 +371,14 @@ def main() -> None:
                         help="where the run works and records its progress (default: "
                              "<tmp>/bench_clinic_scale_n<N>); the same command resumes there")
     parser.add_argument("--keep", action="store_true", help="keep the work dir at the end")
+    parser.add_argument("--estimate", action="store_true",
+                        help="only print the estimated duration")
     args = parser.parse_args()
     if args.patients < 3:
         parser.error("--patients: at least 3 (a training, a validation and a test case)")
+    if args.estimate:
+        print(estimate(args) or "no smaller N measured yet: no duration estimate")
+        return
     work = Path(args.work_dir or Path(tempfile.gettempdir())
                 / f"bench_clinic_scale_n{args.patients}")
     work.mkdir(parents=True, exist_ok=True)
