@@ -161,18 +161,24 @@ def folder_mb(folder: Path) -> float:
 
 
 class State:
-    """``<work dir>/state.json``: what is done (chunks, training, prediction), so that the
-    same command resumes."""
+    """``<work dir>/state.json``: what is done (chunks, training, prediction) and the wall
+    time spent up to the last thing done (over every session), so that the same command
+    resumes."""
 
     def __init__(self, work: Path, patients: int) -> None:
         self.path = work / "state.json"
         self.data = json.loads(self.path.read_text()) if self.path.is_file() else {
-            "patients": patients, "chunks": {}, "load_average_at_start": list(os.getloadavg())}
+            "patients": patients, "chunks": {}, "wall_seconds": 0.0,
+            "load_average_at_start": list(os.getloadavg())}
+        self.mark = time.perf_counter()
         if self.data["patients"] != patients:
             raise SystemExit(f"error: {work} holds a run of --patients "
                              f"{self.data['patients']}, not {patients}: give another --work-dir")
 
     def save(self) -> None:
+        now = time.perf_counter()
+        self.data["wall_seconds"] += now - self.mark
+        self.mark = now
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.data, indent=2))
         tmp.replace(self.path)
@@ -389,7 +395,6 @@ def main() -> None:
     print(estimate(args) or "no smaller N measured yet: no duration estimate", flush=True)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "VMATDOSE_ID_SALT": "bench-clinic",
            "VMATDOSE_ROOT": str(work)}
-    began = time.perf_counter()
     prep = preprocess_chunks(args, work, env, state)
     if "train" not in state.data:
         state.data["train"] = train(args, work, env)
@@ -400,8 +405,6 @@ def main() -> None:
     if "predict" not in state.data:
         state.data["predict"] = predict(args, work, env, fit["checkpoint"])
         state.save()
-    state.data["wall_seconds"] = state.data.get("wall_seconds", 0.0) + (
-        time.perf_counter() - began)
     result = {"patients": args.patients, "workers": args.workers, "chunk": args.chunk,
               "ct": "512 x 512, 0.98-1.17 mm, 2.0/2.5/3.0 mm slices, 240 mm; anatomy x "
                     "1.15-1.35, table shifts, one per patient",
