@@ -73,8 +73,8 @@ def patient_spec(index: int):
     dz = SLICES_MM[index % len(SLICES_MM)]
     pixel = round(float(rng.uniform(*PIXEL_MM)), 2)
     scale = round(float(rng.uniform(*SCALE)), 3)
-    shift_x, shift_y = rng.uniform(-SHIFT_XY_MM, SHIFT_XY_MM, 2)
-    shift_z = rng.uniform(-SHIFT_Z_MM, SHIFT_Z_MM)
+    shift_x, shift_y = (float(v) for v in rng.uniform(-SHIFT_XY_MM, SHIFT_XY_MM, 2))
+    shift_z = float(rng.uniform(-SHIFT_Z_MM, SHIFT_Z_MM))
     slices = int(round(LENGTH_MM / dz))
     half = 256 * pixel
     ct = GridSpec((slices, 512, 512), (dz, pixel, pixel),

@@ -378,8 +378,8 @@ def _contour_data(xy_text: list[str], z: float) -> RawDataElement:
     height ``z`` mm, as the encoded DS bytes.
 
     Built as raw text: setting a list of strings makes pydicom construct and validate a
-    ``DSfloat`` per value, which was 90 % of writing a clinical-size RTSTRUCT (450 k values,
-    16 s). pydicom writes a raw element's bytes as they are when the item's original
+    ``DSfloat`` per value, which was most of writing a clinical-size RTSTRUCT (450 k
+    values: 16 of 19 s under the profiler). pydicom writes a raw element's bytes as they are when the item's original
     encoding is the file's (explicit VR little endian).
     """
     z_text = f"{z:.4f}"
