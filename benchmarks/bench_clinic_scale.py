@@ -75,6 +75,21 @@ def patient_spec(index: int):
     scale = round(float(rng.uniform(*SCALE)), 3)
     shift_x, shift_y = (float(v) for v in rng.uniform(-SHIFT_XY_MM, SHIFT_XY_MM, 2))
     shift_z = float(rng.uniform(-SHIFT_Z_MM, SHIFT_Z_MM))
+    clockwise = [float(a % 360) for a in np.arange(181, 181 + 358 + 1, 2)]
+    arcs = ({"gantry_deg": clockwise, "rotation": "CW"},
+            {"gantry_deg": clockwise[::-1], "rotation": "CC"})
+    return clinic_patient_spec(dz, pixel, scale, (shift_x, shift_y, shift_z), arcs,
+                               f"Bench^Patient{index:04d}", f"BENCH-{index:04d}")
+
+
+def clinic_patient_spec(dz: float, pixel: float, scale: float,
+                        shift_mm: tuple[float, float, float], beams: tuple[dict, ...],
+                        name: str, patient_id: str):
+    """A head-and-neck patient on a 512 x 512 CT of ``pixel`` mm with ``dz`` mm slices over
+    240 mm, the anatomy scaled by ``scale``, the table moved by ``shift_mm`` (x, y, z), a
+    2.5 mm RTDOSE over the body + 10 mm, and ``beams`` (RTPLAN beam dicts without the
+    isocentre: it is put at the PTV70's centre)."""
+    shift_x, shift_y, shift_z = shift_mm
     slices = int(round(LENGTH_MM / dz))
     half = 256 * pixel
     ct = GridSpec((slices, 512, 512), (dz, pixel, pixel),
@@ -89,12 +104,9 @@ def patient_spec(index: int):
                     (DOSE_MM,) * 3, (z0, cy + by * scale - half_y, cx + bx * scale - half_x))
     (px, py, _, _), = HEAD_NECK_SCENE["PTV70"][1]
     isocentre = (cx + px * scale, cy + py * scale, ct.origin[0] + (slices - 1) * dz / 2)
-    clockwise = [float(a % 360) for a in np.arange(181, 181 + 358 + 1, 2)]
-    arcs = ({"gantry_deg": clockwise, "rotation": "CW", "isocentre_xyz": isocentre},
-            {"gantry_deg": clockwise[::-1], "rotation": "CC", "isocentre_xyz": isocentre})
-    return head_neck_spec(ct=ct, dose_grid=dose, scale=scale, vertices=160, beams=arcs,
-                          beam_weights=(1.0,), patient_name=f"Bench^Patient{index:04d}",
-                          patient_id=f"BENCH-{index:04d}")
+    beams = tuple({**beam, "isocentre_xyz": isocentre} for beam in beams)
+    return head_neck_spec(ct=ct, dose_grid=dose, scale=scale, vertices=160, beams=beams,
+                          beam_weights=(1.0,), patient_name=name, patient_id=patient_id)
 
 
 def _children() -> dict[int, list[int]]:
