@@ -262,7 +262,8 @@ def print_table(summary: dict, facts: dict) -> None:
     print(f"outside the network (fetch, assemble, hooks, loop, epoch end): "
           f"{wall['outside_network_fraction']:.1%} of wall, "
           f"{cpu['outside_network_fraction']:.1%} of CPU time; Lightning / bare "
-          f"{wall['lightning_over_bare']:.3f} wall, {cpu['lightning_over_bare']:.3f} CPU (means)")
+          f"{wall['lightning_over_bare']:.3f} wall, {cpu['lightning_over_bare']:.3f} CPU (means), "
+          f"{wall['median_step_s'] / wall['median_bare_s']:.3f} wall (medians)")
     print(f"{summary['steps']} steps timed (means); {facts['n_train']} training cases, "
           f"{facts['steps_per_epoch']} steps per epoch, validation every "
           f"{facts['check_val_every_n_epoch']} epochs on {facts['n_val']} cases; set-up "
