@@ -4,7 +4,7 @@ callbacks and logger) split into phases, against the same network's step in a ba
 loop on the same batches.
 
     python benchmarks/bench_recipe_step.py [--steps 40] [--warmup 3] [--threads 2]
-                                           [--source DIR] [hydra overrides]
+                                           [--source DIR] [--name NAME] [hydra overrides]
 
 Phases of each Lightning step, from timestamps taken by a callback, by forward hooks on the
 network, by a post-step hook on the optimizer and by wrappers around the device cache's
@@ -27,7 +27,10 @@ used, right after it: the two are interleaved step by step, so a change of the m
 load hits both alike. The prior dose costs nothing per step: it is built once per case with
 the cache (the set-up time below) and is one of the batch's channels after that.
 
-Prints a table and writes ``benchmarks/results/recipe_step.json``.
+Then one more bare step under ``torch.profiler``: the operators that take the most CPU time.
+
+Prints the tables and writes ``benchmarks/results/recipe_step.json``
+(``recipe_step-NAME.json`` with ``--name``).
 """
 
 from __future__ import annotations
@@ -93,8 +96,10 @@ class BareStep:
         self.clip = clip
         self.times: list[float] = []
         self.cpu_times: list[float] = []
+        self.last_batch: dict | None = None
 
     def __call__(self, batch: dict) -> None:
+        self.last_batch = batch
         start = Clock.now()
         self.optimizer.zero_grad(set_to_none=True)
         pred = self.module.masked_for_loss(self.net(batch["image"]), batch)
@@ -127,11 +132,11 @@ class PhaseClock(L.Callback):
         self.pending[f"@{name}"] = Clock.now()
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.bare = BareStep(pl_module, self.clip)  # copied before the hooks below
         net = pl_module.net
         net.register_forward_pre_hook(lambda *_: self.mark("forward_start"))
         net.register_forward_hook(lambda *_: self.mark("forward_end"))
         trainer.optimizers[0].register_step_post_hook(lambda *_: self.mark("optimizer_end"))
-        self.bare = BareStep(pl_module, self.clip)
         self.resume = Clock.now()
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
@@ -230,6 +235,21 @@ def profile_recipe(cfg, steps: int, warmup: int) -> tuple[PhaseClock, dict]:
     return clock, facts
 
 
+def top_ops(bare: BareStep, n: int = 12) -> list[dict]:
+    """The ``n`` operators of one more bare step (on the last batch) that take the most CPU
+    time themselves (``torch.profiler``; forward and backward operators apart)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        bare(bare.last_batch)
+    bare.times.pop()
+    bare.cpu_times.pop()
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events)
+    return [{"op": e.key, "calls": e.count, "self_cpu_ms": e.self_cpu_time_total / 1e3,
+             "share": e.self_cpu_time_total / total} for e in events[:n]]
+
+
 def summarise_clock(steps: list[dict[str, float]], bare: list[float]) -> dict:
     """Mean seconds per phase (they add up to the mean step), the network's share and the
     Lightning step against the bare one, over one clock's timed steps."""
@@ -276,6 +296,7 @@ def main() -> dict:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--name", default=None, help="results file recipe_step-NAME.json")
     parser.add_argument("--source", type=Path, default=SAMPLE,
                         help="OpenKBP folder (default: the 17 + 4 patient sample)")
     args, overrides = parser.parse_known_args()
@@ -285,14 +306,20 @@ def main() -> dict:
     clock, facts = profile_recipe(cfg, args.steps, args.warmup)
     summary = summarise(clock, args.warmup)
     print_table(summary, facts)
+    ops = top_ops(clock.bare)
+    print(f"{'operator (one bare step, torch.profiler)':<48}{'calls':>6}{'self CPU ms':>12}"
+          f"{'share':>8}")
+    for op in ops:
+        print(f"{op['op'][:47]:<48}{op['calls']:>6}{op['self_cpu_ms']:>12.1f}{op['share']:>8.1%}")
     result = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "args": {**vars(args), "source": str(args.source)}, "overrides": overrides,
               "torch": torch.__version__, "threads": torch.get_num_threads(),
               "interop_threads": torch.get_num_interop_threads(),
               "load_average_start": load_start, "load_average_end": os.getloadavg()[0],
-              **facts, **summary}
-    RESULT.parent.mkdir(parents=True, exist_ok=True)
-    RESULT.write_text(json.dumps(result, indent=2))
+              **facts, **summary, "top_ops": ops}
+    path = RESULT.with_name(f"recipe_step-{args.name}.json") if args.name else RESULT
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2))
     return result
 
 
