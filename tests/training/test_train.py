@@ -56,8 +56,11 @@ def test_run_writes_record_split_checkpoints_and_evaluation(trained_run):
     assert record["seed"] == 42 and "torch" in record["packages"]
     assert record["config"]["data"]["structures"][0] == "PTV70"
     assert "commit" in record["git"]
+    from vmatdose.training.compile import choose_compile
     from vmatdose.training.precision import choose_precision
     assert record["precision"] == choose_precision("auto", "cpu").to_dict()
+    assert record["compile"] == {"requested": "auto", "compiled": False,
+                                 "reason": choose_compile("auto", "cpu").reason}
     split = json.loads((run_dir / "split.json").read_text())
     assert len(split["test"]) == 1
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
