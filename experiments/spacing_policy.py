@@ -5,7 +5,7 @@ error of each PTV and the seconds of prediction (experiments/route_invariance.md
     PYTHONPATH=$PWD python experiments/spacing_policy.py <ckpt> '<case glob>' [policy ...]
 
 ``<case glob>``: the validation case files, e.g. ``data/openkbp/openkbp-full/pt_2??.npz``
-(OpenKBP's validation patients are pt_201-pt_240). Prints one JSON object per policy.
+(OpenKBP's validation patients are pt_201-pt_240; several globs: comma-separated). Prints one JSON object per policy.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def d95_errors(pairs) -> dict[str, float]:
 
 
 def main(ckpt: str, pattern: str, policies: list[str]) -> None:
-    paths = sorted(Path(p) for p in glob.glob(pattern))
+    paths = sorted(Path(p) for part in pattern.split(",") for p in glob.glob(part))
     for policy in policies or ["resample", "training_grid"]:
         predictor = Predictor.from_checkpoint(ckpt, "cpu", spacing_mismatch=policy)
         start = time.perf_counter()

@@ -76,7 +76,7 @@ def main(ckpt: str, pattern: str) -> None:
     # the three doses and the reference share one grid
     predictor = Predictor.from_checkpoint(ckpt, "cpu", spacing_mismatch="resample")
     rows: dict[str, list[dict]] = {"prediction": [], "floor": [], "prior": []}
-    for path in sorted(glob.glob(pattern)):
+    for path in sorted(p for part in pattern.split(",") for p in glob.glob(part)):
         case = load_case(path)
         if predictor.on_training_grid(case) is not case:
             continue
