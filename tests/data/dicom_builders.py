@@ -224,7 +224,10 @@ def analytic_masks(spec: PatientSpec) -> dict[str, np.ndarray]:
     return masks
 
 
-def _file_dataset(sop_class: str, modality: str, uids: dict, spec: PatientSpec) -> FileDataset:
+def _file_dataset(sop_class: str, modality: str, uids: dict,
+                  spec: PatientSpec | None = None) -> FileDataset:
+    """A file's identity and UIDs; the patient of ``spec`` (default: the default one)."""
+    spec = spec or PatientSpec()
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = sop_class
     meta.MediaStorageSOPInstanceUID = generate_uid()
