@@ -11,7 +11,7 @@ else
 endif
 STAMP := $(dir $(PY)).vmatdose-installed
 
-.PHONY: install demo test test-fast smoke bench bench-openkbp experiments lint clean
+.PHONY: install demo test test-fast smoke bench bench-recipe-step bench-openkbp experiments lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +51,12 @@ smoke: install
 bench: install
 	@for f in $(filter-out benchmarks/bench_openkbp.py,$(wildcard benchmarks/bench_*.py)); do \
 		echo "== $$f"; $(PY) $$f || exit 1; done
+
+## Where one step of experiment=openkbp_cpu goes (data, forward, backward, optimizer,
+## Lightning) against the bare network step, interleaved (OpenKBP sample; 3 min on 2 quiet
+## cores) -> benchmarks/results/recipe_step.json. `make bench` runs it too.
+bench-recipe-step: install
+	$(PY) benchmarks/bench_recipe_step.py
 
 ## OpenKBP speed-run: experiment=openkbp_cpu from scratch (35 min on 2 cores), official
 ## scores on the 33 validation patients -> benchmarks/results/openkbp_cpu.json.

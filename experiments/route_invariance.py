@@ -131,7 +131,7 @@ def measure(predictor: Predictor, patient: str, work: Path) -> dict:
 if __name__ == "__main__":
     ckpt, work_dir, *patients = sys.argv[1:]
     torch.set_num_threads(1)
-    model = Predictor.from_checkpoint(ckpt, "cpu")
+    model = Predictor.from_checkpoint(ckpt, "cpu", "resample")  # before / after: as measured
     predictor_protocol = model.protocol
     for name in patients:
         print(json.dumps(measure(model, name, Path(work_dir))), flush=True)

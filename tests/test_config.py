@@ -22,9 +22,12 @@ def options(group: str) -> list[str]:
     return sorted(p.stem for p in (Path(CONFIG_DIR) / group).glob("*.yaml"))
 
 
-@pytest.mark.parametrize("group", ["data", "model", "optimizer", "loss", "trainer", "logger",
-                                   "callbacks", "evaluation", "experiment", "debug",
-                                   "hparams_search"])
+# the groups with many options compose for seconds each: the slow tier
+@pytest.mark.parametrize("group", [
+    "data", pytest.param("model", marks=pytest.mark.slow), "optimizer",
+    pytest.param("loss", marks=pytest.mark.slow), "trainer", "logger", "callbacks",
+    "evaluation", pytest.param("experiment", marks=pytest.mark.slow), "debug",
+    "hparams_search"])
 def test_every_option_of_every_group_composes_and_resolves(tmp_path, group):
     opts = options(group)
     if group in ("data", "model", "optimizer", "loss", "trainer", "logger", "callbacks"):

@@ -297,6 +297,7 @@ def _experiment_overrides(path: Path) -> list[str]:
     return out
 
 
+@pytest.mark.slow
 def test_no_default_is_written_twice():
     """A schema's default is not repeated by the YAML naming it; a vmatdose class's
     default not by a YAML targeting it; a group YAML repeats nothing of the one it

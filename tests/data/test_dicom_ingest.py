@@ -698,3 +698,39 @@ def test_varying_slice_spacing_onto_a_training_grid_gives_the_ct_grid_case_cropp
     np.testing.assert_allclose(on_grid.ct, on_ct.ct[crop], atol=1)
     for name in ("PTV70", "PTV56", "Rectum"):
         assert dice(on_grid.mask(name), on_ct.mask(name)[crop]) == 1.0, name
+
+
+def test_patients_of_their_own_identity_are_distinct_cases(tmp_path):
+    """Two patients written with their own name and ID (as the scale benchmark writes a
+    clinic): every file carries its patient's identity, the two share no UID, each one's
+    RTSTRUCT and RTDOSE point at its own CT and RTPLAN, and ingest makes two cases with
+    their own ids and none of the identity."""
+    import pydicom
+
+    folders, cases = {}, {}
+    for n in (1, 2):
+        folder = tmp_path / f"pt{n}"
+        write_patient(folder, PatientSpec(patient_name=f"Bench^P{n}", patient_id=f"B-{n}"))
+        folders[n], cases[n] = folder, ingest(folder)
+    assert not dicom_uids(folders[1]) & dicom_uids(folders[2])
+    for n, folder in folders.items():
+        files = {p.name: pydicom.dcmread(p, stop_before_pixels=True)
+                 for p in folder.glob("*.dcm")}
+        assert {(str(ds.PatientName), ds.PatientID) for ds in files.values()} == {
+            (f"Bench^P{n}", f"B-{n}")}
+        cts = [ds for name, ds in files.items() if name.startswith("CT_")]
+        structure_set, dose, plan = files["RS_structures.dcm"], files["RD_0.dcm"], files[
+            "RP_plan.dcm"]
+        frame = structure_set.ReferencedFrameOfReferenceSequence[0]
+        series = frame.RTReferencedStudySequence[0].RTReferencedSeriesSequence[0]
+        assert series.SeriesInstanceUID == cts[0].SeriesInstanceUID
+        assert {ref.ReferencedSOPInstanceUID for ref in series.ContourImageSequence} == {
+            ds.SOPInstanceUID for ds in cts}
+        assert {frame.FrameOfReferenceUID, dose.FrameOfReferenceUID} == {
+            ds.FrameOfReferenceUID for ds in cts}
+        assert dose.ReferencedRTPlanSequence[0].ReferencedSOPInstanceUID == plan.SOPInstanceUID
+        assert cases[n].case_id == anonymous_case_id(f"B-{n}", truth_study(folder), SALT)
+        meta = json.dumps(cases[n].meta)
+        assert f"B-{n}" not in meta and "Bench" not in meta
+    assert cases[1].case_id != cases[2].case_id
+    assert dice(cases[1].masks[0], cases[2].masks[0]) == 1.0  # the same anatomy, two people

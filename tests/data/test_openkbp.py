@@ -348,3 +348,24 @@ def test_openkbp_imports_into_an_empty_folder_and_then_reads_it(tmp_path):
     before = _listing(target)
     data.prepare_data()  # an import there already: read, not redone
     assert data.ensure_split()["train"] == ["openkbp_pt_1"] and _listing(target) == before
+
+
+def test_a_failed_patient_stops_the_import_without_a_split_file_and_a_rerun_resumes(tmp_path):
+    """A patient that fails (a worker crash, a broken file) is an error naming it, and no
+    split file is written: the folder is an unfinished import, which the next run
+    completes, instead of a finished one with cases missing."""
+    source = openkbp_patients(tmp_path / "source", {"train-pats": ("pt_1",),
+                                                    "validation-pats": ("pt_201",)})
+    broken = source / "validation-pats" / "pt_201" / "ct.csv"
+    good = broken.read_bytes()
+    broken.write_text("not,a\nct")
+    out = tmp_path / "cases"
+    with pytest.raises(OpenKBPFormatError, match="1 of 2 patients failed to import, "
+                                                 "first openkbp_pt_201"):
+        import_openkbp_dataset(out, source, num_workers=1, progress=False)
+    assert not (out / SPLIT_FILE).exists()
+    assert [p.name for p in out.glob("*.npz")] == ["openkbp_pt_1.npz"]
+    broken.write_bytes(good)
+    import_openkbp_dataset(out, source, num_workers=1, progress=False)
+    split = json.loads((out / SPLIT_FILE).read_text())
+    assert (split["train"], split["val"]) == (["openkbp_pt_1"], ["openkbp_pt_201"])

@@ -65,6 +65,7 @@ def test_ct_has_realistic_tissue_values(cases):
     assert abs(np.median(case.ct[_mask(case, "Bladder")])) < 40
 
 
+@pytest.mark.slow
 def test_anatomy_varies_and_generation_is_deterministic():
     a, b, again = generate_phantom_case(5), generate_phantom_case(6), generate_phantom_case(5)
     np.testing.assert_array_equal(a.ct, again.ct)

@@ -122,6 +122,7 @@ def test_registry_names_the_uncertainty_metrics():
                                          for s in ("", "_targets", "_oars", "_low_dose")}
 
 
+@pytest.mark.slow
 def test_suite_writes_uncertainty_columns_figure_and_report(tmp_path):
     case = make_box_case()
     rng = np.random.default_rng(4)

@@ -48,7 +48,7 @@ def test_other_spacing_is_refused_by_choice(phantom, tmp_path):
 
 def test_other_spacing_is_resampled_and_the_dose_put_back_on_the_case_grid(phantom, tmp_path):
     ckpt, case = phantom
-    predictor = Predictor.from_checkpoint(ckpt, "cpu")  # spacing_mismatch=resample
+    predictor = Predictor.from_checkpoint(ckpt, "cpu", spacing_mismatch="resample")
     coarse = predictor.predict(write(case, tmp_path)).dose_gy
     fine_case = upsampled(case, 2)
     fine = predictor.predict(write(fine_case, tmp_path)).dose_gy
@@ -81,9 +81,9 @@ def test_training_grid_policy_resamples_every_case_off_the_median(phantom, tmp_p
     whatever spacing it comes at."""
     ckpt, case = phantom
     near = with_spacing(case, [4.3, 7.4, 13.0], "near")
-    as_is = Predictor.from_checkpoint(ckpt, "cpu")
+    as_is = Predictor.from_checkpoint(ckpt, "cpu", spacing_mismatch="resample")
     assert as_is.on_training_grid(near) is near
-    one_grid = Predictor(as_is.module, as_is.contract, spacing_mismatch="training_grid")
+    one_grid = Predictor(as_is.module, as_is.contract)  # the default: training_grid
     moved = one_grid.on_training_grid(near)
     np.testing.assert_allclose(moved.spacing_mm, as_is.spacing.median_mm)
     assert one_grid.on_training_grid(case) is case

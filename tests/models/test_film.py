@@ -114,6 +114,7 @@ def _ptv70_mean_gy(dose: torch.Tensor, sample: dict) -> float:
     return float(dose[0][mask].mean()) * PROTOCOL.dose_scale_gy
 
 
+@pytest.mark.slow
 def test_a_film_model_predicts_each_prescription_levels_ptv_dose(two_level_samples,
                                                                   trained_film):
     for sample in two_level_samples:
@@ -123,6 +124,7 @@ def test_a_film_model_predicts_each_prescription_levels_ptv_dose(two_level_sampl
         assert abs(_ptv70_mean_gy(pred, sample) - ref) < 3.0, (sample["case_id"], ref)
 
 
+@pytest.mark.slow
 def test_changing_one_prescription_changes_the_prediction_in_the_target(two_level_samples,
                                                                          trained_film):
     sample = two_level_samples[0]  # planned at 70 Gy

@@ -278,6 +278,7 @@ def test_sampler_with_the_exact_denoiser_draws_the_known_conditional_gaussian(na
 
 
 @pytest.mark.parametrize("name", GENERATIVE)
+@pytest.mark.slow
 def test_one_case_overfit_is_recovered_by_the_sampler(name, tmp_path):
     """Trained on one 16^3 case, the configured recipe (x0 / x prediction, voxel loss on
     it, EMA) samples that case's dose back: MAE far below predicting its mean dose."""

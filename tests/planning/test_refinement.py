@@ -83,6 +83,12 @@ def test_criteria_stage_meets_what_mimicking_an_underdosed_prediction_misses():
     rest = (case.body > 0) & (case.mask("PTV70") == 0) & (case.mask("Rectum") == 0) \
         & (case.mask("PTV56") == 0)
     np.testing.assert_allclose(dose[rest], pred[rest], atol=0.05)
+    # converged: one objective value per iteration, flat at the end
+    assert len(result.values) == result.iterations
+    assert result.values[-1] == pytest.approx(result.value)
+    assert 0.0 <= result.late_decrease(last=2) < 1e-4 < result.late_decrease(last=7)
+    capped = optimise_bixels(objective, start, max_iter=3)
+    assert capped.hit_cap and capped.late_decrease() > 0.1
 
 
 def test_smoothing_removes_speckle_that_the_dose_does_not_see():
@@ -114,3 +120,23 @@ def test_segment_stage_reweights_apertures_with_a_floor():
     # three bixels that want 1 and the one that gets 0.25 on top: (3 x 1 + 0.75) / 4
     np.testing.assert_allclose(result.x, [0.9375, 2.0625, 0.25], atol=1e-3)
     assert result.value == pytest.approx((3 * 0.0625 ** 2 + 0.1875 ** 2) / n, abs=1e-6)
+
+
+def test_float32_matrix_gives_the_float64_dose_and_gradient_within_1e_4():
+    rng = np.random.default_rng(3)
+    matrix = sp.random(400, 60, density=0.3, random_state=4, format="csr") * 0.02
+    interp = sp.random(300, 400, density=0.02, random_state=5, format="csr")
+    idx = np.arange(300)
+    terms = [Term("mimic", idx, 100.0, rng.uniform(0, 70, 300), "m"),
+             Term("under", idx[:100], 1000.0, 66.5, "u"),
+             Term("mean_over", idx[100:], 1000.0, 10.0, "mo")]
+    exact = PlanObjective(matrix.astype(np.float64), interp, terms)
+    single = PlanObjective(matrix.astype(np.float32), interp, terms)
+    w = rng.uniform(0.0, 200.0, 60)
+    dose64, dose32 = exact.dose(w), single.dose(w)
+    assert dose32.dtype == np.float64 and dose64.max() > 10.0
+    np.testing.assert_allclose(dose32, dose64, rtol=1e-4, atol=1e-4 * dose64.max())
+    (v64, g64), (v32, g32) = exact.value_and_grad(w), single.value_and_grad(w)
+    assert g32.dtype == np.float64
+    assert abs(v32 - v64) <= 1e-4 * abs(v64)
+    np.testing.assert_allclose(g32, g64, rtol=1e-4, atol=1e-4 * np.abs(g64).max())

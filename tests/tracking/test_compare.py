@@ -60,6 +60,7 @@ def categorical_sweep(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.slow
 def test_table_shows_only_what_differs_sorted_by_the_metric(three_runs):
     runs = find_runs([str(three_runs / "multirun")])
     assert len(runs) == 3
@@ -75,6 +76,7 @@ def test_table_shows_only_what_differs_sorted_by_the_metric(three_runs):
     assert list(gamma) == sorted(gamma, reverse=True), "gamma: higher is better"
 
 
+@pytest.mark.slow
 def test_command_writes_into_the_compared_folder_and_the_index(three_runs, tmp_path,
                                                                monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -123,6 +125,7 @@ def test_excluded_runs_are_not_found(categorical_sweep):
     assert len(find_runs([str(categorical_sweep)], exclude=["*/1"])) == 2
 
 
+@pytest.mark.slow
 @pytest.mark.slow
 def test_unknown_metric_and_missing_folder_are_clear(three_runs, tmp_path):
     runs = find_runs([str(three_runs / "multirun")])

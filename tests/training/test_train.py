@@ -26,6 +26,7 @@ def data_root(tmp_path_factory):
 smoke_cfg = smoke_config
 
 
+@pytest.mark.slow
 def test_two_epochs_lower_val_mae_below_initialisation(data_root, tmp_path):
     cfg = smoke_cfg(data_root, tmp_path / "run", "trainer.max_epochs=2",
                     "evaluate_after_training=false", "data.augment.flip_lr=0")
@@ -55,8 +56,11 @@ def test_run_writes_record_split_checkpoints_and_evaluation(trained_run):
     assert record["seed"] == 42 and "torch" in record["packages"]
     assert record["config"]["data"]["structures"][0] == "PTV70"
     assert "commit" in record["git"]
+    from vmatdose.training.compile import choose_compile
     from vmatdose.training.precision import choose_precision
     assert record["precision"] == choose_precision("auto", "cpu").to_dict()
+    assert record["compile"] == {"requested": "auto", "compiled": False,
+                                 "reason": choose_compile("auto", "cpu").reason}
     split = json.loads((run_dir / "split.json").read_text())
     assert len(split["test"]) == 1
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
@@ -67,6 +71,7 @@ def test_run_writes_record_split_checkpoints_and_evaluation(trained_run):
     assert summary["metrics"]["mae_body_gy"]["n"] == 1
 
 
+@pytest.mark.slow
 def test_resume_from_last_checkpoint_continues_the_epoch_count(data_root, tmp_path):
     first = tmp_path / "first"
     fit(smoke_cfg(data_root, first), first)
@@ -79,6 +84,7 @@ def test_resume_from_last_checkpoint_continues_the_epoch_count(data_root, tmp_pa
     assert set(metrics["epoch"].dropna().astype(int)) == {1}, "only the second epoch is trained"
 
 
+@pytest.mark.slow
 def test_same_seed_gives_same_numbers_on_cpu(data_root, tmp_path):
     values = []
     for name in ("a", "b"):

@@ -22,7 +22,7 @@ from vmatdose.errors import InputError
 from vmatdose.evaluation.baseline import StructureMeanBaseline
 from vmatdose.evaluation.suite import EvaluationSettings, run_suite
 from vmatdose.inference.predictions import prediction_path, read_predictions
-from vmatdose.inference.predictor import Predictor
+from vmatdose.inference.predictor import DEFAULT_SPACING_POLICY, Predictor
 from vmatdose.protocol import Protocol
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ def fit_baseline(structures: Sequence[str], train_paths: Sequence[Path]
 def evaluate_checkpoint(ckpt_path: str | Path, output_dir: str | Path, *, split: str = "test",
                         data_cfg: DictConfig | None = None, split_file: str | None = None,
                         evaluation: Mapping | None = None, accelerator: str = "auto",
-                        spacing_mismatch: str = "resample") -> tuple[pd.DataFrame, dict]:
+                        spacing_mismatch: str = DEFAULT_SPACING_POLICY) -> tuple[pd.DataFrame, dict]:
     """Evaluate a checkpoint on ``split`` of the data it was trained on (``data_cfg``
     ``None``: its folder and split, or ``split_file``) or of ``data_cfg``'s case files."""
     predictor = Predictor.from_checkpoint(ckpt_path, accelerator, spacing_mismatch)
@@ -143,7 +143,7 @@ def run_evaluation(cfg: DictConfig, output_dir: str | Path,
             cfg.ckpt_path, output_dir, split=cfg.split, split_file=cfg.get("split_file"),
             data_cfg=cfg.data if data_from == "config" else None, evaluation=evaluation,
             accelerator=cfg.get("accelerator", "auto"),
-            spacing_mismatch=cfg.get("spacing_mismatch", "resample"))
+            spacing_mismatch=cfg.spacing_mismatch)
     return evaluate_prediction_folder(cfg.predictions_dir, cfg.data,
                                       Protocol.from_dict(cfg.protocol), output_dir,
                                       split=cfg.split, split_file=cfg.get("split_file"),

@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 #: ``training_grid``: resample every case not at the training median spacing (a model
 #: trained on mixed spacings then predicts on one grid whatever the route).
 SPACING_POLICIES = ("resample", "refuse", "training_grid")
+#: the policy of ``predict``, ``evaluate`` and ``plan`` unless one is chosen: one grid a patient
+#: whatever the route it comes by (experiments/route_invariance.md, cause 4)
+DEFAULT_SPACING_POLICY = "training_grid"
 
 
 @dataclass
@@ -84,7 +87,7 @@ class Predictor:
     """
 
     def __init__(self, module: torch.nn.Module, contract: CheckpointContract,
-                 spacing_mismatch: str = "resample"):
+                 spacing_mismatch: str = DEFAULT_SPACING_POLICY):
         if spacing_mismatch not in SPACING_POLICIES:
             raise ValueError(f"spacing_mismatch must be one of {SPACING_POLICIES}, "
                              f"not {spacing_mismatch!r}")
@@ -100,7 +103,7 @@ class Predictor:
 
     @classmethod
     def from_checkpoint(cls, ckpt_path: str | Path, accelerator: str = "auto",
-                        spacing_mismatch: str = "resample") -> Predictor:
+                        spacing_mismatch: str = DEFAULT_SPACING_POLICY) -> Predictor:
         """Read ``ckpt_path`` (once) and rebuild its model on the chosen device."""
         checkpoint = read_checkpoint(ckpt_path)
         module = checkpoint.build_module(resolve_device(accelerator))

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import scipy.sparse as sp
 
 from vmatdose.data.beams import BeamArrangement
 from vmatdose.data.case import Case
@@ -67,13 +68,16 @@ class PlannedCase:
         beams: per-beam fluences of the fluence plan (:class:`BeamFluence`).
         sequenced: the deliverable plan's segments (:class:`SequencedPlan`).
         seconds: wall-clock seconds of ``stf``, ``dij``, ``optimise`` (mimicking),
-            ``criteria``, ``sequence`` (with the segment stage) and ``total``.
+            ``criteria``, ``sequence`` (with the segment stage) and ``total``;
+            ``cpu_seconds``: the same stages in CPU seconds (user + system, every thread
+            of the process), which a loaded machine does not inflate.
         peak_rss_gb: peak resident memory while planning (GB).
         n_bixels, dij_nonzeros: size of the dose influence matrix.
         dose_grid_shape: (Z, Y, X) of the engine's dose grid.
         iterations: iterations of the mimicking stage (``None`` if the solver does not
             say); ``stage_iterations``: of every stage, ``hit_cap``: the stages stopped
-            by their iteration cap.
+            by their iteration cap; ``late_decrease``: per stage of ours, the relative
+            decrease of its objective over its last 10 iterations.
         normalisation: factor applied to the fluence and to the sequenced plan.
         penalties: labels of the constraint penalties used.
     """
@@ -94,6 +98,8 @@ class PlannedCase:
     hit_cap: list[str] = field(default_factory=list)
     normalisation: dict[str, float] = field(default_factory=dict)
     penalties: list[str] = field(default_factory=list)
+    cpu_seconds: dict[str, float] = field(default_factory=dict)
+    late_decrease: dict[str, float] = field(default_factory=dict)
     _engine: Any = field(default=None, repr=False)
 
     def dose_for(self, weights: np.ndarray) -> np.ndarray:
@@ -125,6 +131,29 @@ class EngineDose:
         """(Z, Y, X) Gy on the case grid, as the engine's ``compute_result_ct_grid``."""
         return resample_to_case(self.grid, self.matrix @ weights, self.case.shape,
                                 self.case.origin_mm, self.case.spacing_mm)
+
+
+class StageClock:
+    """Wall-clock and CPU seconds (user + system of the whole process) per named stage,
+    and of everything from its creation to :meth:`finish` (``total``)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.cpu_seconds: dict[str, float] = {}
+        self._start = (time.perf_counter(), time.process_time())
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        wall, cpu = time.perf_counter(), time.process_time()
+        try:
+            yield
+        finally:
+            self.seconds[name] = time.perf_counter() - wall
+            self.cpu_seconds[name] = time.process_time() - cpu
+
+    def finish(self) -> None:
+        self.seconds["total"] = time.perf_counter() - self._start[0]
+        self.cpu_seconds["total"] = time.process_time() - self._start[1]
 
 
 @contextlib.contextmanager
@@ -163,6 +192,14 @@ def photon_plan(arrangement: BeamArrangement, settings: PlanSettings, ct: Any) -
     return pln
 
 
+def product_matrix(matrix: Any) -> sp.csr_array:
+    """The engine's dose influence matrix (CSC, float32) as CSR float32, the layout in
+    which both products every optimiser iteration needs (``D @ w`` and ``D.T @ g``) read
+    it in order and gather from / scatter into the small bixel vector; the CSC copy is
+    freed when the caller drops it."""
+    return sp.csr_array(matrix, dtype=np.float32)
+
+
 def beam_fluences(stf: Any, weights: np.ndarray) -> list[BeamFluence]:
     """Split the bixel ``weights`` (steering-file order: beam by beam, ray by ray) into
     per-beam fluences with their bixel positions."""
@@ -188,55 +225,55 @@ def plan_case(case: Case, pred_gy: np.ndarray, arrangement: BeamArrangement,
     from pyRadPlan import calc_dose_influence, fluence_optimization, generate_stf
 
     logging.getLogger("pyRadPlan").setLevel(logging.WARNING)  # it logs every iteration
-    seconds: dict[str, float] = {}
+    clock = StageClock()
     with PeakRSS() as rss, engine_progress(settings.progress), warnings.catch_warnings():
         # the engine's ray tracer divides by zero for rays parallel to a grid axis and
         # handles the infinities; its RuntimeWarnings say nothing to a user
         warnings.simplefilter("ignore", RuntimeWarning)
-        start = time.perf_counter()
-        ct = build_ct(case)
-        cst = build_structure_set(case, ct)
-        pln = photon_plan(arrangement, settings, ct)
-        stf = generate_stf(ct, cst, pln)
-        seconds["stf"] = time.perf_counter() - start
-        tick = time.perf_counter()
-        dij = calc_dose_influence(ct, cst, stf, pln)
-        seconds["dij"] = time.perf_counter() - tick
+        with clock.stage("stf"):
+            ct = build_ct(case)
+            cst = build_structure_set(case, ct)
+            pln = photon_plan(arrangement, settings, ct)
+            stf = generate_stf(ct, cst, pln)
+        with clock.stage("dij"):
+            dij = calc_dose_influence(ct, cst, stf, pln)
+            dij.physical_dose.flat[0] = product_matrix(dij.physical_dose.flat[0])
         penalties = assign_objectives(cst, case, pred_gy, constraints, settings)
-        tick = time.perf_counter()
         info: dict = {}
-        mimicked = np.asarray(fluence_optimization(ct, cst, stf, dij, pln, opt_info=info),
-                              dtype=np.float64)
-        seconds["optimise"] = time.perf_counter() - tick
+        with clock.stage("optimise"):
+            mimicked = np.asarray(fluence_optimization(ct, cst, stf, dij, pln, opt_info=info),
+                                  dtype=np.float64)
         del ct, cst
         engine = EngineDose(dij.physical_dose.flat[0], DoseGrid.from_engine(dij.dose_grid),
                             case)
         del dij
         stages = {"mimicking": int(info.get("num_iter") or 0)}
         capped = ["mimicking"] if stages["mimicking"] >= settings.max_iter else []
-        tick = time.perf_counter()
-        objective = criteria_objective(case, pred_gy, constraints, settings, engine,
-                                       beam_fluences(stf, mimicked))
-        weights = mimicked
-        if settings.criteria_weight > 0:
-            result = optimise_bixels(objective, mimicked, settings.criteria_max_iter)
-            weights, stages["criteria"] = result.x, result.iterations
-            capped += ["criteria"] if result.hit_cap else []
-        seconds["criteria"] = time.perf_counter() - tick
-        tick = time.perf_counter()
-        fractions = int(case.meta.get("fractions") or 1)
-        limits = sequencing_limits(settings, fractions)
-        fluences = beam_fluences(stf, weights)
-        sequenced = sequence_plan(fluences, settings.bixel_width_mm, settings.leaf_width_mm,
-                                  limits)
-        if settings.criteria_weight > 0 and sequenced.apertures.shape[1]:
-            result = optimise_segments(objective, sequenced.apertures,
-                                       sequenced.segment_weights, limits.min_segment_weight,
-                                       settings.segment_max_iter)
-            sequenced = sequenced.with_segment_weights(result.x)
-            stages["segments"] = result.iterations
-            capped += ["segments"] if result.hit_cap else []
-        seconds["sequence"] = time.perf_counter() - tick
+        late: dict[str, float] = {}
+        with clock.stage("criteria"):
+            objective = criteria_objective(case, pred_gy, constraints, settings, engine,
+                                           beam_fluences(stf, mimicked))
+            weights = mimicked
+            if settings.criteria_weight > 0:
+                result = optimise_bixels(objective, mimicked, settings.criteria_max_iter)
+                weights, stages["criteria"] = result.x, result.iterations
+                capped += ["criteria"] if result.hit_cap else []
+                late["criteria"] = result.late_decrease()
+        with clock.stage("sequence"):
+            fractions = int(case.meta.get("fractions") or 1)
+            limits = sequencing_limits(settings, fractions)
+            fluences = beam_fluences(stf, weights)
+            sequenced = sequence_plan(fluences, settings.bixel_width_mm,
+                                      settings.leaf_width_mm, limits)
+            if settings.criteria_weight > 0 and sequenced.apertures.shape[1]:
+                result = optimise_segments(objective, sequenced.apertures,
+                                           sequenced.segment_weights,
+                                           limits.min_segment_weight,
+                                           settings.segment_max_iter)
+                sequenced = sequenced.with_segment_weights(result.x)
+                stages["segments"] = result.iterations
+                capped += ["segments"] if result.hit_cap else []
+                late["segments"] = result.late_decrease()
         fluence_dose = engine.case_dose(weights)
         dose = engine.case_dose(sequenced.bixel_weights)
         factors = {"fluence": normalisation_factor(case, fluence_dose, settings),
@@ -246,14 +283,15 @@ def plan_case(case: Case, pred_gy: np.ndarray, arrangement: BeamArrangement,
         sequenced = sequenced.with_segment_weights(sequenced.segment_weights
                                                    * factors["deliverable"])
         dose *= factors["deliverable"]
-        seconds["total"] = time.perf_counter() - start
+        clock.finish()
     grid = engine.grid.shape
-    log.info("%s: %d bixels, %d dij entries, %.1f s, peak %.2f GB", case.case_id,
-             weights.size, engine.matrix.nnz, seconds["total"], rss.peak_gb)
+    log.info("%s: %d bixels, %d dij entries, %.1f s (%.1f CPU s), peak %.2f GB",
+             case.case_id, weights.size, engine.matrix.nnz, clock.seconds["total"],
+             clock.cpu_seconds["total"], rss.peak_gb)
     return PlannedCase(case.case_id, weights, fluence_dose, dose, beam_fluences(stf, weights),
-                       sequenced, seconds, rss.peak_gb, int(weights.size),
+                       sequenced, clock.seconds, rss.peak_gb, int(weights.size),
                        int(engine.matrix.nnz), grid, info.get("num_iter"), stages, capped,
-                       factors, penalties, engine)
+                       factors, penalties, clock.cpu_seconds, late, engine)
 
 
 def sequencing_limits(settings: PlanSettings, fractions: int) -> SequencingLimits:

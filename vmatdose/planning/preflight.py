@@ -31,12 +31,14 @@ from vmatdose.protocol import Protocol
 
 #: Engine bixels per estimated bixel (its rays diverge from the source; measured 1.10-1.18).
 DIVERGENCE = 1.14
-#: float64 value + int32 row index of a sparse (CSC) entry.
+#: Bytes an entry of the dose influence matrix is counted in (the unit
+#: :data:`ASSEMBLY_FACTOR` was fitted in).
 BYTES_PER_ENTRY = 12
-#: Peak copies of the matrix while the engine assembles it and the stages use it.
-ASSEMBLY_FACTOR = 1.7
+#: Peak copies of the matrix while the engine assembles it and it is turned into the
+#: optimisers' CSR copy (fitted to pt_201 and pt_204, issue 27's timing run).
+ASSEMBLY_FACTOR = 2.07
 #: Python, the engine and one case's arrays (GB).
-BASE_GB = 1.05
+BASE_GB = 0.97
 
 
 @dataclass(frozen=True)

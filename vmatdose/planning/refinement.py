@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import scipy.optimize
@@ -80,15 +80,22 @@ class Term:
 class PlanObjective:
     """The criteria-stage objective of one case.
 
+    The products with the dose influence matrix run in the matrix's own precision (the
+    engine's is float32: a float64 vector would make scipy cast all its entries to
+    float64 at every product); the transposes both products of the gradient need are made
+    once, at construction.
+
     Attributes:
-        matrix: (dose-grid voxels, bixels) dose influence matrix, Gy per weight unit.
+        matrix: (dose-grid voxels, bixels) dose influence matrix, Gy per weight unit
+            (CSR is fastest for both products).
         interpolation: (selected case voxels, dose-grid voxels), :mod:`.dose_grid`.
         terms: the dose terms.
         smooth_pairs: (n_pairs, 2) indices of neighbouring bixels.
         smoothing_weight: ``s``; ``weight_scale`` the mean start weight it is relative to.
+        evaluations: objective and gradient evaluations so far.
     """
 
-    matrix: sp.spmatrix
+    matrix: sp.spmatrix | sp.sparray
     interpolation: sp.csr_matrix
     terms: list[Term]
     smooth_pairs: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), np.int64))
@@ -96,16 +103,25 @@ class PlanObjective:
     weight_scale: float = 1.0
     evaluations: int = 0
 
+    def __post_init__(self) -> None:
+        self._matrix_t = self.matrix.T
+        self._interpolation_t = sp.csr_matrix(self.interpolation.T)
+
+    def grid_dose(self, weights: np.ndarray) -> np.ndarray:
+        """(dose-grid voxels,) dose in Gy of bixel ``weights``, in the matrix's precision."""
+        return np.asarray(self.matrix @ np.asarray(weights, self.matrix.dtype)).ravel()
+
     def dose(self, weights: np.ndarray) -> np.ndarray:
-        """(selected case voxels,) dose in Gy of bixel ``weights``."""
-        return self.interpolation @ (self.matrix @ weights)
+        """(selected case voxels,) dose in Gy of bixel ``weights`` (float64)."""
+        return np.asarray(self.interpolation @ self.grid_dose(weights), np.float64).ravel()
 
     def value_and_grad(self, weights: np.ndarray) -> tuple[float, np.ndarray]:
         self.evaluations += 1
         dose = self.dose(weights)
         grad_dose = np.zeros_like(dose)
         value = sum(term.value_and_grad(dose, grad_dose) for term in self.terms)
-        grad = self.matrix.T @ (self.interpolation.T @ grad_dose)
+        grad_grid = np.asarray(self._interpolation_t @ grad_dose, self.matrix.dtype)
+        grad = np.asarray(self._matrix_t @ grad_grid, np.float64).ravel()
         if self.smoothing_weight > 0 and len(self.smooth_pairs):
             i, j = self.smooth_pairs.T
             diff = weights[i] - weights[j]
@@ -113,7 +129,7 @@ class PlanObjective:
             value += scale * float(np.dot(diff, diff))
             np.add.at(grad, i, 2.0 * scale * diff)
             np.add.at(grad, j, -2.0 * scale * diff)
-        return float(value), np.asarray(grad, dtype=np.float64)
+        return float(value), grad
 
     def term_values(self, weights: np.ndarray) -> dict[str, float]:
         dose = self.dose(weights)
@@ -123,23 +139,40 @@ class PlanObjective:
 
 @dataclass(frozen=True)
 class StageResult:
-    """Variables found, iterations, whether the cap stopped it, and the final value."""
+    """Variables found, iterations, whether the cap stopped it, the final value and the
+    objective after each iteration (``values``)."""
 
     x: np.ndarray
     iterations: int
     hit_cap: bool
     value: float
+    values: tuple[float, ...] = ()
+
+    def late_decrease(self, last: int = 10) -> float:
+        """Relative decrease of the objective over the last ``last`` iterations (0: it
+        had stopped improving; a stage stopped by its cap with a large value here would
+        still gain from more iterations)."""
+        if len(self.values) < 2:
+            return 0.0
+        before = self.values[max(len(self.values) - 1 - last, 0)]
+        return float((before - self.values[-1]) / abs(before)) if before else 0.0
 
 
 def minimise(objective_and_grad, start: np.ndarray, lower: float, max_iter: int
              ) -> StageResult:
     """L-BFGS-B from ``start`` with every variable ``>= lower``."""
+    values: list[float] = []
+
+    def record(intermediate_result: scipy.optimize.OptimizeResult) -> None:
+        values.append(float(intermediate_result.fun))  # scipy passes it by this name
+
     result = scipy.optimize.minimize(
         objective_and_grad, np.maximum(np.asarray(start, float), lower), jac=True,
         method="L-BFGS-B", bounds=[(lower, None)] * len(start),
-        options={"maxiter": int(max_iter), "maxfun": int(max_iter) * 2})
+        options={"maxiter": int(max_iter), "maxfun": int(max_iter) * 2},
+        callback=record)
     return StageResult(np.asarray(result.x), int(result.nit), int(result.nit) >= max_iter,
-                       float(result.fun))
+                       float(result.fun), tuple(values))
 
 
 def optimise_bixels(objective: PlanObjective, start: np.ndarray, max_iter: int
@@ -152,7 +185,7 @@ def optimise_segments(objective: PlanObjective, apertures: sp.csc_matrix, start:
                       min_weight: float, max_iter: int) -> StageResult:
     """The same dose terms over segment weights (``w = apertures @ s``, ``s >=
     min_weight``); the smoothness term does not apply (segments are smooth)."""
-    terms_only = PlanObjective(objective.matrix, objective.interpolation, objective.terms)
+    terms_only = replace(objective, smoothing_weight=0.0, evaluations=0)
 
     def value_and_grad(s: np.ndarray) -> tuple[float, np.ndarray]:
         value, grad = terms_only.value_and_grad(apertures @ s)

@@ -77,7 +77,7 @@ def _predict_first(cfg: Mapping, output_dir: Path) -> Path:
     folder = output_dir / "predictions"
     run_prediction({"ckpt_path": cfg["ckpt_path"], "cases_dir": cfg["cases_dir"],
                     "output_dir": str(folder), "accelerator": cfg.get("accelerator", "auto"),
-                    "spacing_mismatch": cfg.get("spacing_mismatch", "resample")})
+                    "spacing_mismatch": cfg["spacing_mismatch"]})
     return folder
 
 
@@ -213,7 +213,10 @@ def summary_row(case: Case, pred: np.ndarray, fluence_dose: np.ndarray, dose: np
                  "iterations": planned.iterations,
                  **{f"iterations_{k}": v for k, v in planned.stage_iterations.items()},
                  "iteration_cap_hit": ";".join(planned.hit_cap),
+                 **{f"late_decrease_{k}": float(f"{v:.3g}")
+                    for k, v in planned.late_decrease.items()},
                  **{f"seconds_{k}": round(v, 2) for k, v in planned.seconds.items()},
+                 **{f"cpu_seconds_{k}": round(v, 2) for k, v in planned.cpu_seconds.items()},
                  "peak_rss_gb": round(planned.peak_rss_gb, 3),
                  "estimated_peak_gb": round(job.estimated_gb, 3),
                  "primary_target": primary,

@@ -23,6 +23,7 @@ from vmatdose.inference.checkpoint import training_contract
 from vmatdose.protocol import Protocol
 from vmatdose.records.run_choices import run_choices
 from vmatdose.records.run_record import write_run_record
+from vmatdose.training.compile import accelerator_device_type, choose_compile
 from vmatdose.training.precision import choose_precision
 
 log = logging.getLogger(__name__)
@@ -59,17 +60,23 @@ def checked_datamodule(cfg: DictConfig) -> tuple[L.LightningDataModule, dict]:
 
 def fit(cfg: DictConfig, output_dir: str | Path, overrides: list[str] | None = None
         ) -> tuple[L.Trainer, L.LightningModule]:
-    """Check every case file, write the run record (config, commit, versions, seed,
-    ``overrides``) into ``output_dir``, build data, model, loss, trainer from ``cfg`` and
-    fit. A refused case leaves ``output_dir`` without any file of the run."""
+    """Resolve the precision and the compile choice (a machine that cannot compile is
+    refused first), check every case file, write the run record (config, commit,
+    versions, seed, ``overrides``, both choices) into ``output_dir``, build data, model,
+    loss, trainer from ``cfg`` and fit. A refused case leaves ``output_dir`` without any file of the run."""
     L.seed_everything(cfg.seed, workers=True)
-    datamodule, contract = checked_datamodule(cfg)
     precision = choose_precision(cfg.trainer.get("precision", "auto"),
                                  cfg.trainer.get("accelerator", "auto"))
     log.info("precision %s (%s)", precision.chosen, precision.reason)
+    extra = {"precision": precision.to_dict()}
+    compile_cfg = (cfg.get("callbacks") or {}).get("compile")
+    if compile_cfg is not None:  # callbacks.compile.mode=on without a compiler: refused here
+        extra["compile"] = choose_compile(compile_cfg.get("mode", "auto"),
+                                          accelerator_device_type(
+                                              cfg.trainer.get("accelerator", "auto"))).to_dict()
+    datamodule, contract = checked_datamodule(cfg)
     if rank_zero_only.rank == 0:  # DDP: only rank zero writes files
-        write_run_record(cfg, Path(output_dir), overrides,
-                         extra={"precision": precision.to_dict()})
+        write_run_record(cfg, Path(output_dir), overrides, extra=extra)
     # Loss terms with random initialisation draw from their own RNG stream, so one seed
     # gives the same initial network whatever the loss.
     with torch.random.fork_rng(devices=[]):

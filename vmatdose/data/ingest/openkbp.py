@@ -199,9 +199,7 @@ def import_openkbp_dataset(output_dir: str | os.PathLike,
     jobs = [(f"openkbp_{folder.name}", folder) for folder in folders]
     summary = convert_cases(jobs, import_openkbp_patient, output_dir, num_workers=num_workers,
                             progress=progress and "importing OpenKBP patients")
-    if summary.get("failed"):
-        log.warning("OpenKBP import: %d patients failed: %s", len(summary["failed"]),
-                    summary["failed"])
+    _raise_on_failures(root, summary, len(jobs))  # no split file: the next run resumes
     done = {p.stem for p in list_case_files(output_dir)}
     split = {k: [i for i in ids if i in done] for k, ids in official_split(folders).items()}
     write_json_atomic({**split, "source": root.name}, Path(output_dir) / SPLIT_FILE)
@@ -296,12 +294,17 @@ def openkbp_cases(folder: str | os.PathLike, output_dir: str | os.PathLike,
     convert = functools.partial(_import_job, protocol=protocol)
     summary = convert_cases(jobs, convert, output_dir, num_workers=num_workers,
                             progress="importing OpenKBP patients", record_sources=False)
+    _raise_on_failures(folder, summary, len(jobs))
+    return list_case_files(output_dir)
+
+
+def _raise_on_failures(folder: Path, summary: dict, n_jobs: int) -> None:
+    """One :class:`OpenKBPFormatError` naming the count and the first failure, if any."""
     if summary.get("failed"):
         first = summary["failed"][0]
-        raise OpenKBPFormatError(f"{folder}: {len(summary['failed'])} of {len(jobs)} patients "
+        raise OpenKBPFormatError(f"{folder}: {len(summary['failed'])} of {n_jobs} patients "
                                  f"failed to import, first {first.get('case_id')}: "
                                  f"{first.get('error')}")
-    return list_case_files(output_dir)
 
 
 def _import_job(patient_dir: Path, case_id: str, protocol: str | Protocol) -> Case:
