@@ -181,7 +181,7 @@ class EvalConfig:
     predictions_dir: str | None = None
     split: str = "test"
     split_file: str | None = None
-    spacing_mismatch: str = "training_grid"
+    spacing_mismatch: str = "resample"
     accelerator: str = "auto"
     protocol: Any = None
     data: Any = None
@@ -199,7 +199,7 @@ class PredictConfig:
     dicom_dir: str | None = None
     keep_cases: bool = False
     output_dir: str = MISSING
-    spacing_mismatch: str = "training_grid"
+    spacing_mismatch: str = "resample"
     export_rtdose: bool = False
     rtdose_grid_mm: float | None = 2.5
     source_dicom: str | None = None
@@ -283,7 +283,7 @@ class PlanConfig:
     predictions_dir: str | None = None
     ckpt_path: str | None = None
     accelerator: str = "auto"
-    spacing_mismatch: str = "training_grid"
+    spacing_mismatch: str = "resample"
     output_dir: str = MISSING
     export_rtdose: bool = True
     source_dicom: str | None = None

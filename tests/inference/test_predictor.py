@@ -83,7 +83,7 @@ def test_training_grid_policy_resamples_every_case_off_the_median(phantom, tmp_p
     near = with_spacing(case, [4.3, 7.4, 13.0], "near")
     as_is = Predictor.from_checkpoint(ckpt, "cpu", spacing_mismatch="resample")
     assert as_is.on_training_grid(near) is near
-    one_grid = Predictor(as_is.module, as_is.contract)  # the default: training_grid
+    one_grid = Predictor(as_is.module, as_is.contract, spacing_mismatch="training_grid")
     moved = one_grid.on_training_grid(near)
     np.testing.assert_allclose(moved.spacing_mm, as_is.spacing.median_mm)
     assert one_grid.on_training_grid(case) is case

@@ -151,10 +151,10 @@ def test_inputs_built_off_the_training_grid_would_change_the_dose(routes):
         > 2 * BOUND_GY
 
 
-def test_a_model_of_mixed_spacings_predicts_both_routes_on_one_grid_by_default(routes):
+def test_a_model_of_mixed_spacings_predicts_both_routes_on_one_grid_by_choice(routes):
     """Trained on spacings from the arrays' own to 1.3 times it, the model predicts the
-    arrays (inside that range) as they are under ``resample`` but the DICOM case (1.2 mm,
-    outside it) at the median: two grids, two doses. The default, ``training_grid``, puts
+    arrays (inside that range) as they are under ``resample`` (the default) but the DICOM
+    case (1.2 mm, outside it) at the median: two grids, two doses. ``training_grid`` puts
     both on the median grid: one dose (experiments/route_invariance.md, cause 4)."""
     case, openkbp_path, dicom_case, dicom_path, _, trained = routes
     mixed = SpacingRange.of([case.spacing_mm, 1.3 * np.asarray(case.spacing_mm)])
@@ -166,7 +166,7 @@ def test_a_model_of_mixed_spacings_predicts_both_routes_on_one_grid_by_default(r
         by_dicom = on_openkbp_grid(predictor.predict(dicom_path).dose_gy, dicom_case, case)
         return float(np.abs(by_dicom - by_arrays)[inside].mean())
 
-    one_grid = difference(Predictor(trained.module, trained.contract))
-    two_grids = difference(Predictor(trained.module, trained.contract, "resample"))
+    one_grid = difference(Predictor(trained.module, trained.contract, "training_grid"))
+    two_grids = difference(Predictor(trained.module, trained.contract))  # resample
     assert one_grid < BOUND_GY
     assert two_grids > one_grid + 0.2

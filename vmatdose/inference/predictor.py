@@ -32,9 +32,10 @@ log = logging.getLogger(__name__)
 #: ``training_grid``: resample every case not at the training median spacing (a model
 #: trained on mixed spacings then predicts on one grid whatever the route).
 SPACING_POLICIES = ("resample", "refuse", "training_grid")
-#: the policy of ``predict``, ``evaluate`` and ``plan`` unless one is chosen: one grid a patient
-#: whatever the route it comes by (experiments/route_invariance.md, cause 4)
-DEFAULT_SPACING_POLICY = "training_grid"
+#: the policy of ``predict``, ``evaluate`` and ``plan`` unless one is chosen: each case on its
+#: own grid within the training range (``training_grid``, one grid whatever the route, cost
+#: an OpenKBP model 0.24 Gy of dose score: experiments/route_invariance.md)
+DEFAULT_SPACING_POLICY = "resample"
 
 
 @dataclass
