@@ -73,7 +73,7 @@ def main() -> None:
     parser.add_argument("--work-dir", default=None, help="default: a temporary folder")
     args = parser.parse_args()
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench_clinic_first_run_"))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+    env = {**os.environ, "VMATDOSE_ID_SALT": "bench-clinic", "PYTHONPATH": os.pathsep.join(
         [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
     dicom, cases = work / "dicom", work / "cases"
     write_patients(dicom)
