@@ -143,7 +143,7 @@ def run_evaluation(cfg: DictConfig, output_dir: str | Path,
             cfg.ckpt_path, output_dir, split=cfg.split, split_file=cfg.get("split_file"),
             data_cfg=cfg.data if data_from == "config" else None, evaluation=evaluation,
             accelerator=cfg.get("accelerator", "auto"),
-            spacing_mismatch=cfg.spacing_mismatch)
+            spacing_mismatch=cfg.get("spacing_mismatch", DEFAULT_SPACING_POLICY))
     return evaluate_prediction_folder(cfg.predictions_dir, cfg.data,
                                       Protocol.from_dict(cfg.protocol), output_dir,
                                       split=cfg.split, split_file=cfg.get("split_file"),

@@ -75,9 +75,9 @@ def _predict_first(cfg: Mapping, output_dir: Path) -> Path:
     from vmatdose.inference.run import run_prediction
 
     folder = output_dir / "predictions"
+    chosen = {key: cfg[key] for key in ("accelerator", "spacing_mismatch") if key in cfg}
     run_prediction({"ckpt_path": cfg["ckpt_path"], "cases_dir": cfg["cases_dir"],
-                    "output_dir": str(folder), "accelerator": cfg.get("accelerator", "auto"),
-                    "spacing_mismatch": cfg["spacing_mismatch"]})
+                    "output_dir": str(folder), **chosen})  # else predict's defaults
     return folder
 
 
