@@ -33,13 +33,13 @@ install: $(STAMP)
 demo: install
 	$(PY) -m vmatdose.train task_name=demo
 
-## The whole suite, CI's command (CPU, 7.2 minutes on 2 cores, measured): two xdist workers
+## The whole suite, CI's command (CPU, 6.5 minutes on 2 cores, measured): two xdist workers
 ## of one torch thread each, a test file per worker at a time (the README's commands,
 ## tests/test_readme.py, on one worker while the other runs the rest).
 test: install
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadfile
 
-## The inner loop (CPU, 2.1 minutes on 2 cores, measured): no command started, no `slow` test.
+## The inner loop (CPU, 1.4 minutes on 2 cores, measured): no command started, no `slow` test.
 test-fast: install
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 -m "not cli and not slow"
 
