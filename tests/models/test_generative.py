@@ -99,13 +99,19 @@ def test_ensemble_std_map_zero_for_one_sample_positive_for_several(name, tmp_pat
     assert std3.min() >= 0 and std3.mean() > 1e-3
 
 
-def test_ddpm_sampling_uses_the_configured_number_of_ddim_steps(tmp_path):
-    model, _ = _model("ddpm", tmp_path, "model.sampling_steps=6", "model.ensemble_size=2")
-    seen = []
+def _queried_timesteps(model) -> list[int]:
+    """The timestep of every network call of one ``predict_dose`` on ``_image()``."""
+    seen: list[int] = []
     net_forward = model.sampling_net.forward
     model.sampling_net.forward = lambda x, timesteps=None, **kw: (
         seen.append(int(timesteps[0])) or net_forward(x, timesteps, **kw))
     model.predict_dose(_image())
+    return seen
+
+
+def test_ddpm_sampling_uses_the_configured_number_of_ddim_steps(tmp_path):
+    model, _ = _model("ddpm", tmp_path, "model.sampling_steps=6", "model.ensemble_size=2")
+    seen = _queried_timesteps(model)
     assert len(seen) == 12 and seen[:6] == model.ddim.timesteps.tolist()
 
 
@@ -115,11 +121,7 @@ def test_ddim_grid_is_the_one_its_steps_walk(tmp_path):
     alpha_bar = 1 (MONAI's own grid, [999, 749, 500, 250, 0], queries each state at a
     lower noise level than it holds and leaves the noise of t = 50 in the sample)."""
     model, _ = _model("ddpm", tmp_path, "model.sampling_steps=5", "model.ensemble_size=1")
-    seen = []
-    net_forward = model.sampling_net.forward
-    model.sampling_net.forward = lambda x, timesteps=None, **kw: (
-        seen.append(int(timesteps[0])) or net_forward(x, timesteps, **kw))
-    model.predict_dose(_image())
+    seen = _queried_timesteps(model)
     ratio = model.num_train_timesteps // 5
     assert seen == [999, 799, 599, 399, 199]
     assert all(a - ratio == b for a, b in zip(seen, seen[1:])) and seen[-1] - ratio < 0
