@@ -1,11 +1,12 @@
-"""``make bench-openkbp``: train ``experiment=openkbp_cpu`` from scratch, then score the
-validation patients (33 with the full set) with the official OpenKBP formulas, on the
-predictions as a challenge submission would carry them.
+"""``make bench-openkbp``: train ``experiment=openkbp_cpu`` (or ``--experiment``, e.g.
+``openkbp_flow``) from scratch, then score the validation patients (33 with the full set)
+with the official OpenKBP formulas, on the predictions as a challenge submission would
+carry them.
 
-    python benchmarks/bench_openkbp.py [--name NAME] [--threads N] [hydra overrides ...]
+    python benchmarks/bench_openkbp.py [--experiment E] [--name NAME] [--threads N] [hydra overrides ...]
 
-Prints a table and writes ``benchmarks/results/openkbp_cpu.json`` (``openkbp_cpu-NAME.json``
-with ``--name``): wall time (training and evaluation; the one-time unpacking and import of
+Prints a table and writes ``benchmarks/results/<E>.json`` (``<E>-NAME.json`` with
+``--name``; ``openkbp_cpu.json`` by default): wall time (training and evaluation; the one-time unpacking and import of
 the archives is done first and not counted), epochs, steps and steps per second, the
 validation dose and DVH scores next to the challenge winner's 2.43 / 1.48 Gy, the gamma
 pass rate (3 %/3 mm global, 10 % cut-off) over the body, the targets and the 10-50 % dose
@@ -43,10 +44,10 @@ WINNER = {"dose_score_gy": 2.429, "dvh_score_gy": 1.478}
 RESULTS = ROOT / "benchmarks" / "results"
 
 
-def compose_config(run_dir: Path, overrides: list[str]):
+def compose_config(run_dir: Path, overrides: list[str], experiment: str = "openkbp_cpu"):
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         return compose("train", overrides=[
-            "experiment=openkbp_cpu", f"paths.root_dir={ROOT}", f"paths.output_dir={run_dir}",
+            f"experiment={experiment}", f"paths.root_dir={ROOT}", f"paths.output_dir={run_dir}",
             "logger=csv", *overrides])
 
 
@@ -91,13 +92,17 @@ def main(argv: list[str]) -> dict:
     from vmatdose.training.fit import best_checkpoint, fit
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--name", default="", help="result file openkbp_cpu-NAME.json")
+    parser.add_argument("--experiment", default="openkbp_cpu",
+                        help="the recipe (conf/experiment/), e.g. openkbp_flow")
+    parser.add_argument("--name", default="", help="result file <experiment>-NAME.json")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     args, overrides = parser.parse_known_args(argv)
     torch.set_num_threads(args.threads)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-    run_dir = ROOT / "outputs" / "bench_openkbp" / (stamp + (f"-{args.name}" if args.name else ""))
-    cfg = compose_config(run_dir, overrides)
+    suffix = (f"-{args.experiment}" if args.experiment != "openkbp_cpu" else "") + (
+        f"-{args.name}" if args.name else "")
+    run_dir = ROOT / "outputs" / "bench_openkbp" / (stamp + suffix)
+    cfg = compose_config(run_dir, overrides, args.experiment)
     datamodule = hydra.utils.instantiate(cfg.data)
     datamodule.prepare_data()  # one-time unpack + import: not part of the budget
     val_paths = datamodule.paths_of("val")
@@ -112,7 +117,7 @@ def main(argv: list[str]) -> dict:
     reread, worst = reread_submissions(pairs, run_dir / "submission")
     reread_scores = score_patients(reread, list(cfg.data.targets))
     result = {
-        "recipe": "experiment=openkbp_cpu", "overrides": overrides,
+        "recipe": f"experiment={args.experiment}", "overrides": overrides,
         "machine": f"{args.threads}-thread CPU (2-core shared machine), no GPU",
         "source": datamodule.source_dir.name, "n_train": len(datamodule.paths_of("train")),
         "n_val": len(val_paths), "wall_s": round(wall_s, 1), "train_s": round(train_s, 1),
@@ -133,7 +138,7 @@ def main(argv: list[str]) -> dict:
         "per_patient": scores["per_patient"],
     }
     print_table(result)
-    path = RESULTS / ("openkbp_cpu" + (f"-{args.name}" if args.name else "") + ".json")
+    path = RESULTS / (args.experiment + (f"-{args.name}" if args.name else "") + ".json")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2))
     print(f"wrote {path.relative_to(ROOT)}")
@@ -141,7 +146,7 @@ def main(argv: list[str]) -> dict:
 
 
 def print_table(r: dict) -> None:
-    print(f"\nOpenKBP experiment=openkbp_cpu on {r['source']} ({r['n_train']} train, "
+    print(f"\nOpenKBP {r['recipe']} on {r['source']} ({r['n_train']} train, "
           f"{r['n_val']} validation patients), {r['machine']}")
     print(f"wall {r['wall_s'] / 60:.1f} min (train {r['train_s'] / 60:.1f}, eval "
           f"{r['eval_s'] / 60:.1f}), {r['epochs']} epochs, {r['steps']} steps, "

@@ -12,7 +12,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from vmatdose.config import CONFIG_DIR
-from vmatdose.data.input_spec import ChannelBlock, InputSpec, input_channels
+from vmatdose.data.input_spec import ChannelBlock, InputSpec, input_channels, prior_channel
 from vmatdose.data.pipeline import assemble_batch
 from vmatdose.training.module import DoseModule
 
@@ -59,6 +59,15 @@ def test_the_model_in_channels_come_from_the_spec_through_the_resolver():
     n = len(phantom_sdf.data.structures)
     assert phantom_sdf.model.net.in_channels == 1 + 2 * n + 1  # + the diffused dose
     assert input_channels({"structures": STRUCTURES, "prior_dose": {"kind": "beams"}}) == 5
+
+
+def test_the_prior_channel_index_comes_from_the_spec_through_the_resolver():
+    with initialize_config_dir(CONFIG_DIR, version_base=None):
+        flow = compose("train", overrides=["experiment=openkbp_flow"])
+    assert flow.model.prior_channel == 11  # after CT + 10 structures
+    assert prior_channel({"structures": STRUCTURES, "prior_dose": {"kind": "beams"}}, 1) == 5
+    with pytest.raises(ValueError, match="prior_dose"):
+        prior_channel({"structures": STRUCTURES})
 
 
 def test_a_dummy_channel_is_added_by_changing_the_spec_alone():

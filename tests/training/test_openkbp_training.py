@@ -17,10 +17,11 @@ from torch import nn
 from vmatdose.config import CONFIG_DIR
 from vmatdose.data.input_spec import InputSpec
 from vmatdose.inference.volume import flip_sets
+from vmatdose.training.fit import fit
 from vmatdose.training.module import DoseModule
 from vmatdose.workflow import run_training as run
 
-from conftest import OPENKBP_SAMPLE
+from conftest import OPENKBP_SAMPLE, REPO_ROOT, openkbp_patients
 
 needs_sample = pytest.mark.skipif(not OPENKBP_SAMPLE.is_dir(),
                                   reason=f"OpenKBP sample not found at {OPENKBP_SAMPLE}")
@@ -128,18 +129,20 @@ def compose_train(tmp_path, *overrides):
                                            f"paths.output_dir={tmp_path / 'run'}", *overrides])
 
 
-@pytest.mark.parametrize("recipe", ["openkbp_cpu", "openkbp_gpu"])
+@pytest.mark.parametrize("recipe", ["openkbp_cpu", "openkbp_gpu", "openkbp_flow"])
 def test_recipes_compose_and_train_two_steps_on_tiny_volumes(tmp_path, recipe):
-    """Both recipes build their whole module on CPU and take two optimiser steps on
-    random 32^3 volumes (the GPU one with a tiny cascade)."""
+    """Every recipe builds its whole module on CPU and takes two optimiser steps on
+    random 32^3 volumes (the GPU one with a tiny cascade, the flow with a tiny U-Net)."""
     overrides = [f"experiment={recipe}", "trainer.accelerator=cpu", "trainer.precision=32"]
     if recipe == "openkbp_gpu":
         overrides += ["model.net.channels=[4,8,8]", "model.net.strides=[2,2]"]
+    if recipe == "openkbp_flow":
+        overrides += ["model.net.net.channels=[4,8,8,8]"]
     cfg = compose_train(tmp_path, *overrides)
     assert cfg.model.tta == "flips" and cfg.model.zero_outside_body
     model = hydra.utils.instantiate(cfg.model, loss=hydra.utils.instantiate(cfg.loss))
     model.log = lambda *a, **k: None
-    channels = cfg.model.net.in_channels
+    channels = cfg.model.net.in_channels - (recipe == "openkbp_flow")  # less the dose
     gen = torch.Generator().manual_seed(0)
     batch = {"image": torch.rand(2, channels, 32, 32, 32, generator=gen),
              "dose": torch.rand(2, 1, 32, 32, 32, generator=gen),
@@ -205,6 +208,45 @@ def test_openkbp_sample_trains_with_the_challenge_split_and_evaluates(tmp_path):
     np.testing.assert_array_equal(to_canonical(original), pred.astype(np.float32))
     mask = read_sparse(OPENKBP_SAMPLE / "validation-pats/pt_201/possible_dose_mask.csv")
     assert original[mask == 0].max() == 0.0  # on the original (row, column, slice) grid
+
+
+def load_bench():
+    """benchmarks/bench_openkbp.py as a module (the benchmarks are scripts)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "bench_openkbp", REPO_ROOT / "benchmarks" / "bench_openkbp.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+@pytest.mark.slow  # trains the recipe's own network at 64^3 (about a minute)
+@needs_sample
+def test_openkbp_flow_trains_on_the_sample_and_predicts_inside_the_mask(tmp_path):
+    """experiment=openkbp_flow as it is (64^3, the prior channel, 2.7 M network) takes
+    three steps on two sample patients; the bench's prediction path (flip TTA over the
+    ensemble, the prior added back at 128^3, zero outside the mask) and the official
+    scores run on its checkpoint."""
+    from vmatdose.evaluation.openkbp_scores import score_patients
+
+    bench = load_bench()
+
+    source = openkbp_patients(tmp_path / "source", {"train-pats": ("pt_1", "pt_13"),
+                                                     "validation-pats": ("pt_201",)})
+    run_dir = tmp_path / "run"
+    cfg = compose_train(tmp_path, "experiment=openkbp_flow", f"data.source_dir={source}",
+                        "data.import_workers=1", "+trainer.max_steps=3",
+                        "trainer.check_val_every_n_epoch=1")
+    assert bench.compose_config(run_dir, [], "openkbp_flow").model.prior_channel == 11
+    trainer, _ = fit(cfg, run_dir)
+    assert trainer.global_step == 3
+    cases = sorted((tmp_path / "data" / "openkbp" / "source").glob("openkbp_pt_201.npz"))
+    (case, pred), = bench.predict_validation(run_dir / "checkpoints" / "last.ckpt", cases)
+    assert pred.shape == case.dose.shape == (128, 128, 128)
+    assert pred[case.body == 0].max() == 0.0 and pred[case.body > 0].max() > 0
+    scores = score_patients([(case, pred)], list(cfg.data.targets))
+    assert np.isfinite(scores["dose_score_gy"]) and scores["dose_score_gy"] > 0
 
 
 def test_time_cosine_schedule_follows_the_wall_clock(monkeypatch):

@@ -185,10 +185,24 @@ def input_channels(data: Mapping, extra: int = 0) -> int:
     return InputSpec.from_data_config(data).network_channels + int(extra)
 
 
+def prior_channel(data: Mapping, offset: int = 0) -> int:
+    """The ``vmatdose.prior_channel`` resolver: the index of the prior-dose channel in the
+    input of data config ``data``, plus ``offset`` (1 for a denoiser, whose input starts
+    with the diffused dose: ``${vmatdose.prior_channel:${data},1}``)."""
+    spec = InputSpec.from_data_config(data)
+    if not spec.has("prior"):
+        raise ValueError("this data config has no prior-dose channel: set data.prior_dose "
+                         "(e.g. /prior_dose@data.prior_dose: openkbp) to read the prior")
+    return spec.slice("prior").start + int(offset)
+
+
 def register_resolver() -> None:
-    """Register ``vmatdose.input_channels`` (``vmatdose/__init__.py`` calls it, so every
-    config composed after ``import vmatdose...`` can use it)."""
+    """Register ``vmatdose.input_channels`` and ``vmatdose.prior_channel``
+    (``vmatdose/__init__.py`` calls it, so every config composed after
+    ``import vmatdose...`` can use them)."""
     from omegaconf import OmegaConf
 
-    if not OmegaConf.has_resolver("vmatdose.input_channels"):
-        OmegaConf.register_new_resolver("vmatdose.input_channels", input_channels)
+    for name, fn in (("vmatdose.input_channels", input_channels),
+                     ("vmatdose.prior_channel", prior_channel)):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)

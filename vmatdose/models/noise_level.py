@@ -71,8 +71,9 @@ class NoiseLevelChannelNet(nn.Module):
 def downsampling_factor(net: nn.Module) -> int:
     """How many voxels of input one voxel of the network's coarsest level covers per axis:
     the product of a MONAI ``UNet``'s strides, ``2 ** (levels - 1)`` for a
-    ``DiffusionModelUNet``, the wrapped network's for :class:`NoiseLevelChannelNet`."""
-    if isinstance(net, NoiseLevelChannelNet):
+    ``DiffusionModelUNet``, the wrapped network's for a wrapper with a
+    ``downsampling_factor`` (:class:`NoiseLevelChannelNet`)."""
+    if isinstance(getattr(net, "downsampling_factor", None), int):  # a wrapper's
         return net.downsampling_factor
     if hasattr(net, "block_out_channels"):
         return 2 ** (len(net.block_out_channels) - 1)

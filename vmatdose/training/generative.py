@@ -35,6 +35,7 @@ from vmatdose.inference.volume import PassFn, pad_to_multiple
 from vmatdose.losses import CompositeLoss
 from vmatdose.models import diffusion, flow
 from vmatdose.models.noise_level import downsampling_factor
+from vmatdose.models.prior_correction import PriorCorrectionNet
 from vmatdose.models.timestep_sampling import TimestepSampling
 from vmatdose.training.module import DoseModule, weight_decay_groups
 
@@ -92,6 +93,11 @@ class GenerativeDoseModule(DoseModule, abc.ABC):
         timestep_sampling: the law of the training timesteps,
             :class:`~vmatdose.models.timestep_sampling.TimestepSampling` arguments
             (``distribution``, ``loc``, ``scale``); ``None``: uniform.
+        prior_channel: index of the prior-dose channel in ``image``
+            (``${vmatdose.prior_channel:${data}}``): the network's dose estimate
+            (x-prediction only) is that prior plus the network's output, a correction
+            (:class:`~vmatdose.models.prior_correction.PriorCorrectionNet`); ``None``: the
+            network predicts the dose itself.
         ema_decay: keep an exponential moving average of the network weights
             (``ema_net``, updated after every training batch with decay
             ``min(ema_decay, (1 + n) / (10 + n))`` at update n, so a short run is not
@@ -117,6 +123,7 @@ class GenerativeDoseModule(DoseModule, abc.ABC):
         dose_max: float = 1.2,
         divisible_by: int = 16,
         ema_decay: float | None = None,
+        prior_channel: int | None = None,
         timestep_sampling: Mapping[str, Any] | None = None,
         val_gamma: Mapping | None = None,
         **kwargs: Any,
@@ -141,6 +148,9 @@ class GenerativeDoseModule(DoseModule, abc.ABC):
         self.dose_max = float(dose_max)
         self._val_cases_seen = 0
         self.timestep_sampling = TimestepSampling(**dict(timestep_sampling or {}))
+        self.prior_channel = None if prior_channel is None else int(prior_channel)
+        if self.prior_channel is not None:  # the input is [diffused dose, image]
+            self.net = PriorCorrectionNet(self.net, self.prior_channel + 1, self.dose_max)
         if ema_decay is not None and not 0.0 < ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in (0, 1) or null, not {ema_decay}")
         self.ema_decay = None if ema_decay is None else float(ema_decay)
@@ -381,6 +391,9 @@ class DiffusionDoseModule(GenerativeDoseModule):
         self.inferer = DiffusionInferer(self.noise_scheduler)
         self.num_train_timesteps = num_train_timesteps
         self.prediction_type = prediction_type
+        if self.prior_channel is not None and prediction_type != "sample":
+            raise ValueError("prior_channel (the dose as prior + correction) needs "
+                             "prediction_type=sample, the network predicting the dose")
 
     @property
     def train_scheduler(self) -> Scheduler:
@@ -425,6 +438,9 @@ class FlowMatchingDoseModule(GenerativeDoseModule):
                              f"{flow.PREDICTIONS}")
         self.solver = solver
         self.prediction = prediction
+        if self.prior_channel is not None and prediction != "data":
+            raise ValueError("prior_channel (the dose as prior + correction) needs "
+                             "prediction=data, the network predicting the dose")
         self.rflow = flow.rflow_scheduler(num_train_timesteps)
         self.inferer = DiffusionInferer(self.rflow)
 
