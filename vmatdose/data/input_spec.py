@@ -187,8 +187,8 @@ def input_channels(data: Mapping, extra: int = 0) -> int:
 
 def prior_channel(data: Mapping, offset: int = 0) -> int:
     """The ``vmatdose.prior_channel`` resolver: the index of the prior-dose channel in the
-    input of data config ``data``, plus ``offset`` (1 for a denoiser, whose input starts
-    with the diffused dose: ``${vmatdose.prior_channel:${data},1}``)."""
+    image of data config ``data``, plus ``offset`` (a generative model's
+    ``model.prior_channel: ${vmatdose.prior_channel:${data}}``)."""
     spec = InputSpec.from_data_config(data)
     if not spec.has("prior"):
         raise ValueError("this data config has no prior-dose channel: set data.prior_dose "
