@@ -21,6 +21,7 @@ from monai.transforms import Compose
 
 from vmatdose.data.body_region import body_mismatch
 from vmatdose.data.case import Case, load_case
+from vmatdose.data.grid_rule import ct_geometry_spacing
 from vmatdose.data.pipeline import inference_transform
 from vmatdose.data.resample import Grid, resample_case, resample_volume
 from vmatdose.data.validation import SPACING_TOLERANCE, check_cases
@@ -84,7 +85,10 @@ class Predictor:
             resampled to the training median, predicted, and the dose resampled back onto
             the case's grid), ``refuse`` (such a case is an error) or ``training_grid``
             (every case not at the training median spacing is resampled: the same patient
-            is predicted on the same grid whether it comes at 1.2 mm or at 5.4 mm).
+            is predicted on the same grid whether it comes at 1.2 mm or at 5.4 mm). With
+            ``resample`` and ``refuse``, a DICOM case of a model whose training data follow
+            a grid rule (OpenKBP's) is predicted on the grid the rule gives its CT
+            (:meth:`on_training_grid`).
     """
 
     def __init__(self, module: torch.nn.Module, contract: CheckpointContract,
@@ -152,9 +156,18 @@ class Predictor:
         return Prediction(case, Path(path), dose, std_gy)
 
     def on_training_grid(self, case: Case) -> Case:
-        """``case`` itself within 10 % of the training spacing (``training_grid``: at the
+        """The case on the grid the model predicts it on: for a case from DICOM (its source
+        CT recorded) of a model whose training data follow a grid rule, the spacing that
+        rule gives its CT (an OpenKBP model: in-plane the CT's field of view / 128, so the
+        patient is the image the challenge arrays would have made of it); otherwise
+        ``case`` itself within 10 % of the training spacing (``training_grid``: at the
         training median spacing), else resampled to the training median spacing."""
         median = np.asarray(self.spacing.median_mm, float)
+        by_rule = ct_geometry_spacing(case.meta, self.contract.grid_rule_obj)
+        if by_rule is not None and self.spacing_mismatch != "training_grid":
+            if np.allclose(case.spacing_mm, by_rule, rtol=1e-3):
+                return case
+            return resample_case(case, by_rule)
         if self.spacing_mismatch == "training_grid":
             if np.allclose(case.spacing_mm, median, rtol=1e-3):
                 return case
