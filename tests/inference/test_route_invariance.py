@@ -20,6 +20,7 @@ from vmatdose.data.case import Case, load_case, save_case
 from vmatdose.data.grid_rule import OPENKBP
 from vmatdose.data.ingest.dicom import DicomIngestSettings, ingest_dicom_case
 from vmatdose.data.ingest.openkbp import import_openkbp_patient
+from vmatdose.data.ingest.training_grid import GridSettings
 from vmatdose.data.pipeline import inference_transform
 from vmatdose.data.resample import Grid, resample_volume
 from vmatdose.data.validation import SpacingRange
@@ -205,6 +206,28 @@ def test_predict_dicom_ingests_straight_onto_the_rules_grid(routes, tmp_path):
     assert ingested.shape == case.shape
     assert predictor.on_training_grid(ingested) is ingested
     by_dicom = on_openkbp_grid(predictor.predict(path).dose_gy, ingested, case)
+    by_arrays = predictor.predict(openkbp_path).dose_gy
+    inside = case.body > 0
+    assert np.abs(by_dicom - by_arrays)[inside].mean() < BOUND_GY
+
+
+def test_a_case_cropped_to_its_body_goes_back_on_the_whole_field_of_view(routes, tmp_path):
+    """A DICOM case preprocessed onto a training grid and cropped to its body + 10 mm (as
+    ``preprocess source=dicom`` writes it; here at 3.9 mm, so that only the crop differs
+    from the arrays: a finer grid adds a second CT interpolation, 0.8 Gy at 1.2 mm and
+    1.3 Gy at 2.0 mm for this barely trained model) is predicted on the rule's grid over
+    its CT's whole field of view, air around it: the arrays' grid and dose (cropped, the
+    same model's instance normalisation moved it by 10.8 Gy)."""
+    case, openkbp_path, _, _, _, predictor = routes
+    settings = DicomIngestSettings(protocol=Protocol.load("head_neck"),
+                                   grid=GridSettings(spacing_mm=(2.5, 3.9, 3.9)))
+    cropped_case = ingest_dicom_case(openkbp_path.parents[1] / "dicom" / "pt_1", "c", settings)
+    assert cropped_case.shape[1] < 100 and cropped_case.shape[2] < 100  # cropped
+    path = save_case(cropped_case, tmp_path / "c.npz")
+    work = predictor.on_training_grid(cropped_case)
+    assert work.shape == case.shape
+    np.testing.assert_allclose(work.origin_mm, case.origin_mm, atol=0.5)
+    by_dicom = on_openkbp_grid(predictor.predict(path).dose_gy, cropped_case, case)
     by_arrays = predictor.predict(openkbp_path).dose_gy
     inside = case.body > 0
     assert np.abs(by_dicom - by_arrays)[inside].mean() < BOUND_GY

@@ -22,8 +22,9 @@ from monai.transforms import Compose
 from vmatdose.data.body_region import body_mismatch
 from vmatdose.data.case import Case, load_case
 from vmatdose.data.grid_rule import ct_geometry_spacing
+from vmatdose.data.ingest.training_grid import full_target_grid, source_ct_grid
 from vmatdose.data.pipeline import inference_transform
-from vmatdose.data.resample import Grid, resample_case, resample_volume
+from vmatdose.data.resample import Grid, resample_case, resample_case_onto, resample_volume
 from vmatdose.data.validation import SPACING_TOLERANCE, check_cases
 from vmatdose.inference.checkpoint import CheckpointContract, read_checkpoint
 
@@ -158,22 +159,34 @@ class Predictor:
     def on_training_grid(self, case: Case) -> Case:
         """The case on the grid the model predicts it on: for a case from DICOM (its source
         CT recorded) of a model whose training data follow a grid rule, the spacing that
-        rule gives its CT (an OpenKBP model: in-plane the CT's field of view / 128, so the
-        patient is the image the challenge arrays would have made of it); otherwise
+        rule gives its CT, over the CT's whole field of view (an OpenKBP model: 128 voxels
+        across it, the CT's slices: the image the challenge arrays would have made of the
+        patient, also from a case cropped to its body); otherwise
         ``case`` itself within 10 % of the training spacing (``training_grid``: at the
         training median spacing), else resampled to the training median spacing."""
         median = np.asarray(self.spacing.median_mm, float)
-        by_rule = ct_geometry_spacing(case.meta, self.contract.grid_rule_obj)
+        by_rule = self.rule_grid(case)
         if by_rule is not None and self.spacing_mismatch != "training_grid":
-            if np.allclose(case.spacing_mm, by_rule, rtol=1e-3):
+            own = Grid.of(case)
+            if own.shape == by_rule.shape and np.allclose(own.spacing_mm, by_rule.spacing_mm) \
+                    and np.allclose(own.origin_mm, by_rule.origin_mm, atol=1e-3):
                 return case
-            return resample_case(case, by_rule)
+            return resample_case_onto(case, by_rule)
         if self.spacing_mismatch == "training_grid":
             if np.allclose(case.spacing_mm, median, rtol=1e-3):
                 return case
         elif self.spacing.contains(case.spacing_mm, SPACING_TOLERANCE):
             return case
         return resample_case(case, self.spacing.median_mm)
+
+    def rule_grid(self, case: Case) -> Grid | None:
+        """The grid the training data's rule gives a DICOM case: its source CT's whole
+        field of view at the rule's spacing (``None``: no rule, or no recorded CT)."""
+        spacing = ct_geometry_spacing(case.meta, self.contract.grid_rule_obj)
+        if spacing is None:
+            return None
+        full = full_target_grid(source_ct_grid(case.meta["source_grids"]["ct"]), spacing)
+        return Grid(full.shape, full.spacing_mm, full.origin_mm)
 
     def _back_on(self, case: Case, work: Case, dose_gy: np.ndarray, std_gy: np.ndarray | None
                  ) -> tuple[np.ndarray, np.ndarray | None]:

@@ -85,6 +85,14 @@ def full_target_grid(ct_grid: CanonicalGrid, spacing_mm: Sequence[float]) -> Can
                          tuple(float(v) for v in origin))
 
 
+def source_ct_grid(geometry: dict) -> CanonicalGrid:
+    """The canonical grid of a case's recorded source CT (``meta["source_grids"]["ct"]``,
+    :func:`canonical_geometry`: identity direction, x, y, z order)."""
+    return CanonicalGrid(tuple(int(n) for n in geometry["size"][::-1]),
+                         tuple(float(v) for v in geometry["spacing_mm"][::-1]),
+                         tuple(float(v) for v in geometry["origin_mm"][::-1]))
+
+
 def body_box(body: np.ndarray, grid: CanonicalGrid, margin_mm: float
              ) -> tuple[slice, slice, slice]:
     """The body's bounding box on ``grid`` widened by ``margin_mm`` (clipped to the grid);
