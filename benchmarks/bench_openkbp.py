@@ -128,6 +128,7 @@ def main(argv: list[str]) -> dict:
         if cfg.data.prior_dose else None, "checkpoint": str(Path(ckpt).relative_to(ROOT)),
         "val_dose_score_gy": round(scores["dose_score_gy"], 4),
         "val_dvh_score_gy": round(scores["dvh_score_gy"], 4),
+        "val_d95_error_gy": {t: round(v, 3) for t, v in scores["d95_error_gy"].items()},
         "winner_dose_score_gy": WINNER["dose_score_gy"],
         "winner_dvh_score_gy": WINNER["dvh_score_gy"],
         "gamma_pass_body_pct": gamma["body"], "gamma_pass_targets_pct": gamma["targets"],
@@ -158,6 +159,8 @@ def print_table(r: dict) -> None:
           f"{r['val_dvh_score_gy']:16.3f}")
     print(f"{'  re-read from pt_N.csv':28s}{r['submission_reread_dose_score_gy']:16.3f}"
           f"{r['submission_reread_dvh_score_gy']:16.3f}")
+    print("mean signed D95 error (Gy): " + ", ".join(
+        f"{t} {v:+.2f}" for t, v in r["val_d95_error_gy"].items()))
     print(f"{'challenge winner (test)':28s}{r['winner_dose_score_gy']:16.3f}"
           f"{r['winner_dvh_score_gy']:16.3f}")
 

@@ -76,3 +76,14 @@ def test_dvh_score_pools_every_entry_of_every_patient():
     assert scores["dose_score_gy"] == pytest.approx(2.0)
     assert scores["dvh_score_gy"] == pytest.approx(2.0)
     assert scores["per_patient"]["k"]["mae_in_mask_gy"] == pytest.approx(2.0)
+
+
+def test_score_patients_reports_each_targets_mean_signed_d95_error():
+    shape = (6, 6, 6)
+    mask = np.ones(shape, bool)
+    dose = np.full(shape, 60.0)
+    low, high = small_case(dose, mask), small_case(dose, mask)
+    # one patient 3 Gy cold in the target, the other 1 Gy hot: mean -1 Gy (signed)
+    scores = score_patients([(low, dose - 3.0), (high, dose + 1.0)], ["PTV70"])
+    assert scores["d95_error_gy"] == {"PTV70": pytest.approx(-1.0)}
+    assert scores["dvh_score_gy"] == pytest.approx(2.0)  # |errors| pooled: 3 x 5, 1 x 5

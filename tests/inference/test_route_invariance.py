@@ -5,6 +5,7 @@ give the same dose within the interpolation floor (experiments/route_invariance.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import hydra
 import numpy as np
@@ -15,14 +16,17 @@ from openkbp_as_dicom import clinical_grid, write_case_as_dicom
 
 from vmatdose.config import CONFIG_DIR
 from vmatdose.data.body_region import EXTERNAL, POSSIBLE_DOSE_MASK
-from vmatdose.data.case import Case, save_case
+from vmatdose.data.case import Case, load_case, save_case
+from vmatdose.data.grid_rule import OPENKBP
 from vmatdose.data.ingest.dicom import DicomIngestSettings, ingest_dicom_case
 from vmatdose.data.ingest.openkbp import import_openkbp_patient
+from vmatdose.data.ingest.training_grid import GridSettings
 from vmatdose.data.pipeline import inference_transform
 from vmatdose.data.resample import Grid, resample_volume
 from vmatdose.data.validation import SpacingRange
 from vmatdose.inference import Predictor
 from vmatdose.inference.checkpoint import training_contract
+from vmatdose.inference.dicom_input import ingest_for_prediction
 from vmatdose.protocol import Protocol
 
 from conftest import OPENKBP_SAMPLE
@@ -37,8 +41,10 @@ BOUND_GY = 1.0
 BEYOND_INTERPOLATION_GY = 0.35
 
 
-def cropped(case: Case, shape=(24, 48, 48)) -> Case:
-    """The box of ``shape`` voxels centred on the targets (origin moved with it)."""
+def cropped(case: Case, shape=(24, 128, 128)) -> Case:
+    """The box of ``shape`` voxels centred on the targets (origin moved with it); the
+    default keeps the whole field of view in-plane, as OpenKBP's arrays do (their grid
+    rule: 128 voxels across the CT's field of view)."""
     targets = case.masks[[case.structures.index(t) for t in case.prescriptions_gy]].any(0)
     centre = np.round(np.argwhere(targets).mean(0)).astype(int)
     start = [int(np.clip(c - n // 2, 0, s - n)) for c, n, s in zip(centre, shape, case.shape)]
@@ -62,7 +68,7 @@ def tiny_model(case_path, case: Case):
     module = hydra.utils.instantiate(cfg.model, loss=hydra.utils.instantiate(cfg.loss))
     contract = training_contract(cfg, SpacingRange.of([case.spacing_mm]), case_path.parent,
                                  {"train": [case.case_id], "val": [], "test": []},
-                                 [POSSIBLE_DOSE_MASK])
+                                 [POSSIBLE_DOSE_MASK], OPENKBP)
     module.contract = contract.to_dict()
     sample = inference_transform({**contract.inputs, "structures": contract.structures,
                                   "prescriptions_gy": cfg.protocol.prescriptions_gy,
@@ -142,7 +148,7 @@ def test_inputs_built_off_the_training_grid_would_change_the_dose(routes):
     """Without resampling the case first (prior and masks built at 1.2 mm, as before),
     the same model gives another dose: the invariance above is not a matter of luck."""
     case, openkbp_path, dicom_case, dicom_path, _, predictor = routes
-    native = Predictor(predictor.module, predictor.contract)
+    native = Predictor(predictor.module, replace(predictor.contract, grid_rule={}))
     native.spacing = SpacingRange.of([dicom_case.spacing_mm])
     by_arrays = predictor.predict(openkbp_path).dose_gy
     at_native = native.predict(dicom_path).dose_gy
@@ -151,11 +157,24 @@ def test_inputs_built_off_the_training_grid_would_change_the_dose(routes):
         > 2 * BOUND_GY
 
 
-def test_a_model_of_mixed_spacings_predicts_both_routes_on_one_grid_by_choice(routes):
-    """Trained on spacings from the arrays' own to 1.3 times it, the model predicts the
-    arrays (inside that range) as they are under ``resample`` (the default) but the DICOM
-    case (1.2 mm, outside it) at the median: two grids, two doses. ``training_grid`` puts
-    both on the median grid: one dose (experiments/route_invariance.md, cause 4)."""
+def test_the_grid_rule_puts_the_dicom_case_where_the_arrays_are(routes):
+    """The model records its data's grid rule (OpenKBP: 128 voxels across the CT's field
+    of view, the CT's slices); the DICOM case (1.2 mm) is predicted on the grid the rule
+    gives its CT, i.e. the arrays' grid, not on the training median."""
+    case, _, dicom_case, _, _, predictor = routes
+    assert predictor.contract.grid_rule_obj == OPENKBP
+    work = predictor.on_training_grid(dicom_case)
+    np.testing.assert_allclose(work.spacing_mm, case.spacing_mm, rtol=2e-3)
+    assert predictor.on_training_grid(case) is case
+
+
+def test_a_model_of_mixed_spacings_predicts_one_dose_by_its_grid_rule(routes):
+    """Trained on spacings from the arrays' own to 1.3 times it, a model without a grid
+    rule predicts the arrays (inside that range) as they are under ``resample`` (the
+    default) but the DICOM case (1.2 mm, outside it) at the median: two grids, two doses
+    (experiments/route_invariance.md, cause 4). With OpenKBP's rule the DICOM case goes
+    on the grid its CT's field of view gives, the arrays' own: one dose by default, as
+    with ``training_grid`` (every case on the median)."""
     case, openkbp_path, dicom_case, dicom_path, _, trained = routes
     mixed = SpacingRange.of([case.spacing_mm, 1.3 * np.asarray(case.spacing_mm)])
     inside = case.body > 0
@@ -166,7 +185,49 @@ def test_a_model_of_mixed_spacings_predicts_both_routes_on_one_grid_by_choice(ro
         by_dicom = on_openkbp_grid(predictor.predict(dicom_path).dose_gy, dicom_case, case)
         return float(np.abs(by_dicom - by_arrays)[inside].mean())
 
-    one_grid = difference(Predictor(trained.module, trained.contract, "training_grid"))
-    two_grids = difference(Predictor(trained.module, trained.contract))  # resample
-    assert one_grid < BOUND_GY
-    assert two_grids > one_grid + 0.2
+    without_rule = replace(trained.contract, grid_rule={})
+    two_grids = difference(Predictor(trained.module, without_rule))  # resample
+    one_grid = difference(Predictor(trained.module, without_rule, "training_grid"))
+    by_rule = difference(Predictor(trained.module, trained.contract))  # resample
+    assert one_grid < BOUND_GY and by_rule < BOUND_GY
+    assert two_grids > by_rule + 0.2
+
+
+def test_predict_dicom_ingests_straight_onto_the_rules_grid(routes, tmp_path):
+    """``predict dicom_dir=`` puts the patient on the rule's grid at ingest (one CT
+    interpolation; the whole field of view, as the arrays: a cropped volume changes an
+    instance-normalised network's statistics): the arrays' grid, and the same dose."""
+    case, openkbp_path, _, _, _, predictor = routes
+    dicom_dir = openkbp_path.parents[1] / "dicom"
+    cases = ingest_for_prediction(dicom_dir, predictor, tmp_path, "salt", None)
+    (path,) = cases
+    ingested = load_case(path)
+    np.testing.assert_allclose(ingested.spacing_mm, case.spacing_mm, rtol=2e-3)
+    assert ingested.shape == case.shape
+    assert predictor.on_training_grid(ingested) is ingested
+    by_dicom = on_openkbp_grid(predictor.predict(path).dose_gy, ingested, case)
+    by_arrays = predictor.predict(openkbp_path).dose_gy
+    inside = case.body > 0
+    assert np.abs(by_dicom - by_arrays)[inside].mean() < BOUND_GY
+
+
+def test_a_case_cropped_to_its_body_goes_back_on_the_whole_field_of_view(routes, tmp_path):
+    """A DICOM case preprocessed onto a training grid and cropped to its body + 10 mm (as
+    ``preprocess source=dicom`` writes it; here at 3.9 mm, so that only the crop differs
+    from the arrays: a finer grid adds a second CT interpolation, 0.8 Gy at 1.2 mm and
+    1.3 Gy at 2.0 mm for this barely trained model) is predicted on the rule's grid over
+    its CT's whole field of view, air around it: the arrays' grid and dose (cropped, the
+    same model's instance normalisation moved it by 10.8 Gy)."""
+    case, openkbp_path, _, _, _, predictor = routes
+    settings = DicomIngestSettings(protocol=Protocol.load("head_neck"),
+                                   grid=GridSettings(spacing_mm=(2.5, 3.9, 3.9)))
+    cropped_case = ingest_dicom_case(openkbp_path.parents[1] / "dicom" / "pt_1", "c", settings)
+    assert cropped_case.shape[1] < 100 and cropped_case.shape[2] < 100  # cropped
+    path = save_case(cropped_case, tmp_path / "c.npz")
+    work = predictor.on_training_grid(cropped_case)
+    assert work.shape == case.shape
+    np.testing.assert_allclose(work.origin_mm, case.origin_mm, atol=0.5)
+    by_dicom = on_openkbp_grid(predictor.predict(path).dose_gy, cropped_case, case)
+    by_arrays = predictor.predict(openkbp_path).dose_gy
+    inside = case.body > 0
+    assert np.abs(by_dicom - by_arrays)[inside].mean() < BOUND_GY

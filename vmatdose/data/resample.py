@@ -75,8 +75,14 @@ def resample_case(case: Case, spacing_mm: Sequence[float]) -> Case:
     """``case`` at ``spacing_mm`` over the same patient extent (:meth:`Grid.at_spacing`):
     CT (HU, rounded) and dose (Gy) linear, masks and body by partial volume. ``meta``
     (beams and their isocentre in patient mm included) is kept."""
+    return resample_case_onto(case, Grid.of(case).at_spacing(spacing_mm))
+
+
+def resample_case_onto(case: Case, target: Grid) -> Case:
+    """``case`` on ``target`` (as :func:`resample_case`; beyond the case's extent each
+    volume continues its outermost voxels: air and zero masks for a case cropped to its
+    body with a margin)."""
     source = Grid.of(case)
-    target = source.at_spacing(spacing_mm)
     ct = np.rint(resample_volume(case.ct, source, target)).astype(case.ct.dtype)
     masks = np.stack([resample_mask(m, source, target) for m in case.masks]) \
         if len(case.masks) else np.zeros((0, *target.shape), np.uint8)

@@ -63,11 +63,17 @@ def dvh_entries(case: Case, dose_gy: np.ndarray, targets: Sequence[str]) -> dict
     return entries
 
 
-def dvh_errors(case: Case, pred_gy: np.ndarray, targets: Sequence[str]) -> list[float]:
-    """|pred - ref| (Gy) of every DVH point of one patient (NaN points dropped)."""
+def signed_dvh_errors(case: Case, pred_gy: np.ndarray, targets: Sequence[str]
+                      ) -> dict[str, float]:
+    """pred - ref (Gy) of every DVH point of one patient, ``{"<ROI>/<metric>": Gy}``."""
     ref = dvh_entries(case, case.dose, targets)
     pred = dvh_entries(case, pred_gy, targets)
-    errors = [abs(pred[k] - ref[k]) for k in ref]
+    return {k: pred[k] - ref[k] for k in ref}
+
+
+def dvh_errors(case: Case, pred_gy: np.ndarray, targets: Sequence[str]) -> list[float]:
+    """|pred - ref| (Gy) of every DVH point of one patient (NaN points dropped)."""
+    errors = [abs(e) for e in signed_dvh_errors(case, pred_gy, targets).values()]
     return [e for e in errors if np.isfinite(e)]
 
 
@@ -81,15 +87,23 @@ def openkbp_scores(dose_scores: Sequence[float],
 
 def score_patients(pairs, targets: Sequence[str]) -> dict:
     """Both challenge scores of ``(case, predicted dose Gy)`` pairs, plus the per-patient
-    dose scores and in-mask MAE: ``{"dose_score_gy", "dvh_score_gy", "per_patient": {...}}``.
+    dose scores and in-mask MAE, and each target's mean signed D95 error (prediction -
+    reference, over the patients that have it): ``{"dose_score_gy", "dvh_score_gy",
+    "d95_error_gy": {target: Gy}, "per_patient": {...}}``.
     """
     per_patient, dose_scores, dvh_lists = {}, [], []
+    d95: dict[str, list[float]] = {t: [] for t in targets}
     for case, pred in pairs:
         dose_scores.append(dose_score(case, pred))
-        dvh_lists.append(dvh_errors(case, pred, targets))
+        signed = signed_dvh_errors(case, pred, targets)
+        dvh_lists.append([abs(e) for e in signed.values() if np.isfinite(e)])
+        for target in targets:
+            if np.isfinite(signed.get(f"{target}/D95", np.nan)):
+                d95[target].append(signed[f"{target}/D95"])
         per_patient[case.case_id] = {"dose_score_gy": dose_scores[-1],
                                      "mae_in_mask_gy": mae_in_mask(case, pred),
                                      "dvh_mean_error_gy": float(np.mean(dvh_lists[-1]))
                                      if dvh_lists[-1] else float("nan")}
     return {**openkbp_scores(dose_scores, dvh_lists), "n_patients": len(dose_scores),
+            "d95_error_gy": {t: float(np.mean(v)) for t, v in d95.items() if v},
             "per_patient": per_patient}

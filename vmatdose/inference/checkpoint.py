@@ -21,7 +21,9 @@ from typing import Any
 
 import torch
 
+from vmatdose.data.body_region import POSSIBLE_DOSE_MASK
 from vmatdose.data.conditioning import conditioning_spec
+from vmatdose.data.grid_rule import OPENKBP, GridRule
 from vmatdose.data.input_spec import InputSpec
 from vmatdose.data.validation import SpacingRange
 from vmatdose.errors import InputError
@@ -63,6 +65,10 @@ class CheckpointContract:
         body: the kinds of region the training cases' ``body`` is
             (:mod:`vmatdose.data.body_region`: ``possible-dose mask``, ``external
             contour``); empty in a checkpoint written before it was recorded.
+        grid_rule: :meth:`GridRule.to_dict` of the rule that put the training cases on
+            their grid (``{}``: one training spacing); ``None`` in a checkpoint written
+            before it was recorded (then inferred from ``body``: OpenKBP's
+            possible-dose mask comes with OpenKBP's rule).
     """
 
     config: dict
@@ -74,6 +80,14 @@ class CheckpointContract:
     split: dict[str, list[str]]
     version: int = CONTRACT_VERSION
     body: list[str] = field(default_factory=list)
+    grid_rule: dict | None = None
+
+    @property
+    def grid_rule_obj(self) -> GridRule:
+        """The training cases' grid rule (:mod:`vmatdose.data.grid_rule`)."""
+        if self.grid_rule is not None:
+            return GridRule.from_dict(self.grid_rule)
+        return OPENKBP if self.body == [POSSIBLE_DOSE_MASK] else GridRule()
 
     @property
     def protocol_obj(self) -> Protocol:
@@ -109,7 +123,7 @@ class CheckpointContract:
             raise CheckpointError(f"{where}: checkpoint contract version "
                                   f"{data.get('version')!r}; this vmatdose reads "
                                   f"{CONTRACT_VERSION} (retrain or use a matching vmatdose)")
-        optional = ("body",)
+        optional = ("body", "grid_rule")
         try:
             return cls(**{k: data[k] for k in cls.__dataclass_fields__
                           if k not in optional or k in data})
@@ -132,10 +146,11 @@ def contract_input_spec(contract: Mapping) -> InputSpec:
 
 
 def training_contract(cfg: Mapping, spacing: SpacingRange, cases_dir: str | Path,
-                      split: Mapping[str, list[str]], body: Sequence[str] = ()
-                      ) -> CheckpointContract:
+                      split: Mapping[str, list[str]], body: Sequence[str] = (),
+                      grid_rule: GridRule | None = None) -> CheckpointContract:
     """The contract of a training run composed as ``cfg`` (resolved mapping or DictConfig);
-    ``body``: the kinds of body region of its cases (:func:`vmatdose.data.body_region.body_kinds`)."""
+    ``body``: the kinds of body region of its cases (:func:`vmatdose.data.body_region.body_kinds`);
+    ``grid_rule``: the rule of their grid (:func:`vmatdose.data.grid_rule.training_grid_rule`)."""
     from omegaconf import DictConfig, OmegaConf
 
     plain = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
@@ -159,7 +174,8 @@ def training_contract(cfg: Mapping, spacing: SpacingRange, cases_dir: str | Path
         spacing=spacing.to_dict(),
         cases_dir=str(Path(cases_dir).resolve()),
         split={k: [str(i) for i in v] for k, v in split.items()},
-        body=[str(b) for b in body])
+        body=[str(b) for b in body],
+        grid_rule=(grid_rule or GridRule()).to_dict())
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,10 @@
 """Predict straight from DICOM-RT patient folders (``predict dicom_dir=<patients>``).
 
 Each patient folder is ingested on the fly with the checkpoint's own protocol (so names,
-targets and channel order are those the model was trained on) onto the checkpoint's
+targets and channel order are those the model was trained on) onto the grid the model
+predicts on: the one its training data's grid rule gives the patient's CT (an OpenKBP
+model: in-plane the CT's field of view / 128, the CT's slices;
+:mod:`vmatdose.data.grid_rule`: the whole field of view, as the arrays), else the
 training spacing (its median), cropped to the body (no 512 x 512 volume reaches the
 network, and nothing is resampled twice), into case files in a
 temporary folder (kept under ``output_dir/cases`` only with ``keep_cases=true``), predicted,
@@ -48,9 +51,11 @@ def ingest_for_prediction(dicom_dir: Path, predictor: Predictor, cases_dir: Path
     folders = find_dicom_patients(dicom_dir)
     if not folders:
         raise InputError(f"{dicom_dir}: no DICOM patient folders to predict")
+    rule = predictor.contract.grid_rule_obj
     settings = DicomIngestSettings(protocol=predictor.protocol, require_dose=False,
                                    id_salt=salt, grid=GridSettings(
-                                       tuple(float(v) for v in predictor.spacing.median_mm)))
+                                       tuple(float(v) for v in predictor.spacing.median_mm),
+                                       field_of_view_voxels=rule.field_of_view_voxels))
     cases: dict[Path, Path] = {}
     problems = []
     for folder in tqdm(folders, desc="ingesting DICOM patients", unit="patient"):

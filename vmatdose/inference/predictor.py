@@ -21,8 +21,10 @@ from monai.transforms import Compose
 
 from vmatdose.data.body_region import body_mismatch
 from vmatdose.data.case import Case, load_case
+from vmatdose.data.grid_rule import ct_geometry_spacing
+from vmatdose.data.ingest.training_grid import full_target_grid, source_ct_grid
 from vmatdose.data.pipeline import inference_transform
-from vmatdose.data.resample import Grid, resample_case, resample_volume
+from vmatdose.data.resample import Grid, resample_case, resample_case_onto, resample_volume
 from vmatdose.data.validation import SPACING_TOLERANCE, check_cases
 from vmatdose.inference.checkpoint import CheckpointContract, read_checkpoint
 
@@ -84,7 +86,10 @@ class Predictor:
             resampled to the training median, predicted, and the dose resampled back onto
             the case's grid), ``refuse`` (such a case is an error) or ``training_grid``
             (every case not at the training median spacing is resampled: the same patient
-            is predicted on the same grid whether it comes at 1.2 mm or at 5.4 mm).
+            is predicted on the same grid whether it comes at 1.2 mm or at 5.4 mm). With
+            ``resample`` and ``refuse``, a DICOM case of a model whose training data follow
+            a grid rule (OpenKBP's) is predicted on the grid the rule gives its CT
+            (:meth:`on_training_grid`).
     """
 
     def __init__(self, module: torch.nn.Module, contract: CheckpointContract,
@@ -152,15 +157,36 @@ class Predictor:
         return Prediction(case, Path(path), dose, std_gy)
 
     def on_training_grid(self, case: Case) -> Case:
-        """``case`` itself within 10 % of the training spacing (``training_grid``: at the
+        """The case on the grid the model predicts it on: for a case from DICOM (its source
+        CT recorded) of a model whose training data follow a grid rule, the spacing that
+        rule gives its CT, over the CT's whole field of view (an OpenKBP model: 128 voxels
+        across it, the CT's slices: the image the challenge arrays would have made of the
+        patient, also from a case cropped to its body); otherwise
+        ``case`` itself within 10 % of the training spacing (``training_grid``: at the
         training median spacing), else resampled to the training median spacing."""
         median = np.asarray(self.spacing.median_mm, float)
+        by_rule = self.rule_grid(case)
+        if by_rule is not None and self.spacing_mismatch != "training_grid":
+            own = Grid.of(case)
+            if own.shape == by_rule.shape and np.allclose(own.spacing_mm, by_rule.spacing_mm) \
+                    and np.allclose(own.origin_mm, by_rule.origin_mm, atol=1e-3):
+                return case
+            return resample_case_onto(case, by_rule)
         if self.spacing_mismatch == "training_grid":
             if np.allclose(case.spacing_mm, median, rtol=1e-3):
                 return case
         elif self.spacing.contains(case.spacing_mm, SPACING_TOLERANCE):
             return case
         return resample_case(case, self.spacing.median_mm)
+
+    def rule_grid(self, case: Case) -> Grid | None:
+        """The grid the training data's rule gives a DICOM case: its source CT's whole
+        field of view at the rule's spacing (``None``: no rule, or no recorded CT)."""
+        spacing = ct_geometry_spacing(case.meta, self.contract.grid_rule_obj)
+        if spacing is None:
+            return None
+        full = full_target_grid(source_ct_grid(case.meta["source_grids"]["ct"]), spacing)
+        return Grid(full.shape, full.spacing_mm, full.origin_mm)
 
     def _back_on(self, case: Case, work: Case, dose_gy: np.ndarray, std_gy: np.ndarray | None
                  ) -> tuple[np.ndarray, np.ndarray | None]:

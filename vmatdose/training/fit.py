@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from vmatdose.data.body_region import body_kinds
 from vmatdose.data.datamodule import SPLITS
+from vmatdose.data.grid_rule import training_grid_rule
 from vmatdose.data.validation import check_training_cases
 from vmatdose.inference.checkpoint import training_contract
 from vmatdose.protocol import Protocol
@@ -52,9 +53,9 @@ def checked_datamodule(cfg: DictConfig) -> tuple[L.LightningDataModule, dict]:
     paths = {name: datamodule.paths_of(name) for name in SPLITS}
     spacing = check_training_cases(paths, protocol, datamodule.structures,
                                    cfg.spacing_mismatch)
-    body = body_kinds([p for name in SPLITS for p in paths[name]])
+    every = [p for name in SPLITS for p in paths[name]]
     contract = training_contract(cfg, spacing, datamodule.cases_dir, datamodule.ensure_split(),
-                                 body)
+                                 body_kinds(every), training_grid_rule(every))
     return datamodule, contract.to_dict()
 
 

@@ -123,9 +123,11 @@ class DicomIngestSettings:
         if isinstance(known.get("grid"), Mapping):
             grid = known["grid"]
             spacing = grid.get("spacing_mm")
+            voxels = grid.get("field_of_view_voxels")
             known["grid"] = GridSettings(
                 tuple(float(v) for v in spacing) if spacing is not None else None,
-                float(grid.get("margin_mm", MARGIN_MM)))
+                float(grid.get("margin_mm", MARGIN_MM)),
+                None if voxels is None else int(voxels))
         return cls(protocol=protocol, **known)
 
 
@@ -173,7 +175,7 @@ def ingest_dicom_case(folder: str | os.PathLike, case_id: str | None = None,
                        "ingest cases to predict)")
     ct, grid = placed_ct(read_ct_volume(files, series), series.grid, settings.grid)
     body = _body(ss, rois, series, grid, ct, settings, notes)
-    if settings.grid.resamples:  # crop to the body with the margin
+    if settings.grid.crops:  # crop to the body with the margin
         box = body_box(body, grid, settings.grid.margin_mm)
         grid, ct, body = crop_grid(grid, box), ct[box], body[box]
     masks = _rasterize(ss, rois, series, grid, notes)
@@ -279,7 +281,7 @@ def placed_ct(ct: np.ndarray, ct_grid: CanonicalGrid, grid: GridSettings
     field of view at the target spacing (cropped afterwards)."""
     if not grid.resamples:
         return ct, ct_grid
-    target = full_target_grid(ct_grid, grid.spacing_mm)
+    target = full_target_grid(ct_grid, grid.spacing_for(ct_grid))
     return resample_ct(ct, ct_grid, target), target
 
 

@@ -26,6 +26,7 @@ import numpy as np
 import SimpleITK as sitk
 from pydicom.dataset import Dataset
 
+from vmatdose.data.grid_rule import GridRule
 from vmatdose.data.ingest.dicom_ct import CanonicalGrid
 from vmatdose.data.ingest.dicom_dose import frame_offsets
 from vmatdose.data.ingest.dicom_files import require
@@ -44,14 +45,31 @@ class GridSettings:
         spacing_mm: target ``(dz, dy, dx)`` mm; ``None`` keeps the native CT grid (no
             resampling, no crop).
         margin_mm: margin around the body's bounding box (mm).
+        field_of_view_voxels: ``N``: the grid follows each CT instead of ``spacing_mm``:
+            its whole field of view, ``N`` voxels across, its own slices, not cropped
+            (:class:`~vmatdose.data.grid_rule.GridRule`, the rule of OpenKBP's arrays; a
+            model with instance normalisation sees the air around the patient too).
     """
 
     spacing_mm: tuple[float, float, float] | None = None
     margin_mm: float = MARGIN_MM
+    field_of_view_voxels: int | None = None
 
     @property
     def resamples(self) -> bool:
-        return self.spacing_mm is not None
+        return self.spacing_mm is not None or self.field_of_view_voxels is not None
+
+    @property
+    def crops(self) -> bool:
+        """Whether a case is cropped to its body (not under a field-of-view rule)."""
+        return self.spacing_mm is not None and self.field_of_view_voxels is None
+
+    def spacing_for(self, ct_grid: CanonicalGrid) -> tuple[float, float, float] | None:
+        """The target ``(dz, dy, dx)`` mm for a CT on ``ct_grid`` (``None``: native)."""
+        rule = GridRule(self.field_of_view_voxels)
+        if rule.follows_ct:
+            return rule.spacing_for(ct_grid.shape, ct_grid.spacing_mm)
+        return self.spacing_mm
 
 
 def full_target_grid(ct_grid: CanonicalGrid, spacing_mm: Sequence[float]) -> CanonicalGrid:
@@ -65,6 +83,14 @@ def full_target_grid(ct_grid: CanonicalGrid, spacing_mm: Sequence[float]) -> Can
     origin = corner + spacing / 2
     return CanonicalGrid(tuple(int(v) for v in shape), tuple(float(v) for v in spacing),
                          tuple(float(v) for v in origin))
+
+
+def source_ct_grid(geometry: dict) -> CanonicalGrid:
+    """The canonical grid of a case's recorded source CT (``meta["source_grids"]["ct"]``,
+    :func:`canonical_geometry`: identity direction, x, y, z order)."""
+    return CanonicalGrid(tuple(int(n) for n in geometry["size"][::-1]),
+                         tuple(float(v) for v in geometry["spacing_mm"][::-1]),
+                         tuple(float(v) for v in geometry["origin_mm"][::-1]))
 
 
 def body_box(body: np.ndarray, grid: CanonicalGrid, margin_mm: float
