@@ -6,8 +6,8 @@ carry them.
     python benchmarks/bench_openkbp.py [--experiment E] [--name NAME] [--threads N] [hydra overrides ...]
 
 Prints a table and writes ``benchmarks/results/<E>.json`` (``<E>-NAME.json`` with
-``--name``; ``openkbp_cpu.json`` by default): wall time (training and evaluation; the one-time unpacking and import of
-the archives is done first and not counted), epochs, steps and steps per second, the
+``--name``; ``openkbp_cpu.json`` by default): wall time (training and evaluation; the
+one-time unpacking and import of the archives is done first and not counted), epochs, steps and steps per second, the
 validation dose and DVH scores next to the challenge winner's 2.43 / 1.48 Gy, the gamma
 pass rate (3 %/3 mm global, 10 % cut-off) over the body, the targets and the 10-50 % dose
 region, and the same scores recomputed from the exported ``pt_N.csv`` files read back by
