@@ -13,12 +13,16 @@ from vmatdose.data.case import save_case
 from vmatdose.data.grid_rule import (
     OPENKBP,
     GridRule,
-    ct_geometry_spacing,
     grid_rule_of,
     training_grid_rule,
 )
 from vmatdose.data.ingest.dicom_ct import CanonicalGrid
-from vmatdose.data.ingest.training_grid import GridSettings, canonical_geometry, full_target_grid
+from vmatdose.data.ingest.training_grid import (
+    GridSettings,
+    canonical_geometry,
+    full_target_grid,
+    source_ct_grid,
+)
 from vmatdose.inference.checkpoint import CheckpointContract
 
 from conftest import make_box_case
@@ -55,12 +59,12 @@ def test_training_cases_share_a_rule_or_have_none(tmp_path):
     assert training_grid_rule([c]) == GridRule()
 
 
-def test_a_dicom_case_gets_the_rules_spacing_from_its_recorded_ct():
+def test_the_recorded_source_ct_gives_the_rules_spacing():
     ct = CanonicalGrid((60, 512, 512), (2.0, 1.17, 1.17), (0.0, -300.0, -300.0))
-    meta = {"source": "dicom", "source_grids": {"ct": canonical_geometry(ct), "rtdose": None}}
-    assert ct_geometry_spacing(meta, OPENKBP) == pytest.approx((2.0, 4.68, 4.68))
-    assert ct_geometry_spacing(meta, GridRule()) is None
-    assert ct_geometry_spacing({"source": "openkbp"}, OPENKBP) is None  # no source CT
+    recorded = source_ct_grid(canonical_geometry(ct))  # meta["source_grids"]["ct"] and back
+    assert recorded == ct
+    assert OPENKBP.spacing_for(recorded.shape, recorded.spacing_mm) == \
+        pytest.approx((2.0, 4.68, 4.68))
 
 
 def test_ingest_by_the_rule_puts_128_voxels_across_the_field_of_view():

@@ -168,6 +168,24 @@ def test_the_grid_rule_puts_the_dicom_case_where_the_arrays_are(routes):
     assert predictor.on_training_grid(case) is case
 
 
+def test_a_rule_spacing_off_the_training_range_is_predicted_with_a_warning(routes, caplog):
+    """The rule gives this CT its arrays' 3.9 mm; a model trained only at 2.5-3 mm in-plane
+    is told so, naming the case, and still predicts on the rule's grid."""
+    case, _, dicom_case, _, _, predictor = routes
+    narrow = Predictor(predictor.module, predictor.contract)
+    narrow.spacing = SpacingRange.of([(2.5, 2.5, 2.5), (2.5, 3.0, 3.0)])
+    with caplog.at_level(logging.WARNING, logger="vmatdose.inference.predictor"):
+        work = narrow.on_training_grid(dicom_case)
+    np.testing.assert_allclose(work.spacing_mm, case.spacing_mm, rtol=2e-3)
+    (record,) = caplog.records
+    assert record.getMessage().startswith(f"{dicom_case.case_id}: the training data's grid "
+                                          "rule (in-plane the CT's field of view / 128")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="vmatdose.inference.predictor"):
+        predictor.on_training_grid(dicom_case)  # in range: no word
+    assert not caplog.records
+
+
 def test_a_model_of_mixed_spacings_predicts_one_dose_by_its_grid_rule(routes):
     """Trained on spacings from the arrays' own to 1.3 times it, a model without a grid
     rule predicts the arrays (inside that range) as they are under ``resample`` (the

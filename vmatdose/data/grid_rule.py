@@ -11,7 +11,7 @@ the training cases' grid follows from the CT; :func:`training_grid_rule` finds t
 of a set of case files from their source (``meta["source"]``, as
 :mod:`~vmatdose.data.body_region` does for the body), the checkpoint records it, and the
 predictor and ``predict dicom_dir=`` put a DICOM case on :meth:`GridRule.spacing_for`
-its CT. Data without a rule (DICOM cases on one training spacing, phantoms) have the
+its CT (recorded as ``meta["source_grids"]["ct"]``). Data without a rule (DICOM cases on one training spacing, phantoms) have the
 empty rule: the training spacing.
 """
 
@@ -83,13 +83,3 @@ def training_grid_rule(paths: Iterable[str | Path]) -> GridRule:
     rules = {grid_rule_of(read_case_header(p).meta) for p in paths}
     return rules.pop() if len(rules) == 1 else GridRule()
 
-
-def ct_geometry_spacing(case_meta: Mapping, rule: GridRule
-                        ) -> tuple[float, float, float] | None:
-    """The spacing ``rule`` gives a case from its source CT (``meta["source_grids"]["ct"]``,
-    kept by DICOM ingest); ``None`` without a rule or without a recorded CT grid."""
-    ct = ((case_meta.get("source_grids") or {}).get("ct")) if rule.follows_ct else None
-    if not ct:
-        return None
-    size_xyz, spacing_xyz = ct["size"], ct["spacing_mm"]
-    return rule.spacing_for(tuple(size_xyz[::-1]), tuple(spacing_xyz[::-1]))

@@ -21,7 +21,6 @@ from monai.transforms import Compose
 
 from vmatdose.data.body_region import body_mismatch
 from vmatdose.data.case import Case, load_case
-from vmatdose.data.grid_rule import ct_geometry_spacing
 from vmatdose.data.ingest.training_grid import full_target_grid, source_ct_grid
 from vmatdose.data.pipeline import inference_transform
 from vmatdose.data.resample import Grid, resample_case, resample_case_onto, resample_volume
@@ -87,9 +86,10 @@ class Predictor:
             the case's grid), ``refuse`` (such a case is an error) or ``training_grid``
             (every case not at the training median spacing is resampled: the same patient
             is predicted on the same grid whether it comes at 1.2 mm or at 5.4 mm). With
-            ``resample`` and ``refuse``, a DICOM case of a model whose training data follow
-            a grid rule (OpenKBP's) is predicted on the grid the rule gives its CT
-            (:meth:`on_training_grid`).
+            ``resample``, a DICOM case of a model whose training data follow a grid rule
+            (OpenKBP's) is predicted on the grid the rule gives its CT
+            (:meth:`on_training_grid`); ``refuse`` refuses a case file off the training
+            range first (``predict dicom_dir=`` ingests onto the rule's grid, in range).
     """
 
     def __init__(self, module: torch.nn.Module, contract: CheckpointContract,
@@ -182,10 +182,19 @@ class Predictor:
     def rule_grid(self, case: Case) -> Grid | None:
         """The grid the training data's rule gives a DICOM case: its source CT's whole
         field of view at the rule's spacing (``None``: no rule, or no recorded CT)."""
-        spacing = ct_geometry_spacing(case.meta, self.contract.grid_rule_obj)
-        if spacing is None:
+        rule = self.contract.grid_rule_obj
+        geometry = (case.meta.get("source_grids") or {}).get("ct")
+        if not rule.follows_ct or not geometry:
             return None
-        full = full_target_grid(source_ct_grid(case.meta["source_grids"]["ct"]), spacing)
+        ct = source_ct_grid(geometry)
+        full = full_target_grid(ct, rule.spacing_for(ct.shape, ct.spacing_mm))
+        if not self.spacing.contains(full.spacing_mm, SPACING_TOLERANCE):
+            log.warning("%s: the training data's grid rule (%s) gives this CT %s mm, more "
+                        "than 10 %% off the training spacings (%s to %s mm): predicted "
+                        "there all the same, as its challenge arrays would have been",
+                        case.case_id, rule.describe(),
+                        " x ".join(f"{v:.3g}" for v in full.spacing_mm),
+                        self.spacing.low_mm, self.spacing.high_mm)
         return Grid(full.shape, full.spacing_mm, full.origin_mm)
 
     def _back_on(self, case: Case, work: Case, dose_gy: np.ndarray, std_gy: np.ndarray | None

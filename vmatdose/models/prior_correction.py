@@ -26,7 +26,8 @@ class PriorCorrectionNet(nn.Module):
             e.g. a :class:`~vmatdose.models.noise_level.NoiseLevelChannelNet` with
             ``output_offset=-1`` (output 0 Gy when untrained).
         prior_channel: index of the prior dose in the input ``x`` = [diffused dose,
-            image] (``${vmatdose.prior_channel:${data},1}``).
+            image]: its index in the image plus one (the generative module adds the one
+            to ``model.prior_channel``).
         dose_max: the normalised dose the diffusion maps to +1 (the module's, as
             ``[0, dose_max]`` -> ``[-1, 1]``): the prior is added in those units, so a zero
             correction predicts the prior.
