@@ -130,12 +130,28 @@ def test_the_blend_is_the_weighted_sum_of_the_two_priors():
     torch.testing.assert_close(blend, 0.75 * beams + 0.25 * distance)
 
 
+def test_the_target_floor_lifts_the_cold_target_voxels_to_the_prescription_and_nothing_else():
+    ct, body, target = water_cube(target_half_mm=20.0)
+    make = lambda floor: PriorDosed(["PTV70"], {"PTV70": 70.0}, 70.0,  # noqa: E731
+                                    {"kind": "beams", "target_floor": floor}, NINE)
+    sample = _sample(ct, body, target[None])
+    plain = make(False)(dict(sample))["prior"][0].numpy()
+    floored = make(True)(dict(sample))["prior"][0].numpy()
+    inside = target & body
+    assert plain[inside].min() < 0.97  # the open fields' edges are cold inside the target
+    assert floored[inside].min() == pytest.approx(1.0)  # 70 Gy / dose scale 70 Gy
+    hot = inside & (plain > 1.0)
+    assert hot.any() and np.array_equal(floored[hot], plain[hot])
+    np.testing.assert_array_equal(floored[~inside], plain[~inside])
+
+
 @pytest.mark.parametrize("config, message", [
     ({"kind": "beam"}, "kind must be one of"),
     ({"kind": "beams", "distance_wieght": 0.5}, "unknown key(s) ['distance_wieght']"),
     ({"kind": "beams", "distance_weight": 0.5}, "needs matching distance_mm"),
     ({"kind": "beams", "distance_weight": 1.5}, "distance_weight must be in [0, 1]"),
     ({"kind": "distance"}, "needs matching distance_mm"),
+    ({"kind": "beams", "target_floor": "yes"}, "target_floor must be true or false"),
 ])
 def test_a_bad_prior_config_is_refused_naming_the_key(config, message):
     with pytest.raises(ValueError) as err:
