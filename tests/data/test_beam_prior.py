@@ -12,7 +12,7 @@ import torch
 from vmatdose.data.beam_model import BeamModelParams
 from vmatdose.data.beam_prior import beam_prior_dose, traced_gantry_deg
 from vmatdose.data.beams import BeamArrangement
-from vmatdose.data.prior import PriorDosed, check_prior_config
+from vmatdose.data.prior import PriorDosed, check_prior_config, floor_targets
 
 SPACING = (2.0, 2.0, 2.0)
 SHAPE = (12, 64, 64)
@@ -143,6 +143,22 @@ def test_the_target_floor_lifts_the_cold_target_voxels_to_the_prescription_and_n
     hot = inside & (plain > 1.0)
     assert hot.any() and np.array_equal(floored[hot], plain[hot])
     np.testing.assert_array_equal(floored[~inside], plain[~inside])
+
+
+def test_the_floor_of_nested_targets_is_each_voxels_highest_prescription():
+    prior = np.full((1, 4, 4), 0.5, np.float32)
+    prior[0, 0, 0] = 1.2  # already above every prescription: kept
+    ptv56 = np.zeros((1, 4, 4), bool)
+    ptv56[0, :3, :3] = True
+    ptv70 = np.zeros((1, 4, 4), bool)
+    ptv70[0, :2, :2] = True
+    floored = floor_targets(prior, np.stack([ptv70, ptv56]), [1.0, 0.8])
+    expected = np.full((4, 4), 0.5, np.float32)
+    expected[:3, :3] = 0.8
+    expected[:2, :2] = 1.0
+    expected[0, 0] = 1.2
+    np.testing.assert_array_equal(floored[0], expected)
+    assert prior[0, 1, 1] == 0.5  # the input is not changed in place
 
 
 @pytest.mark.parametrize("config, message", [

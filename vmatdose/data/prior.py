@@ -118,7 +118,7 @@ def floor_targets(prior: np.ndarray, masks: np.ndarray, levels: Sequence[float])
     """(Z, Y, X) ``prior`` raised inside each target to at least its prescription.
 
     A plan is normalised so that about 95 % of each target gets its prescription (OpenKBP's
-    reference plans: PTV D95 within about 2 Gy of it), while the priors' field edges fall
+    reference plans, 51 PTVs of 20 patients: D95 a median 0.1 Gy above it), while the priors' field edges fall
     off inside the target (the recipe's prior: PTV70 D95 2.3 Gy low), a bias the network
     was measured to correct only half of (experiments/openkbp.md).
 
@@ -128,7 +128,7 @@ def floor_targets(prior: np.ndarray, masks: np.ndarray, levels: Sequence[float])
     """
     out = np.array(prior, np.float32, copy=True)
     for level, mask in zip(levels, np.asarray(masks) > 0):
-        np.maximum(out, np.float32(level) * mask, out=out)
+        np.maximum(out, np.float32(level), out=out, where=mask)
     return out
 
 
