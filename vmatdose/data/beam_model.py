@@ -116,8 +116,12 @@ class BeamGeometry:
 
     def into_patient(self, frames: torch.Tensor) -> torch.Tensor:
         """(B, C, V, U) beam frames -> (C, Y, X), summed over beams (zero off the frames)."""
+        return self.into_patient_per_beam(frames).sum(0)
+
+    def into_patient_per_beam(self, frames: torch.Tensor) -> torch.Tensor:
+        """(B, C, V, U) beam frames -> (B, C, Y, X), one patient grid per beam."""
         return F.grid_sample(frames, self.to_patient, mode="bilinear", padding_mode="zeros",
-                             align_corners=True).sum(0)
+                             align_corners=True)
 
 
 def in_plane_radius_mm(mask: np.ndarray, spacing_mm: Sequence[float],

@@ -61,6 +61,13 @@ def traced_gantry_deg(arrangement: BeamArrangement,
     return [angles[i] for i in picks]
 
 
+def gantry_sectors(gantry_deg: Sequence[float], sectors: int) -> list[int]:
+    """The sector of each gantry angle (deg) among ``sectors`` equal sectors, sector ``k``
+    centred on ``k * 360 / sectors`` degrees."""
+    width = 360.0 / sectors
+    return [int(round((float(g) % 360.0) / width)) % sectors for g in gantry_deg]
+
+
 def beam_prior_dose(ct_hu: np.ndarray, body: np.ndarray, masks: np.ndarray,
                     levels: Sequence[float], spacing_mm: Sequence[float],
                     origin_mm: Sequence[float], arrangement: BeamArrangement,
@@ -74,12 +81,27 @@ def beam_prior_dose(ct_hu: np.ndarray, body: np.ndarray, masks: np.ndarray,
         spacing_mm, origin_mm: the case grid, (dz, dy, dx) and (z, y, x) of voxel 0.
         arrangement: the beams; its isocentre in the case's patient mm.
     """
+    return beam_prior_channels(ct_hu, body, masks, levels, spacing_mm, origin_mm,
+                               arrangement, params, max_beams)[0]
+
+
+def beam_prior_channels(ct_hu: np.ndarray, body: np.ndarray, masks: np.ndarray,
+                        levels: Sequence[float], spacing_mm: Sequence[float],
+                        origin_mm: Sequence[float], arrangement: BeamArrangement,
+                        params: BeamModelParams = DEFAULT_PARAMS,
+                        max_beams: int = DEFAULT_MAX_BEAMS, sectors: int = 0) -> np.ndarray:
+    """(1 + sectors, Z, Y, X) float32: the beam prior (channel 0, :func:`beam_prior_dose`)
+    and, per gantry sector (:func:`gantry_sectors`), the dose of that sector's beams
+    alone, scaled like the prior (``max_t p_t * D_{t,k} / median_{target t} D_t``, with
+    scatter): where each direction's fields enter, cross and leave the patient, which
+    the summed prior no longer shows. A sector without beams is zero. Arguments as
+    :func:`beam_prior_dose`."""
     body = np.asarray(body) > 0
     masks = np.asarray(masks) > 0
-    prior = np.zeros(body.shape, np.float32)
+    out = np.zeros((1 + sectors, *body.shape), np.float32)
     present = [t for t in range(len(masks)) if masks[t].any()]
     if not present or not body.any():
-        return prior
+        return out
     # Trace only the box that can get a field: the slices of the targets grown by the
     # field's margin, the body's rows and columns (the scatter then spreads the dose).
     box = _field_box(body, masks[present].any(0), float(spacing_mm[0]), params)
@@ -88,17 +110,38 @@ def beam_prior_dose(ct_hu: np.ndarray, body: np.ndarray, masks: np.ndarray,
     iso = isocentre_from_grid_centre(arrangement.isocentre_mm, body.shape, spacing_mm,
                                      origin_mm) - (box_centre - full_centre) * np.asarray(
                                          spacing_mm, float)
+    angles = traced_gantry_deg(arrangement, max_beams)
+    groups = gantry_sectors(angles, sectors) if sectors else [0] * len(angles)
     doses = _open_field_doses(np.asarray(ct_hu)[box], body[box],
-                              masks[present][(slice(None), *box)], spacing_mm, iso,
-                              arrangement, params, max_beams)
+                              masks[present][(slice(None), *box)], spacing_mm, iso, angles,
+                              params, groups, max(sectors, 1))
+    by_sector = np.zeros((sectors, *doses[0].shape[1:]), np.float32)
     for t, dose_crop in zip(present, doses):
-        dose = np.zeros(body.shape, np.float32)
-        dose[box] = dose_crop
-        dose = scatter(dose, spacing_mm, params) * body
+        dose = _scatter_box(dose_crop.sum(0), box, body.shape, spacing_mm, params) * body
         median = float(np.median(dose[masks[t]]))
         if median > 1e-6:
-            np.maximum(prior, dose * (float(levels[t]) / median), out=prior)
-    return prior
+            scale = float(levels[t]) / median
+            np.maximum(out[0], dose * scale, out=out[0])
+            if sectors:
+                np.maximum(by_sector, dose_crop * scale, out=by_sector)
+    for k in range(sectors):
+        out[1 + k] = _scatter_box(by_sector[k], box, body.shape, spacing_mm, params) * body
+    return out
+
+
+def _scatter_box(crop: np.ndarray, box: tuple[slice, slice, slice], shape: Sequence[int],
+                 spacing_mm: Sequence[float], params: BeamModelParams) -> np.ndarray:
+    """(Z, Y, X) :func:`scatter` of a dose that is ``crop`` inside ``box`` and zero
+    elsewhere, filtered only on the box grown by the Gaussian's reach (scipy truncates
+    it at 4 sigma): the whole grid's numbers, 2-3x faster on a head-and-neck case."""
+    reach = [int(4.0 * params.scatter_sigma_mm / s + 0.5) + 1 for s in spacing_mm]
+    grown = tuple(slice(max(0, b.start - r), min(n, b.stop + r))
+                  for b, n, r in zip(box, shape, reach))
+    work = np.zeros([g.stop - g.start for g in grown], np.float32)
+    work[tuple(slice(b.start - g.start, b.stop - g.start) for b, g in zip(box, grown))] = crop
+    out = np.zeros(tuple(shape), np.float32)
+    out[grown] = scatter(work, spacing_mm, params)
+    return out
 
 
 def _field_box(body: np.ndarray, targets: np.ndarray, dz_mm: float,
@@ -120,13 +163,14 @@ def _field_box(body: np.ndarray, targets: np.ndarray, dz_mm: float,
 
 def _open_field_doses(ct_hu: np.ndarray, body: np.ndarray, masks: np.ndarray,
                       spacing_mm: Sequence[float], iso: np.ndarray,
-                      arrangement: BeamArrangement, params: BeamModelParams,
-                      max_beams: int) -> list[np.ndarray]:
-    """Per target mask (T, Z, Y, X): the (Z, Y, X) dose of one open field per beam shaped
-    to it, summed over beams, before scatter (``iso`` relative to this grid's centre)."""
+                      gantry_deg: Sequence[float], params: BeamModelParams,
+                      groups: Sequence[int], n_groups: int) -> list[np.ndarray]:
+    """Per target mask (T, Z, Y, X): the (G, Z, Y, X) dose of one open field per beam
+    shaped to it, summed over the beams of each group (``groups``: (B,) group of each of
+    the ``gantry_deg`` beams, ``n_groups`` = G), before scatter (``iso`` relative to this
+    grid's centre)."""
     shape = body.shape
-    geo = BeamGeometry(shape, spacing_mm, iso, gantry_rad(traced_gantry_deg(arrangement,
-                                                                            max_beams)),
+    geo = BeamGeometry(shape, spacing_mm, iso, gantry_rad(gantry_deg),
                        depth_radius_mm=in_plane_radius_mm(body, spacing_mm, iso),
                        lateral_radius_mm=in_plane_radius_mm(masks.any(0), spacing_mm, iso)
                        + field_margin_mm(spacing_mm, params))
@@ -138,10 +182,13 @@ def _open_field_doses(ct_hu: np.ndarray, body: np.ndarray, masks: np.ndarray,
     ddose = depth_dose(radiological_depth_mm(rho, geo.pixel_mm), (rho > 0.05).float(),
                        params)  # (B, Z, V, U)
     pixels = (float(spacing_mm[0]), geo.pixel_mm)
+    index = torch.as_tensor(list(groups), dtype=torch.long)
     doses = []
     for k in range(len(masks)):
         # a ray through at least half a target voxel (bilinear) is in the projection
         aperture = open_leaves(frames[:, 1 + k].amax(dim=2) >= 0.5, pixels, params)
         fluence = penumbra(aperture.float(), pixels, params)  # (B, Z, U)
-        doses.append(geo.into_patient(ddose * fluence[:, :, None, :]).numpy())
+        per_beam = geo.into_patient_per_beam(ddose * fluence[:, :, None, :])  # (B, Z, Y, X)
+        grouped = torch.zeros(n_groups, *per_beam.shape[1:]).index_add_(0, index, per_beam)
+        doses.append(grouped.numpy())
     return doses

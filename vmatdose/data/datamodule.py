@@ -21,6 +21,7 @@ from vmatdose.data.pipeline import (
     SamplingSettings,
     assemble_batch,
     build_transforms,
+    check_sector_augment,
 )
 from vmatdose.errors import InputError
 
@@ -150,6 +151,7 @@ first; any other folder without case files is an error naming it.
             list(patch_size) if patch_size else None, divisible_by,
             [list(p) for p in lr_pairs], dict(augment or {}), patch_sampling,
             float(dose_patch_fraction))
+        check_sector_augment(self.inputs, self.sampling)
         self.train_transform, self.eval_transform = self._pipelines(int(resolution_factor))
 
     def _input_settings(self, ct_window: Sequence[float], signed_distance: bool,
@@ -291,7 +293,8 @@ first; any other folder without case files is an error naming it.
                 [dataset[i] for i in range(len(dataset))], self.batch_size, device,
                 self.structures, sampling.lr_pairs, sampling.augment, sampling.patch_size,
                 sampling.dose_patch_fraction if sampling.patch_sampling == "dose" else 0.0,
-                seed=int(torch.initial_seed() % 2**31))
+                seed=int(torch.initial_seed() % 2**31),
+                prior_permutation=self.inputs.prior_lr_permutation)
         return self._device_batches
 
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:

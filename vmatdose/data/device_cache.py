@@ -32,13 +32,15 @@ class DeviceBatches:
         dose_patch_fraction: fraction of patches centred on voxels with normalised dose
             >= ``dose_patch_threshold`` (0 for uniform patches).
         seed: seed of the generator of permutations, flips and patch positions.
+        prior_permutation: ``prior`` channel order after a left/right flip (its gantry
+            sectors); ``None`` keeps the order.
     """
 
     def __init__(self, samples: Sequence[Mapping], batch_size: int, device: torch.device | str,
                  structures: Sequence[str], lr_pairs: Sequence[Sequence[str]] = (),
                  augment: Mapping | None = None, patch_size: Sequence[int] | None = None,
                  dose_patch_fraction: float = 0.0, dose_patch_threshold: float = 0.1,
-                 seed: int = 0):
+                 seed: int = 0, prior_permutation: Sequence[int] | None = None):
         if not samples:
             raise ValueError("device cache: no training samples")
         self.device = torch.device(device)
@@ -54,6 +56,8 @@ class DeviceBatches:
         self.case_ids = [s["case_id"] for s in samples]
         self.batch_size = min(int(batch_size), len(samples))
         self.permutation = torch.tensor(lr_permutation(structures, lr_pairs), device=self.device)
+        self.prior_permutation = (torch.tensor(list(prior_permutation), device=self.device)
+                                  if prior_permutation else None)
         self.augment = dict(augment or {})
         self.patch_size = list(patch_size) if patch_size else None
         self.dose_patch_fraction = float(dose_patch_fraction)
@@ -94,6 +98,8 @@ class DeviceBatches:
                     volume = torch.flip(volume, dims)
                 if flips[-1][i] and key in ("masks", "sdf"):
                     volume = volume[self.permutation]
+                elif flips[-1][i] and key == "prior" and self.prior_permutation is not None:
+                    volume = volume[self.prior_permutation]
                 cases.append(volume)
             out[key] = torch.stack(cases)
         out.update(spacing_mm=self.spacing[index], dose_scale_gy=self.scale[index],

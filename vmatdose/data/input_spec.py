@@ -2,7 +2,8 @@
 
 An :class:`InputSpec` is an ordered list of channel blocks, each a sample key and one name
 per channel: ``ct`` (1), ``masks`` (one per structure), ``sdf`` (one per structure, with
-``signed_distance``), ``prior`` (1, with ``prior_dose``), and ``condition`` (one constant
+``signed_distance``), ``prior`` (1, with ``prior_dose``; 1 + S with
+``prior_dose.beam_sectors`` = S: the prior, then the fields of each gantry sector), and ``condition`` (one constant
 plane per slot of the plan's conditioning vector, with ``conditioning``). The image a
 model reads is the blocks concatenated in this order on the channel axis, (C, Z, Y, X).
 
@@ -72,19 +73,24 @@ class InputSpec:
     @classmethod
     def build(cls, structures: Sequence[str], signed_distance: bool = False,
               prior: bool = False, condition: Sequence[str] = (),
-              lr_pairs: Sequence[Sequence[str]] = ()) -> InputSpec:
-        """[CT, masks, (SDFs), (prior), (condition)] for ``structures``."""
+              lr_pairs: Sequence[Sequence[str]] = (), prior_sectors: int = 0) -> InputSpec:
+        """[CT, masks, (SDFs), (prior, (its ``prior_sectors`` gantry sectors)),
+        (condition)] for ``structures``."""
         names = tuple(str(s) for s in structures)
+        pairs = [(str(a), str(b)) for a, b in lr_pairs]
         blocks = [ChannelBlock("ct", ("CT",)),
                   ChannelBlock("masks", names, "nearest", mirrored=True)]
         if signed_distance:
             blocks.append(ChannelBlock("sdf", names, mirrored=True))
         if prior:
-            blocks.append(ChannelBlock("prior", ("prior_dose",)))
+            sectors = sector_names(prior_sectors)
+            blocks.append(ChannelBlock("prior", ("prior_dose", *sectors),
+                                       mirrored=bool(prior_sectors)))
+            pairs += sector_lr_pairs(prior_sectors)
         if condition:
             blocks.append(ChannelBlock("condition", tuple(condition), "constant",
                                        kind="vector"))
-        return cls(tuple(blocks), tuple((str(a), str(b)) for a, b in lr_pairs))
+        return cls(tuple(blocks), tuple(pairs))
 
     @classmethod
     def from_data_config(cls, data: Mapping, conditioning: Mapping | None = None,
@@ -99,9 +105,10 @@ class InputSpec:
             condition = [str(t) for t in conditioning["targets"]] + [
                 f"{c['structure']} {c['metric']}" for c in conditioning["constraints"]]
         pairs = data.get("lr_pairs") if lr_pairs is None else lr_pairs
+        prior = data.get("prior_dose")
         return cls.build(list(data["structures"]), bool(data.get("signed_distance", False)),
-                         data.get("prior_dose") is not None, condition,
-                         [tuple(p) for p in pairs or ()])
+                         prior is not None, condition, [tuple(p) for p in pairs or ()],
+                         prior_sectors(prior))
 
     @property
     def channels(self) -> list[str]:
@@ -139,6 +146,12 @@ class InputSpec:
         """One of :data:`INTERPOLATIONS` per channel."""
         return [b.interpolation for b in self.blocks for _ in b.names]
 
+    def block_lr_permutation(self, key: str) -> list[int]:
+        """Channel order of block ``key`` alone after a left/right mirror."""
+        block = next(b for b in self.blocks if b.key == key)
+        return (lr_permutation(block.names, self.lr_pairs) if block.mirrored
+                else list(range(len(block.names))))
+
     def lr_permutation(self) -> list[int]:
         """Channel order after a left/right mirror: in every ``mirrored`` block each
         (left, right) pair present swaps places (``Femur_L`` stays the patient's left
@@ -164,6 +177,25 @@ class InputSpec:
                                       str(b["interpolation"]), bool(b["mirrored"]),
                                       str(b["kind"])) for b in data["blocks"]),
                    tuple((str(a), str(c)) for a, c in data.get("lr_pairs") or ()))
+
+
+def prior_sectors(prior_dose: Mapping | None) -> int:
+    """The gantry sectors (``beam_sectors``) a ``data.prior_dose`` config asks for."""
+    return int((prior_dose or {}).get("beam_sectors", 0) or 0)
+
+
+def sector_names(sectors: int) -> tuple[str, ...]:
+    """Channel names of ``sectors`` gantry sectors, sector ``k`` centred on
+    ``k * 360 / sectors`` degrees (:func:`vmatdose.data.beam_prior.gantry_sectors`):
+    ``beams_000``, ``beams_040``, ... (the centre in whole degrees)."""
+    return tuple(f"beams_{round(k * 360 / sectors) % 360:03d}" for k in range(sectors))
+
+
+def sector_lr_pairs(sectors: int) -> list[tuple[str, str]]:
+    """Sector channels a left/right mirror swaps: gantry angle g becomes -g, so sector k
+    becomes sector -k (mod ``sectors``)."""
+    names = sector_names(sectors)
+    return [(names[k], names[sectors - k]) for k in range(1, (sectors + 1) // 2)]
 
 
 def lr_permutation(structures: Sequence[str], pairs: Sequence[Sequence[str]]) -> list[int]:

@@ -51,7 +51,7 @@ from monai.transforms import (
 
 from vmatdose.config_schema import CT_WINDOW_HU, SDF_SCALE_MM
 from vmatdose.data.conditioning import ConditionChanneld
-from vmatdose.data.input_spec import InputSpec
+from vmatdose.data.input_spec import InputSpec, prior_sectors
 from vmatdose.data.prior import PriorDosed
 from vmatdose.data.transforms import (
     Compactd,
@@ -119,6 +119,15 @@ class InputSettings:
         """The volumes concatenated, in order, into the ``image``."""
         return InputSpec.build(self.structures, self.signed_distance, self.prior).volume_keys
 
+    @property
+    def prior_lr_permutation(self) -> list[int] | None:
+        """``prior`` channel order after a left/right mirror (its gantry sectors swap),
+        ``None`` without sectors."""
+        sectors = prior_sectors(self.prior_dose)
+        if not sectors:
+            return None
+        return InputSpec.build((), prior=True, prior_sectors=sectors).block_lr_permutation("prior")
+
 
 @dataclass(frozen=True)
 class SamplingSettings:
@@ -152,6 +161,20 @@ class SamplingSettings:
                              f"got {self.patch_sampling!r}")
 
 
+def check_sector_augment(inputs: InputSettings, training: SamplingSettings) -> None:
+    """Refuse augmentations that move gantry angles off the prior's sectors: an
+    anterior/posterior mirror (g becomes 180 - g) and rotations about z. A left/right
+    mirror swaps sectors exactly; a superior/inferior one leaves coplanar beams as they are."""
+    if not prior_sectors(inputs.prior_dose):
+        return
+    augment = dict(training.augment or {})
+    for key in ("flip_ap", "rotate_prob"):
+        if augment.get(key, 0) > 0:
+            raise ValueError(f"data.augment.{key}={augment[key]} would move the beams off the "
+                             "prior's gantry sectors (data.prior_dose.beam_sectors): set it "
+                             "to 0 or beam_sectors to 0")
+
+
 def build_transforms(inputs: InputSettings, training: SamplingSettings | None = None, *,
                      resolution_factor: int = 1, compact: bool = False) -> Compose:
     """The whole case -> sample pipeline (sample keys: the module docstring).
@@ -175,7 +198,8 @@ def build_transforms(inputs: InputSettings, training: SamplingSettings | None = 
     if compact:
         steps += _compact_steps(keys, len(inputs.structures), pooled=resolution_factor > 1)
     if training is not None:
-        steps += _augmentation_steps(keys, inputs.structures, training)
+        check_sector_augment(inputs, training)
+        steps += _augmentation_steps(keys, inputs, training)
         steps += _patch_steps(keys, training, inputs.with_dose)
     steps += _compact_ending(keys) if compact else _image_steps(keys, inputs)
     return Compose(steps)
@@ -218,14 +242,15 @@ def _compact_steps(keys: list[str], n_masks: int, pooled: bool) -> list:
     return steps
 
 
-def _augmentation_steps(keys: list[str], structures: Sequence[str],
+def _augmentation_steps(keys: list[str], inputs: InputSettings,
                         training: SamplingSettings) -> list:
     """The random mirrors, rotation and CT shift that ``training.augment`` switches on."""
     augment = dict(training.augment or {})
     steps: list = []
     if augment.get("flip_lr", 0) > 0:
-        steps.append(RandFlipLeftRightd(keys, list(structures), training.lr_pairs,
-                                        prob=augment["flip_lr"]))
+        steps.append(RandFlipLeftRightd(keys, list(inputs.structures), training.lr_pairs,
+                                        prob=augment["flip_lr"],
+                                        prior_permutation=inputs.prior_lr_permutation))
     for name, axis in (("flip_ap", 1), ("flip_si", 0)):  # spatial axes of (Z, Y, X)
         if augment.get(name, 0) > 0:
             steps.append(RandFlipd(keys, prob=augment[name], spatial_axis=axis))

@@ -29,7 +29,7 @@ from monai.transforms import MapTransform
 from scipy import ndimage
 
 from vmatdose.data.beam_model import BeamModelParams
-from vmatdose.data.beam_prior import DEFAULT_MAX_BEAMS, beam_prior_dose
+from vmatdose.data.beam_prior import DEFAULT_MAX_BEAMS, beam_prior_channels
 from vmatdose.data.beams import BeamArrangement, default_arrangement, targets_centroid_mm
 from vmatdose.data.case import load_case
 
@@ -83,7 +83,7 @@ def prior_dose(masks: np.ndarray, body: np.ndarray, levels: Sequence[float],
 PRIOR_KINDS = ("distance", "beams")
 #: Keys a ``data.prior_dose`` config may hold.
 PRIOR_KEYS = ("kind", "distance_mm", "relative_dose", "distance_weight", "beam_model",
-              "max_beams", "target_floor")
+              "max_beams", "target_floor", "beam_sectors")
 
 
 def check_prior_config(prior_dose: Mapping) -> dict:
@@ -107,6 +107,13 @@ def check_prior_config(prior_dose: Mapping) -> dict:
                              "lists (>= 2 knots) for the distance prior")
         if np.any(np.diff(knots) <= 0):
             raise ValueError(f"data.prior_dose.distance_mm must increase, got {list(knots)}")
+    sectors = cfg.setdefault("beam_sectors", 0)
+    if isinstance(sectors, bool) or not isinstance(sectors, int) or not 0 <= sectors <= 36:
+        raise ValueError("data.prior_dose.beam_sectors must be a whole number from 0 to 36, "
+                         f"got {sectors!r}")
+    if sectors and cfg["kind"] != "beams":
+        raise ValueError("data.prior_dose.beam_sectors needs kind=beams (the sectors' "
+                         f"fields come from the beam prior), got kind={cfg['kind']!r}")
     if not isinstance(cfg.setdefault("target_floor", False), bool):
         raise ValueError("data.prior_dose.target_floor must be true or false, got "
                          f"{cfg['target_floor']!r}")
@@ -133,8 +140,9 @@ def floor_targets(prior: np.ndarray, masks: np.ndarray, levels: Sequence[float])
 
 
 class PriorDosed(MapTransform):
-    """Add ``prior``: (1, Z, Y, X) float32 prior dose normalised by ``dose_scale_gy``,
-    from the sample's ``masks`` (channels in ``structures`` order), ``body`` and
+    """Add ``prior``: (1 + S, Z, Y, X) float32 prior dose normalised by ``dose_scale_gy``
+    (channel 0) and, with ``beam_sectors`` = S > 0, the beam prior's S gantry sectors
+    (:func:`~vmatdose.data.beam_prior.beam_prior_channels`), from the sample's ``masks`` (channels in ``structures`` order), ``body`` and
     ``spacing_mm``; the beam prior also reads ``ct`` (HU), ``origin_mm`` and ``beams``
     (the case's ``meta["beams"]`` or ``None``), which it removes from the sample.
 
@@ -144,7 +152,8 @@ class PriorDosed(MapTransform):
             (:mod:`vmatdose.data.beam_prior`), blended as
             ``(1 - w) * beams + w * distance`` with ``w = distance_weight`` (0 by default);
             ``target_floor=true`` raises the prior inside each target to at least its
-            prescription (:func:`floor_targets`).
+            prescription (:func:`floor_targets`); ``beam_sectors`` (``kind=beams``):
+            that many more channels, the fields of the beams in each gantry sector.
         default_beams: the protocol's default arrangement (``conf/protocol``, key
             ``beams``) for cases without their own, around the targets' centroid.
     """
@@ -157,6 +166,7 @@ class PriorDosed(MapTransform):
         self.kind = cfg["kind"]
         self.distance_weight = cfg["distance_weight"]
         self.target_floor = cfg["target_floor"]
+        self.sectors = int(cfg["beam_sectors"])
         self.channels = [i for i, s in enumerate(structures) if s in prescriptions_gy]
         self.levels = [float(prescriptions_gy[structures[i]]) / dose_scale_gy
                        for i in self.channels]
@@ -176,6 +186,7 @@ class PriorDosed(MapTransform):
         body = np.asarray(out["body"])[0]
         spacing = np.asarray(out["spacing_mm"], float)
         prior = np.zeros(body.shape, np.float32)
+        sectors = np.zeros((self.sectors, *body.shape), np.float32)
         if self.distance_weight > 0:
             prior += self.distance_weight * prior_dose(
                 masks, body, self.levels, spacing, self.distance_mm, self.relative_dose)
@@ -184,12 +195,14 @@ class PriorDosed(MapTransform):
                 raise ValueError("the beam prior needs the case geometry: load cases with "
                                  "LoadCased(with_geometry=True)")
             arrangement = self.arrangement(beams, masks, spacing, origin, out.get("case_id"))
-            prior += (1.0 - self.distance_weight) * beam_prior_dose(
+            channels = beam_prior_channels(
                 np.asarray(out["ct"])[0], body, masks, self.levels, spacing, origin,
-                arrangement, self.beam_params, self.max_beams)
+                arrangement, self.beam_params, self.max_beams, self.sectors)
+            prior += (1.0 - self.distance_weight) * channels[0]
+            sectors = channels[1:]
         if self.target_floor:
             prior = floor_targets(prior, masks, self.levels) * (body > 0)
-        out["prior"] = torch.from_numpy(prior[None])
+        out["prior"] = torch.from_numpy(np.concatenate([prior[None], sectors]))
         return out
 
     def arrangement(self, beams: Mapping | None, masks: np.ndarray, spacing: np.ndarray,

@@ -92,14 +92,17 @@ class SignedDistanced(MapTransform):
 
 class RandFlipLeftRightd(RandomizableTransform, MapTransform):
     """Mirror along x (patient left-right) and swap the channels of paired structures,
-    so that ``Femur_L`` stays the patient's left femur after the flip."""
+    so that ``Femur_L`` stays the patient's left femur after the flip; ``prior_permutation``
+    reorders the ``prior`` channels (its gantry sectors: g becomes -g), ``None`` keeps them."""
 
     def __init__(self, keys: KeysCollection, structures: Sequence[str],
-                 pairs: Sequence[Sequence[str]], prob: float = 0.5, mask_keys=("masks", "sdf")):
+                 pairs: Sequence[Sequence[str]], prob: float = 0.5, mask_keys=("masks", "sdf"),
+                 prior_permutation: Sequence[int] | None = None):
         RandomizableTransform.__init__(self, prob)
         MapTransform.__init__(self, keys, allow_missing_keys=True)
         self.mask_keys = set(mask_keys)
         self.permutation = lr_permutation(structures, pairs)
+        self.prior_permutation = list(prior_permutation) if prior_permutation else None
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         self.randomize(None)
@@ -110,6 +113,8 @@ class RandFlipLeftRightd(RandomizableTransform, MapTransform):
             flipped = torch.flip(torch.as_tensor(out[key]), dims=[-1])
             if key in self.mask_keys:
                 flipped = flipped[self.permutation]
+            elif key == "prior" and self.prior_permutation is not None:
+                flipped = flipped[self.prior_permutation]
             out[key] = flipped
         return out
 

@@ -170,7 +170,8 @@ class VolumeInference:
         valid = (fraction > 0).to(coarse.dtype)
         correction = coarse
         if self.prior_residual:
-            prior = image[:, self._spec("the prior residual").slice("prior")]
+            start = self._spec("the prior residual").slice("prior").start
+            prior = image[:, start:start + 1]  # the prior itself, not its beam sectors
             coarse_prior = pool_image(prior * inside, self.resolution_factor)
             correction = coarse - coarse_prior / fraction.clamp_min(1e-6) * valid
         num = F.interpolate(correction * valid, size=size, mode="trilinear", align_corners=False)
