@@ -1,5 +1,5 @@
 """The beam model and the beam prior: entry side, attenuation, field width, mirror
-symmetry, the protocol's default arrangement."""
+symmetry, the protocol's default arrangement, the gantry sectors."""
 
 from __future__ import annotations
 
@@ -10,8 +10,14 @@ import pytest
 import torch
 
 from vmatdose.data.beam_model import BeamModelParams
-from vmatdose.data.beam_prior import beam_prior_dose, traced_gantry_deg
+from vmatdose.data.beam_prior import (
+    beam_prior_channels,
+    beam_prior_dose,
+    gantry_sectors,
+    traced_gantry_deg,
+)
 from vmatdose.data.beams import BeamArrangement
+from vmatdose.data.input_spec import InputSpec
 from vmatdose.data.prior import PriorDosed, check_prior_config, floor_targets
 
 SPACING = (2.0, 2.0, 2.0)
@@ -168,6 +174,12 @@ def test_the_floor_of_nested_targets_is_each_voxels_highest_prescription():
     ({"kind": "beams", "distance_weight": 1.5}, "distance_weight must be in [0, 1]"),
     ({"kind": "distance"}, "needs matching distance_mm"),
     ({"kind": "beams", "target_floor": "yes"}, "target_floor must be true or false"),
+    ({"kind": "distance", "distance_mm": [0.0, 9.0], "relative_dose": [1.0, 0.5],
+      "beam_sectors": 9}, "beam_sectors needs kind=beams"),
+    ({"kind": "beams", "beam_sectors": -1}, "beam_sectors must be a whole number from 0 to 36"),
+    ({"kind": "beams", "beam_sectors": 2.5}, "beam_sectors must be a whole number"),
+    ({"kind": "beams", "beam_sectors": True}, "beam_sectors must be a whole number"),
+    ({"kind": "beams", "beam_sectors": 37}, "beam_sectors must be a whole number from 0 to 36"),
 ])
 def test_a_bad_prior_config_is_refused_naming_the_key(config, message):
     with pytest.raises(ValueError) as err:
@@ -193,3 +205,51 @@ def test_non_coplanar_beams_are_traced_coplanar_and_said_once(caplog):
         prior(_sample(ct, body, target[None], beams=tilted))
     assert sum("couch" in r.getMessage() for r in caplog.records) == 1
     torch.testing.assert_close(first, prior(_sample(ct, body, target[None], beams=flat))["prior"])
+
+
+def test_each_gantry_angle_falls_in_the_sector_whose_centre_is_nearest():
+    assert gantry_sectors([0.0, 10.0, 185.0, 359.0, 260.0, -40.0], 4) == [0, 0, 2, 0, 3, 0]
+    assert gantry_sectors(np.arange(9) * 40.0, 9) == list(range(9))
+
+
+def test_the_sectors_of_one_target_add_up_to_the_prior_which_they_leave_unchanged():
+    ct, body, target = water_cube()
+    arrangement = BeamArrangement(tuple(np.arange(9) * 40.0), (0.0,) * 9, (0.0, 0.0, 0.0))
+    prior = beam_prior_dose(ct, body, target[None], [56.0], SPACING, ORIGIN, arrangement)
+    channels = beam_prior_channels(ct, body, target[None], [56.0], SPACING, ORIGIN,
+                                   arrangement, sectors=9)
+    assert channels.shape == (10, *SHAPE)
+    np.testing.assert_array_equal(channels[0], prior)
+    # one target: every beam's field is scaled alike and the scatter is linear
+    np.testing.assert_allclose(channels[1:].sum(0), prior, rtol=1e-5, atol=1e-4)
+    anterior = channels[1][6, :, 32]  # gantry 0 enters from anterior (low y index)
+    assert anterior[32 - 14] > 1.2 * anterior[32 + 14] > 0
+    assert channels[1:, ~body].max() == 0.0
+
+
+def test_a_sector_without_beams_is_zero_and_the_beams_of_one_sector_add_up():
+    ct, body, target = water_cube()
+    arrangement = BeamArrangement((0.0, 10.0, 180.0), (0.0,) * 3, (0.0, 0.0, 0.0))
+    channels = beam_prior_channels(ct, body, target[None], [1.0], SPACING, ORIGIN,
+                                   arrangement, sectors=4)  # centres 0, 90, 180, 270
+    assert channels[2].max() == 0.0 and channels[4].max() == 0.0
+    assert channels[1].max() > 1.5 * channels[3].max() > 0  # two beams against one
+    np.testing.assert_allclose(channels[1:].sum(0), channels[0], rtol=1e-5, atol=1e-6)
+
+
+def test_a_mirrored_case_gets_its_sectors_mirrored_into_the_swapped_channels():
+    ct, body, _ = water_cube()
+    z, y, x = np.meshgrid(*[o + s * np.arange(n) for o, s, n in zip(ORIGIN, SPACING, SHAPE)],
+                          indexing="ij")
+    target = (np.hypot(y - 4, x - 14) <= 8) & (np.abs(z) <= 6)  # off-centre, to the left
+    prior = PriorDosed(["PTV70"], {"PTV70": 70.0}, 70.0, {"kind": "beams", "beam_sectors": 9},
+                       NINE)
+    out = prior(_sample(ct, body, target[None]))["prior"].numpy()
+    mirrored = prior(_sample(ct[..., ::-1].copy(), body[..., ::-1].copy(),
+                             target[None, ..., ::-1].copy()))["prior"].numpy()
+    swap = InputSpec.build((), prior=True, prior_sectors=9).block_lr_permutation("prior")
+    assert swap == [0, 1, 9, 8, 7, 6, 5, 4, 3, 2]  # gantry g becomes -g
+    assert out.shape == (10, *SHAPE)
+    np.testing.assert_allclose(mirrored[swap], out[..., ::-1], atol=2e-3)
+    unswapped = np.abs(mirrored[2] - out[2][..., ::-1]).max()
+    assert unswapped > 10 * 2e-3  # the 40-degree sector is not its own mirror image

@@ -34,6 +34,19 @@ def test_layout_order_interpolation_and_left_right_permutation():
         spec.slice("dummy")
 
 
+def test_beam_sectors_follow_the_prior_and_swap_with_their_mirrored_gantry():
+    prior = {"kind": "beams", "beam_sectors": 4}
+    spec = InputSpec.from_data_config({"structures": STRUCTURES, "lr_pairs": PAIRS,
+                                       "prior_dose": prior})
+    assert spec.channels[4:] == ["prior/prior_dose", "prior/beams_000", "prior/beams_090",
+                                 "prior/beams_180", "prior/beams_270"]
+    assert spec.slice("prior") == slice(4, 9)
+    assert spec.lr_permutation() == [0, 1, 3, 2, 4, 5, 8, 7, 6]  # 90 <-> 270
+    assert input_channels({"structures": STRUCTURES, "prior_dose": prior}) == 9
+    assert prior_channel({"structures": STRUCTURES, "prior_dose": prior}) == 4
+    assert InputSpec.from_dict(spec.to_dict()) == spec
+
+
 def test_conditioning_planes_come_last_and_are_not_network_channels():
     conditioning = {"targets": ["PTV70"], "constraints": [{"structure": "ParotidL",
                                                            "metric": "Dmean", "limit": 26}]}

@@ -287,6 +287,10 @@ def test_device_batches_flip_and_swap_paired_channels():
     assert batch["masks"].shape == (1, 2, 4, 4, 6)
     assert batch["masks"][0, 1, :, :, 5].all() and not batch["masks"][0, 0].any()
     torch.testing.assert_close(batch["dose"][0], torch.flip(sample["dose"], [-1]))
+    prior = torch.arange(5.0)[:, None, None, None].expand(5, 4, 4, 6).half()
+    sectors = DeviceBatches([{**sample, "prior": prior}], 1, "cpu", ["Left", "Right"],
+                            augment={"flip_lr": 1.0}, prior_permutation=[0, 1, 4, 3, 2])
+    assert next(iter(sectors))["prior"][0, :, 0, 0, 0].tolist() == [0.0, 1.0, 4.0, 3.0, 2.0]
     patches = DeviceBatches([sample], 1, "cpu", ["Left", "Right"], patch_size=[2, 2, 2])
     assert next(iter(patches))["ct"].shape == (1, 1, 2, 2, 2)
     assert len(always) == 1 and always.nbytes() > 0

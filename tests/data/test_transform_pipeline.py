@@ -100,6 +100,14 @@ def test_settings_refuse_what_the_pipeline_cannot_do():
     conditioned = InputSettings(STRUCTURES, 70.0, conditioning={"targets": ["PTV70"]})
     with pytest.raises(ValueError, match="model.conditioning needs data.compact=false"):
         build_transforms(conditioned, compact=True)
+    sectors = InputSettings(STRUCTURES, 70.0, prior_dose={"kind": "beams", "beam_sectors": 4},
+                            prescriptions_gy={"PTV70": 70.0})
+    assert sectors.prior_lr_permutation == [0, 1, 4, 3, 2]
+    for moves_beams in ({"flip_ap": 0.5}, {"rotate_deg": 10, "rotate_prob": 0.5}):
+        with pytest.raises(ValueError, match=f"data.augment.{list(moves_beams)[-1]}="):
+            build_transforms(sectors, SamplingSettings(augment=moves_beams))
+    # a left/right or superior/inferior mirror keeps coplanar beams on their sectors
+    build_transforms(sectors, SamplingSettings(augment={"flip_lr": 0.5, "flip_si": 0.5}))
 
 
 def test_training_settings_decide_the_random_steps():

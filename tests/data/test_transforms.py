@@ -99,3 +99,13 @@ def test_split_file_naming_unknown_cases_is_an_error(tmp_path):
     (tmp_path / "s.json").write_text(json.dumps({"train": ["x"], "val": [], "test": []}))
     with pytest.raises(ValueError, match=r"s\.json.*no case file"):
         read_split(tmp_path / "s.json", ["a", "b"])
+
+
+def test_left_right_flip_swaps_the_priors_gantry_sectors():
+    prior = torch.arange(5.0)[:, None, None, None] * torch.ones(5, 1, 1, 3)
+    prior[:, :, :, 0] += 10.0  # x = 0 is marked
+    flip = RandFlipLeftRightd(["prior"], [], [], prob=1.0, prior_permutation=[0, 1, 4, 3, 2])
+    out = flip({"prior": prior})["prior"]
+    # channel k now holds sector -k, mirrored: the mark lies at x = 2
+    assert out[:, 0, 0, 2].tolist() == [10.0, 11.0, 14.0, 13.0, 12.0]
+    assert out[:, 0, 0, 0].tolist() == [0.0, 1.0, 4.0, 3.0, 2.0]

@@ -104,6 +104,12 @@ def test_prior_residual_adds_the_full_resolution_prior_back():
     net.contract = {"inputs": {"spec": InputSpec.build([], prior=True).to_dict()}}  # CT, prior
     torch.testing.assert_close(net.predict_with_uncertainty(image, body=body)[0], prior)
 
+    # with gantry sectors after the prior, only the prior itself is added back
+    sectors = torch.cat([image, 5.0 * torch.ones(1, 4, 8, 8, 8)], dim=1)
+    net.contract = {"inputs": {"spec": InputSpec.build([], prior=True,
+                                                       prior_sectors=4).to_dict()}}
+    torch.testing.assert_close(net.predict_with_uncertainty(sectors, body=body)[0], prior)
+
 
 def test_loss_in_body_ignores_the_prediction_outside():
     from vmatdose.losses import CompositeLoss
@@ -129,17 +135,22 @@ def compose_train(tmp_path, *overrides):
                                            f"paths.output_dir={tmp_path / 'run'}", *overrides])
 
 
-@pytest.mark.parametrize("recipe", ["openkbp_cpu", "openkbp_gpu", "openkbp_flow"])
+@pytest.mark.parametrize("recipe", ["openkbp_cpu", "openkbp_cpu+beam_sectors", "openkbp_gpu",
+                                    "openkbp_flow"])
 def test_recipes_compose_and_train_two_steps_on_tiny_volumes(tmp_path, recipe):
     """Every recipe builds its whole module on CPU and takes two optimiser steps on
     random 32^3 volumes (the GPU one with a tiny cascade, the flow with a tiny U-Net)."""
-    overrides = [f"experiment={recipe}", "trainer.accelerator=cpu", "trainer.precision=32"]
+    recipe, _, sectors = recipe.partition("+")
+    overrides = [f"experiment={recipe}", "trainer.accelerator=cpu", "trainer.precision=32",
+                 *(["data.prior_dose.beam_sectors=9"] if sectors else [])]
     if recipe == "openkbp_gpu":
         overrides += ["model.net.channels=[4,8,8]", "model.net.strides=[2,2]"]
     if recipe == "openkbp_flow":
         overrides += ["model.net.net.channels=[4,8,8,8]"]
     cfg = compose_train(tmp_path, *overrides)
     assert cfg.model.tta == "flips" and cfg.model.zero_outside_body
+    if sectors:
+        assert cfg.model.net.in_channels == 12 + 9  # CT, 10 structures, prior, 9 sectors
     model = hydra.utils.instantiate(cfg.model, loss=hydra.utils.instantiate(cfg.loss))
     model.log = lambda *a, **k: None
     channels = cfg.model.net.in_channels - (recipe == "openkbp_flow")  # less the dose
