@@ -90,3 +90,24 @@ def test_training_grid_policy_resamples_every_case_off_the_median(phantom, tmp_p
     path = write(near, tmp_path)
     assert one_grid.predict(path).dose_gy.shape == near.shape
     assert not np.array_equal(one_grid.predict(path).dose_gy, as_is.predict(path).dose_gy)
+
+
+def test_the_target_dose_floor_raises_only_the_cold_target_voxels(phantom, tmp_path):
+    ckpt, case = phantom
+    predictor = Predictor.from_checkpoint(ckpt, "cpu")
+    assert predictor.module.target_dose_floor is None  # the phantom recipe: off
+    path = write(case, tmp_path)
+    plain = predictor.predict(path).dose_gy
+    predictor.module.target_dose_floor = 0.97
+    floored = predictor.predict(path).dose_gy
+    prescriptions = predictor.protocol.prescriptions_gy
+    inside = np.zeros(case.shape, bool)
+    for target, gy in prescriptions.items():
+        mask = case.mask(target) > 0
+        assert floored[mask].min() >= np.float32(0.97 * gy)
+        inside |= mask
+    raised = floored != plain
+    assert raised.any() and not raised[~inside].any()  # nothing outside the targets
+    expected = np.maximum.reduce([np.where(case.mask(t) > 0, np.float32(0.97 * gy), 0)
+                                  for t, gy in prescriptions.items()])
+    np.testing.assert_array_equal(floored[raised], expected[raised])

@@ -111,6 +111,13 @@ def test_prior_residual_adds_the_full_resolution_prior_back():
     torch.testing.assert_close(net.predict_with_uncertainty(sectors, body=body)[0], prior)
 
 
+@pytest.mark.parametrize("fraction", [0.0, -0.5, 1.5])
+def test_a_target_dose_floor_outside_its_range_is_refused(fraction):
+    with pytest.raises(ValueError, match="model.target_dose_floor must be a fraction"):
+        module(PickChannel(0), target_dose_floor=fraction)
+    assert module(PickChannel(0), target_dose_floor=0.97).target_dose_floor == 0.97
+
+
 def test_loss_in_body_ignores_the_prediction_outside():
     from vmatdose.losses import CompositeLoss
     from vmatdose.losses.voxel import VoxelLoss
@@ -149,6 +156,8 @@ def test_recipes_compose_and_train_two_steps_on_tiny_volumes(tmp_path, recipe):
         overrides += ["model.net.net.channels=[4,8,8,8]"]
     cfg = compose_train(tmp_path, *overrides)
     assert cfg.model.tta == "flips" and cfg.model.zero_outside_body
+    if recipe == "openkbp_cpu":
+        assert cfg.model.target_dose_floor == 0.97
     if sectors:
         assert cfg.model.net.in_channels == 12 + 9  # CT, 10 structures, prior, 9 sectors
     model = hydra.utils.instantiate(cfg.model, loss=hydra.utils.instantiate(cfg.loss))

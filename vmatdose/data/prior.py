@@ -121,8 +121,9 @@ def check_prior_config(prior_dose: Mapping) -> dict:
     return cfg
 
 
-def floor_targets(prior: np.ndarray, masks: np.ndarray, levels: Sequence[float]) -> np.ndarray:
-    """(Z, Y, X) ``prior`` raised inside each target to at least its prescription.
+def floor_targets(dose: np.ndarray, masks: np.ndarray, levels: Sequence[float]) -> np.ndarray:
+    """(Z, Y, X) ``dose`` (a prior or a predicted dose) raised inside each
+    target to at least its level (``model.target_dose_floor`` floors a prediction).
 
     A plan is normalised so that about 95 % of each target gets its prescription (OpenKBP's
     reference plans, 51 PTVs of 20 patients: D95 a median 0.1 Gy above it), while the priors' field edges fall
@@ -130,10 +131,10 @@ def floor_targets(prior: np.ndarray, masks: np.ndarray, levels: Sequence[float])
     was measured to correct only half of (experiments/openkbp.md).
 
     Args:
-        prior: (Z, Y, X) prior dose; ``masks``: (T, Z, Y, X) target masks; ``levels``:
-            (T,) their prescriptions, in the prior's units.
+        dose: (Z, Y, X); ``masks``: (T, Z, Y, X) target masks; ``levels``: (T,) their
+            prescriptions (or the floors), in the units of ``dose``.
     """
-    out = np.array(prior, np.float32, copy=True)
+    out = np.array(dose, np.float32, copy=True)
     for level, mask in zip(levels, np.asarray(masks) > 0):
         np.maximum(out, np.float32(level), out=out, where=mask)
     return out

@@ -23,6 +23,7 @@ from vmatdose.data.body_region import body_mismatch
 from vmatdose.data.case import Case, load_case
 from vmatdose.data.ingest.training_grid import full_target_grid, source_ct_grid
 from vmatdose.data.pipeline import inference_transform
+from vmatdose.data.prior import floor_targets
 from vmatdose.data.resample import Grid, resample_case, resample_case_onto, resample_volume
 from vmatdose.data.validation import SPACING_TOLERANCE, check_cases
 from vmatdose.inference.checkpoint import CheckpointContract, read_checkpoint
@@ -154,7 +155,22 @@ class Predictor:
             None if std is None else (np.asarray(std[0, 0]) * scale).astype(np.float32)
         if work is not case:
             dose, std_gy = self._back_on(case, work, dose, std_gy)
-        return Prediction(case, Path(path), dose, std_gy)
+        return Prediction(case, Path(path), self.floor_targets(case, dose), std_gy)
+
+    def floor_targets(self, case: Case, dose_gy: np.ndarray) -> np.ndarray:
+        """(Z, Y, X) ``dose_gy`` raised inside each of the case's protocol targets to at
+        least ``module.target_dose_floor`` x its prescription (Gy); as is when that is
+        ``None``. Outside the case's body nothing is raised when the model zeroes there."""
+        fraction = getattr(self.module, "target_dose_floor", None)
+        if fraction is None:
+            return dose_gy
+        targets = [t for t in self.protocol.prescriptions_gy if t in case.structures]
+        inside = (np.asarray(case.body) > 0 if self.module.inference.zero_outside_body
+                  else True)
+        masks = np.stack([(case.mask(t) > 0) & inside for t in targets]) if targets else \
+            np.zeros((0, *dose_gy.shape), bool)
+        return floor_targets(dose_gy, masks,
+                             [fraction * self.protocol.prescriptions_gy[t] for t in targets])
 
     def on_training_grid(self, case: Case) -> Case:
         """The case on the grid the model predicts it on: for a case from DICOM (its source

@@ -83,6 +83,10 @@ class DoseModule(L.LightningModule):
             no gradient asks for dose where it is never scored.
         conditioning: ``none`` or ``film`` (:mod:`vmatdose.models.film`: the plan's
             conditioning vector scales and shifts every block; ``film`` sets it up).
+        target_dose_floor: the predicted dose inside each target of the protocol is raised
+            to at least this fraction of its prescription, on the case's own grid, by the
+            :class:`~vmatdose.inference.predictor.Predictor` (plans are normalised to cover
+            their targets; a network's target edges come out low). ``None``: off.
 
     Subclasses change what is optimised through :meth:`compute_loss` (adversarial
     training, :mod:`vmatdose.training.adversarial`) or :meth:`training_step` (deep
@@ -109,8 +113,14 @@ class DoseModule(L.LightningModule):
         prior_residual: bool = False,
         conditioning: str = "none",
         film: Mapping | None = None,
+        target_dose_floor: float | None = None,
     ):
         super().__init__()
+        if target_dose_floor is not None and not 0.0 < float(target_dose_floor) <= 1.2:
+            raise ValueError("model.target_dose_floor must be a fraction of the prescription "
+                             f"in (0, 1.2] or null, got {target_dose_floor!r}")
+        self.target_dose_floor = (None if target_dose_floor is None
+                                  else float(target_dose_floor))
         self.max_relative_dose = max_relative_dose
         self.tta = None if tta == "none" else tta
         self.tta_axes = [int(a) for a in tta_axes]
