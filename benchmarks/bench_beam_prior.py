@@ -40,6 +40,8 @@ ARRANGEMENTS = {
     "beams, 36-point arc": ({"kind": "beams"}, {"n_beams": 36, "delivery": "arc"}),
     "beams + distance (recipe)": ({"kind": "beams", "distance_weight": 0.5, **PROFILE},
                                   {"n_beams": 9, "delivery": "static"}),
+    "recipe + 9 gantry sectors": ({"kind": "beams", "distance_weight": 0.5, **PROFILE,
+                                   "beam_sectors": 9}, {"n_beams": 9, "delivery": "static"}),
     "distance": ({"kind": "distance", **PROFILE}, None),
 }
 
