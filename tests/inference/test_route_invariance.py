@@ -126,6 +126,7 @@ def test_the_dicom_route_ingests_the_same_patient(routes):
 
 def test_one_model_predicts_the_same_dose_by_both_routes(routes, caplog):
     case, openkbp_path, dicom_case, dicom_path, _, predictor = routes
+    assert predictor.module.target_dose_floor == 0.97  # the recipe's floor, in both routes
     inside = case.body > 0
     with caplog.at_level(logging.WARNING, logger="vmatdose.inference.predictor"):
         by_arrays = predictor.predict(openkbp_path).dose_gy

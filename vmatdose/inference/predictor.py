@@ -153,14 +153,18 @@ class Predictor:
         scale = self.contract.dose_scale_gy
         dose, std_gy = (np.asarray(mean[0, 0]) * scale).astype(np.float32), \
             None if std is None else (np.asarray(std[0, 0]) * scale).astype(np.float32)
+        # floored on the grid the model predicts on, so both routes of one patient agree
+        dose = self.floor_targets(work, dose)
         if work is not case:
             dose, std_gy = self._back_on(case, work, dose, std_gy)
-        return Prediction(case, Path(path), self.floor_targets(case, dose), std_gy)
+        return Prediction(case, Path(path), dose, std_gy)
 
     def floor_targets(self, case: Case, dose_gy: np.ndarray) -> np.ndarray:
-        """(Z, Y, X) ``dose_gy`` raised inside each of the case's protocol targets to at
-        least ``module.target_dose_floor`` x its prescription (Gy); as is when that is
-        ``None``. Outside the case's body nothing is raised when the model zeroes there."""
+        """(Z, Y, X) ``dose_gy`` on ``case``'s grid raised inside each of its protocol
+        targets to at least ``module.target_dose_floor`` x its prescription (Gy); as is
+        when that is ``None``. Outside the body nothing is raised when the model zeroes
+        there. :meth:`predict` floors on the grid the model predicts on (a case off the
+        training spacing: the training grid, before the dose goes back onto the case's)."""
         fraction = getattr(self.module, "target_dose_floor", None)
         if fraction is None:
             return dose_gy

@@ -84,8 +84,8 @@ class DoseModule(L.LightningModule):
         conditioning: ``none`` or ``film`` (:mod:`vmatdose.models.film`: the plan's
             conditioning vector scales and shifts every block; ``film`` sets it up).
         target_dose_floor: the predicted dose inside each target of the protocol is raised
-            to at least this fraction of its prescription, on the case's own grid, by the
-            :class:`~vmatdose.inference.predictor.Predictor` (plans are normalised to cover
+            to at least this fraction of its prescription, on the grid the model predicts
+            on, by the :class:`~vmatdose.inference.predictor.Predictor` (plans are normalised to cover
             their targets; a network's target edges come out low). ``None``: off.
 
     Subclasses change what is optimised through :meth:`compute_loss` (adversarial
