@@ -86,7 +86,9 @@ class DoseModule(L.LightningModule):
         target_dose_floor: the predicted dose inside each target of the protocol is raised
             to at least this fraction of its prescription, on the grid the model predicts
             on, by the :class:`~vmatdose.inference.predictor.Predictor` (plans are normalised to cover
-            their targets; a network's target edges come out low). ``None``: off.
+            their targets; a network's target edges come out low). Training's validation
+            (the network-grid MAE that picks the best checkpoint) does not apply it.
+            ``None``: off.
 
     Subclasses change what is optimised through :meth:`compute_loss` (adversarial
     training, :mod:`vmatdose.training.adversarial`) or :meth:`training_step` (deep
