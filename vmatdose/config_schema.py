@@ -182,6 +182,7 @@ class EvalConfig:
     split: str = "test"
     split_file: str | None = None
     spacing_mismatch: str = "resample"
+    target_dose_floor: float | None = None
     accelerator: str = "auto"
     protocol: Any = None
     data: Any = None
@@ -207,6 +208,7 @@ class PredictConfig:
     case_id_map: str | None = None
     export_openkbp: bool = False
     overwrite: bool = False
+    target_dose_floor: float | None = None
     accelerator: str = "auto"
     paths: dict[str, Any] = field(default_factory=dict)
 

@@ -98,8 +98,8 @@ def test_the_target_dose_floor_raises_only_the_cold_target_voxels(phantom, tmp_p
     assert predictor.module.target_dose_floor is None  # the phantom recipe: off
     path = write(case, tmp_path)
     plain = predictor.predict(path).dose_gy
-    predictor.module.target_dose_floor = 0.97
-    floored = predictor.predict(path).dose_gy
+    # predict / evaluate target_dose_floor=0.97 replaces the checkpoint's (none here)
+    floored = Predictor.from_checkpoint(ckpt, "cpu", target_dose_floor=0.97).predict(path).dose_gy
     prescriptions = predictor.protocol.prescriptions_gy
     inside = np.zeros(case.shape, bool)
     for target, gy in prescriptions.items():
@@ -111,3 +111,8 @@ def test_the_target_dose_floor_raises_only_the_cold_target_voxels(phantom, tmp_p
     expected = np.maximum.reduce([np.where(case.mask(t) > 0, np.float32(0.97 * gy), 0)
                                   for t, gy in prescriptions.items()])
     np.testing.assert_array_equal(floored[raised], expected[raised])
+
+
+def test_a_target_dose_floor_out_of_range_is_refused_before_the_checkpoint_is_read(tmp_path):
+    with pytest.raises(ValueError, match=r"target_dose_floor must be a fraction .* got 1.5"):
+        Predictor.from_checkpoint(tmp_path / "absent.ckpt", "cpu", target_dose_floor=1.5)

@@ -63,10 +63,13 @@ def fit_baseline(structures: Sequence[str], train_paths: Sequence[Path]
 def evaluate_checkpoint(ckpt_path: str | Path, output_dir: str | Path, *, split: str = "test",
                         data_cfg: DictConfig | None = None, split_file: str | None = None,
                         evaluation: Mapping | None = None, accelerator: str = "auto",
-                        spacing_mismatch: str = DEFAULT_SPACING_POLICY) -> tuple[pd.DataFrame, dict]:
+                        spacing_mismatch: str = DEFAULT_SPACING_POLICY,
+                        target_dose_floor: float | None = None) -> tuple[pd.DataFrame, dict]:
     """Evaluate a checkpoint on ``split`` of the data it was trained on (``data_cfg``
-    ``None``: its folder and split, or ``split_file``) or of ``data_cfg``'s case files."""
-    predictor = Predictor.from_checkpoint(ckpt_path, accelerator, spacing_mismatch)
+    ``None``: its folder and split, or ``split_file``) or of ``data_cfg``'s case files;
+    ``target_dose_floor`` replaces the model's (``None``: the checkpoint's own)."""
+    predictor = Predictor.from_checkpoint(ckpt_path, accelerator, spacing_mismatch,
+                                          target_dose_floor)
     contract = predictor.contract
     if data_cfg is None:
         paths, train = _checkpoint_split(contract, split, split_file)
@@ -143,7 +146,8 @@ def run_evaluation(cfg: DictConfig, output_dir: str | Path,
             cfg.ckpt_path, output_dir, split=cfg.split, split_file=cfg.get("split_file"),
             data_cfg=cfg.data if data_from == "config" else None, evaluation=evaluation,
             accelerator=cfg.get("accelerator", "auto"),
-            spacing_mismatch=cfg.get("spacing_mismatch", DEFAULT_SPACING_POLICY))
+            spacing_mismatch=cfg.get("spacing_mismatch", DEFAULT_SPACING_POLICY),
+            target_dose_floor=cfg.get("target_dose_floor"))
     return evaluate_prediction_folder(cfg.predictions_dir, cfg.data,
                                       Protocol.from_dict(cfg.protocol), output_dir,
                                       split=cfg.split, split_file=cfg.get("split_file"),

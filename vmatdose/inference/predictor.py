@@ -27,6 +27,7 @@ from vmatdose.data.prior import floor_targets
 from vmatdose.data.resample import Grid, resample_case, resample_case_onto, resample_volume
 from vmatdose.data.validation import SPACING_TOLERANCE, check_cases
 from vmatdose.inference.checkpoint import CheckpointContract, read_checkpoint
+from vmatdose.inference.volume import check_target_dose_floor
 
 log = logging.getLogger(__name__)
 
@@ -110,10 +111,15 @@ class Predictor:
 
     @classmethod
     def from_checkpoint(cls, ckpt_path: str | Path, accelerator: str = "auto",
-                        spacing_mismatch: str = DEFAULT_SPACING_POLICY) -> Predictor:
-        """Read ``ckpt_path`` (once) and rebuild its model on the chosen device."""
+                        spacing_mismatch: str = DEFAULT_SPACING_POLICY,
+                        target_dose_floor: float | None = None) -> Predictor:
+        """Read ``ckpt_path`` (once) and rebuild its model on the chosen device;
+        ``target_dose_floor`` replaces the model's (``None``: the checkpoint's own)."""
+        floor = check_target_dose_floor(target_dose_floor, "target_dose_floor")
         checkpoint = read_checkpoint(ckpt_path)
         module = checkpoint.build_module(resolve_device(accelerator))
+        if floor is not None:
+            module.target_dose_floor = floor
         return cls(module, checkpoint.contract, spacing_mismatch)
 
     def check(self, paths: Sequence[Path]) -> None:

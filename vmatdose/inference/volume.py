@@ -57,6 +57,18 @@ def flip_sets(axes: Sequence[int]) -> list[tuple[int, ...]]:
     return [combo for r in range(len(axes) + 1) for combo in itertools.combinations(axes, r)]
 
 
+def check_target_dose_floor(fraction: float | None, key: str = "model.target_dose_floor"
+                            ) -> float | None:
+    """``fraction`` of the prescription as a float in (0, 1.2], or ``None``;
+    ``ValueError`` naming ``key`` otherwise."""
+    if fraction is None:
+        return None
+    if isinstance(fraction, bool) or not 0.0 < float(fraction) <= 1.2:
+        raise ValueError(f"{key} must be a fraction of the prescription in (0, 1.2] or "
+                         f"null, got {fraction!r}")
+    return float(fraction)
+
+
 @dataclass
 class VolumeInference:
     """How a trained network is applied to a whole volume (the model config's inference

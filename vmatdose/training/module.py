@@ -14,7 +14,7 @@ from torch import nn
 
 from vmatdose.data.input_spec import InputSpec
 from vmatdose.inference.checkpoint import CHECKPOINT_KEY, contract_input_spec
-from vmatdose.inference.volume import PassFn, VolumeInference
+from vmatdose.inference.volume import PassFn, VolumeInference, check_target_dose_floor
 from vmatdose.losses import CompositeLoss
 from vmatdose.losses.composite import SIGMA_PARAMETER
 from vmatdose.models.film import conditioned_network
@@ -118,11 +118,7 @@ class DoseModule(L.LightningModule):
         target_dose_floor: float | None = None,
     ):
         super().__init__()
-        if target_dose_floor is not None and not 0.0 < float(target_dose_floor) <= 1.2:
-            raise ValueError("model.target_dose_floor must be a fraction of the prescription "
-                             f"in (0, 1.2] or null, got {target_dose_floor!r}")
-        self.target_dose_floor = (None if target_dose_floor is None
-                                  else float(target_dose_floor))
+        self.target_dose_floor = check_target_dose_floor(target_dose_floor)
         self.max_relative_dose = max_relative_dose
         self.tta = None if tta == "none" else tta
         self.tta_axes = [int(a) for a in tta_axes]
