@@ -101,6 +101,11 @@ def test_users_config_with_unknown_key_fails_at_composition(user_conf, monkeypat
     (evaluate, ["split=tset"], "split=tset: must be one of train, val, test, all"),
     (predict, ["ckpt_path=x.ckpt", "output_dir=out", "spacing_mismatch=resampel"],
      "spacing_mismatch=resampel: must be one of resample, refuse"),
+    (predict, ["ckpt_path=x.ckpt", "output_dir=out", "target_dose_floor=2"],
+     "target_dose_floor=2.0: must be a fraction of the prescription in (0, 1.2], or null"),
+    (evaluate, ["target_dose_floor=0"], "target_dose_floor=0.0: must be a fraction"),
+    (train, ["experiment=openkbp_cpu", "model.target_dose_floor=-0.5"],
+     "model.target_dose_floor=-0.5: must be a fraction of the prescription"),
 ])
 def test_out_of_range_value_fails_with_key_and_range(user_conf, monkeypatch, capsys, module,
                                                      argv, message):

@@ -532,10 +532,28 @@ def value_errors(cfg: Any) -> list[str]:
         errors += data_value_errors(cfg.data, model.get("divisible_by"))
     if cfg.get("evaluation") is not None:
         errors += evaluation_value_errors(cfg.evaluation)
+    errors += target_dose_floor_errors(cfg)
     for group in TARGET_CHECKED:
         if cfg.get(group) is not None:
             errors += unknown_key_errors(cfg._get_node(group), group)
     return errors + training_value_errors(cfg) + resolution_errors(cfg)
+
+
+def target_dose_floor_errors(cfg: Any) -> list[str]:
+    """``target_dose_floor`` (predict, evaluate) and ``model.target_dose_floor`` (train)
+    out of range."""
+    from vmatdose.inference.volume import TARGET_DOSE_FLOOR_MAX, is_target_dose_floor
+
+    model = cfg.get("model") or {}
+    errors = []
+    for key, node in (("target_dose_floor", cfg), ("model.target_dose_floor", model)):
+        name = key.rsplit(".", 1)[-1]
+        if hasattr(node, "get") and name in node:
+            value = node.get(name)
+            errors += _check(is_target_dose_floor(value), key, value,
+                             f"must be a fraction of the prescription in "
+                             f"(0, {TARGET_DOSE_FLOOR_MAX}], or null")
+    return errors
 
 
 def check_values(cfg: Any) -> None:

@@ -57,16 +57,25 @@ def flip_sets(axes: Sequence[int]) -> list[tuple[int, ...]]:
     return [combo for r in range(len(axes) + 1) for combo in itertools.combinations(axes, r)]
 
 
+#: The largest ``target_dose_floor`` (a fraction of the prescription) accepted.
+TARGET_DOSE_FLOOR_MAX = 1.2
+
+
+def is_target_dose_floor(fraction: object) -> bool:
+    """Whether ``fraction`` is ``None`` or a number in (0, :data:`TARGET_DOSE_FLOOR_MAX`]."""
+    return fraction is None or (isinstance(fraction, (int, float))
+                                and not isinstance(fraction, bool)
+                                and 0.0 < fraction <= TARGET_DOSE_FLOOR_MAX)
+
+
 def check_target_dose_floor(fraction: float | None, key: str = "model.target_dose_floor"
                             ) -> float | None:
     """``fraction`` of the prescription as a float in (0, 1.2], or ``None``;
     ``ValueError`` naming ``key`` otherwise."""
-    if fraction is None:
-        return None
-    if isinstance(fraction, bool) or not 0.0 < float(fraction) <= 1.2:
-        raise ValueError(f"{key} must be a fraction of the prescription in (0, 1.2] or "
-                         f"null, got {fraction!r}")
-    return float(fraction)
+    if not is_target_dose_floor(fraction):
+        raise ValueError(f"{key} must be a fraction of the prescription in "
+                         f"(0, {TARGET_DOSE_FLOOR_MAX}] or null, got {fraction!r}")
+    return None if fraction is None else float(fraction)
 
 
 @dataclass
