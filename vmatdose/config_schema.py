@@ -539,11 +539,20 @@ def value_errors(cfg: Any) -> list[str]:
     return errors + training_value_errors(cfg) + resolution_errors(cfg)
 
 
+#: The largest ``target_dose_floor`` (a fraction of the prescription) accepted.
+TARGET_DOSE_FLOOR_MAX = 1.2
+
+
+def is_target_dose_floor(fraction: object) -> bool:
+    """Whether ``fraction`` is ``None`` or a number in (0, :data:`TARGET_DOSE_FLOOR_MAX`]."""
+    return fraction is None or (isinstance(fraction, (int, float))
+                                and not isinstance(fraction, bool)
+                                and 0.0 < fraction <= TARGET_DOSE_FLOOR_MAX)
+
+
 def target_dose_floor_errors(cfg: Any) -> list[str]:
     """``target_dose_floor`` (predict, evaluate) and ``model.target_dose_floor`` (train)
     out of range."""
-    from vmatdose.inference.volume import TARGET_DOSE_FLOOR_MAX, is_target_dose_floor
-
     model = cfg.get("model") or {}
     errors = []
     for key, node in (("target_dose_floor", cfg), ("model.target_dose_floor", model)):

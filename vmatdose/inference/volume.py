@@ -19,6 +19,7 @@ import torch
 from monai.inferers import sliding_window_inference
 from torch.nn import functional as F
 
+from vmatdose.config_schema import TARGET_DOSE_FLOOR_MAX, is_target_dose_floor
 from vmatdose.data.input_spec import InputSpec
 
 TTA_MODES = (None, "none", "flips")
@@ -55,17 +56,6 @@ def flip_sets(axes: Sequence[int]) -> list[tuple[int, ...]]:
     identity first."""
     axes = sorted({int(a) for a in axes})
     return [combo for r in range(len(axes) + 1) for combo in itertools.combinations(axes, r)]
-
-
-#: The largest ``target_dose_floor`` (a fraction of the prescription) accepted.
-TARGET_DOSE_FLOOR_MAX = 1.2
-
-
-def is_target_dose_floor(fraction: object) -> bool:
-    """Whether ``fraction`` is ``None`` or a number in (0, :data:`TARGET_DOSE_FLOOR_MAX`]."""
-    return fraction is None or (isinstance(fraction, (int, float))
-                                and not isinstance(fraction, bool)
-                                and 0.0 < fraction <= TARGET_DOSE_FLOOR_MAX)
 
 
 def check_target_dose_floor(fraction: float | None, key: str = "model.target_dose_floor"
