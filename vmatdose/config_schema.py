@@ -550,6 +550,16 @@ def is_target_dose_floor(fraction: object) -> bool:
                                 and 0.0 < fraction <= TARGET_DOSE_FLOOR_MAX)
 
 
+def check_target_dose_floor(fraction: float | None, key: str = "model.target_dose_floor"
+                            ) -> float | None:
+    """``fraction`` of the prescription as a float in (0, 1.2], or ``None``;
+    ``ValueError`` naming ``key`` otherwise."""
+    if not is_target_dose_floor(fraction):
+        raise ValueError(f"{key} must be a fraction of the prescription in "
+                         f"(0, {TARGET_DOSE_FLOOR_MAX}] or null, got {fraction!r}")
+    return None if fraction is None else float(fraction)
+
+
 def target_dose_floor_errors(cfg: Any) -> list[str]:
     """``target_dose_floor`` (predict, evaluate) and ``model.target_dose_floor`` (train)
     out of range."""

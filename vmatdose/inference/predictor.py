@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from monai.transforms import Compose
 
+from vmatdose.config_schema import check_target_dose_floor
 from vmatdose.data.body_region import body_mismatch
 from vmatdose.data.case import Case, load_case
 from vmatdose.data.ingest.training_grid import full_target_grid, source_ct_grid
@@ -27,7 +28,6 @@ from vmatdose.data.prior import floor_targets
 from vmatdose.data.resample import Grid, resample_case, resample_case_onto, resample_volume
 from vmatdose.data.validation import SPACING_TOLERANCE, check_cases
 from vmatdose.inference.checkpoint import CheckpointContract, read_checkpoint
-from vmatdose.inference.volume import check_target_dose_floor
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,6 @@ import torch
 from monai.inferers import sliding_window_inference
 from torch.nn import functional as F
 
-from vmatdose.config_schema import TARGET_DOSE_FLOOR_MAX, is_target_dose_floor
 from vmatdose.data.input_spec import InputSpec
 
 TTA_MODES = (None, "none", "flips")
@@ -56,16 +55,6 @@ def flip_sets(axes: Sequence[int]) -> list[tuple[int, ...]]:
     identity first."""
     axes = sorted({int(a) for a in axes})
     return [combo for r in range(len(axes) + 1) for combo in itertools.combinations(axes, r)]
-
-
-def check_target_dose_floor(fraction: float | None, key: str = "model.target_dose_floor"
-                            ) -> float | None:
-    """``fraction`` of the prescription as a float in (0, 1.2], or ``None``;
-    ``ValueError`` naming ``key`` otherwise."""
-    if not is_target_dose_floor(fraction):
-        raise ValueError(f"{key} must be a fraction of the prescription in "
-                         f"(0, {TARGET_DOSE_FLOOR_MAX}] or null, got {fraction!r}")
-    return None if fraction is None else float(fraction)
 
 
 @dataclass

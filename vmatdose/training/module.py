@@ -12,9 +12,10 @@ import lightning as L
 import torch
 from torch import nn
 
+from vmatdose.config_schema import check_target_dose_floor
 from vmatdose.data.input_spec import InputSpec
 from vmatdose.inference.checkpoint import CHECKPOINT_KEY, contract_input_spec
-from vmatdose.inference.volume import PassFn, VolumeInference, check_target_dose_floor
+from vmatdose.inference.volume import PassFn, VolumeInference
 from vmatdose.losses import CompositeLoss
 from vmatdose.losses.composite import SIGMA_PARAMETER
 from vmatdose.models.film import conditioned_network
