@@ -1,6 +1,7 @@
 """Whole-volume inference of one network: the one place that pads or slides a window,
-pools to the network's resolution, mirrors for test-time augmentation, upsamples (adding
-the full-resolution prior back) and zeroes outside the body.
+pools to the network's resolution, crops to the body's box, mirrors for test-time
+augmentation, upsamples (adding the full-resolution prior back) and zeroes outside the
+body.
 
 :class:`VolumeInference` is what :class:`~vmatdose.inference.predictor.Predictor` runs on
 every case and what a :class:`~vmatdose.training.module.DoseModule` runs in validation
@@ -20,6 +21,7 @@ from monai.inferers import sliding_window_inference
 from torch.nn import functional as F
 
 from vmatdose.data.input_spec import InputSpec
+from vmatdose.inference.body_crop import Box, body_box, place
 
 TTA_MODES = (None, "none", "flips")
 #: network-grid image (B, C, z, y, x) -> (mean, std or ``None``), both (B, 1, z, y, x)
@@ -78,6 +80,9 @@ class VolumeInference:
             upsampled and the full-resolution prior added back.
         input_spec: the input's channel layout (the prior channel, the left/right
             permutation); ``None`` for a module without a contract.
+        body_crop_margin: the network sees the box of the body grown by this many
+            network-grid voxels (:mod:`vmatdose.inference.body_crop`); ``None``: the
+            whole volume.
     """
 
     patch_size: Sequence[int] | None = None
@@ -91,6 +96,7 @@ class VolumeInference:
     resolution_factor: int = 1
     prior_residual: bool = False
     input_spec: InputSpec | None = None
+    body_crop_margin: int | None = None
 
     def __post_init__(self):
         if self.tta not in TTA_MODES:
@@ -98,6 +104,11 @@ class VolumeInference:
         if int(self.resolution_factor) < 1:
             raise ValueError(f"resolution_factor must be >= 1, got {self.resolution_factor}")
         self.tta = None if self.tta == "none" else self.tta
+        margin = self.body_crop_margin
+        if margin is not None and (isinstance(margin, bool) or not isinstance(margin, int)
+                                   or margin < 0):
+            raise ValueError(f"model.body_crop_margin must be an integer >= 0 (network-grid "
+                             f"voxels) or null, got {margin!r}")
 
     @torch.no_grad()
     def network_pass(self, net: Callable[[torch.Tensor], torch.Tensor],
@@ -123,10 +134,15 @@ class VolumeInference:
 
     def run(self, image: torch.Tensor, body: torch.Tensor | None, passes: PassFn
             ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Pool to the network grid, run ``passes`` on every TTA flip (un-flipped back and
-        averaged), upsample to the grid of ``image``; no zeroing (:meth:`predict` does it,
+        """Pool to the network grid, (crop to the body's box), run ``passes`` on every TTA
+        flip (un-flipped back and averaged), (put back on the network grid, zero outside
+        the box), upsample to the grid of ``image``; no zeroing (:meth:`predict` does it,
         or the caller after resampling to another grid)."""
         x = pool_image(image, self.resolution_factor)
+        grid = x.shape[2:]
+        box = self.body_box(body)
+        if box is not None:
+            x = x[(slice(None), slice(None), *box)]
         flips = flip_sets(self.tta_axes) if self.tta == "flips" else [()]
         means, stds = [], []
         for dims in flips:
@@ -136,12 +152,22 @@ class VolumeInference:
                 stds.append(torch.flip(std, dims) if dims else std)
         mean = torch.stack(means).mean(0)
         std = torch.stack(stds).mean(0) if stds else None
+        if box is not None:
+            mean, std = place(mean, box, grid), None if std is None else place(std, box, grid)
         if self.resolution_factor > 1:
             mean = self.upsample(mean, image, body)
             if std is not None:
                 std = F.interpolate(std, size=list(image.shape[2:]), mode="trilinear",
                                     align_corners=False)
         return mean, std
+
+    def body_box(self, body: torch.Tensor | None) -> Box | None:
+        """The box of the network grid the network sees for ``body`` (B, 1, Z, Y, X) on
+        the input grid: ``None`` (the whole volume) without ``body_crop_margin`` or body."""
+        if self.body_crop_margin is None or body is None:
+            return None
+        coarse = pool_image((body > 0).float(), self.resolution_factor)
+        return body_box(coarse, self.body_crop_margin, self.divisible_by)
 
     def zero_outside(self, mean: torch.Tensor, std: torch.Tensor | None,
                      body: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -113,6 +113,7 @@ class AdversarialDoseModule(DoseModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         """One critic step (after the warm-up), then one generator step."""
         generator_opt, discriminator_opt = self.optimizers()
+        batch = self.crop_to_body(batch)
         n = batch["image"].shape[0]
         pred = self(batch["image"])
         if self.adversarial_active:

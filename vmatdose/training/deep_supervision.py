@@ -74,6 +74,7 @@ class DeepSupervisionDoseModule(DoseModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         """Weighted loss over every head; logs the main head's terms and ``head<i>``
         totals of the auxiliary heads."""
+        batch = self.crop_to_body(batch)
         out = self.net(batch["image"])
         heads = list(out.unbind(dim=1)) if out.ndim == batch["image"].ndim + 1 else [out]
         heads = [self.masked_for_loss(head, batch) for head in heads]

@@ -14,6 +14,7 @@ from torch import nn
 
 from vmatdose.config_schema import check_target_dose_floor
 from vmatdose.data.input_spec import InputSpec
+from vmatdose.inference.body_crop import body_box, crop_batch
 from vmatdose.inference.checkpoint import CHECKPOINT_KEY, contract_input_spec
 from vmatdose.inference.volume import PassFn, VolumeInference
 from vmatdose.losses import CompositeLoss
@@ -90,6 +91,12 @@ class DoseModule(L.LightningModule):
             their targets; a network's target edges come out low). Training's validation
             (the network-grid MAE that picks the best checkpoint) does not apply it.
             ``None``: off.
+        body_crop_margin: the network sees only the box holding the body, grown by this
+            many network-grid voxels on each side and rounded up to ``divisible_by``, in
+            training (the batch's box), validation and inference (each case's box)
+            (:mod:`vmatdose.inference.body_crop`): the same loss for a fraction of the
+            arithmetic. Needs ``loss_in_body`` and ``zero_outside_body`` (nothing outside
+            the body is learned or kept). ``None``: whole volumes.
 
     Subclasses change what is optimised through :meth:`compute_loss` (adversarial
     training, :mod:`vmatdose.training.adversarial`) or :meth:`training_step` (deep
@@ -117,8 +124,14 @@ class DoseModule(L.LightningModule):
         conditioning: str = "none",
         film: Mapping | None = None,
         target_dose_floor: float | None = None,
+        body_crop_margin: int | None = None,
     ):
         super().__init__()
+        if body_crop_margin is not None and not (loss_in_body and zero_outside_body):
+            raise ValueError("model.body_crop_margin needs model.loss_in_body=true and "
+                             "model.zero_outside_body=true (the network sees only the body's "
+                             "box, so nothing outside the body may be learned or kept)")
+        self.body_crop_margin = body_crop_margin
         self.target_dose_floor = check_target_dose_floor(target_dose_floor)
         self.max_relative_dose = max_relative_dose
         self.tta = None if tta == "none" else tta
@@ -151,7 +164,8 @@ class DoseModule(L.LightningModule):
             divisible_by=self.divisible_by, max_relative_dose=self.max_relative_dose,
             tta=self.tta, tta_axes=self.tta_axes, lr_permutation=self.lr_channel_permutation,
             zero_outside_body=self.zero_outside_body, resolution_factor=self.resolution_factor,
-            prior_residual=self.prior_residual, input_spec=input_spec)
+            prior_residual=self.prior_residual, input_spec=input_spec,
+            body_crop_margin=self.body_crop_margin)
 
     @property
     def inference(self) -> VolumeInference:
@@ -188,6 +202,16 @@ class DoseModule(L.LightningModule):
                              "training or loaded from a checkpoint (its contract holds it)")
         return contract_input_spec(self.contract)
 
+    def crop_to_body(self, batch: dict) -> dict:
+        """``batch`` with its volumes cut to the box of its ``body`` (see
+        ``body_crop_margin``); as is without a margin."""
+        if self.body_crop_margin is None:
+            return batch
+        if "body" not in batch:
+            raise ValueError("model.body_crop_margin needs a body in every batch")
+        box = body_box(batch["body"], self.body_crop_margin, self.divisible_by)
+        return batch if box is None else crop_batch(batch, box)
+
     def masked_for_loss(self, pred: torch.Tensor, batch: dict) -> torch.Tensor:
         """``pred`` zeroed outside ``batch["body"]`` when ``loss_in_body`` (else as is)."""
         if not self.loss_in_body or "body" not in batch:
@@ -214,12 +238,14 @@ class DoseModule(L.LightningModule):
         return self.loss(pred, batch)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        batch = self.crop_to_body(batch)
         pred = self.masked_for_loss(self(batch["image"]), batch)
         total, terms = self.compute_loss(pred, batch)
         self._log_loss("train", total, terms, batch["image"].shape[0])
         return total
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
+        batch = self.crop_to_body(batch)
         pred = self.masked_for_loss(self.predict_dose(batch["image"]), batch)
         total, terms = self.compute_loss(pred, batch)
         n = batch["image"].shape[0]
