@@ -11,7 +11,7 @@ else
 endif
 STAMP := $(dir $(PY)).vmatdose-installed
 
-.PHONY: install demo test test-fast smoke bench bench-recipe-step bench-openkbp experiments lint clean
+.PHONY: install demo test test-fast smoke bench bench-recipe-step bench-recipe-speed bench-openkbp experiments lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -47,9 +47,10 @@ test-fast: install
 smoke: install
 	$(PY) -m vmatdose.train debug=smoke
 
-## Benchmarks: print tables, write benchmarks/results/*.json (bench-openkbp apart: 35 min).
+## Benchmarks: print tables, write benchmarks/results/*.json (bench-openkbp and
+## bench-recipe-speed apart: they train on the full OpenKBP set).
 bench: install
-	@for f in $(filter-out benchmarks/bench_openkbp.py,$(wildcard benchmarks/bench_*.py)); do \
+	@for f in $(filter-out benchmarks/bench_openkbp.py benchmarks/bench_recipe_speed.py,$(wildcard benchmarks/bench_*.py)); do \
 		echo "== $$f"; $(PY) $$f || exit 1; done
 
 ## Where one step of experiment=openkbp_cpu goes (data, forward, backward, optimizer,
@@ -57,6 +58,12 @@ bench: install
 ## cores) -> benchmarks/results/recipe_step.json. `make bench` runs it too.
 bench-recipe-step: install
 	$(PY) benchmarks/bench_recipe_step.py
+
+## Steps per second of experiment=openkbp_cpu against the recipe when issue 30 opened:
+## 240 steps each from scratch, `python -m vmatdose.train` as a user runs it (full OpenKBP
+## set; about 8 min on 2 cores) -> benchmarks/results/recipe_speed.json.
+bench-recipe-speed: install
+	$(PY) benchmarks/bench_recipe_speed.py
 
 ## OpenKBP speed-run: experiment=openkbp_cpu from scratch (35 min on 2 cores), official
 ## scores on the 33 validation patients -> benchmarks/results/openkbp_cpu.json.

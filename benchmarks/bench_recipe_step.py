@@ -85,9 +85,9 @@ class Clock:
 
 
 class BareStep:
-    """The network's step without Lightning: forward, the recipe's loss inside the body,
-    backward, gradient clipping to ``clip``, the recipe's optimizer, on its own copy of
-    the network."""
+    """The network's step without Lightning: the crop to the body's box (with
+    ``model.body_crop_margin``), forward, the recipe's loss inside the body, backward,
+    gradient clipping to ``clip``, the recipe's optimizer, on its own copy of the network."""
 
     def __init__(self, module: L.LightningModule, clip: float | None):
         self.module = module
@@ -101,6 +101,7 @@ class BareStep:
     def __call__(self, batch: dict) -> None:
         self.last_batch = batch
         start = Clock.now()
+        batch = self.module.crop_to_body(batch)  # the body's box, as the recipe's step
         self.optimizer.zero_grad(set_to_none=True)
         pred = self.module.masked_for_loss(self.net(batch["image"]), batch)
         total, _ = self.module.loss(pred, batch)
