@@ -46,7 +46,7 @@ def train(version: str, steps: int, run_dir: Path, overrides: list[str]) -> dict
     """Train one version for ``steps`` steps in a fresh process; its throughput record and
     the precision it chose."""
     command = [sys.executable, "-m", "vmatdose.train", "experiment=openkbp_cpu",
-               f"trainer.max_steps={steps}", "logger=csv", f"paths.output_dir={run_dir}",
+               f"trainer.max_steps={steps}", "logger=csv", f"hydra.run.dir={run_dir}",
                "callbacks.model_checkpoint=null", *VERSIONS[version], *overrides]
     subprocess.run(command, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
     throughput = json.loads((run_dir / "throughput.json").read_text())

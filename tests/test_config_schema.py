@@ -106,6 +106,10 @@ def test_users_config_with_unknown_key_fails_at_composition(user_conf, monkeypat
     (evaluate, ["target_dose_floor=0"], "target_dose_floor=0.0: must be a fraction"),
     (train, ["experiment=openkbp_cpu", "model.target_dose_floor=-0.5"],
      "model.target_dose_floor=-0.5: must be a fraction of the prescription"),
+    (train, ["experiment=openkbp_cpu", "model.body_crop_margin=-1"],
+     "model.body_crop_margin=-1: must be an integer >= 0"),
+    (train, ["model.body_crop_margin=2"],
+     "model.body_crop_margin=2: needs model.loss_in_body=true and model.zero_outside_body"),
 ])
 def test_out_of_range_value_fails_with_key_and_range(user_conf, monkeypatch, capsys, module,
                                                      argv, message):

@@ -532,7 +532,7 @@ def value_errors(cfg: Any) -> list[str]:
         errors += data_value_errors(cfg.data, model.get("divisible_by"))
     if cfg.get("evaluation") is not None:
         errors += evaluation_value_errors(cfg.evaluation)
-    errors += target_dose_floor_errors(cfg)
+    errors += target_dose_floor_errors(cfg) + body_crop_errors(cfg)
     for group in TARGET_CHECKED:
         if cfg.get(group) is not None:
             errors += unknown_key_errors(cfg._get_node(group), group)
@@ -573,6 +573,26 @@ def target_dose_floor_errors(cfg: Any) -> list[str]:
                              f"must be a fraction of the prescription in "
                              f"(0, {TARGET_DOSE_FLOOR_MAX}], or null")
     return errors
+
+
+def is_body_crop_margin(margin: object) -> bool:
+    """Whether ``margin`` (``model.body_crop_margin``) is ``None`` or an integer >= 0."""
+    return margin is None or _is_int(margin, 0)
+
+
+def body_crop_errors(cfg: Any) -> list[str]:
+    """``model.body_crop_margin`` out of range, or set without the loss and the dose kept
+    inside the body (``model.loss_in_body``, ``model.zero_outside_body``)."""
+    model = cfg.get("model") or {}
+    if not hasattr(model, "get") or model.get("body_crop_margin") is None:
+        return []
+    margin = model.get("body_crop_margin")
+    errors = _check(is_body_crop_margin(margin), "model.body_crop_margin", margin,
+                    "must be an integer >= 0 (network-grid voxels), or null")
+    return errors + _check(bool(model.get("loss_in_body")) and bool(
+        model.get("zero_outside_body")), "model.body_crop_margin", margin,
+        "needs model.loss_in_body=true and model.zero_outside_body=true (the network sees "
+        "only the body's box)")
 
 
 def check_values(cfg: Any) -> None:

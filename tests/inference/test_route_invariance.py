@@ -37,8 +37,11 @@ pytestmark = pytest.mark.skipif(not OPENKBP_SAMPLE.is_dir(),
 #: interpolation alone (the prediction on the OpenKBP grid taken to the DICOM grid and
 #: back) accounts for 0.3-0.9 Gy of it with this three-step model.
 BOUND_GY = 1.0
-#: What may remain beyond that interpolation: the CT interpolated twice (Gy).
-BEYOND_INTERPOLATION_GY = 0.35
+#: What may remain beyond that interpolation: the CT interpolated twice (Gy). Trained
+#: recipe checkpoints give 0.32-0.36 Gy on this case (whole volumes 0.356, the body's box
+#: 0.320) and 0.35-0.45 Gy on validation patients (experiments/route_invariance.md); the
+#: three-step model here 0.40 (the failure it guards against: more than 2 Gy).
+BEYOND_INTERPOLATION_GY = 0.45
 
 
 def cropped(case: Case, shape=(24, 128, 128)) -> Case:
@@ -143,6 +146,20 @@ def test_one_model_predicts_the_same_dose_by_both_routes(routes, caplog):
     assert len(caplog.records) == 1
     assert f"its body is the {EXTERNAL} but the model was trained on cases whose body " \
            f"is the {POSSIBLE_DOSE_MASK}" in caplog.records[0].getMessage()
+
+
+def test_both_routes_give_the_network_the_same_box(routes):
+    """The recipe's network sees the body's box (``model.body_crop_margin``): the DICOM
+    case on the rule's grid yields the arrays' box, smaller than the grid."""
+    _, openkbp_path, _, dicom_path, _, predictor = routes
+    assert predictor.module.body_crop_margin == 2
+    boxes = []
+    for path in (openkbp_path, dicom_path):
+        work = predictor.on_training_grid(load_case(path))
+        body = predictor.transform({"path": str(path), "case": work})["body"][None]
+        boxes.append(predictor.module.inference.body_box(body))
+    assert boxes[0] is not None and boxes[0] == boxes[1]
+    assert boxes[0][1].stop - boxes[0][1].start < 64  # y: 32 of the 64 network voxels
 
 
 def test_inputs_built_off_the_training_grid_would_change_the_dose(routes):

@@ -158,16 +158,21 @@ def test_recipes_compose_and_train_two_steps_on_tiny_volumes(tmp_path, recipe):
     assert cfg.model.tta == "flips" and cfg.model.zero_outside_body
     if recipe == "openkbp_cpu":
         assert cfg.model.target_dose_floor == 0.97
+        assert cfg.model.body_crop_margin == 2 and cfg.model.divisible_by == 8
     if sectors:
         assert cfg.model.net.in_channels == 12 + 9  # CT, 10 structures, prior, 9 sectors
     model = hydra.utils.instantiate(cfg.model, loss=hydra.utils.instantiate(cfg.loss))
     model.log = lambda *a, **k: None
+    seen = []
+    if recipe == "openkbp_cpu":
+        model.net.register_forward_hook(lambda _m, a, _o: seen.append(tuple(a[0].shape[2:])))
     channels = cfg.model.net.in_channels - (recipe == "openkbp_flow")  # less the dose
     gen = torch.Generator().manual_seed(0)
     batch = {"image": torch.rand(2, channels, 32, 32, 32, generator=gen),
              "dose": torch.rand(2, 1, 32, 32, 32, generator=gen),
-             "body": torch.ones(2, 1, 32, 32, 32), "masks": torch.zeros(2, 10, 32, 32, 32),
+             "body": torch.zeros(2, 1, 32, 32, 32), "masks": torch.zeros(2, 10, 32, 32, 32),
              "dose_scale_gy": torch.full((2,), 70.0), "spacing_mm": torch.ones(2, 3)}
+    batch["body"][:, :, 6:18, 4:20, 2:30] = 1
     optimizer = model.optimizer_factory(params=model.parameters())
     losses = []
     for _ in range(2):
@@ -178,6 +183,8 @@ def test_recipes_compose_and_train_two_steps_on_tiny_volumes(tmp_path, recipe):
         optimizer.step()
         losses.append(float(loss))
     assert all(np.isfinite(losses))
+    if recipe == "openkbp_cpu":  # the body's box grown by 2: z 4..20, y 2..22 -> 24, x whole
+        assert seen == [(16, 24, 32)] * 2
     model.eval()
     model.lr_channel_permutation = list(range(channels))
     # what training stores in the contract: where the prior channel is
@@ -256,7 +263,7 @@ def test_openkbp_flow_trains_on_the_sample_and_predicts_inside_the_mask(tmp_path
                                                      "validation-pats": ("pt_201",)})
     run_dir = tmp_path / "run"
     cfg = compose_train(tmp_path, "experiment=openkbp_flow", f"data.source_dir={source}",
-                        "data.import_workers=1", "+trainer.max_steps=3",
+                        "data.import_workers=1", "trainer.max_steps=3",
                         "trainer.check_val_every_n_epoch=1")
     assert bench.compose_config(run_dir, [], "openkbp_flow").model.prior_channel == 11
     trainer, _ = fit(cfg, run_dir)

@@ -20,6 +20,7 @@ import torch
 from monai.inferers import sliding_window_inference
 from torch.nn import functional as F
 
+from vmatdose.config_schema import is_body_crop_margin
 from vmatdose.data.input_spec import InputSpec
 from vmatdose.inference.body_crop import Box, body_box, place
 
@@ -105,8 +106,7 @@ class VolumeInference:
             raise ValueError(f"resolution_factor must be >= 1, got {self.resolution_factor}")
         self.tta = None if self.tta == "none" else self.tta
         margin = self.body_crop_margin
-        if margin is not None and (isinstance(margin, bool) or not isinstance(margin, int)
-                                   or margin < 0):
+        if not is_body_crop_margin(margin):
             raise ValueError(f"model.body_crop_margin must be an integer >= 0 (network-grid "
                              f"voxels) or null, got {margin!r}")
 
