@@ -63,6 +63,7 @@ def main(argv: list[str]) -> dict:
     args, overrides = parser.parse_known_args(argv)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     base = ROOT / "outputs" / "bench_recipe_speed" / stamp
+    load_before = os.getloadavg()
     runs = []
     for r in range(args.rounds):
         order = list(VERSIONS) if r % 2 == 0 else list(reversed(VERSIONS))
@@ -72,7 +73,8 @@ def main(argv: list[str]) -> dict:
     rate = {v: statistics.median(run["steps_per_s"] for run in runs if run["version"] == v)
             for v in VERSIONS}
     result = {"date": stamp, "steps": args.steps, "rounds": args.rounds, "overrides": overrides,
-              "load_average": os.getloadavg(), "threads": os.cpu_count(), "runs": runs,
+              "load_average_before": load_before, "load_average_after": os.getloadavg(),
+              "cpus": os.cpu_count(), "runs": runs,
               "median_steps_per_s": rate,
               "speedup": round(rate["recipe"] / rate["issue-start"], 3)}
     print(f"{'version':<14}{'steps/s (median)':>18}{'precision':>12}")

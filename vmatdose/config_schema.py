@@ -580,19 +580,32 @@ def is_body_crop_margin(margin: object) -> bool:
     return margin is None or _is_int(margin, 0)
 
 
+#: What ``model.body_crop_margin`` may be.
+BODY_CROP_RANGE = "must be an integer >= 0 (network-grid voxels), or null"
+
+
+def body_crop_problem(margin: object, loss_in_body: bool, zero_outside_body: bool
+                      ) -> str | None:
+    """What is wrong with ``model.body_crop_margin=margin`` beside the model's
+    ``loss_in_body`` and ``zero_outside_body`` (``None``: nothing): out of range, or a box
+    without the loss and the dose kept inside the body."""
+    if not is_body_crop_margin(margin):
+        return BODY_CROP_RANGE
+    if margin is not None and not (loss_in_body and zero_outside_body):
+        return ("needs model.loss_in_body=true and model.zero_outside_body=true (the network "
+                "sees only the body's box)")
+    return None
+
+
 def body_crop_errors(cfg: Any) -> list[str]:
-    """``model.body_crop_margin`` out of range, or set without the loss and the dose kept
-    inside the body (``model.loss_in_body``, ``model.zero_outside_body``)."""
+    """``model.body_crop_margin`` as :func:`body_crop_problem` judges it."""
     model = cfg.get("model") or {}
     if not hasattr(model, "get") or model.get("body_crop_margin") is None:
         return []
     margin = model.get("body_crop_margin")
-    errors = _check(is_body_crop_margin(margin), "model.body_crop_margin", margin,
-                    "must be an integer >= 0 (network-grid voxels), or null")
-    return errors + _check(bool(model.get("loss_in_body")) and bool(
-        model.get("zero_outside_body")), "model.body_crop_margin", margin,
-        "needs model.loss_in_body=true and model.zero_outside_body=true (the network sees "
-        "only the body's box)")
+    problem = body_crop_problem(margin, bool(model.get("loss_in_body")),
+                                bool(model.get("zero_outside_body")))
+    return _check(problem is None, "model.body_crop_margin", margin, problem or "")
 
 
 def check_values(cfg: Any) -> None:

@@ -112,10 +112,10 @@ def test_the_training_loss_is_the_same_cropped_or_whole():
 
 
 def test_a_crop_margin_needs_the_loss_and_the_dose_inside_the_body():
-    with pytest.raises(ValueError, match="body_crop_margin needs model.loss_in_body"):
+    with pytest.raises(ValueError, match="body_crop_margin=2: needs model.loss_in_body=true"):
         DoseModule(pointwise(1), None, torch.optim.SGD, body_crop_margin=2,
                    zero_outside_body=True)
-    with pytest.raises(ValueError, match="body_crop_margin must be an integer >= 0"):
+    with pytest.raises(ValueError, match=r"body_crop_margin=-1: must be an integer >= 0"):
         VolumeInference(body_crop_margin=-1)
     with pytest.raises(ValueError, match="needs a body in every batch"):
         l1_module(body_crop_margin=1).training_step(

@@ -20,7 +20,7 @@ import torch
 from monai.inferers import sliding_window_inference
 from torch.nn import functional as F
 
-from vmatdose.config_schema import is_body_crop_margin
+from vmatdose.config_schema import BODY_CROP_RANGE, is_body_crop_margin
 from vmatdose.data.input_spec import InputSpec
 from vmatdose.inference.body_crop import Box, body_box, place
 
@@ -107,8 +107,7 @@ class VolumeInference:
         self.tta = None if self.tta == "none" else self.tta
         margin = self.body_crop_margin
         if not is_body_crop_margin(margin):
-            raise ValueError(f"model.body_crop_margin must be an integer >= 0 (network-grid "
-                             f"voxels) or null, got {margin!r}")
+            raise ValueError(f"model.body_crop_margin={margin!r}: {BODY_CROP_RANGE}")
 
     @torch.no_grad()
     def network_pass(self, net: Callable[[torch.Tensor], torch.Tensor],

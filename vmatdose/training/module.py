@@ -12,7 +12,7 @@ import lightning as L
 import torch
 from torch import nn
 
-from vmatdose.config_schema import check_target_dose_floor
+from vmatdose.config_schema import body_crop_problem, check_target_dose_floor
 from vmatdose.data.input_spec import InputSpec
 from vmatdose.inference.body_crop import body_box, crop_batch
 from vmatdose.inference.checkpoint import CHECKPOINT_KEY, contract_input_spec
@@ -127,10 +127,9 @@ class DoseModule(L.LightningModule):
         body_crop_margin: int | None = None,
     ):
         super().__init__()
-        if body_crop_margin is not None and not (loss_in_body and zero_outside_body):
-            raise ValueError("model.body_crop_margin needs model.loss_in_body=true and "
-                             "model.zero_outside_body=true (the network sees only the body's "
-                             "box, so nothing outside the body may be learned or kept)")
+        problem = body_crop_problem(body_crop_margin, loss_in_body, zero_outside_body)
+        if problem:
+            raise ValueError(f"model.body_crop_margin={body_crop_margin!r}: {problem}")
         self.body_crop_margin = body_crop_margin
         self.target_dose_floor = check_target_dose_floor(target_dose_floor)
         self.max_relative_dose = max_relative_dose
