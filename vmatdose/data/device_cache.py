@@ -3,9 +3,10 @@
 ``data.device_cache=true``: the cached (compact) samples of the training split are
 stacked once into one tensor per key on the device; every epoch draws a permutation and
 yields batches with left/right (paired channels swapped), anterior/posterior and
-superior/inferior flips and random or dose-centred patches done with tensor indexing on
-the device, so no loader worker, collation or host-to-device copy runs per step.
-Rotations and intensity shifts are not done here (use the ordinary loader for them).
+superior/inferior flips, rotations about z and CT intensity shifts, and random or
+dose-centred patches, all done with tensor operations on the device, so no loader worker,
+collation or host-to-device copy runs per step. The augmentation keys and their meaning
+are the ordinary loader's (:class:`~vmatdose.data.pipeline.SamplingSettings`).
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 
 import torch
+from torch.nn import functional as F
 
 from vmatdose.data.input_spec import lr_permutation
+from vmatdose.data.pipeline import SMOOTH_KEYS
 
 VOLUME_KEYS = ("ct", "masks", "body", "sdf", "prior", "dose")
 
@@ -27,7 +30,10 @@ class DeviceBatches:
             ``spacing_mm``, ``dose_scale_gy``, ``case_id``).
         batch_size: cases per batch (the last incomplete batch is dropped).
         structures, lr_pairs: mask channel names and the pairs a left/right flip swaps.
-        augment: ``flip_lr``, ``flip_ap``, ``flip_si`` probabilities.
+        augment: ``flip_lr``, ``flip_ap``, ``flip_si`` probabilities; ``rotate_deg`` and
+            ``rotate_prob`` (a rotation about z by an angle uniform in +-rotate_deg, about
+            the grid's centre, in patient mm); ``intensity_shift`` and ``intensity_prob``
+            (an offset uniform in +-intensity_shift added to the windowed CT).
         patch_size: (Z, Y, X) random patch, or ``None`` for whole volumes.
         dose_patch_fraction: fraction of patches centred on voxels with normalised dose
             >= ``dose_patch_threshold`` (0 for uniform patches).
@@ -102,9 +108,37 @@ class DeviceBatches:
                     volume = volume[self.prior_permutation]
                 cases.append(volume)
             out[key] = torch.stack(cases)
+        self._rotate(out, index)
+        self._shift_intensity(out)
         out.update(spacing_mm=self.spacing[index], dose_scale_gy=self.scale[index],
                    case_id=[self.case_ids[i] for i in index.tolist()])
         return out
+
+    def _draw(self, prob_key: str, size_key: str, n: int) -> torch.Tensor | None:
+        """(n,) values uniform in +-``augment[size_key]``, 0 where the coin of probability
+        ``augment[prob_key]`` fails; ``None`` (nothing drawn) when either is 0."""
+        size, prob = float(self.augment.get(size_key, 0.0)), float(self.augment.get(prob_key, 0.0))
+        if size <= 0 or prob <= 0:
+            return None
+        values = (2 * torch.rand(n, generator=self.generator) - 1) * size
+        return torch.where(self._coin(prob, n), values, torch.zeros_like(values))
+
+    def _rotate(self, out: dict, index: torch.Tensor) -> None:
+        """Rotate every volume of the cases whose coin came up about z, in place."""
+        degrees = self._draw("rotate_prob", "rotate_deg", len(index))
+        if degrees is None or not degrees.any():
+            return
+        spacing = self.spacing[index]
+        for key in self.keys:
+            mode = "bilinear" if key in SMOOTH_KEYS else "nearest"
+            out[key] = rotate_about_z(out[key], torch.deg2rad(degrees), spacing, mode)
+
+    def _shift_intensity(self, out: dict) -> None:
+        """Add each case's drawn offset to its windowed CT."""
+        offsets = self._draw("intensity_prob", "intensity_shift", out["ct"].shape[0])
+        if offsets is not None and offsets.any():
+            out["ct"] = (out["ct"].float() + offsets.to(out["ct"].device).view(-1, 1, 1, 1, 1)
+                         ).to(out["ct"].dtype)
 
     def _corners(self, index: torch.Tensor) -> list[list[int]] | None:
         """Patch start (z, y, x) per case: dose-centred with probability
@@ -127,3 +161,30 @@ class DeviceBatches:
                              for c, p, g in zip(centre.tolist(), self.patch_size, grid)]
             corners.append(start)
         return corners
+
+
+def rotate_about_z(volumes: torch.Tensor, angles: torch.Tensor, spacing_mm: torch.Tensor,
+                   mode: str = "bilinear") -> torch.Tensor:
+    """Each case of ``volumes`` (B, C, Z, Y, X) rotated in its axial plane about the grid's
+    centre by ``angles`` (B,) radians (0: left as it is), in patient mm (``spacing_mm``
+    (B, 3), z y x, so a non-square grid or pixel is rotated without shear); values from
+    outside the grid are those of its border, as the ordinary loader's rotation. Same
+    dtype as ``volumes`` (interpolated in float32)."""
+    moved = angles != 0
+    if not moved.any():
+        return volumes
+    x = volumes[moved].float()
+    height = x.shape[-2] * spacing_mm[moved, 1].to(x)  # the grid's extent in mm
+    width = x.shape[-1] * spacing_mm[moved, 2].to(x)
+    cos, sin = torch.cos(angles[moved]).to(x), torch.sin(angles[moved]).to(x)
+    theta = torch.zeros(len(x), 3, 4, dtype=x.dtype, device=x.device)
+    # affine_grid's coordinates run -1..1 across each axis, (x, y, z) order: the rotation
+    # in mm, conjugated by each axis' half extent
+    theta[:, 0, 0], theta[:, 0, 1] = cos, -sin * height / width
+    theta[:, 1, 0], theta[:, 1, 1] = sin * width / height, cos
+    theta[:, 2, 2] = 1.0
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    rotated = F.grid_sample(x, grid, mode=mode, padding_mode="border", align_corners=False)
+    result = volumes.clone()
+    result[moved] = rotated.to(volumes.dtype)
+    return result

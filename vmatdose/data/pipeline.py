@@ -129,6 +129,11 @@ class InputSettings:
         return InputSpec.build((), prior=True, prior_sectors=sectors).block_lr_permutation("prior")
 
 
+#: Volumes a rotation interpolates (bilinear); the masks and the body are taken from the
+#: nearest voxel, so they stay what they were (binary, or pooled fractions).
+SMOOTH_KEYS = ("ct", "dose", "sdf", "prior")
+
+
 @dataclass(frozen=True)
 class SamplingSettings:
     """How training samples are drawn: augmentation, then a random patch or the whole
@@ -257,7 +262,7 @@ def _augmentation_steps(keys: list[str], inputs: InputSettings,
     if augment.get("rotate_deg", 0) > 0 and augment.get("rotate_prob", 0) > 0:
         angle = np.deg2rad(augment["rotate_deg"])
         # Rotation about z (the axial plane), the way a patient lies rotated on the couch.
-        modes = ["bilinear" if k in ("ct", "dose", "sdf") else "nearest" for k in keys]
+        modes = ["bilinear" if k in SMOOTH_KEYS else "nearest" for k in keys]
         steps.append(RandRotated(keys, range_x=angle, prob=augment["rotate_prob"],
                                  mode=modes, padding_mode="border", keep_size=True))
     if augment.get("intensity_shift", 0) > 0 and augment.get("intensity_prob", 0) > 0:
