@@ -2,8 +2,10 @@
 
 import math
 
+import pytest
 import torch
 
+from vmatdose.data.datamodule import DoseDataModule
 from vmatdose.data.device_cache import DeviceBatches, rotate_about_z
 
 
@@ -84,3 +86,14 @@ def test_device_batches_shift_the_ct_by_at_most_the_offset():
     # one offset per case, within +-0.1, not all the same
     assert torch.allclose(offsets, offsets[:, :1].expand_as(offsets), atol=1e-3)
     assert offsets.abs().max() <= 0.1 + 1e-3 and offsets[:, 0].std() > 0
+
+
+def test_rotated_patches_are_refused_before_the_cache_is_built(tmp_path):
+    turn = {"rotate_deg": 10.0, "rotate_prob": 0.5}
+    with pytest.raises(ValueError, match="rotates whole volumes only"):
+        DeviceBatches([_sample("a")], 1, "cpu", ["M1", "M2"], augment=turn, patch_size=[2, 8, 8])
+    with pytest.raises(ValueError, match=r"data.augment.rotate_prob=0.5 with data.patch_size"):
+        DoseDataModule(str(tmp_path), structures=["M1"], targets=["M1"], device_cache=True,
+                       prescriptions_gy={"M1": 60.0}, dose_scale_gy=60.0,
+                       patch_size=[8, 8, 8], augment=turn)
+    assert not any(tmp_path.iterdir())  # refused before anything was read or written

@@ -152,6 +152,12 @@ first; any other folder without case files is an error naming it.
             [list(p) for p in lr_pairs], dict(augment or {}), patch_sampling,
             float(dose_patch_fraction))
         check_sector_augment(self.inputs, self.sampling)
+        if self.device_cache:
+            from vmatdose.data.device_cache import rotation_problem
+
+            problem = rotation_problem(self.sampling.augment, self.sampling.patch_size)
+            if problem:
+                raise ValueError(problem)
         self.train_transform, self.eval_transform = self._pipelines(int(resolution_factor))
 
     def _input_settings(self, ct_window: Sequence[float], signed_distance: bool,

@@ -22,6 +22,19 @@ from vmatdose.data.pipeline import SMOOTH_KEYS
 VOLUME_KEYS = ("ct", "masks", "body", "sdf", "prior", "dose")
 
 
+def rotation_problem(augment: Mapping | None, patch_size: Sequence[int] | None) -> str | None:
+    """Why the device cache cannot rotate as ``augment`` asks (``None``: it can). It turns
+    whole volumes only: a patch turned after its cut would fill its corners with its own
+    border (the ordinary loader turns the volume, then cuts)."""
+    augment = dict(augment or {})
+    if patch_size and augment.get("rotate_deg", 0) > 0 and augment.get("rotate_prob", 0) > 0:
+        return (f"data.augment.rotate_prob={augment['rotate_prob']} with data.patch_size="
+                f"{list(patch_size)}: the device cache rotates whole volumes only; set "
+                "data.device_cache=false (the loader rotates, then cuts patches) or "
+                "rotate_prob to 0")
+    return None
+
+
 class DeviceBatches:
     """An iterable of training batches over samples stacked on ``device``.
 
@@ -32,7 +45,7 @@ class DeviceBatches:
         structures, lr_pairs: mask channel names and the pairs a left/right flip swaps.
         augment: ``flip_lr``, ``flip_ap``, ``flip_si`` probabilities; ``rotate_deg`` and
             ``rotate_prob`` (a rotation about z by an angle uniform in +-rotate_deg, about
-            the grid's centre, in patient mm); ``intensity_shift`` and ``intensity_prob``
+            the grid's centre, in patient mm; whole volumes only); ``intensity_shift`` and ``intensity_prob``
             (an offset uniform in +-intensity_shift added to the windowed CT).
         patch_size: (Z, Y, X) random patch, or ``None`` for whole volumes.
         dose_patch_fraction: fraction of patches centred on voxels with normalised dose
@@ -64,6 +77,9 @@ class DeviceBatches:
         self.permutation = torch.tensor(lr_permutation(structures, lr_pairs), device=self.device)
         self.prior_permutation = (torch.tensor(list(prior_permutation), device=self.device)
                                   if prior_permutation else None)
+        problem = rotation_problem(augment, patch_size)
+        if problem:
+            raise ValueError(problem)
         self.augment = dict(augment or {})
         self.patch_size = list(patch_size) if patch_size else None
         self.dose_patch_fraction = float(dose_patch_fraction)
