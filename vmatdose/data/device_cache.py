@@ -189,10 +189,12 @@ def rotate_about_z(volumes: torch.Tensor, angles: torch.Tensor, spacing_mm: torc
     moved = angles != 0
     if not moved.any():
         return volumes
-    x = volumes[moved].float()
-    height = x.shape[-2] * spacing_mm[moved, 1].to(x)  # the grid's extent in mm
-    width = x.shape[-1] * spacing_mm[moved, 2].to(x)
-    cos, sin = torch.cos(angles[moved]).to(x), torch.sin(angles[moved]).to(x)
+    on_device = moved.to(volumes.device)
+    x = volumes[on_device].float()
+    height = x.shape[-2] * spacing_mm[moved.to(spacing_mm.device), 1].to(x)  # extent, mm
+    width = x.shape[-1] * spacing_mm[moved.to(spacing_mm.device), 2].to(x)
+    turn = angles[moved].to(x)
+    cos, sin = torch.cos(turn), torch.sin(turn)
     theta = torch.zeros(len(x), 3, 4, dtype=x.dtype, device=x.device)
     # affine_grid's coordinates run -1..1 across each axis, (x, y, z) order: the rotation
     # in mm, conjugated by each axis' half extent
@@ -202,5 +204,5 @@ def rotate_about_z(volumes: torch.Tensor, angles: torch.Tensor, spacing_mm: torc
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     rotated = F.grid_sample(x, grid, mode=mode, padding_mode="border", align_corners=False)
     result = volumes.clone()
-    result[moved] = rotated.to(volumes.dtype)
+    result[on_device] = rotated.to(volumes.dtype)
     return result
