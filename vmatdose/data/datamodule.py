@@ -16,6 +16,7 @@ from monai.transforms import Compose
 from vmatdose.config_schema import CT_WINDOW_HU, SDF_SCALE_MM, DataConfig, SplitConfig
 from vmatdose.data.case import list_case_files
 from vmatdose.data.conditioning import conditioning_spec
+from vmatdose.data.device_cache import rotation_problem
 from vmatdose.data.pipeline import (
     InputSettings,
     SamplingSettings,
@@ -153,8 +154,6 @@ first; any other folder without case files is an error naming it.
             float(dose_patch_fraction))
         check_sector_augment(self.inputs, self.sampling)
         if self.device_cache:
-            from vmatdose.data.device_cache import rotation_problem
-
             problem = rotation_problem(self.sampling.augment, self.sampling.patch_size)
             if problem:
                 raise ValueError(problem)

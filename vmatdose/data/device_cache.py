@@ -183,9 +183,10 @@ def rotate_about_z(volumes: torch.Tensor, angles: torch.Tensor, spacing_mm: torc
                    mode: str = "bilinear") -> torch.Tensor:
     """Each case of ``volumes`` (B, C, Z, Y, X) rotated in its axial plane about the grid's
     centre by ``angles`` (B,) radians (0: left as it is), in patient mm (``spacing_mm``
-    (B, 3), z y x, so a non-square grid or pixel is rotated without shear); values from
-    outside the grid are those of its border, as the ordinary loader's rotation. Same
-    dtype as ``volumes`` (interpolated in float32)."""
+    (B, 3), z y x, so a non-square grid or pixel is rotated without shear; the ordinary
+    loader's MONAI rotation turns voxel indices, the same where pixels are square); values
+    from outside the grid are those of its border, as there. Same dtype as ``volumes``
+    (interpolated in float32)."""
     moved = angles != 0
     if not moved.any():
         return volumes
