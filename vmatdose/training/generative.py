@@ -38,6 +38,7 @@ from vmatdose.models.noise_level import downsampling_factor
 from vmatdose.models.prior_correction import PriorCorrectionNet
 from vmatdose.models.timestep_sampling import TimestepSampling
 from vmatdose.training.module import DoseModule, weight_decay_groups
+from vmatdose.training.weight_averaging import check_ema_decay, ema_decay_at
 
 
 def dose_to_model(dose: torch.Tensor, dose_max: float) -> torch.Tensor:
@@ -151,9 +152,7 @@ class GenerativeDoseModule(DoseModule, abc.ABC):
         self.prior_channel = None if prior_channel is None else int(prior_channel)
         if self.prior_channel is not None:  # the input is [diffused dose, image]
             self.net = PriorCorrectionNet(self.net, self.prior_channel + 1, self.dose_max)
-        if ema_decay is not None and not 0.0 < ema_decay < 1.0:
-            raise ValueError(f"ema_decay must be in (0, 1) or null, not {ema_decay}")
-        self.ema_decay = None if ema_decay is None else float(ema_decay)
+        self.ema_decay = check_ema_decay(ema_decay, "model.ema_decay")
         self.ema_net: nn.Module | None = None
         if self.ema_decay is not None:
             self.ema_net = copy.deepcopy(self.net).requires_grad_(False)
@@ -171,8 +170,7 @@ class GenerativeDoseModule(DoseModule, abc.ABC):
         """One moving-average update of ``ema_net`` towards ``net`` (see ``ema_decay``)."""
         if self.ema_net is None:
             return
-        n = int(self.ema_updates)
-        decay = min(self.ema_decay, (1.0 + n) / (10.0 + n))
+        decay = ema_decay_at(self.ema_decay, int(self.ema_updates))
         for average, current in zip(self.ema_net.parameters(), self.net.parameters()):
             average.lerp_(current.detach().to(average.dtype), 1.0 - decay)
         for average, current in zip(self.ema_net.buffers(), self.net.buffers()):

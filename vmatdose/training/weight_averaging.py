@@ -1,0 +1,77 @@
+"""An exponential moving average (EMA) of the weights, for validation, checkpoints and
+inference: Lightning's :class:`~lightning.pytorch.callbacks.WeightAveraging` with a
+warm-up, so the average forgets the random initial weights within a short run.
+
+With the callback on, validation (and so the best checkpoint's choice) sees the averaged
+weights, every checkpoint's ``state_dict`` holds them (the training weights travel beside
+them, for resuming), and the module ends training with them: the
+:class:`~vmatdose.inference.predictor.Predictor` and ``vmatdose.evaluate`` read the average
+without knowing it was one.
+"""
+
+from __future__ import annotations
+
+import torch
+from lightning.pytorch.callbacks import WeightAveraging
+
+
+def ema_decay_at(decay: float, n_averaged: int) -> float:
+    """The decay of the ``n_averaged``-th update (0 for the first): ``min(decay, (1 + n) /
+    (10 + n))``. Early on the average spans about n / 9 steps, so what it remembers of the
+    start of training is ~10 % of the run, until ``decay`` caps it (at 0.999: n = 9000)."""
+    return min(float(decay), (1.0 + n_averaged) / (10.0 + n_averaged))
+
+
+def check_ema_decay(decay: float | None, key: str) -> float | None:
+    """``decay`` as a float in (0, 1), or ``None`` (off); anything else is refused, naming
+    the config ``key``."""
+    if decay is None:
+        return None
+    if not 0.0 < float(decay) < 1.0:
+        raise ValueError(f"{key}={decay}: an EMA decay must be in (0, 1), or null (off)")
+    return float(decay)
+
+
+class EMAWeightAveraging(WeightAveraging):
+    """Keep an EMA of every parameter and buffer of the module, updated after each optimizer
+    step with the decay of :func:`ema_decay_at`.
+
+    Args:
+        decay: the EMA's decay once warmed up (e.g. 0.999); ``None``: off (the callback
+            does nothing, so the config can carry it switched off).
+    """
+
+    def __init__(self, decay: float | None = None) -> None:
+        self.decay = check_ema_decay(decay, "callbacks.weight_averaging.decay")
+        super().__init__(avg_fn=self._average)
+
+    def _average(self, averaged: torch.Tensor, current: torch.Tensor,
+                 n_averaged: torch.Tensor) -> torch.Tensor:
+        if not averaged.is_floating_point():  # step counters and the like: follow the model
+            return current
+        return averaged.lerp(current.to(averaged.dtype),
+                             1.0 - ema_decay_at(self.decay, int(n_averaged)))
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if self.decay is None:
+            return
+        if getattr(pl_module, "ema_net", None) is not None:
+            raise ValueError("callbacks.weight_averaging.decay is set, but the model keeps its "
+                             "own average (model.ema_decay): use one of the two")
+        super().setup(trainer, pl_module, stage)
+
+    def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
+        return self.decay is not None and step_idx is not None
+
+    # Switched off, the callback stays out of training, checkpoints and their loading.
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self._average_model is not None:
+            super().on_train_end(trainer, pl_module)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        if self._average_model is not None:
+            super().on_save_checkpoint(trainer, pl_module, checkpoint)
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        if self._average_model is not None:
+            super().on_load_checkpoint(trainer, pl_module, checkpoint)
