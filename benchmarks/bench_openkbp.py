@@ -119,6 +119,8 @@ def main(argv: list[str]) -> dict:
     result = {
         "recipe": f"experiment={args.experiment}", "overrides": overrides,
         "machine": f"{args.threads}-thread CPU (2-core shared machine), no GPU",
+        "cpu": cpu_name(), "precision": json.loads(
+            (run_dir / "run_record.json").read_text()).get("precision"),
         "source": datamodule.source_dir.name, "n_train": len(datamodule.paths_of("train")),
         "n_val": len(val_paths), "wall_s": round(wall_s, 1), "train_s": round(train_s, 1),
         "eval_s": round(wall_s - train_s, 1), "epochs": int(trainer.current_epoch),
@@ -146,12 +148,29 @@ def main(argv: list[str]) -> dict:
     return result
 
 
+def cpu_name() -> str:
+    """The CPU's model name and whether it has AVX-512 BF16 (what precision=auto reads)."""
+    from vmatdose.training.precision import cpu_flags
+
+    name = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return name + (" with avx512_bf16" if "avx512_bf16" in cpu_flags() else "")
+
+
 def print_table(r: dict) -> None:
     print(f"\nOpenKBP {r['recipe']} on {r['source']} ({r['n_train']} train, "
           f"{r['n_val']} validation patients), {r['machine']}")
     print(f"wall {r['wall_s'] / 60:.1f} min (train {r['train_s'] / 60:.1f}, eval "
           f"{r['eval_s'] / 60:.1f}), {r['epochs']} epochs, {r['steps']} steps, "
           f"{r['steps_per_s']:.2f} steps/s; prior: {r['prior_dose']}")
+    precision = (r.get("precision") or {}).get("chosen", "?")
+    print(f"{r.get('cpu', 'unknown CPU')}, precision {precision}")
     print(f"gamma 3 %/3 mm pass rate: body {r['gamma_pass_body_pct']:.1f} %, targets "
           f"{r['gamma_pass_targets_pct']:.1f} %, 10-50 % dose {r['gamma_pass_10_50pct_dose_pct']:.1f} %")
     print(f"{'':28s}{'dose score (Gy)':>16s}{'DVH score (Gy)':>16s}")

@@ -41,6 +41,18 @@ def test_data_config_reads_the_protocol_and_openkbp_selects_head_neck():
     assert openkbp.model.net.in_channels == 1 + 10
 
 
+def test_max_dose_limits_are_the_lowest_dmax_limit_of_each_organ():
+    assert Protocol.load("head_neck").max_dose_limits_gy == {"SpinalCord": 45.0,
+                                                            "Brainstem": 54.0}
+    base = Protocol.load("prostate_sib").to_dict()
+    base["constraints"] += [{"structure": "Femur_L", "metric": "Dmax", "op": "<=",
+                             "limit": 48.0},
+                            {"structure": "Rectum", "metric": "Dmax", "op": ">", "limit": 1.0},
+                            {"structure": "PTV70", "metric": "Dmax", "op": "<", "limit": 80.0}]
+    # the lower of Femur_L's two limits; not a ">" constraint, not a target's
+    assert Protocol.from_dict(base).max_dose_limits_gy == {"Femur_L": 48.0, "Femur_R": 50.0}
+
+
 def test_round_trip_and_bad_protocols_are_refused():
     hn = Protocol.load("head_neck")
     assert Protocol.from_dict(hn.to_dict()) == hn

@@ -183,6 +183,7 @@ class EvalConfig:
     split_file: str | None = None
     spacing_mismatch: str = "resample"
     target_dose_floor: float | None = None
+    oar_dose_ceiling: float | None = None
     accelerator: str = "auto"
     protocol: Any = None
     data: Any = None
@@ -209,6 +210,7 @@ class PredictConfig:
     export_openkbp: bool = False
     overwrite: bool = False
     target_dose_floor: float | None = None
+    oar_dose_ceiling: float | None = None
     accelerator: str = "auto"
     paths: dict[str, Any] = field(default_factory=dict)
 
@@ -560,18 +562,29 @@ def check_target_dose_floor(fraction: float | None, key: str = "model.target_dos
     return None if fraction is None else float(fraction)
 
 
+def check_oar_dose_ceiling(fraction: float | None, key: str = "model.oar_dose_ceiling"
+                           ) -> float | None:
+    """``fraction`` of the organs' maximum-dose limits as a float in (0, 1.2], or ``None``;
+    ``ValueError`` naming ``key`` otherwise."""
+    if not is_target_dose_floor(fraction):  # the same range
+        raise ValueError(f"{key} must be a fraction of the organs' maximum-dose limits in "
+                         f"(0, {TARGET_DOSE_FLOOR_MAX}] or null, got {fraction!r}")
+    return None if fraction is None else float(fraction)
+
+
 def target_dose_floor_errors(cfg: Any) -> list[str]:
-    """``target_dose_floor`` (predict, evaluate) and ``model.target_dose_floor`` (train)
-    out of range."""
+    """``target_dose_floor`` / ``oar_dose_ceiling`` (predict, evaluate) and their
+    ``model.`` keys (train) out of range."""
     model = cfg.get("model") or {}
     errors = []
-    for key, node in (("target_dose_floor", cfg), ("model.target_dose_floor", model)):
-        name = key.rsplit(".", 1)[-1]
-        if hasattr(node, "get") and name in node:
-            value = node.get(name)
-            errors += _check(is_target_dose_floor(value), key, value,
-                             f"must be a fraction of the prescription in "
-                             f"(0, {TARGET_DOSE_FLOOR_MAX}], or null")
+    for name, what in (("target_dose_floor", "the prescription"),
+                       ("oar_dose_ceiling", "the organs' maximum-dose limits")):
+        for key, node in ((name, cfg), (f"model.{name}", model)):
+            if hasattr(node, "get") and name in node:
+                value = node.get(name)
+                errors += _check(is_target_dose_floor(value), key, value,
+                                 f"must be a fraction of {what} in "
+                                 f"(0, {TARGET_DOSE_FLOOR_MAX}], or null")
     return errors
 
 

@@ -98,6 +98,17 @@ class Protocol:
         """The dose normalisation: the highest prescription, Gy."""
         return max(self.prescriptions_gy.values())
 
+    @property
+    def max_dose_limits_gy(self) -> dict[str, float]:
+        """Organ at risk -> the lowest limit (Gy) of its maximum-dose constraints
+        (``metric: Dmax``, ``op`` ``<`` or ``<=``); organs without one are absent."""
+        limits: dict[str, float] = {}
+        for c in self.constraints:
+            name = str(c["structure"])
+            if name in self.oars and c["metric"] == "Dmax" and c["op"] in ("<", "<="):
+                limits[name] = min(float(c["limit"]), limits.get(name, float("inf")))
+        return limits
+
     def missing_targets(self, present: Iterable[str]) -> list[str]:
         """The required targets a case with structures ``present`` lacks; empty if it
         satisfies the protocol (``any``: empty when at least one is present)."""

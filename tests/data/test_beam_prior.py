@@ -18,7 +18,7 @@ from vmatdose.data.beam_prior import (
 )
 from vmatdose.data.beams import BeamArrangement
 from vmatdose.data.input_spec import InputSpec
-from vmatdose.data.prior import PriorDosed, check_prior_config, floor_targets
+from vmatdose.data.prior import PriorDosed, cap_organs, check_prior_config, floor_targets
 
 SPACING = (2.0, 2.0, 2.0)
 SHAPE = (12, 64, 64)
@@ -253,3 +253,13 @@ def test_a_mirrored_case_gets_its_sectors_mirrored_into_the_swapped_channels():
     np.testing.assert_allclose(mirrored[swap], out[..., ::-1], atol=2e-3)
     unswapped = np.abs(mirrored[2] - out[2][..., ::-1]).max()
     assert unswapped > 10 * 2e-3  # the 40-degree sector is not its own mirror image
+
+
+def test_cap_organs_lowers_only_hot_organ_voxels_outside_the_kept_ones():
+    dose = np.array([[[10.0, 50.0, 60.0, 70.0]]], np.float32)  # (1, 1, 4) Gy
+    cord = np.array([[[1, 1, 1, 1]]], bool)
+    target = np.array([[[0, 0, 0, 1]]], bool)
+    capped = cap_organs(dose, cord[None], [45.0], keep=target)
+    np.testing.assert_array_equal(capped, [[[10.0, 45.0, 45.0, 70.0]]])
+    np.testing.assert_array_equal(cap_organs(dose, cord[None], [45.0]), [[[10, 45, 45, 45]]])
+    assert dose[0, 0, 2] == 60.0  # the input is left as it was

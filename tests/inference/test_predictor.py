@@ -113,6 +113,29 @@ def test_the_target_dose_floor_raises_only_the_cold_target_voxels(phantom, tmp_p
     np.testing.assert_array_equal(floored[raised], expected[raised])
 
 
+def test_the_oar_dose_ceiling_lowers_only_the_hot_organ_voxels_outside_the_targets(
+        phantom, tmp_path):
+    ckpt, case = phantom
+    predictor = Predictor.from_checkpoint(ckpt, "cpu")
+    assert predictor.module.oar_dose_ceiling is None  # the phantom recipe: off
+    limits = predictor.protocol.max_dose_limits_gy
+    assert limits == {"Femur_L": 50.0, "Femur_R": 50.0}  # prostate_sib's Dmax constraints
+    path = write(case, tmp_path)
+    plain = predictor.predict(path).dose_gy
+    # 0.1 x 50 Gy: low enough that the phantom's femurs hold dose above it
+    capped = Predictor.from_checkpoint(ckpt, "cpu", oar_dose_ceiling=0.1).predict(path).dose_gy
+    targets = np.logical_or.reduce([case.mask(t) > 0 for t in predictor.protocol.targets
+                                    if t in case.structures])
+    organs = np.logical_or.reduce([case.mask(o) > 0 for o in limits]) & ~targets
+    assert capped[organs].max() <= np.float32(5.0)
+    lowered = capped != plain
+    assert lowered.any() and not lowered[~organs].any()  # nothing outside, targets kept
+    np.testing.assert_array_equal(capped[lowered], np.float32(5.0))
+    assert (plain[lowered] > 5.0).all()
+
+
 def test_a_target_dose_floor_out_of_range_is_refused_before_the_checkpoint_is_read(tmp_path):
     with pytest.raises(ValueError, match=r"target_dose_floor must be a fraction .* got 1.5"):
         Predictor.from_checkpoint(tmp_path / "absent.ckpt", "cpu", target_dose_floor=1.5)
+    with pytest.raises(ValueError, match=r"oar_dose_ceiling must be a fraction .* got 0"):
+        Predictor.from_checkpoint(tmp_path / "absent.ckpt", "cpu", oar_dose_ceiling=0)

@@ -64,12 +64,14 @@ def evaluate_checkpoint(ckpt_path: str | Path, output_dir: str | Path, *, split:
                         data_cfg: DictConfig | None = None, split_file: str | None = None,
                         evaluation: Mapping | None = None, accelerator: str = "auto",
                         spacing_mismatch: str = DEFAULT_SPACING_POLICY,
-                        target_dose_floor: float | None = None) -> tuple[pd.DataFrame, dict]:
+                        target_dose_floor: float | None = None,
+                        oar_dose_ceiling: float | None = None) -> tuple[pd.DataFrame, dict]:
     """Evaluate a checkpoint on ``split`` of the data it was trained on (``data_cfg``
     ``None``: its folder and split, or ``split_file``) or of ``data_cfg``'s case files;
-    ``target_dose_floor`` replaces the model's (``None``: the checkpoint's own)."""
+    ``target_dose_floor`` and ``oar_dose_ceiling`` replace the model's (``None``: the
+    checkpoint's own)."""
     predictor = Predictor.from_checkpoint(ckpt_path, accelerator, spacing_mismatch,
-                                          target_dose_floor)
+                                          target_dose_floor, oar_dose_ceiling)
     contract = predictor.contract
     if data_cfg is None:
         paths, train = _checkpoint_split(contract, split, split_file)
@@ -147,7 +149,8 @@ def run_evaluation(cfg: DictConfig, output_dir: str | Path,
             data_cfg=cfg.data if data_from == "config" else None, evaluation=evaluation,
             accelerator=cfg.get("accelerator", "auto"),
             spacing_mismatch=cfg.get("spacing_mismatch", DEFAULT_SPACING_POLICY),
-            target_dose_floor=cfg.get("target_dose_floor"))
+            target_dose_floor=cfg.get("target_dose_floor"),
+            oar_dose_ceiling=cfg.get("oar_dose_ceiling"))
     return evaluate_prediction_folder(cfg.predictions_dir, cfg.data,
                                       Protocol.from_dict(cfg.protocol), output_dir,
                                       split=cfg.split, split_file=cfg.get("split_file"),

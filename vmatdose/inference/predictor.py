@@ -19,12 +19,12 @@ import numpy as np
 import torch
 from monai.transforms import Compose
 
-from vmatdose.config_schema import check_target_dose_floor
+from vmatdose.config_schema import check_oar_dose_ceiling, check_target_dose_floor
 from vmatdose.data.body_region import body_mismatch
 from vmatdose.data.case import Case, load_case
 from vmatdose.data.ingest.training_grid import full_target_grid, source_ct_grid
 from vmatdose.data.pipeline import inference_transform
-from vmatdose.data.prior import floor_targets
+from vmatdose.data.prior import cap_organs, floor_targets
 from vmatdose.data.resample import Grid, resample_case, resample_case_onto, resample_volume
 from vmatdose.data.validation import SPACING_TOLERANCE, check_cases
 from vmatdose.inference.checkpoint import CheckpointContract, read_checkpoint
@@ -112,14 +112,19 @@ class Predictor:
     @classmethod
     def from_checkpoint(cls, ckpt_path: str | Path, accelerator: str = "auto",
                         spacing_mismatch: str = DEFAULT_SPACING_POLICY,
-                        target_dose_floor: float | None = None) -> Predictor:
+                        target_dose_floor: float | None = None,
+                        oar_dose_ceiling: float | None = None) -> Predictor:
         """Read ``ckpt_path`` (once) and rebuild its model on the chosen device;
-        ``target_dose_floor`` replaces the model's (``None``: the checkpoint's own)."""
+        ``target_dose_floor`` and ``oar_dose_ceiling`` replace the model's (``None``: the
+        checkpoint's own)."""
         floor = check_target_dose_floor(target_dose_floor, "target_dose_floor")
+        ceiling = check_oar_dose_ceiling(oar_dose_ceiling, "oar_dose_ceiling")
         checkpoint = read_checkpoint(ckpt_path)
         module = checkpoint.build_module(resolve_device(accelerator))
         if floor is not None:
             module.target_dose_floor = floor
+        if ceiling is not None:
+            module.oar_dose_ceiling = ceiling
         return cls(module, checkpoint.contract, spacing_mismatch)
 
     def check(self, paths: Sequence[Path]) -> None:
@@ -159,8 +164,8 @@ class Predictor:
         scale = self.contract.dose_scale_gy
         dose, std_gy = (np.asarray(mean[0, 0]) * scale).astype(np.float32), \
             None if std is None else (np.asarray(std[0, 0]) * scale).astype(np.float32)
-        # floored on the grid the model predicts on, so both routes of one patient agree
-        dose = self.floor_targets(work, dose)
+        # bounded on the grid the model predicts on, so both routes of one patient agree
+        dose = self.cap_organs(work, self.floor_targets(work, dose))
         if work is not case:
             dose, std_gy = self._back_on(case, work, dose, std_gy)
         return Prediction(case, Path(path), dose, std_gy)
@@ -181,6 +186,25 @@ class Predictor:
             np.zeros((0, *dose_gy.shape), bool)
         return floor_targets(dose_gy, masks,
                              [fraction * self.protocol.prescriptions_gy[t] for t in targets])
+
+    def cap_organs(self, case: Case, dose_gy: np.ndarray) -> np.ndarray:
+        """(Z, Y, X) ``dose_gy`` on ``case``'s grid lowered inside each of its organs with a
+        maximum-dose limit in the protocol to at most ``module.oar_dose_ceiling`` x that
+        limit (Gy), outside its targets; as is when that is ``None`` (see
+        :meth:`floor_targets` for the grid)."""
+        fraction = getattr(self.module, "oar_dose_ceiling", None)
+        if fraction is None:
+            return dose_gy
+        limits = {o: v for o, v in self.protocol.max_dose_limits_gy.items()
+                  if o in case.structures}
+        if not limits:
+            return dose_gy
+        targets = [t for t in self.protocol.prescriptions_gy if t in case.structures]
+        keep = np.zeros(dose_gy.shape, bool)
+        for target in targets:
+            keep |= case.mask(target) > 0
+        return cap_organs(dose_gy, np.stack([case.mask(o) > 0 for o in limits]),
+                          [fraction * v for v in limits.values()], keep)
 
     def on_training_grid(self, case: Case) -> Case:
         """The case on the grid the model predicts it on: for a case from DICOM (its source

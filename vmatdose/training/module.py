@@ -12,7 +12,8 @@ import lightning as L
 import torch
 from torch import nn
 
-from vmatdose.config_schema import body_crop_problem, check_target_dose_floor
+from vmatdose.config_schema import (body_crop_problem, check_oar_dose_ceiling,
+                                    check_target_dose_floor)
 from vmatdose.data.input_spec import InputSpec
 from vmatdose.inference.body_crop import body_box, crop_batch
 from vmatdose.inference.checkpoint import CHECKPOINT_KEY, contract_input_spec
@@ -91,6 +92,11 @@ class DoseModule(L.LightningModule):
             their targets; a network's target edges come out low). Training's validation
             (the network-grid MAE that picks the best checkpoint) does not apply it.
             ``None``: off.
+        oar_dose_ceiling: the predicted dose inside each organ at risk with a maximum-dose
+            constraint in the protocol (``Dmax <`` limit) is lowered to at most this
+            fraction of the limit, outside the targets, by the Predictor as the floor
+            (plans meet their organs' hard limits; a network's smooth dose spills over
+            them). ``None``: off.
         body_crop_margin: the network sees only the box holding the body, grown by this
             many network-grid voxels on each side and rounded up to ``divisible_by``, in
             training (the batch's box), validation and inference (each case's box)
@@ -125,6 +131,7 @@ class DoseModule(L.LightningModule):
         film: Mapping | None = None,
         target_dose_floor: float | None = None,
         body_crop_margin: int | None = None,
+        oar_dose_ceiling: float | None = None,
     ):
         super().__init__()
         problem = body_crop_problem(body_crop_margin, loss_in_body, zero_outside_body)
@@ -132,6 +139,7 @@ class DoseModule(L.LightningModule):
             raise ValueError(f"model.body_crop_margin={body_crop_margin!r}: {problem}")
         self.body_crop_margin = body_crop_margin
         self.target_dose_floor = check_target_dose_floor(target_dose_floor)
+        self.oar_dose_ceiling = check_oar_dose_ceiling(oar_dose_ceiling)
         self.max_relative_dose = max_relative_dose
         self.tta = None if tta == "none" else tta
         self.tta_axes = [int(a) for a in tta_axes]
