@@ -10,9 +10,11 @@ not counted) beside the precision the run chose (``run_record.json``).
 
 The versions:
 
-- ``issue-start``: fp32 chosen by hand, the default memory layout, whole volumes
-  (``trainer.precision=32-true callbacks.memory_format.format=contiguous
-  model.body_crop_margin=null data.divisible_by=16``);
+- ``issue-start``: fp32 chosen by hand, the default memory layout, whole volumes, the
+  24-wide network without the EMA (``trainer.precision=32-true
+  callbacks.memory_format.format=contiguous model.body_crop_margin=null
+  data.divisible_by=16 model.net.channels=[24,48,96,192]
+  callbacks.weight_averaging.decay=null``);
 - ``recipe``: the recipe as committed (``trainer.precision=auto`` picks bf16 on a CPU with
   AVX-512 BF16 or AMX, channels-last on the CPU, the body's box).
 
@@ -37,7 +39,9 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 VERSIONS = {
     "issue-start": ["trainer.precision=32-true", "callbacks.memory_format.format=contiguous",
-                    "model.body_crop_margin=null", "data.divisible_by=16"],
+                    "model.body_crop_margin=null", "data.divisible_by=16",
+                    "model.net.channels=[24,48,96,192]",
+                    "callbacks.weight_averaging.decay=null"],
     "recipe": [],
 }
 
