@@ -534,57 +534,53 @@ def value_errors(cfg: Any) -> list[str]:
         errors += data_value_errors(cfg.data, model.get("divisible_by"))
     if cfg.get("evaluation") is not None:
         errors += evaluation_value_errors(cfg.evaluation)
-    errors += target_dose_floor_errors(cfg) + body_crop_errors(cfg)
+    errors += dose_bound_errors(cfg) + body_crop_errors(cfg)
     for group in TARGET_CHECKED:
         if cfg.get(group) is not None:
             errors += unknown_key_errors(cfg._get_node(group), group)
     return errors + training_value_errors(cfg) + resolution_errors(cfg)
 
 
-#: The largest ``target_dose_floor`` (a fraction of the prescription) accepted.
-TARGET_DOSE_FLOOR_MAX = 1.2
+#: The Predictor's bounds on a prediction (``model.<name>``; ``predict`` / ``evaluate``
+#: ``<name>=`` replace a checkpoint's) and what each is a fraction of.
+DOSE_BOUNDS = {"target_dose_floor": "the prescription",
+               "oar_dose_ceiling": "the organs' maximum-dose limits"}
+#: The largest dose bound (a fraction) accepted.
+DOSE_FRACTION_MAX = 1.2
 
 
-def is_target_dose_floor(fraction: object) -> bool:
-    """Whether ``fraction`` is ``None`` or a number in (0, :data:`TARGET_DOSE_FLOOR_MAX`]."""
+def is_dose_fraction(fraction: object) -> bool:
+    """Whether ``fraction`` is ``None`` or a number in (0, :data:`DOSE_FRACTION_MAX`]."""
     return fraction is None or (isinstance(fraction, (int, float))
                                 and not isinstance(fraction, bool)
-                                and 0.0 < fraction <= TARGET_DOSE_FLOOR_MAX)
+                                and 0.0 < fraction <= DOSE_FRACTION_MAX)
 
 
-def check_target_dose_floor(fraction: float | None, key: str = "model.target_dose_floor"
-                            ) -> float | None:
-    """``fraction`` of the prescription as a float in (0, 1.2], or ``None``;
-    ``ValueError`` naming ``key`` otherwise."""
-    if not is_target_dose_floor(fraction):
-        raise ValueError(f"{key} must be a fraction of the prescription in "
-                         f"(0, {TARGET_DOSE_FLOOR_MAX}] or null, got {fraction!r}")
+def _dose_bound_problem(name: str) -> str:
+    return f"must be a fraction of {DOSE_BOUNDS[name]} in (0, {DOSE_FRACTION_MAX}]"
+
+
+def check_dose_bound(name: str, fraction: float | None, key: str | None = None
+                     ) -> float | None:
+    """``fraction`` for the bound ``name`` (a key of :data:`DOSE_BOUNDS`) as a float in
+    (0, 1.2], or ``None``; ``ValueError`` naming ``key`` (default ``model.<name>``)
+    otherwise."""
+    if not is_dose_fraction(fraction):
+        raise ValueError(f"{key or 'model.' + name} {_dose_bound_problem(name)} or null, "
+                         f"got {fraction!r}")
     return None if fraction is None else float(fraction)
 
 
-def check_oar_dose_ceiling(fraction: float | None, key: str = "model.oar_dose_ceiling"
-                           ) -> float | None:
-    """``fraction`` of the organs' maximum-dose limits as a float in (0, 1.2], or ``None``;
-    ``ValueError`` naming ``key`` otherwise."""
-    if not is_target_dose_floor(fraction):  # the same range
-        raise ValueError(f"{key} must be a fraction of the organs' maximum-dose limits in "
-                         f"(0, {TARGET_DOSE_FLOOR_MAX}] or null, got {fraction!r}")
-    return None if fraction is None else float(fraction)
-
-
-def target_dose_floor_errors(cfg: Any) -> list[str]:
-    """``target_dose_floor`` / ``oar_dose_ceiling`` (predict, evaluate) and their
-    ``model.`` keys (train) out of range."""
+def dose_bound_errors(cfg: Any) -> list[str]:
+    """The dose bounds (predict, evaluate) and their ``model.`` keys (train) out of range."""
     model = cfg.get("model") or {}
     errors = []
-    for name, what in (("target_dose_floor", "the prescription"),
-                       ("oar_dose_ceiling", "the organs' maximum-dose limits")):
+    for name in DOSE_BOUNDS:
         for key, node in ((name, cfg), (f"model.{name}", model)):
             if hasattr(node, "get") and name in node:
                 value = node.get(name)
-                errors += _check(is_target_dose_floor(value), key, value,
-                                 f"must be a fraction of {what} in "
-                                 f"(0, {TARGET_DOSE_FLOOR_MAX}], or null")
+                errors += _check(is_dose_fraction(value), key, value,
+                                 f"{_dose_bound_problem(name)}, or null")
     return errors
 
 

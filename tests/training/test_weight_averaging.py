@@ -6,8 +6,7 @@ import lightning as L
 import pytest
 import torch
 
-from vmatdose.training.weight_averaging import (EMAWeightAveraging, check_ema_decay,
-                                                ema_decay_at)
+from vmatdose.training.weight_averaging import EMAWeightAveraging, check_ema_decay, ema_decay_at
 
 
 class TinyConvModule(L.LightningModule):
@@ -19,6 +18,7 @@ class TinyConvModule(L.LightningModule):
         self.net = torch.nn.Sequential(torch.nn.Conv3d(2, 4, 3, padding=1), torch.nn.PReLU(),
                                        torch.nn.Conv3d(4, 1, 3, padding=1))
         self.after_step: list[list[torch.Tensor]] = []
+        self.at_start: list[torch.Tensor] = []
         self.in_validation: list[list[torch.Tensor]] = []
 
     def weights(self) -> list[torch.Tensor]:
@@ -26,6 +26,9 @@ class TinyConvModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         return (self.net(batch["image"]) - batch["dose"]).abs().mean()
+
+    def on_train_start(self):
+        self.at_start = self.weights()
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
         self.after_step.append(self.weights())
@@ -40,7 +43,7 @@ class TinyConvModule(L.LightningModule):
         return torch.optim.AdamW(self.parameters(), lr=0.05)
 
 
-def _fit(decay, tmp_path, epochs=3):
+def _fit(decay, tmp_path, epochs=3, ckpt_path=None):
     torch.manual_seed(0)
     data = [{"image": torch.randn(2, 6, 8, 8), "dose": torch.rand(1, 6, 8, 8)}
             for _ in range(8)]
@@ -50,7 +53,7 @@ def _fit(decay, tmp_path, epochs=3):
     trainer = L.Trainer(accelerator="cpu", max_epochs=epochs, logger=False,
                         enable_progress_bar=False, enable_model_summary=False,
                         callbacks=[EMAWeightAveraging(decay), checkpoint])
-    trainer.fit(module, loader, loader)
+    trainer.fit(module, loader, loader, ckpt_path=ckpt_path)
     return module
 
 
@@ -101,6 +104,19 @@ def test_checkpoints_hold_the_average_and_the_training_weights_beside_it(tmp_pat
         torch.testing.assert_close(ckpt["current_model_state"][name], trained[name])
 
 
+def test_resumed_without_it_training_goes_on_from_the_training_weights(tmp_path, caplog):
+    first = _fit(0.9, tmp_path / "first", epochs=2)
+    ckpt = tmp_path / "first" / "last.ckpt"
+    resumed = _fit(None, tmp_path / "second", epochs=3, ckpt_path=ckpt)
+    for a, b in zip(resumed.at_start, first.after_step[-1]):  # not the average
+        torch.testing.assert_close(a, b)
+    assert any("average is dropped" in r.getMessage() for r in caplog.records)
+    # with the average on, the resumed run goes on from the training weights too
+    again = _fit(0.9, tmp_path / "third", epochs=3, ckpt_path=ckpt)
+    for a, b in zip(again.at_start, first.after_step[-1]):
+        torch.testing.assert_close(a, b)
+
+
 def test_switched_off_it_changes_nothing(tmp_path):
     module = _fit(None, tmp_path / "off")
     for a, b in zip(module.weights(), module.after_step[-1]):
@@ -124,10 +140,10 @@ def test_a_model_with_its_own_average_is_refused(tmp_path):
 def test_a_dose_model_trained_with_it_predicts_with_the_average(tmp_path):
     """The whole path: `callbacks.weight_averaging.decay` on a debug=smoke run, then the
     Predictor (as `predict` and `evaluate` build it) holds the checkpoint's average."""
-    from conftest import smoke_config
-
     from vmatdose.inference.predictor import Predictor
     from vmatdose.training.fit import fit
+
+    from conftest import smoke_config
 
     run = tmp_path / "run"
     cfg = smoke_config(tmp_path, run, "callbacks.weight_averaging.decay=0.9",

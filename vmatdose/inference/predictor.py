@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from monai.transforms import Compose
 
-from vmatdose.config_schema import check_oar_dose_ceiling, check_target_dose_floor
+from vmatdose.config_schema import check_dose_bound
 from vmatdose.data.body_region import body_mismatch
 from vmatdose.data.case import Case, load_case
 from vmatdose.data.ingest.training_grid import full_target_grid, source_ct_grid
@@ -117,8 +117,8 @@ class Predictor:
         """Read ``ckpt_path`` (once) and rebuild its model on the chosen device;
         ``target_dose_floor`` and ``oar_dose_ceiling`` replace the model's (``None``: the
         checkpoint's own)."""
-        floor = check_target_dose_floor(target_dose_floor, "target_dose_floor")
-        ceiling = check_oar_dose_ceiling(oar_dose_ceiling, "oar_dose_ceiling")
+        floor = check_dose_bound("target_dose_floor", target_dose_floor, "target_dose_floor")
+        ceiling = check_dose_bound("oar_dose_ceiling", oar_dose_ceiling, "oar_dose_ceiling")
         checkpoint = read_checkpoint(ckpt_path)
         module = checkpoint.build_module(resolve_device(accelerator))
         if floor is not None:

@@ -12,8 +12,7 @@ import lightning as L
 import torch
 from torch import nn
 
-from vmatdose.config_schema import (body_crop_problem, check_oar_dose_ceiling,
-                                    check_target_dose_floor)
+from vmatdose.config_schema import body_crop_problem, check_dose_bound
 from vmatdose.data.input_spec import InputSpec
 from vmatdose.inference.body_crop import body_box, crop_batch
 from vmatdose.inference.checkpoint import CHECKPOINT_KEY, contract_input_spec
@@ -138,8 +137,8 @@ class DoseModule(L.LightningModule):
         if problem:
             raise ValueError(f"model.body_crop_margin={body_crop_margin!r}: {problem}")
         self.body_crop_margin = body_crop_margin
-        self.target_dose_floor = check_target_dose_floor(target_dose_floor)
-        self.oar_dose_ceiling = check_oar_dose_ceiling(oar_dose_ceiling)
+        self.target_dose_floor = check_dose_bound("target_dose_floor", target_dose_floor)
+        self.oar_dose_ceiling = check_dose_bound("oar_dose_ceiling", oar_dose_ceiling)
         self.max_relative_dose = max_relative_dose
         self.tta = None if tta == "none" else tta
         self.tta_axes = [int(a) for a in tta_axes]

@@ -11,8 +11,13 @@ without knowing it was one.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from lightning.pytorch.callbacks import WeightAveraging
+from lightning.pytorch.trainer.states import TrainerFn
+
+log = logging.getLogger(__name__)
 
 
 def ema_decay_at(decay: float, n_averaged: int) -> float:
@@ -75,3 +80,10 @@ class EMAWeightAveraging(WeightAveraging):
     def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         if self._average_model is not None:
             super().on_load_checkpoint(trainer, pl_module, checkpoint)
+        elif "current_model_state" in checkpoint and trainer.state.fn == TrainerFn.FITTING:
+            # A run with the average resumed without it: its state_dict is the average, but
+            # the optimizer's state belongs to the training weights, so go on from those.
+            log.warning("the checkpoint holds an EMA of the weights, this run keeps none "
+                        "(callbacks.weight_averaging.decay=null): training resumes from its "
+                        "training weights and the average is dropped")
+            pl_module.load_state_dict(checkpoint["current_model_state"])
