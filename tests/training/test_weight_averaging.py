@@ -43,7 +43,7 @@ class TinyConvModule(L.LightningModule):
         return torch.optim.AdamW(self.parameters(), lr=0.05)
 
 
-def _fit(decay, tmp_path, epochs=3, ckpt_path=None):
+def _fit(decay, tmp_path, epochs=3, ckpt_path=None, warmup=10.0):
     torch.manual_seed(0)
     data = [{"image": torch.randn(2, 6, 8, 8), "dose": torch.rand(1, 6, 8, 8)}
             for _ in range(8)]
@@ -52,15 +52,17 @@ def _fit(decay, tmp_path, epochs=3, ckpt_path=None):
     checkpoint = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path, save_last=True)
     trainer = L.Trainer(accelerator="cpu", max_epochs=epochs, logger=False,
                         enable_progress_bar=False, enable_model_summary=False,
-                        callbacks=[EMAWeightAveraging(decay), checkpoint])
+                        callbacks=[EMAWeightAveraging(decay, warmup), checkpoint])
     trainer.fit(module, loader, loader, ckpt_path=ckpt_path)
     return module
 
 
-def _ema_by_hand(snapshots: list[list[torch.Tensor]], decay: float) -> list[torch.Tensor]:
+def _ema_by_hand(snapshots: list[list[torch.Tensor]], decay: float,
+                 warmup: float = 10.0) -> list[torch.Tensor]:
     average = [w.clone() for w in snapshots[0]]  # the first update copies the weights
     for n, weights in enumerate(snapshots[1:], start=1):
-        average = [a.lerp(w, 1.0 - ema_decay_at(decay, n)) for a, w in zip(average, weights)]
+        weight = 1.0 - ema_decay_at(decay, n, warmup)
+        average = [a.lerp(w, weight) for a, w in zip(average, weights)]
     return average
 
 
@@ -69,6 +71,26 @@ def test_the_warm_up_forgets_the_start_then_the_decay_caps_it():
     assert ema_decay_at(0.999, 90) == pytest.approx(0.91)
     assert ema_decay_at(0.999, 9000) == pytest.approx(0.999)
     assert ema_decay_at(0.99, 10**6) == 0.99
+    # a smaller warm-up constant averages more of the run: (1 + n) / (4 + n)
+    assert ema_decay_at(0.9999, 0, warmup=4) == pytest.approx(0.25)
+    assert ema_decay_at(0.9999, 96, warmup=4) == pytest.approx(0.97)
+    assert ema_decay_at(0.999, 10**6, warmup=4) == 0.999
+
+
+@pytest.mark.parametrize("warmup", [1.0, 0.5, -3])
+def test_a_warm_up_constant_of_one_or_less_is_refused_naming_the_key(warmup):
+    with pytest.raises(ValueError, match=r"callbacks\.weight_averaging\.warmup"):
+        EMAWeightAveraging(0.999, warmup)
+
+
+def test_the_warm_up_constant_sets_the_average_the_callback_keeps(tmp_path):
+    module = _fit(0.99, tmp_path, warmup=2.0)
+    expected = _ema_by_hand(module.after_step, 0.99, warmup=2.0)
+    for a, b in zip(module.weights(), expected):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    # and it is not the default warm-up's average
+    default = _ema_by_hand(module.after_step, 0.99)
+    assert max(float((a - b).abs().max()) for a, b in zip(expected, default)) > 1e-4
 
 
 @pytest.mark.parametrize("decay", [0.0, 1.0, 1.5, -0.1])

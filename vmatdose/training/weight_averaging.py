@@ -20,11 +20,13 @@ from lightning.pytorch.trainer.states import TrainerFn
 log = logging.getLogger(__name__)
 
 
-def ema_decay_at(decay: float, n_averaged: int) -> float:
+def ema_decay_at(decay: float, n_averaged: int, warmup: float = 10.0) -> float:
     """The decay of the ``n_averaged``-th update (0 for the first): ``min(decay, (1 + n) /
-    (10 + n))``. Early on the average spans about n / 9 steps, so what it remembers of the
-    start of training is ~10 % of the run, until ``decay`` caps it (at 0.999: n = 9000)."""
-    return min(float(decay), (1.0 + n_averaged) / (10.0 + n_averaged))
+    (warmup + n))``. Until ``decay`` caps it the average spans about the last n / (warmup
+    - 1) steps (warmup 10: a ninth of the run so far; at 0.999 the cap comes at n = 9000,
+    longer than the OpenKBP CPU recipe's runs); a smaller ``warmup`` averages more of the
+    run, as stochastic weight averaging does."""
+    return min(float(decay), (1.0 + n_averaged) / (float(warmup) + n_averaged))
 
 
 def check_ema_decay(decay: float | None, key: str) -> float | None:
@@ -44,10 +46,16 @@ class EMAWeightAveraging(WeightAveraging):
     Args:
         decay: the EMA's decay once warmed up (e.g. 0.999); ``None``: off (the callback
             does nothing, so the config can carry it switched off).
+        warmup: the warm-up's constant (> 1; :func:`ema_decay_at`): the average spans about
+            the last 1 / (warmup - 1) of the steps so far until ``decay`` caps it.
     """
 
-    def __init__(self, decay: float | None = None) -> None:
+    def __init__(self, decay: float | None = None, warmup: float = 10.0) -> None:
         self.decay = check_ema_decay(decay, "callbacks.weight_averaging.decay")
+        if not float(warmup) > 1.0:
+            raise ValueError(f"callbacks.weight_averaging.warmup={warmup}: must be > 1 (the "
+                             "average spans about n / (warmup - 1) of n steps)")
+        self.warmup = float(warmup)
         super().__init__(avg_fn=self._average)
 
     def _average(self, averaged: torch.Tensor, current: torch.Tensor,
@@ -55,7 +63,7 @@ class EMAWeightAveraging(WeightAveraging):
         if not averaged.is_floating_point():  # step counters and the like: follow the model
             return current
         return averaged.lerp(current.to(averaged.dtype),
-                             1.0 - ema_decay_at(self.decay, int(n_averaged)))
+                             1.0 - ema_decay_at(self.decay, int(n_averaged), self.warmup))
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         if self.decay is None:
