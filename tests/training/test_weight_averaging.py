@@ -6,7 +6,12 @@ import lightning as L
 import pytest
 import torch
 
-from vmatdose.training.weight_averaging import EMAWeightAveraging, check_ema_decay, ema_decay_at
+from vmatdose.training.weight_averaging import (
+    EMA_WARMUP,
+    EMAWeightAveraging,
+    check_ema_decay,
+    ema_decay_at,
+)
 
 
 class TinyConvModule(L.LightningModule):
@@ -43,7 +48,7 @@ class TinyConvModule(L.LightningModule):
         return torch.optim.AdamW(self.parameters(), lr=0.05)
 
 
-def _fit(decay, tmp_path, epochs=3, ckpt_path=None, warmup=10.0):
+def _fit(decay, tmp_path, epochs=3, ckpt_path=None, warmup=EMA_WARMUP):
     torch.manual_seed(0)
     data = [{"image": torch.randn(2, 6, 8, 8), "dose": torch.rand(1, 6, 8, 8)}
             for _ in range(8)]
@@ -58,7 +63,7 @@ def _fit(decay, tmp_path, epochs=3, ckpt_path=None, warmup=10.0):
 
 
 def _ema_by_hand(snapshots: list[list[torch.Tensor]], decay: float,
-                 warmup: float = 10.0) -> list[torch.Tensor]:
+                 warmup: float = EMA_WARMUP) -> list[torch.Tensor]:
     average = [w.clone() for w in snapshots[0]]  # the first update copies the weights
     for n, weights in enumerate(snapshots[1:], start=1):
         weight = 1.0 - ema_decay_at(decay, n, warmup)

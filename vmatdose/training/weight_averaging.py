@@ -19,8 +19,11 @@ from lightning.pytorch.trainer.states import TrainerFn
 
 log = logging.getLogger(__name__)
 
+# (1 + n) / (EMA_WARMUP + n): the average spans about the last ninth of the steps so far
+EMA_WARMUP = 10.0
 
-def ema_decay_at(decay: float, n_averaged: int, warmup: float = 10.0) -> float:
+
+def ema_decay_at(decay: float, n_averaged: int, warmup: float = EMA_WARMUP) -> float:
     """The decay of the ``n_averaged``-th update (0 for the first): ``min(decay, (1 + n) /
     (warmup + n))``. Until ``decay`` caps it the average spans about the last n / (warmup
     - 1) steps (warmup 10: a ninth of the run so far; at 0.999 the cap comes at n = 9000,
@@ -50,7 +53,7 @@ class EMAWeightAveraging(WeightAveraging):
             the last 1 / (warmup - 1) of the steps so far until ``decay`` caps it.
     """
 
-    def __init__(self, decay: float | None = None, warmup: float = 10.0) -> None:
+    def __init__(self, decay: float | None = None, warmup: float = EMA_WARMUP) -> None:
         self.decay = check_ema_decay(decay, "callbacks.weight_averaging.decay")
         if not float(warmup) > 1.0:
             raise ValueError(f"callbacks.weight_averaging.warmup={warmup}: must be > 1 (the "
