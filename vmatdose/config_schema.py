@@ -57,6 +57,7 @@ class AugmentConfig:
     rotate_prob: float = 0.0
     intensity_shift: float = 0.0
     intensity_prob: float = 0.0
+    pool_grids: int = 1
 
 
 @dataclass

@@ -121,3 +121,42 @@ def test_training_settings_decide_the_random_steps():
     assert names[names.index("ScaleIntensityRanged") + 1:names.index("EnsureTyped", 2)] == [
         "RandFlipLeftRightd", "RandFlipd", "RandFlipd", "RandShiftIntensityd", "SpatialPadd",
         "RandDoseCropd"]
+
+
+def test_cases_pooled_on_two_grids_train_on_both_and_validate_on_the_first(cases):
+    torch.manual_seed(7)
+    one = DoseDataModule(str(cases), **{**DATA, "augment": {}, "device_cache": True,
+                                         "resolution_factor": 2})
+    one.setup()
+    two = DoseDataModule(str(cases), **{**DATA, "augment": {"pool_grids": 2},
+                                         "device_cache": True, "resolution_factor": 2})
+    two.setup()
+    plain, grids = one.device_batches("cpu"), two.device_batches("cpu")
+    assert (plain.grids, grids.grids) == (1, 2)
+    # grid 0 is the one pooling of validation and inference, to the byte
+    for key in ("ct", "masks", "body", "dose"):
+        assert torch.equal(grids.volumes[key][:, 0], plain.volumes[key][:, 0])
+    # grid 1 starts one case voxel further along each axis: the same body, moved by a
+    # fraction of a coarse voxel (its mean dose over the body stays the case's)
+    assert not torch.equal(grids.volumes["body"][:, 1], grids.volumes["body"][:, 0])
+    drawn = set()
+    for _ in range(8):
+        batch = next(iter(grids))
+        for i, case in enumerate(batch["case_id"]):
+            row = grids.case_ids.index(case)
+            drawn |= {g for g in range(2)
+                      if torch.equal(batch["body"][i], grids.volumes["body"][row, g])}
+    assert drawn == {0, 1}
+    assert two.dataset("val")[0]["ct"].ndim == 4  # validation samples keep one grid
+
+
+def test_pool_grids_are_refused_where_they_cannot_be_built(tmp_path):
+    for config, problem in (
+            (dict(device_cache=True, resolution_factor=2, augment={"pool_grids": 9}),
+             r"pool_grids=9: must be an integer from 1 to data.resolution_factor\^3 = 8"),
+            (dict(device_cache=True, augment={"pool_grids": 2}), r"from 1 to .* = 1"),
+            (dict(resolution_factor=2, augment={"pool_grids": 2}),
+             "needs data.device_cache=true")):
+        with pytest.raises(ValueError, match=problem):
+            DoseDataModule(str(tmp_path), **{**DATA, **config})
+    assert not any(tmp_path.iterdir())  # refused before anything was read or written

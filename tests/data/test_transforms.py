@@ -8,7 +8,7 @@ from vmatdose.data.case import save_case
 from vmatdose.data.datamodule import DoseDataModule, make_split, read_split
 from vmatdose.data.geometry import signed_distance_mm
 from vmatdose.data.pipeline import InputSettings, SamplingSettings, build_transforms
-from vmatdose.data.transforms import RandFlipLeftRightd
+from vmatdose.data.transforms import PoolGridsd, RandFlipLeftRightd, pool_grid_offsets
 
 from conftest import make_box_case
 
@@ -109,3 +109,27 @@ def test_left_right_flip_swaps_the_priors_gantry_sectors():
     # channel k now holds sector -k, mirrored: the mark lies at x = 2
     assert out[:, 0, 0, 2].tolist() == [10.0, 11.0, 14.0, 13.0, 12.0]
     assert out[:, 0, 0, 0].tolist() == [0.0, 1.0, 4.0, 3.0, 2.0]
+
+
+def test_pool_grid_offsets_start_on_the_inference_grid_and_spread_over_the_axes():
+    assert pool_grid_offsets(2, 8) == [(0, 0, 0), (1, 1, 1), (0, 0, 1), (1, 1, 0),
+                                       (0, 1, 0), (1, 0, 1), (0, 1, 1), (1, 0, 0)]
+    assert pool_grid_offsets(3, 2) == [(0, 0, 0), (1, 1, 1)]
+    assert len(set(pool_grid_offsets(3, 27))) == 27
+    with pytest.raises(ValueError, match="pooling by 2 has 8"):
+        pool_grid_offsets(2, 9)
+
+
+def test_pool_grids_move_a_slab_by_half_a_coarse_voxel():
+    slab = torch.zeros(1, 8, 4, 4)
+    slab[:, 2:4] = 1.0  # case voxels 2-3 along z: coarse voxel 1 on the first grid
+    ramp = torch.arange(8.0).view(1, 1, 1, 8).expand(1, 4, 4, 8).clone()
+    out = PoolGridsd(["masks", "ct"], factor=2, grids=2)({"masks": slab, "ct": ramp})
+    assert tuple(out["masks"].shape) == (2, 1, 4, 2, 2)
+    torch.testing.assert_close(out["masks"][0, 0, :, 0, 0], torch.tensor([0.0, 1.0, 0.0, 0.0]))
+    # one case voxel further: half the slab in coarse voxel 0, half in 1
+    torch.testing.assert_close(out["masks"][1, 0, :, 0, 0], torch.tensor([0.5, 0.5, 0.0, 0.0]))
+    # x = 0..7 pooled in pairs: 0.5, 2.5, ... on the first grid; 1.5, ... on the second,
+    # the last pair 6.5 -> 7 (the far border repeated)
+    torch.testing.assert_close(out["ct"][0, 0, 0, 0], torch.tensor([0.5, 2.5, 4.5, 6.5]))
+    torch.testing.assert_close(out["ct"][1, 0, 0, 0], torch.tensor([1.5, 3.5, 5.5, 7.0]))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import lightning as L
@@ -16,7 +17,7 @@ from monai.transforms import Compose
 from vmatdose.config_schema import CT_WINDOW_HU, SDF_SCALE_MM, DataConfig, SplitConfig
 from vmatdose.data.case import list_case_files
 from vmatdose.data.conditioning import conditioning_spec
-from vmatdose.data.device_cache import rotation_problem
+from vmatdose.data.device_cache import pool_grids_problem, rotation_problem
 from vmatdose.data.pipeline import (
     InputSettings,
     SamplingSettings,
@@ -153,10 +154,13 @@ first; any other folder without case files is an error naming it.
             [list(p) for p in lr_pairs], dict(augment or {}), patch_sampling,
             float(dose_patch_fraction))
         check_sector_augment(self.inputs, self.sampling)
+        problem = pool_grids_problem(self.sampling.augment, resolution_factor,
+                                     self.device_cache)
         if self.device_cache:
-            problem = rotation_problem(self.sampling.augment, self.sampling.patch_size)
-            if problem:
-                raise ValueError(problem)
+            problem = problem or rotation_problem(self.sampling.augment,
+                                                  self.sampling.patch_size)
+        if problem:
+            raise ValueError(problem)
         self.train_transform, self.eval_transform = self._pipelines(int(resolution_factor))
 
     def _input_settings(self, ct_window: Sequence[float], signed_distance: bool,
@@ -173,9 +177,12 @@ first; any other folder without case files is an error naming it.
         """The training and the evaluation pipeline. With ``device_cache`` the training
         one stops before augmentation and patches: the device does them."""
         storage = dict(resolution_factor=resolution_factor, compact=self.compact)
-        train = build_transforms(self.inputs, None if self.device_cache else self.sampling,
-                                 **storage)
-        return train, build_transforms(self.inputs, **storage)
+        if not self.device_cache:
+            return (build_transforms(self.inputs, self.sampling, **storage),
+                    build_transforms(self.inputs, **storage))
+        grids = int(self.sampling.augment.get("pool_grids", 1))
+        return (build_transforms(self.inputs, None, pool_grids=grids, **storage),
+                build_transforms(self.inputs, **storage))
 
     def prepare_data(self) -> None:
         """Generate the phantom on its config's first use (its own folder, said on the
@@ -228,10 +235,12 @@ first; any other folder without case files is an error naming it.
             # run's seed (seed_everything) so augmentation repeats; monai's DataLoader
             # re-seeds it per worker.
             transform.set_random_state(seed=int(torch.initial_seed() % 2**32))
-            # CacheDataset keeps everything up to the first random transform in memory.
+            # CacheDataset keeps everything up to the first random transform in memory;
+            # the device cache reads the training split once into its own stack instead.
+            cached = self._caches() and not (name == "train" and self.device_cache)
             self._datasets[name] = (CacheDataset(items, transform, progress=False,
                                                  num_workers=self.cache_workers)
-                                    if self._caches() else Dataset(items, transform))
+                                    if cached else Dataset(items, transform))
         return self._datasets[name]
 
     def _caches(self) -> bool:
@@ -294,12 +303,16 @@ first; any other folder without case files is an error naming it.
                           else "cpu")
             dataset = self.dataset("train")
             sampling = self.sampling
-            self._device_batches = DeviceBatches(
-                [dataset[i] for i in range(len(dataset))], self.batch_size, device,
-                self.structures, sampling.lr_pairs, sampling.augment, sampling.patch_size,
-                sampling.dose_patch_fraction if sampling.patch_sampling == "dose" else 0.0,
-                seed=int(torch.initial_seed() % 2**31),
-                prior_permutation=self.inputs.prior_lr_permutation)
+            # the cases are read by cache_workers threads (as CacheDataset would) and
+            # written into the stack one by one: the stack is the only copy kept
+            with ThreadPoolExecutor(max(self.cache_workers, 1)) as pool:
+                self._device_batches = DeviceBatches(
+                    pool.map(dataset.__getitem__, range(len(dataset))), self.batch_size,
+                    device, self.structures, sampling.lr_pairs, sampling.augment,
+                    sampling.patch_size,
+                    sampling.dose_patch_fraction if sampling.patch_sampling == "dose" else 0.0,
+                    seed=int(torch.initial_seed() % 2**31),
+                    prior_permutation=self.inputs.prior_lr_permutation, count=len(dataset))
         return self._device_batches
 
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:

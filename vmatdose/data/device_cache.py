@@ -4,14 +4,15 @@
 stacked once into one tensor per key on the device; every epoch draws a permutation and
 yields batches with left/right (paired channels swapped), anterior/posterior and
 superior/inferior flips, rotations about z and CT intensity shifts, and random or
-dose-centred patches, all done with tensor operations on the device, so no loader worker,
+dose-centred patches (and, for cases pooled on several grids, ``data.augment.pool_grids``,
+one grid drawn per case), all done with tensor operations on the device, so no loader worker,
 collation or host-to-device copy runs per step. The augmentation keys and their meaning
 are the ordinary loader's (:class:`~vmatdose.data.pipeline.SamplingSettings`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch.nn import functional as F
@@ -35,12 +36,31 @@ def rotation_problem(augment: Mapping | None, patch_size: Sequence[int] | None) 
     return None
 
 
+def pool_grids_problem(augment: Mapping | None, resolution_factor: int,
+                       device_cache: bool) -> str | None:
+    """Why ``augment["pool_grids"]`` cannot be done (``None``: it can): the cases are pooled
+    on several grids only for the device cache, and only when they are pooled at all."""
+    grids = dict(augment or {}).get("pool_grids", 1)
+    factor = int(resolution_factor)
+    if not isinstance(grids, int) or isinstance(grids, bool) or not 1 <= grids <= factor ** 3:
+        return (f"data.augment.pool_grids={grids}: must be an integer from 1 to "
+                f"data.resolution_factor^3 = {factor ** 3} (the grids pooling by "
+                f"{factor} can start on)")
+    if grids > 1 and not device_cache:
+        return (f"data.augment.pool_grids={grids} needs data.device_cache=true (the "
+                "device cache holds every case on its grids; the loader pools one)")
+    return None
+
+
 class DeviceBatches:
     """An iterable of training batches over samples stacked on ``device``.
 
     Args:
-        samples: cached samples (dicts of (C, Z, Y, X) tensors of one shape per key, plus
-            ``spacing_mm``, ``dose_scale_gy``, ``case_id``).
+        samples: the samples, read once, one by one, into tensors allocated for all of
+            them (so the stack is the only copy held); ``count`` of them (``len(samples)``
+            when not given): cached samples (dicts of (C, Z, Y, X) tensors of one shape per key, or
+            (G, C, Z, Y, X) for cases pooled on G grids of which each batch draws one per
+            case, plus ``spacing_mm``, ``dose_scale_gy``, ``case_id``).
         batch_size: cases per batch (the last incomplete batch is dropped).
         structures, lr_pairs: mask channel names and the pairs a left/right flip swaps.
         augment: ``flip_lr``, ``flip_ap``, ``flip_si`` probabilities; ``rotate_deg`` and
@@ -55,31 +75,28 @@ class DeviceBatches:
             sectors); ``None`` keeps the order.
     """
 
-    def __init__(self, samples: Sequence[Mapping], batch_size: int, device: torch.device | str,
+    def __init__(self, samples: Iterable[Mapping], batch_size: int, device: torch.device | str,
                  structures: Sequence[str], lr_pairs: Sequence[Sequence[str]] = (),
                  augment: Mapping | None = None, patch_size: Sequence[int] | None = None,
                  dose_patch_fraction: float = 0.0, dose_patch_threshold: float = 0.1,
-                 seed: int = 0, prior_permutation: Sequence[int] | None = None):
-        if not samples:
-            raise ValueError("device cache: no training samples")
-        self.device = torch.device(device)
-        self.keys = [k for k in VOLUME_KEYS if k in samples[0]]
-        shapes = {tuple(s["ct"].shape[1:]) for s in samples}
-        if len(shapes) > 1:
-            raise ValueError(f"device cache needs one grid shape for every case, got {shapes}"
-                             " (pad the cases or use data.device_cache=false)")
-        self.volumes = {k: torch.stack([torch.as_tensor(s[k]) for s in samples]).to(self.device)
-                        for k in self.keys}
-        self.spacing = torch.stack([torch.as_tensor(s["spacing_mm"]) for s in samples])
-        self.scale = torch.tensor([float(s["dose_scale_gy"]) for s in samples])
-        self.case_ids = [s["case_id"] for s in samples]
-        self.batch_size = min(int(batch_size), len(samples))
-        self.permutation = torch.tensor(lr_permutation(structures, lr_pairs), device=self.device)
-        self.prior_permutation = (torch.tensor(list(prior_permutation), device=self.device)
-                                  if prior_permutation else None)
+                 seed: int = 0, prior_permutation: Sequence[int] | None = None,
+                 count: int | None = None):
         problem = rotation_problem(augment, patch_size)
         if problem:
             raise ValueError(problem)
+        self.device = torch.device(device)
+        count = len(samples) if count is None else int(count)
+        if count < 1:
+            raise ValueError("device cache: no training samples")
+        # (N, G, C, Z, Y, X): G pooling grids per case (1 for plain samples)
+        self.volumes, spacing, scale, self.case_ids = _stack(samples, count, self.device)
+        self.keys = list(self.volumes)
+        self.grids = self.volumes["ct"].shape[1]
+        self.spacing, self.scale = torch.stack(spacing), torch.tensor(scale)
+        self.batch_size = min(int(batch_size), count)
+        self.permutation = torch.tensor(lr_permutation(structures, lr_pairs), device=self.device)
+        self.prior_permutation = (torch.tensor(list(prior_permutation), device=self.device)
+                                  if prior_permutation else None)
         self.augment = dict(augment or {})
         self.patch_size = list(patch_size) if patch_size else None
         self.dose_patch_fraction = float(dose_patch_fraction)
@@ -104,6 +121,9 @@ class DeviceBatches:
     def batch(self, index: torch.Tensor) -> dict:
         """The augmented batch of the cases at ``index`` (B,) (CPU long tensor)."""
         n = len(index)
+        # drawn only for several grids, so one grid keeps the generator's earlier stream
+        grid = (torch.randint(self.grids, (n,), generator=self.generator) if self.grids > 1
+                else torch.zeros(n, dtype=torch.long))
         flips = {axis: self._coin(self.augment.get(name, 0.0), n) for name, axis in
                  (("flip_lr", -1), ("flip_ap", -2), ("flip_si", -3))}
         corners = self._corners(index)
@@ -111,7 +131,7 @@ class DeviceBatches:
         for key in self.keys:
             cases = []
             for i, case in enumerate(index.tolist()):
-                volume = self.volumes[key][case]
+                volume = self.volumes[key][case, int(grid[i])]
                 if corners is not None:
                     volume = volume[(slice(None), *(slice(c, c + s) for c, s in
                                                     zip(corners[i], self.patch_size)))]
@@ -162,7 +182,7 @@ class DeviceBatches:
         uniform; ``None`` for whole volumes."""
         if self.patch_size is None:
             return None
-        grid = self.volumes["ct"].shape[2:]
+        grid = self.volumes["ct"].shape[-3:]
         if any(p > g for p, g in zip(self.patch_size, grid)):
             raise ValueError(f"patch {self.patch_size} larger than the cached grid {tuple(grid)}")
         corners = []
@@ -170,13 +190,51 @@ class DeviceBatches:
             start = [int(torch.randint(g - p + 1, (1,), generator=self.generator))
                      for g, p in zip(grid, self.patch_size)]
             if "dose" in self.volumes and self._coin(self.dose_patch_fraction, 1)[0]:
-                hot = torch.nonzero(self.volumes["dose"][case, 0] >= self.dose_patch_threshold)
+                # on the first grid: the patch is cut from whichever grid the case drew
+                hot = torch.nonzero(self.volumes["dose"][case, 0, 0] >=
+                                    self.dose_patch_threshold)
                 if len(hot):
                     centre = hot[int(torch.randint(len(hot), (1,), generator=self.generator))]
                     start = [min(max(int(c) - p // 2, 0), g - p)
                              for c, p, g in zip(centre.tolist(), self.patch_size, grid)]
             corners.append(start)
         return corners
+
+
+def _stack(samples: Iterable[Mapping], count: int, device: torch.device
+           ) -> tuple[dict[str, torch.Tensor], list[torch.Tensor], list[float], list[str]]:
+    """The volumes of ``count`` samples stacked to (N, G, C, Z, Y, X) on ``device``, each
+    written into its place as it comes; their spacings, dose scales and case ids."""
+    volumes: dict[str, torch.Tensor] = {}
+    spacing, scale, case_ids = [], [], []
+    for i, sample in enumerate(samples):
+        if i == count:
+            raise ValueError(f"device cache: more than the {count} samples announced")
+        if not volumes:
+            volumes = {k: torch.empty((count, *_with_grids(sample[k]).shape),
+                                      dtype=torch.as_tensor(sample[k]).dtype, device=device)
+                       for k in VOLUME_KEYS if k in sample}
+        for key, stack in volumes.items():
+            volume = _with_grids(sample[key])
+            if volume.shape != stack.shape[1:]:
+                raise ValueError(
+                    f"device cache needs one grid shape for every case, got {key} "
+                    f"{tuple(volume.shape)} in {sample['case_id']} and "
+                    f"{tuple(stack.shape[1:])} in {case_ids[0]} (pad the cases or use "
+                    "data.device_cache=false)")
+            stack[i] = volume
+        spacing.append(torch.as_tensor(sample["spacing_mm"]))
+        scale.append(float(sample["dose_scale_gy"]))
+        case_ids.append(sample["case_id"])
+    if len(case_ids) != count:
+        raise ValueError(f"device cache: {len(case_ids)} samples, {count} announced")
+    return volumes, spacing, scale, case_ids
+
+
+def _with_grids(volume) -> torch.Tensor:
+    """A sample's volume as (G, C, Z, Y, X): (C, Z, Y, X) gets G = 1."""
+    volume = torch.as_tensor(volume)
+    return volume[None] if volume.ndim == 4 else volume
 
 
 def rotate_about_z(volumes: torch.Tensor, angles: torch.Tensor, spacing_mm: torch.Tensor,

@@ -57,6 +57,7 @@ from vmatdose.data.transforms import (
     Compactd,
     LoadCased,
     MaskMeand,
+    PoolGridsd,
     PoolSpacingd,
     RandDoseCropd,
     RandFlipLeftRightd,
@@ -146,7 +147,9 @@ class SamplingSettings:
         augment: ``flip_lr``, ``flip_ap``, ``flip_si`` (mirror probabilities: left/right
             with paired channels swapped, anterior/posterior, superior/inferior),
             ``rotate_deg``, ``rotate_prob``, ``intensity_shift``, ``intensity_prob``
-            (probabilities and magnitudes; 0 or absent disables one).
+            (probabilities and magnitudes; 0 or absent disables one); ``pool_grids``
+            (with ``resolution_factor`` f > 1 and the device cache: each training case
+            pooled on that many of the f^3 grids, one drawn per case and batch).
         patch_sampling: ``uniform`` or ``dose`` (``dose_patch_fraction`` of the patches
             centred on voxels with dose >= ``dose_patch_threshold`` x the highest
             prescription, see :class:`~vmatdose.data.transforms.RandDoseCropd`).
@@ -181,7 +184,8 @@ def check_sector_augment(inputs: InputSettings, training: SamplingSettings) -> N
 
 
 def build_transforms(inputs: InputSettings, training: SamplingSettings | None = None, *,
-                     resolution_factor: int = 1, compact: bool = False) -> Compose:
+                     resolution_factor: int = 1, compact: bool = False,
+                     pool_grids: int = 1) -> Compose:
     """The whole case -> sample pipeline (sample keys: the module docstring).
 
     Args:
@@ -193,13 +197,16 @@ def build_transforms(inputs: InputSettings, training: SamplingSettings | None = 
             over the body part of each coarse voxel
             (:class:`~vmatdose.data.transforms.MaskMeand`).
         compact: stop before the float ``image`` (see the module docstring).
+        pool_grids: > 1 pools every volume on that many grids, each volume stacked to
+            (G, C, Z/f, Y/f, X/f) (:class:`~vmatdose.data.transforms.PoolGridsd`; the
+            device cache's training samples, ``data.augment.pool_grids``).
     """
     if inputs.conditioning and (compact or inputs.prior):
         # the conditioning planes are appended to the float image, which compact samples
         # build per batch, and the prior must stay the image's last channel
         raise ValueError("model.conditioning needs data.compact=false and no data.prior_dose")
     keys = inputs.volume_keys
-    steps = _input_steps(inputs, keys) + _pooling_steps(keys, resolution_factor)
+    steps = _input_steps(inputs, keys) + _pooling_steps(keys, resolution_factor, pool_grids)
     if compact:
         steps += _compact_steps(keys, len(inputs.structures), pooled=resolution_factor > 1)
     if training is not None:
@@ -229,12 +236,15 @@ def _input_steps(inputs: InputSettings, keys: list[str]) -> list:
     return steps
 
 
-def _pooling_steps(keys: list[str], factor: int) -> list:
-    """Average-pool the volumes by ``factor`` (none for 1)."""
+def _pooling_steps(keys: list[str], factor: int, grids: int = 1) -> list:
+    """Average-pool the volumes by ``factor`` (none for 1), on ``grids`` grids when > 1."""
     if factor <= 1:
+        if grids > 1:
+            raise ValueError(f"{grids} pooling grids without pooling (resolution factor 1)")
         return []
-    return [Zoomd(keys, zoom=1.0 / factor, mode="area", keep_size=False), MaskMeand(),
-            PoolSpacingd(factor)]
+    pool = (PoolGridsd(keys, factor, grids) if grids > 1
+            else Zoomd(keys, zoom=1.0 / factor, mode="area", keep_size=False))
+    return [pool, MaskMeand(), PoolSpacingd(factor)]
 
 
 def _compact_steps(keys: list[str], n_masks: int, pooled: bool) -> list:

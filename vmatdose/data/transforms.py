@@ -4,12 +4,13 @@ Each class is one step of the pipeline that :mod:`vmatdose.data.pipeline` assemb
 (sample keys and shapes are documented there): reading a case file (:class:`LoadCased`),
 signed distances (:class:`SignedDistanced`), the left/right mirror with paired channels
 swapped (:class:`RandFlipLeftRightd`), the cache dtypes of ``compact`` samples
-(:class:`Compactd`, :class:`UnpackMasks`), resolution pooling (:class:`MaskMeand`,
-:class:`PoolSpacingd`) and dose-centred patches (:class:`RandDoseCropd`).
+(:class:`Compactd`, :class:`UnpackMasks`), resolution pooling (:class:`PoolGridsd`,
+:class:`MaskMeand`, :class:`PoolSpacingd`) and dose-centred patches (:class:`RandDoseCropd`).
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Hashable, Mapping, Sequence
 
 import numpy as np
@@ -21,7 +22,9 @@ from monai.transforms import (
     Randomizable,
     RandomizableTransform,
     RandSpatialCropd,
+    Zoom,
 )
+from torch.nn import functional as F
 
 from vmatdose.data.case import load_case
 from vmatdose.data.geometry import signed_distance_mm
@@ -179,6 +182,57 @@ class MaskMeand(MapTransform):
         out[self.dose_key] = torch.where(body > 0, dose / body.clamp_min(1e-6),
                                          torch.zeros_like(dose))
         return out
+
+
+def pool_grid_offsets(factor: int, count: int) -> list[tuple[int, int, int]]:
+    """The first ``count`` pooling-grid offsets (z, y, x), in case voxels, of the
+    ``factor``^3 grids that pooling by ``factor`` can start on: (0, 0, 0) first (the grid
+    validation and inference use), then (h, h, h) with h = factor // 2 (half a coarse voxel
+    along every axis), then each remaining offset followed by its opposite (every axis
+    moved by h), so a few grids already spread over every axis."""
+    if not 1 <= count <= factor ** 3:
+        raise ValueError(f"pool grids: {count} asked, pooling by {factor} has "
+                         f"{factor ** 3} (1 to {factor ** 3})")
+    half = factor // 2
+    ordered = [(0, 0, 0)]
+    for offset in itertools.product(range(factor), repeat=3):
+        for candidate in (offset, tuple((o + half) % factor for o in offset)):
+            if candidate not in ordered:
+                ordered.append(candidate)
+    return ordered[:count]
+
+
+class PoolGridsd(MapTransform):
+    """Average-pool the volumes by ``factor`` on several grids: each volume (C, Z, Y, X)
+    becomes (G, C, Z/f, Y/f, X/f), one pooling per offset of :func:`pool_grid_offsets`.
+    For offset o the volume is moved by o case voxels towards the origin (its far border
+    repeated) before the same pooling as the one grid (MONAI ``Zoom``, ``mode="area"``), so
+    grid 0 is exactly that pooling and the others see the anatomy moved by a fraction of a
+    coarse voxel: training samples no single grid can give. :class:`MaskMeand` and the
+    compact casts work on the stacked volumes as they are."""
+
+    def __init__(self, keys: KeysCollection, factor: int, grids: int):
+        super().__init__(keys, allow_missing_keys=True)
+        self.offsets = pool_grid_offsets(int(factor), int(grids))
+        self.zoom = Zoom(zoom=1.0 / factor, mode="area", keep_size=False)
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        out = dict(data)
+        for key in self.key_iterator(out):
+            volume = torch.as_tensor(out[key]).float()
+            out[key] = torch.stack([torch.as_tensor(self.zoom(_moved(volume, offset)))
+                                    for offset in self.offsets])
+        return out
+
+
+def _moved(volume: torch.Tensor, offset: Sequence[int]) -> torch.Tensor:
+    """``volume`` (C, Z, Y, X) moved by ``offset`` (z, y, x) voxels towards the origin,
+    its far border repeated into the space left."""
+    if not any(offset):
+        return volume
+    cut = volume[:, offset[0]:, offset[1]:, offset[2]:]
+    pad = [0, offset[2], 0, offset[1], 0, offset[0]]  # F.pad: last axis first
+    return F.pad(cut[None], pad, mode="replicate")[0]
 
 
 class PoolSpacingd(MapTransform):
