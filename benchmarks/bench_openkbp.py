@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import sys
 import time
 from datetime import datetime, timezone
@@ -126,6 +127,8 @@ def main(argv: list[str]) -> dict:
         "eval_s": round(wall_s - train_s, 1), "epochs": int(trainer.current_epoch),
         "steps": int(trainer.global_step),
         "steps_per_s": round(trainer.global_step / max(train_s, 1e-9), 3),
+        # the process's peak resident set (Linux: ru_maxrss in kB)
+        "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 2),
         "prior_dose": (cfg.data.prior_dose or {}).get("kind", "distance")
         if cfg.data.prior_dose else None, "checkpoint": str(Path(ckpt).relative_to(ROOT)),
         "val_dose_score_gy": round(scores["dose_score_gy"], 4),
@@ -168,7 +171,8 @@ def print_table(r: dict) -> None:
           f"{r['n_val']} validation patients), {r['machine']}")
     print(f"wall {r['wall_s'] / 60:.1f} min (train {r['train_s'] / 60:.1f}, eval "
           f"{r['eval_s'] / 60:.1f}), {r['epochs']} epochs, {r['steps']} steps, "
-          f"{r['steps_per_s']:.2f} steps/s; prior: {r['prior_dose']}")
+          f"{r['steps_per_s']:.2f} steps/s, peak RSS {r.get('peak_rss_gb', float('nan')):.1f} GB; "
+          f"prior: {r['prior_dose']}")
     precision = (r.get("precision") or {}).get("chosen", "?")
     print(f"{r.get('cpu', 'unknown CPU')}, precision {precision}")
     print(f"gamma 3 %/3 mm pass rate: body {r['gamma_pass_body_pct']:.1f} %, targets "

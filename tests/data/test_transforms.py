@@ -133,3 +133,11 @@ def test_pool_grids_move_a_slab_by_half_a_coarse_voxel():
     # the last pair 6.5 -> 7 (the far border repeated)
     torch.testing.assert_close(out["ct"][0, 0, 0, 0], torch.tensor([0.5, 2.5, 4.5, 6.5]))
     torch.testing.assert_close(out["ct"][1, 0, 0, 0], torch.tensor([1.5, 3.5, 5.5, 7.0]))
+
+
+def test_pool_grids_by_three_average_the_windows_one_voxel_on():
+    ramp = torch.arange(9.0).view(1, 1, 1, 9).expand(1, 3, 3, 9).clone()
+    out = PoolGridsd(["ct"], factor=3, grids=2)({"ct": ramp})["ct"]
+    assert tuple(out.shape) == (2, 1, 1, 1, 3)
+    torch.testing.assert_close(out[0].flatten(), torch.tensor([1.0, 4.0, 7.0]))
+    torch.testing.assert_close(out[1].flatten(), torch.tensor([2.0, 5.0, 23.0 / 3.0]))

@@ -205,34 +205,40 @@ def pool_grid_offsets(factor: int, count: int) -> list[tuple[int, int, int]]:
 class PoolGridsd(MapTransform):
     """Average-pool the volumes by ``factor`` on several grids: each volume (C, Z, Y, X)
     becomes (G, C, Z/f, Y/f, X/f), one pooling per offset of :func:`pool_grid_offsets`.
-    For offset o the volume is moved by o case voxels towards the origin (its far border
-    repeated) before the same pooling as the one grid (MONAI ``Zoom``, ``mode="area"``), so
-    grid 0 is exactly that pooling and the others see the anatomy moved by a fraction of a
-    coarse voxel: training samples no single grid can give. :class:`MaskMeand` and the
-    compact casts work on the stacked volumes as they are."""
+    Grid 0 is exactly the one grid's pooling (MONAI ``Zoom``, ``mode="area"``); grid o
+    averages the f^3 case voxels that start o case voxels further along each axis (the far
+    border repeated where they run past it): the anatomy moved by a fraction of a coarse
+    voxel, training samples no single grid can give. :class:`MaskMeand` and the compact
+    casts work on the stacked volumes as they are."""
 
     def __init__(self, keys: KeysCollection, factor: int, grids: int):
         super().__init__(keys, allow_missing_keys=True)
-        self.offsets = pool_grid_offsets(int(factor), int(grids))
+        self.factor = int(factor)
+        self.offsets = pool_grid_offsets(self.factor, int(grids))
         self.zoom = Zoom(zoom=1.0 / factor, mode="area", keep_size=False)
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         out = dict(data)
         for key in self.key_iterator(out):
             volume = torch.as_tensor(out[key]).float()
-            out[key] = torch.stack([torch.as_tensor(self.zoom(_moved(volume, offset)))
-                                    for offset in self.offsets])
+            first = torch.as_tensor(self.zoom(volume))
+            means = _window_means(volume, self.factor)
+            size = first.shape[1:]
+            out[key] = torch.stack([first] + [
+                means[:, oz::self.factor, oy::self.factor, ox::self.factor][
+                    :, :size[0], :size[1], :size[2]] for oz, oy, ox in self.offsets[1:]])
         return out
 
 
-def _moved(volume: torch.Tensor, offset: Sequence[int]) -> torch.Tensor:
-    """``volume`` (C, Z, Y, X) moved by ``offset`` (z, y, x) voxels towards the origin,
-    its far border repeated into the space left."""
-    if not any(offset):
-        return volume
-    cut = volume[:, offset[0]:, offset[1]:, offset[2]:]
-    pad = [0, offset[2], 0, offset[1], 0, offset[0]]  # F.pad: last axis first
-    return F.pad(cut[None], pad, mode="replicate")[0]
+def _window_means(volume: torch.Tensor, factor: int) -> torch.Tensor:
+    """The mean of the ``factor``^3 window that starts at each voxel of ``volume``
+    (C, Z, Y, X), the far border repeated: (C, Z + f, Y + f, X + f), so every grid's
+    strided slice is at least as long as grid 0's."""
+    padded = F.pad(volume[None], [0, 2 * factor - 1] * 3, mode="replicate")[0]
+    for axis in (-1, -2, -3):
+        n = padded.shape[axis] - factor + 1
+        padded = sum(padded.narrow(axis, k, n) for k in range(factor))
+    return padded / factor ** 3
 
 
 class PoolSpacingd(MapTransform):
