@@ -159,6 +159,7 @@ def test_recipes_compose_and_train_two_steps_on_tiny_volumes(tmp_path, recipe):
     if recipe == "openkbp_cpu":
         assert cfg.model.target_dose_floor == 0.97
         assert cfg.model.body_crop_margin == 2 and cfg.model.divisible_by == 8
+        assert cfg.data.augment.pool_grids == 8 and cfg.data.device_cache
     if sectors:
         assert cfg.model.net.in_channels == 12 + 9  # CT, 10 structures, prior, 9 sectors
     model = hydra.utils.instantiate(cfg.model, loss=hydra.utils.instantiate(cfg.loss))
