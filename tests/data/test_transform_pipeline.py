@@ -160,3 +160,20 @@ def test_pool_grids_are_refused_where_they_cannot_be_built(tmp_path):
         with pytest.raises(ValueError, match=problem):
             DoseDataModule(str(tmp_path), **{**DATA, **config})
     assert not any(tmp_path.iterdir())  # refused before anything was read or written
+
+
+def test_a_device_cache_over_the_budget_is_refused_before_a_case_is_read(cases):
+    config = {**DATA, "augment": {"pool_grids": 2}, "device_cache": True,
+              "resolution_factor": 2}
+    data = DoseDataModule(str(cases), **config)
+    data.setup()
+    # 2 training cases of 16 x 20 x 24 pooled to 8 x 10 x 12, on 2 grids, 2 bytes for
+    # each of CT, dose, 5 mask and 1 body fractions
+    assert data.device_cache_estimate_gb() == pytest.approx(2 * 960 * 2 * 16 / 1e9)
+    tight = DoseDataModule(str(cases), **config, cache_budget_gb=5e-5)
+    tight.setup()
+    with pytest.raises(ValueError, match=r"about 6.14e-05 GB .*pool_grids=2\), over "
+                                         r"data.cache_budget_gb=5e-05"):
+        tight.device_batches("cpu")
+    assert "train" not in tight._datasets  # nothing read
+    DoseDataModule(str(cases), **config, cache_budget_gb=1e-4).device_batches("cpu")

@@ -161,7 +161,9 @@ first; any other folder without case files is an error naming it.
                                                   self.sampling.patch_size)
         if problem:
             raise ValueError(problem)
-        self.train_transform, self.eval_transform = self._pipelines(int(resolution_factor))
+        self.resolution_factor = int(resolution_factor)
+        self.pool_grids = int(self.sampling.augment.get("pool_grids", 1))
+        self.train_transform, self.eval_transform = self._pipelines(self.resolution_factor)
 
     def _input_settings(self, ct_window: Sequence[float], signed_distance: bool,
                         sdf_scale_mm: float, prior_dose: Mapping | None) -> InputSettings:
@@ -180,8 +182,7 @@ first; any other folder without case files is an error naming it.
         if not self.device_cache:
             return (build_transforms(self.inputs, self.sampling, **storage),
                     build_transforms(self.inputs, **storage))
-        grids = int(self.sampling.augment.get("pool_grids", 1))
-        return (build_transforms(self.inputs, None, pool_grids=grids, **storage),
+        return (build_transforms(self.inputs, None, pool_grids=self.pool_grids, **storage),
                 build_transforms(self.inputs, **storage))
 
     def prepare_data(self) -> None:
@@ -276,6 +277,20 @@ first; any other folder without case files is an error naming it.
                      for name in ("train", "val") for p in self.paths_of(name))
         return voxels * per_voxel / 1e9
 
+    def device_cache_estimate_gb(self) -> float:
+        """Memory (GB) of the device cache's stack of the training split, from the case
+        headers: each case pooled by ``resolution_factor`` and held on ``pool_grids``
+        grids; per voxel 2 bytes each for CT, dose, (the prior), (the SDFs) and, pooled,
+        the mask and body fractions (unpooled: the masks packed to bits, the body 1 byte)."""
+        from vmatdose.data.case import read_case_header
+
+        n, f = len(self.structures), self.resolution_factor
+        per_voxel = 2 * (2 + bool(self.inputs.prior) + n * self.inputs.signed_distance)
+        per_voxel += 2 * (n + 1) if f > 1 else -(-n // 8) + 1
+        voxels = sum(int(np.prod([s // f for s in read_case_header(p).shapes["ct"]]))
+                     for p in self.paths_of("train"))
+        return voxels * self.pool_grids * per_voxel / 1e9
+
     def paths_of(self, name: str) -> list[Path]:
         """Case file paths of split ``name`` (``all`` for every case)."""
         paths = self.case_paths()
@@ -301,6 +316,7 @@ first; any other folder without case files is an error naming it.
             if device is None:
                 device = (self.trainer.strategy.root_device if self.trainer is not None
                           else "cpu")
+            self._check_device_cache_budget()
             dataset = self.dataset("train")
             sampling = self.sampling
             # the cases are read by cache_workers threads (as CacheDataset would) and
@@ -314,6 +330,21 @@ first; any other folder without case files is an error naming it.
                     seed=int(torch.initial_seed() % 2**31),
                     prior_permutation=self.inputs.prior_lr_permutation, count=len(dataset))
         return self._device_batches
+
+    def _check_device_cache_budget(self) -> None:
+        """Refuse, before any case is read, a device cache over ``cache_budget_gb``: the
+        stack has no disk fallback (the ordinary loader has)."""
+        if self.cache_budget_gb is None:
+            return
+        estimate = self.device_cache_estimate_gb()
+        if estimate > self.cache_budget_gb:
+            raise InputError(
+                f"{self.cases_dir}: data.device_cache=true would hold about {estimate:.3g} GB "
+                f"of training volumes ({len(self.paths_of('train'))} cases, "
+                f"data.resolution_factor={self.resolution_factor}, "
+                f"data.augment.pool_grids={self.pool_grids}), over "
+                f"data.cache_budget_gb={self.cache_budget_gb:g}: lower pool_grids, coarsen "
+                "the grid, raise the budget or set data.device_cache=false")
 
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         """Compact batches become float32 ones with their ``image`` here, on the device."""

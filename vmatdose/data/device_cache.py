@@ -56,11 +56,11 @@ class DeviceBatches:
     """An iterable of training batches over samples stacked on ``device``.
 
     Args:
-        samples: the samples, read once, one by one, into tensors allocated for all of
-            them (so the stack is the only copy held); ``count`` of them (``len(samples)``
-            when not given): cached samples (dicts of (C, Z, Y, X) tensors of one shape per key, or
-            (G, C, Z, Y, X) for cases pooled on G grids of which each batch draws one per
-            case, plus ``spacing_mm``, ``dose_scale_gy``, ``case_id``).
+        samples: ``count`` samples (``len(samples)`` when not given): dicts of
+            (C, Z, Y, X) tensors of one shape per key, or (G, C, Z, Y, X) for cases pooled
+            on G grids (each batch draws one per case), plus ``spacing_mm``,
+            ``dose_scale_gy``, ``case_id``; read once, each written into tensors allocated
+            for all of them, so the stack is the only copy kept.
         batch_size: cases per batch (the last incomplete batch is dropped).
         structures, lr_pairs: mask channel names and the pairs a left/right flip swaps.
         augment: ``flip_lr``, ``flip_ap``, ``flip_si`` probabilities; ``rotate_deg`` and
