@@ -185,6 +185,8 @@ class EvalConfig:
     spacing_mismatch: str = "resample"
     target_dose_floor: float | None = None
     oar_dose_ceiling: float | None = None
+    oar_dose_scale: float | None = None
+    tta_pool_grids: int | None = None
     accelerator: str = "auto"
     protocol: Any = None
     data: Any = None
@@ -212,6 +214,8 @@ class PredictConfig:
     overwrite: bool = False
     target_dose_floor: float | None = None
     oar_dose_ceiling: float | None = None
+    oar_dose_scale: float | None = None
+    tta_pool_grids: int | None = None
     accelerator: str = "auto"
     paths: dict[str, Any] = field(default_factory=dict)
 
@@ -535,7 +539,7 @@ def value_errors(cfg: Any) -> list[str]:
         errors += data_value_errors(cfg.data, model.get("divisible_by"))
     if cfg.get("evaluation") is not None:
         errors += evaluation_value_errors(cfg.evaluation)
-    errors += dose_bound_errors(cfg) + body_crop_errors(cfg)
+    errors += dose_bound_errors(cfg) + body_crop_errors(cfg) + tta_pool_grids_errors(cfg)
     for group in TARGET_CHECKED:
         if cfg.get(group) is not None:
             errors += unknown_key_errors(cfg._get_node(group), group)
@@ -545,7 +549,8 @@ def value_errors(cfg: Any) -> list[str]:
 #: The Predictor's bounds on a prediction (``model.<name>``; ``predict`` / ``evaluate``
 #: ``<name>=`` replace a checkpoint's) and what each is a fraction of.
 DOSE_BOUNDS = {"target_dose_floor": "the prescription",
-               "oar_dose_ceiling": "the organs' maximum-dose limits"}
+               "oar_dose_ceiling": "the organs' maximum-dose limits",
+               "oar_dose_scale": "the organs' predicted dose"}
 #: The largest dose bound (a fraction) accepted.
 DOSE_FRACTION_MAX = 1.2
 
@@ -616,6 +621,37 @@ def body_crop_errors(cfg: Any) -> list[str]:
     problem = body_crop_problem(margin, bool(model.get("loss_in_body")),
                                 bool(model.get("zero_outside_body")))
     return _check(problem is None, "model.body_crop_margin", margin, problem or "")
+
+
+def tta_pool_grids_problem(grids: object, factor: int | None = None) -> str | None:
+    """What is wrong with ``model.tta_pool_grids`` for a network at 1/``factor`` of the
+    case grid (``None``: the count alone), or ``None``."""
+    if not _is_int(grids, 1):
+        return "must be a whole number of pooling grids >= 1 (1 = grid 0 only)"
+    if factor is None:
+        return None
+    if grids > 1 and int(factor) == 1:
+        return "pooling grids need a network at a coarser grid (model.resolution_factor > 1)"
+    if grids > int(factor) ** 3:
+        return f"pooling by {factor} has {int(factor) ** 3} grids"
+    return None
+
+
+def tta_pool_grids_errors(cfg: Any) -> list[str]:
+    """``model.tta_pool_grids`` as :func:`tta_pool_grids_problem` judges it beside the
+    model's grid, and ``predict`` / ``evaluate`` ``tta_pool_grids=`` (the checkpoint's grid
+    is checked when it is read) a whole number or null."""
+    errors = []
+    grids = cfg.get("tta_pool_grids") if hasattr(cfg, "get") else None
+    if grids is not None:
+        problem = tta_pool_grids_problem(grids)
+        errors += _check(problem is None, "tta_pool_grids", grids, f"{problem}, or null")
+    model = cfg.get("model") or {}
+    if hasattr(model, "get") and "tta_pool_grids" in model:
+        grids = model.get("tta_pool_grids")
+        problem = tta_pool_grids_problem(grids, model.get("resolution_factor", 1))
+        errors += _check(problem is None, "model.tta_pool_grids", grids, problem or "")
+    return errors
 
 
 def check_values(cfg: Any) -> None:

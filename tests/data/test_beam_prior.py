@@ -18,7 +18,13 @@ from vmatdose.data.beam_prior import (
 )
 from vmatdose.data.beams import BeamArrangement
 from vmatdose.data.input_spec import InputSpec
-from vmatdose.data.prior import PriorDosed, cap_organs, check_prior_config, floor_targets
+from vmatdose.data.prior import (
+    PriorDosed,
+    cap_organs,
+    check_prior_config,
+    floor_targets,
+    scale_organs,
+)
 
 SPACING = (2.0, 2.0, 2.0)
 SHAPE = (12, 64, 64)
@@ -262,4 +268,15 @@ def test_cap_organs_lowers_only_hot_organ_voxels_outside_the_kept_ones():
     capped = cap_organs(dose, cord[None], [45.0], keep=target)
     np.testing.assert_array_equal(capped, [[[10.0, 45.0, 45.0, 70.0]]])
     np.testing.assert_array_equal(cap_organs(dose, cord[None], [45.0]), [[[10, 45, 45, 45]]])
+    assert dose[0, 0, 2] == 60.0  # the input is left as it was
+
+
+def test_scale_organs_scales_only_organ_voxels_outside_the_kept_ones():
+    dose = np.array([[[10.0, 40.0, 60.0, 70.0, 20.0]]], np.float32)  # (1, 1, 5) Gy
+    parotid = np.array([[[0, 1, 1, 0, 0]]], bool)
+    larynx = np.array([[[0, 0, 1, 1, 0]]], bool)  # overlapping the parotid at voxel 2
+    target = np.array([[[0, 0, 0, 1, 0]]], bool)
+    scaled = scale_organs(dose, np.stack([parotid, larynx]), 0.5, keep=target)
+    np.testing.assert_array_equal(scaled, [[[10.0, 20.0, 30.0, 70.0, 20.0]]])  # once each
+    np.testing.assert_array_equal(scale_organs(dose, larynx[None], 0.9), [[[10, 40, 54, 63, 20]]])
     assert dose[0, 0, 2] == 60.0  # the input is left as it was

@@ -134,6 +134,33 @@ def test_the_oar_dose_ceiling_lowers_only_the_hot_organ_voxels_outside_the_targe
     assert (plain[lowered] > 5.0).all()
 
 
+def test_the_organ_scale_multiplies_only_the_organ_voxels_outside_the_targets(phantom, tmp_path):
+    ckpt, case = phantom
+    predictor = Predictor.from_checkpoint(ckpt, "cpu")
+    assert predictor.module.oar_dose_scale is None  # the phantom recipe: off
+    path = write(case, tmp_path)
+    plain = predictor.predict(path).dose_gy
+    scaled = Predictor.from_checkpoint(ckpt, "cpu", oar_dose_scale=0.9).predict(path).dose_gy
+    protocol = predictor.protocol
+    targets = np.logical_or.reduce([case.mask(t) > 0 for t in protocol.targets
+                                    if t in case.structures])
+    organs = np.logical_or.reduce([case.mask(o) > 0 for o in protocol.oars
+                                   if o in case.structures]) & ~targets
+    assert organs.any() and (plain[organs] > 0).any()
+    np.testing.assert_array_equal(scaled[organs], plain[organs] * np.float32(0.9))
+    np.testing.assert_array_equal(scaled[~organs], plain[~organs])  # targets, body kept
+
+
+def test_pooling_grids_are_refused_for_a_network_on_the_case_grid(phantom, tmp_path):
+    ckpt, _ = phantom
+    assert Predictor.from_checkpoint(ckpt, "cpu").module.resolution_factor == 1
+    with pytest.raises(ValueError, match=r"tta_pool_grids=2 for .*: pooling grids need a "
+                                         r"network at a coarser grid"):
+        Predictor.from_checkpoint(ckpt, "cpu", tta_pool_grids=2)
+    with pytest.raises(ValueError, match=r"tta_pool_grids=0: must be a whole number"):
+        Predictor.from_checkpoint(tmp_path / "absent.ckpt", "cpu", tta_pool_grids=0)
+
+
 def test_a_target_dose_floor_out_of_range_is_refused_before_the_checkpoint_is_read(tmp_path):
     with pytest.raises(ValueError, match=r"target_dose_floor must be a fraction .* got 1.5"):
         Predictor.from_checkpoint(tmp_path / "absent.ckpt", "cpu", target_dose_floor=1.5)

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from vmatdose.data.transforms import PoolGridsd, pool_grid_offsets
 from vmatdose.inference import Predictor
-from vmatdose.inference.volume import VolumeInference, flip_sets, pad_to_multiple
+from vmatdose.inference.volume import VolumeInference, flip_sets, grid_padding, pad_to_multiple
 
 from case_variants import first_case, upsampled, write
 
@@ -117,3 +118,50 @@ def test_validation_runs_the_same_network_pass(trained_run, monkeypatch):
     module.loss = lambda pred, b: ((pred - b["dose"]).abs().mean(), {})  # inference-only
     module.validation_step(batch, 0)
     assert calls == [image.shape]
+
+
+def test_each_pooling_grid_sees_what_training_pooled_on_that_grid():
+    net = Recording()
+    inference = VolumeInference(resolution_factor=2, tta_pool_grids=8, divisible_by=1,
+                                max_relative_dose=None)
+    image = torch.rand(1, 2, 6, 6, 6)
+    mean, _ = inference.run(image, None, lambda x: (inference.network_pass(net, x), None))
+    trained = PoolGridsd(["image"], factor=2, grids=8)({"image": image[0]})["image"]
+    assert len(net.inputs) == 8 and mean.shape == (1, 1, 6, 6, 6)
+    for seen, grid, offset in zip(net.inputs, trained, pool_grid_offsets(2, 8)):
+        first = [1 if o else 0 for o in offset]  # the padding's extra coarse voxel in front
+        window = seen[0][(slice(None), *[slice(k, k + 3) for k in first])]
+        torch.testing.assert_close(window, grid, rtol=0, atol=1e-6)
+
+
+def test_grid_padding_crops_back_and_rounds_to_the_factor():
+    pads, crop = grid_padding((5, 6, 7), 2, (1, 0, 1))
+    assert pads == [1, 0, 0, 0, 1, 0]  # x: 1 before, 0 after (8); y: none (6); z: 1, 0 (6)
+    image = torch.rand(1, 1, 5, 6, 7)
+    padded = torch.nn.functional.pad(image, pads)
+    assert padded.shape[-3:] == (6, 6, 8)
+    torch.testing.assert_close(padded[crop], image)
+
+
+def test_the_grids_mean_is_finer_than_one_grid():
+    """A dose step inside a coarse voxel of grid 0 (between case voxels 6 and 7 along x):
+    grid 0 pools it to 0.5 and upsampling smears it over case voxels 5-8 (errors 0.125,
+    0.375, 0.375, 0.125); grid (1, 1, 1) has the step on a coarse border (0, 0.25, 0.25,
+    0); their mean errs 0.0625, 0.3125, 0.3125, 0.0625: 0.75 per row against 1.0."""
+    dose = torch.zeros(1, 1, 8, 8, 16)
+    dose[..., 7:] = 1.0
+    row_errors = []
+    for grids in (1, 2):
+        inference = VolumeInference(resolution_factor=2, tta_pool_grids=grids, divisible_by=1,
+                                    max_relative_dose=None)
+        mean, _ = inference.run(dose, None, lambda x: (x[:, :1], None))
+        row_errors.append((mean - dose)[0, 0, 2:-2, 2:-2, 2:-2].abs().sum().item() / 16)
+    assert row_errors == pytest.approx([1.0, 0.75], abs=1e-6)
+
+
+@pytest.mark.parametrize("grids, factor, words", [
+    (2, 1, "resolution_factor > 1"), (9, 2, "pooling by 2 has 8 grids"),
+    (0, 2, "whole number"), (True, 2, "whole number"), (1.5, 2, "whole number")])
+def test_bad_pooling_grids_are_refused_when_the_model_is_built(grids, factor, words):
+    with pytest.raises(ValueError, match=rf"model\.tta_pool_grids={grids!r}: .*{words}"):
+        VolumeInference(resolution_factor=factor, tta_pool_grids=grids)

@@ -163,6 +163,23 @@ def cap_organs(dose: np.ndarray, masks: np.ndarray, limits: Sequence[float],
     return out
 
 
+def scale_organs(dose: np.ndarray, masks: np.ndarray, factor: float,
+                 keep: np.ndarray | None = None) -> np.ndarray:
+    """(Z, Y, X) ``dose`` (a predicted dose) times ``factor`` inside the organs of
+    ``masks`` (O, Z, Y, X), except where ``keep`` (Z, Y, X) is set (the targets).
+
+    ``model.oar_dose_scale``: a plan's optimiser pushes the dose down inside each organ it
+    spares, more sharply than a network's smooth dose follows (the recipe, 43 training
+    patients: organ Dmean 0.89 Gy and D0.1cc 0.57 Gy high on average while the error outside
+    the targets has median 0; experiments/openkbp.md).
+    """
+    out = np.array(dose, np.float32, copy=True)
+    inside = np.logical_or.reduce(np.asarray(masks) > 0, axis=0) if len(masks) else False
+    free = inside if keep is None else inside & ~(np.asarray(keep) > 0)
+    np.multiply(out, np.float32(factor), out=out, where=free)
+    return out
+
+
 class PriorDosed(MapTransform):
     """Add ``prior``: (1 + S, Z, Y, X) float32 prior dose normalised by ``dose_scale_gy``
     (channel 0) and, with ``beam_sectors`` = S > 0, the beam prior's S gantry sectors

@@ -65,13 +65,16 @@ def evaluate_checkpoint(ckpt_path: str | Path, output_dir: str | Path, *, split:
                         evaluation: Mapping | None = None, accelerator: str = "auto",
                         spacing_mismatch: str = DEFAULT_SPACING_POLICY,
                         target_dose_floor: float | None = None,
-                        oar_dose_ceiling: float | None = None) -> tuple[pd.DataFrame, dict]:
+                        oar_dose_ceiling: float | None = None,
+                        tta_pool_grids: int | None = None,
+                        oar_dose_scale: float | None = None) -> tuple[pd.DataFrame, dict]:
     """Evaluate a checkpoint on ``split`` of the data it was trained on (``data_cfg``
     ``None``: its folder and split, or ``split_file``) or of ``data_cfg``'s case files;
-    ``target_dose_floor`` and ``oar_dose_ceiling`` replace the model's (``None``: the
-    checkpoint's own)."""
+    ``target_dose_floor``, ``oar_dose_ceiling``, ``tta_pool_grids`` and ``oar_dose_scale``
+    replace the model's (``None``: the checkpoint's own)."""
     predictor = Predictor.from_checkpoint(ckpt_path, accelerator, spacing_mismatch,
-                                          target_dose_floor, oar_dose_ceiling)
+                                          target_dose_floor, oar_dose_ceiling, tta_pool_grids,
+                                          oar_dose_scale)
     contract = predictor.contract
     if data_cfg is None:
         paths, train = _checkpoint_split(contract, split, split_file)
@@ -150,7 +153,9 @@ def run_evaluation(cfg: DictConfig, output_dir: str | Path,
             accelerator=cfg.get("accelerator", "auto"),
             spacing_mismatch=cfg.get("spacing_mismatch", DEFAULT_SPACING_POLICY),
             target_dose_floor=cfg.get("target_dose_floor"),
-            oar_dose_ceiling=cfg.get("oar_dose_ceiling"))
+            oar_dose_ceiling=cfg.get("oar_dose_ceiling"),
+            tta_pool_grids=cfg.get("tta_pool_grids"),
+            oar_dose_scale=cfg.get("oar_dose_scale"))
     return evaluate_prediction_folder(cfg.predictions_dir, cfg.data,
                                       Protocol.from_dict(cfg.protocol), output_dir,
                                       split=cfg.split, split_file=cfg.get("split_file"),

@@ -19,12 +19,12 @@ import numpy as np
 import torch
 from monai.transforms import Compose
 
-from vmatdose.config_schema import check_dose_bound
+from vmatdose.config_schema import check_dose_bound, tta_pool_grids_problem
 from vmatdose.data.body_region import body_mismatch
 from vmatdose.data.case import Case, load_case
 from vmatdose.data.ingest.training_grid import full_target_grid, source_ct_grid
 from vmatdose.data.pipeline import inference_transform
-from vmatdose.data.prior import cap_organs, floor_targets
+from vmatdose.data.prior import cap_organs, floor_targets, scale_organs
 from vmatdose.data.resample import Grid, resample_case, resample_case_onto, resample_volume
 from vmatdose.data.validation import SPACING_TOLERANCE, check_cases
 from vmatdose.inference.checkpoint import CheckpointContract, read_checkpoint
@@ -113,18 +113,31 @@ class Predictor:
     def from_checkpoint(cls, ckpt_path: str | Path, accelerator: str = "auto",
                         spacing_mismatch: str = DEFAULT_SPACING_POLICY,
                         target_dose_floor: float | None = None,
-                        oar_dose_ceiling: float | None = None) -> Predictor:
+                        oar_dose_ceiling: float | None = None,
+                        tta_pool_grids: int | None = None,
+                        oar_dose_scale: float | None = None) -> Predictor:
         """Read ``ckpt_path`` (once) and rebuild its model on the chosen device;
-        ``target_dose_floor`` and ``oar_dose_ceiling`` replace the model's (``None``: the
-        checkpoint's own)."""
+        ``target_dose_floor``, ``oar_dose_ceiling``, ``tta_pool_grids`` and
+        ``oar_dose_scale`` replace the model's (``None``: the checkpoint's own)."""
         floor = check_dose_bound("target_dose_floor", target_dose_floor, "target_dose_floor")
         ceiling = check_dose_bound("oar_dose_ceiling", oar_dose_ceiling, "oar_dose_ceiling")
+        organ_scale = check_dose_bound("oar_dose_scale", oar_dose_scale, "oar_dose_scale")
+        problem = tta_pool_grids_problem(tta_pool_grids) if tta_pool_grids is not None else None
+        if problem:  # before the checkpoint is read; its grid is checked after
+            raise ValueError(f"tta_pool_grids={tta_pool_grids!r}: {problem}")
         checkpoint = read_checkpoint(ckpt_path)
         module = checkpoint.build_module(resolve_device(accelerator))
         if floor is not None:
             module.target_dose_floor = floor
         if ceiling is not None:
             module.oar_dose_ceiling = ceiling
+        if organ_scale is not None:
+            module.oar_dose_scale = organ_scale
+        if tta_pool_grids is not None:
+            problem = tta_pool_grids_problem(tta_pool_grids, module.resolution_factor)
+            if problem:
+                raise ValueError(f"tta_pool_grids={tta_pool_grids!r} for {ckpt_path}: {problem}")
+            module.tta_pool_grids = tta_pool_grids
         return cls(module, checkpoint.contract, spacing_mismatch)
 
     def check(self, paths: Sequence[Path]) -> None:
@@ -165,7 +178,7 @@ class Predictor:
         dose, std_gy = (np.asarray(mean[0, 0]) * scale).astype(np.float32), \
             None if std is None else (np.asarray(std[0, 0]) * scale).astype(np.float32)
         # bounded on the grid the model predicts on, so both routes of one patient agree
-        dose = self.cap_organs(work, self.floor_targets(work, dose))
+        dose = self.cap_organs(work, self.scale_organs(work, self.floor_targets(work, dose)))
         if work is not case:
             dose, std_gy = self._back_on(case, work, dose, std_gy)
         return Prediction(case, Path(path), dose, std_gy)
@@ -187,6 +200,25 @@ class Predictor:
         return floor_targets(dose_gy, masks,
                              [fraction * self.protocol.prescriptions_gy[t] for t in targets])
 
+    def scale_organs(self, case: Case, dose_gy: np.ndarray) -> np.ndarray:
+        """(Z, Y, X) ``dose_gy`` on ``case``'s grid times ``module.oar_dose_scale`` inside
+        each of its protocol organs at risk, outside its targets; as is when that is
+        ``None`` (see :meth:`floor_targets` for the grid)."""
+        factor = getattr(self.module, "oar_dose_scale", None)
+        organs = [o for o in self.protocol.oars if o in case.structures]
+        if factor is None or not organs:
+            return dose_gy
+        return scale_organs(dose_gy, np.stack([case.mask(o) > 0 for o in organs]), factor,
+                            keep=self._targets(case))
+
+    def _targets(self, case: Case) -> np.ndarray:
+        """(Z, Y, X) bool: inside any of ``case``'s protocol targets."""
+        keep = np.zeros(case.shape, bool)
+        for target in self.protocol.prescriptions_gy:
+            if target in case.structures:
+                keep |= case.mask(target) > 0
+        return keep
+
     def cap_organs(self, case: Case, dose_gy: np.ndarray) -> np.ndarray:
         """(Z, Y, X) ``dose_gy`` on ``case``'s grid lowered inside each of its organs with a
         maximum-dose limit in the protocol to at most ``module.oar_dose_ceiling`` x that
@@ -199,12 +231,8 @@ class Predictor:
                   if o in case.structures}
         if not limits:
             return dose_gy
-        targets = [t for t in self.protocol.prescriptions_gy if t in case.structures]
-        keep = np.zeros(dose_gy.shape, bool)
-        for target in targets:
-            keep |= case.mask(target) > 0
         return cap_organs(dose_gy, np.stack([case.mask(o) > 0 for o in limits]),
-                          [fraction * v for v in limits.values()], keep)
+                          [fraction * v for v in limits.values()], self._targets(case))
 
     def on_training_grid(self, case: Case) -> Case:
         """The case on the grid the model predicts it on: for a case from DICOM (its source

@@ -61,7 +61,8 @@ def run_prediction(cfg: Mapping) -> list[Path]:
 def _predictor(cfg: Mapping) -> Predictor:
     return Predictor.from_checkpoint(cfg["ckpt_path"], cfg.get("accelerator", "auto"),
                                      cfg.get("spacing_mismatch", DEFAULT_SPACING_POLICY),
-                                     cfg.get("target_dose_floor"), cfg.get("oar_dose_ceiling"))
+                                     cfg.get("target_dose_floor"), cfg.get("oar_dose_ceiling"),
+                                     cfg.get("tta_pool_grids"), cfg.get("oar_dose_scale"))
 
 
 def _predict_paths(cfg: Mapping, predictor: Predictor, paths: list[Path]) -> list[Path]:

@@ -1,7 +1,7 @@
 """Whole-volume inference of one network: the one place that pads or slides a window,
-pools to the network's resolution, crops to the body's box, mirrors for test-time
-augmentation, upsamples (adding the full-resolution prior back) and zeroes outside the
-body.
+pools to the network's resolution (on one pooling grid or several, averaged), crops to
+the body's box, mirrors for test-time augmentation, upsamples (adding the full-resolution
+prior back) and zeroes outside the body.
 
 :class:`VolumeInference` is what :class:`~vmatdose.inference.predictor.Predictor` runs on
 every case and what a :class:`~vmatdose.training.module.DoseModule` runs in validation
@@ -20,8 +20,9 @@ import torch
 from monai.inferers import sliding_window_inference
 from torch.nn import functional as F
 
-from vmatdose.config_schema import BODY_CROP_RANGE, is_body_crop_margin
+from vmatdose.config_schema import BODY_CROP_RANGE, is_body_crop_margin, tta_pool_grids_problem
 from vmatdose.data.input_spec import InputSpec
+from vmatdose.data.transforms import pool_grid_offsets
 from vmatdose.inference.body_crop import Box, body_box, place
 
 TTA_MODES = (None, "none", "flips")
@@ -53,6 +54,20 @@ def pool_image(image: torch.Tensor, factor: int) -> torch.Tensor:
                          recompute_scale_factor=True)
 
 
+def grid_padding(size: Sequence[int], factor: int, offset: Sequence[int]
+                 ) -> tuple[list[int], tuple[slice, ...]]:
+    """How to pad a volume of spatial ``size`` (Z, Y, X) so that pooling by ``factor``
+    starts on the grid ``offset`` (z, y, x) case voxels along (the training grids of
+    :func:`~vmatdose.data.transforms.pool_grid_offsets`): ``F.pad`` widths (x first) that
+    put (f - o) % f voxels before each axis and round it up to a multiple of f after, and
+    the slices (B, C, Z, Y, X) that crop the padded grid back."""
+    front = [(factor - int(o)) % factor for o in offset]
+    back = [(-(int(n) + p)) % factor for n, p in zip(size, front)]
+    pads = [w for p, q in reversed(list(zip(front, back))) for w in (p, q)]
+    crop = (slice(None), slice(None), *[slice(p, p + int(n)) for p, n in zip(front, size)])
+    return pads, crop
+
+
 def flip_sets(axes: Sequence[int]) -> list[tuple[int, ...]]:
     """Every subset of the spatial ``axes`` (-3 z, -2 y, -1 x): the flips of flip TTA,
     identity first."""
@@ -73,6 +88,11 @@ class VolumeInference:
         max_relative_dose: predictions clipped to ``[0, max_relative_dose]``.
         tta: ``"flips"`` (every combination of flips of ``tta_axes``) or ``None``.
         tta_axes: spatial axes flip TTA mirrors (-3 z, -2 y, -1 x = left/right).
+        tta_pool_grids: with ``resolution_factor`` f > 1, the prediction is the mean of the
+            whole inference run on this many of the f^3 grids pooling can start on (the
+            input padded so pooling starts on each, the dose cropped back; grid 0 first):
+            each grid places the coarse voxels differently against the anatomy, so their
+            mean is finer than one grid's. G x the passes of one grid. 1: grid 0 only.
         lr_permutation: input channel order after a left/right mirror; ``None`` takes it
             from ``input_spec``.
         zero_outside_body: :meth:`predict` zeroes the dose outside the body it is given.
@@ -92,6 +112,7 @@ class VolumeInference:
     max_relative_dose: float | None = 1.5
     tta: str | None = None
     tta_axes: Sequence[int] = (-3, -2, -1)
+    tta_pool_grids: int = 1
     lr_permutation: Sequence[int] | None = None
     zero_outside_body: bool = False
     resolution_factor: int = 1
@@ -105,6 +126,9 @@ class VolumeInference:
         if int(self.resolution_factor) < 1:
             raise ValueError(f"resolution_factor must be >= 1, got {self.resolution_factor}")
         self.tta = None if self.tta == "none" else self.tta
+        problem = tta_pool_grids_problem(self.tta_pool_grids, self.resolution_factor)
+        if problem:
+            raise ValueError(f"model.tta_pool_grids={self.tta_pool_grids!r}: {problem}")
         margin = self.body_crop_margin
         if not is_body_crop_margin(margin):
             raise ValueError(f"model.body_crop_margin={margin!r}: {BODY_CROP_RANGE}")
@@ -133,6 +157,24 @@ class VolumeInference:
 
     def run(self, image: torch.Tensor, body: torch.Tensor | None, passes: PassFn
             ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """:meth:`run_grid` on each of ``tta_pool_grids`` pooling grids (the image and body
+        padded so pooling starts on it, the dose cropped back), averaged; no zeroing."""
+        if self.tta_pool_grids == 1:
+            return self.run_grid(image, body, passes)
+        factor, size = self.resolution_factor, image.shape[2:]
+        means, stds = [], []
+        for offset in pool_grid_offsets(factor, self.tta_pool_grids):
+            pads, crop = grid_padding(size, factor, offset)
+            # the CT and prior's border repeated, as the training grids pool it; no body there
+            mean, std = self.run_grid(F.pad(image, pads, mode="replicate"),
+                                      None if body is None else F.pad(body, pads), passes)
+            means.append(mean[crop])
+            if std is not None:
+                stds.append(std[crop])
+        return torch.stack(means).mean(0), torch.stack(stds).mean(0) if stds else None
+
+    def run_grid(self, image: torch.Tensor, body: torch.Tensor | None, passes: PassFn
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Pool to the network grid, (crop to the body's box), run ``passes`` on every TTA
         flip (un-flipped back and averaged), (put back on the network grid, zero outside
         the box), upsample to the grid of ``image``; no zeroing (:meth:`predict` does it,
@@ -240,3 +282,4 @@ class VolumeInference:
                              "a module built by training or loaded from a checkpoint (its "
                              "contract holds it)")
         return self.input_spec
+

@@ -67,6 +67,10 @@ class DoseModule(L.LightningModule):
             (x) flip also swaps the paired structure channels of the input (see
             ``lr_channel_permutation``). ``None``: one pass.
         tta_axes: spatial axes flip TTA mirrors (-3 z, -2 y, -1 x = left/right).
+        tta_pool_grids: with ``resolution_factor`` f > 1, inference averages the whole
+            prediction over this many of the f^3 grids pooling by f can start on (see
+            :class:`~vmatdose.inference.volume.VolumeInference`); 1: one grid. Training's
+            validation runs one grid.
         lr_channel_permutation: input channel order after a left/right flip; ``None``
             derives it from the checkpoint contract's structures and protocol ``lr_pairs``.
         zero_outside_body: :meth:`predict_with_uncertainty` zeroes the dose outside the
@@ -96,6 +100,11 @@ class DoseModule(L.LightningModule):
             fraction of the limit, outside the targets, by the Predictor as the floor
             (plans meet their organs' hard limits; a network's smooth dose spills over
             them). ``None``: off.
+        oar_dose_scale: the predicted dose inside each organ at risk of the protocol,
+            outside the targets, multiplied by this factor by the Predictor, after the
+            floor and before the ceiling (a plan's optimiser spares an organ more sharply
+            than a network's smooth dose follows: the organs' mean dose comes out high).
+            ``None``: off.
         body_crop_margin: the network sees only the box holding the body, grown by this
             many network-grid voxels on each side and rounded up to ``divisible_by``, in
             training (the batch's box), validation and inference (each case's box)
@@ -121,6 +130,7 @@ class DoseModule(L.LightningModule):
         max_relative_dose: float | None = 1.5,
         tta: str | None = None,
         tta_axes: Sequence[int] = (-3, -2, -1),
+        tta_pool_grids: int = 1,
         lr_channel_permutation: Sequence[int] | None = None,
         zero_outside_body: bool = False,
         resolution_factor: int = 1,
@@ -131,6 +141,7 @@ class DoseModule(L.LightningModule):
         target_dose_floor: float | None = None,
         body_crop_margin: int | None = None,
         oar_dose_ceiling: float | None = None,
+        oar_dose_scale: float | None = None,
     ):
         super().__init__()
         problem = body_crop_problem(body_crop_margin, loss_in_body, zero_outside_body)
@@ -139,9 +150,11 @@ class DoseModule(L.LightningModule):
         self.body_crop_margin = body_crop_margin
         self.target_dose_floor = check_dose_bound("target_dose_floor", target_dose_floor)
         self.oar_dose_ceiling = check_dose_bound("oar_dose_ceiling", oar_dose_ceiling)
+        self.oar_dose_scale = check_dose_bound("oar_dose_scale", oar_dose_scale)
         self.max_relative_dose = max_relative_dose
         self.tta = None if tta == "none" else tta
         self.tta_axes = [int(a) for a in tta_axes]
+        self.tta_pool_grids = tta_pool_grids
         self.lr_channel_permutation = (list(lr_channel_permutation)
                                        if lr_channel_permutation is not None else None)
         self.zero_outside_body = bool(zero_outside_body)
@@ -168,7 +181,8 @@ class DoseModule(L.LightningModule):
         return VolumeInference(
             patch_size=self.inference_patch_size, sw_overlap=self.sw_overlap,
             divisible_by=self.divisible_by, max_relative_dose=self.max_relative_dose,
-            tta=self.tta, tta_axes=self.tta_axes, lr_permutation=self.lr_channel_permutation,
+            tta=self.tta, tta_axes=self.tta_axes, tta_pool_grids=self.tta_pool_grids,
+            lr_permutation=self.lr_channel_permutation,
             zero_outside_body=self.zero_outside_body, resolution_factor=self.resolution_factor,
             prior_residual=self.prior_residual, input_spec=input_spec,
             body_crop_margin=self.body_crop_margin)
