@@ -92,22 +92,31 @@ def test_training_grid_policy_resamples_every_case_off_the_median(phantom, tmp_p
     assert not np.array_equal(one_grid.predict(path).dose_gy, as_is.predict(path).dose_gy)
 
 
-def test_the_target_dose_floor_raises_only_the_cold_target_voxels(phantom, tmp_path):
+def _plain_and_bounded(phantom, tmp_path, **bound):
+    """The phantom checkpoint's predictor (its bounds off), the case, its plain prediction
+    and the prediction with ``bound`` (a ``Predictor.from_checkpoint`` override) set."""
     ckpt, case = phantom
     predictor = Predictor.from_checkpoint(ckpt, "cpu")
-    assert predictor.module.target_dose_floor is None  # the phantom recipe: off
+    (name, _), = bound.items()
+    assert getattr(predictor.module, name) is None  # the phantom recipe: off
     path = write(case, tmp_path)
-    plain = predictor.predict(path).dose_gy
-    # predict / evaluate target_dose_floor=0.97 replaces the checkpoint's (none here)
-    floored = Predictor.from_checkpoint(ckpt, "cpu", target_dose_floor=0.97).predict(path).dose_gy
+    # predict / evaluate <name>= replaces the checkpoint's (none here)
+    bounded = Predictor.from_checkpoint(ckpt, "cpu", **bound).predict(path).dose_gy
+    return predictor, case, predictor.predict(path).dose_gy, bounded
+
+
+def _union(case, names) -> np.ndarray:
+    return np.logical_or.reduce([case.mask(n) > 0 for n in names if n in case.structures])
+
+
+def test_the_target_dose_floor_raises_only_the_cold_target_voxels(phantom, tmp_path):
+    predictor, case, plain, floored = _plain_and_bounded(phantom, tmp_path,
+                                                         target_dose_floor=0.97)
     prescriptions = predictor.protocol.prescriptions_gy
-    inside = np.zeros(case.shape, bool)
     for target, gy in prescriptions.items():
-        mask = case.mask(target) > 0
-        assert floored[mask].min() >= np.float32(0.97 * gy)
-        inside |= mask
+        assert floored[case.mask(target) > 0].min() >= np.float32(0.97 * gy)
     raised = floored != plain
-    assert raised.any() and not raised[~inside].any()  # nothing outside the targets
+    assert raised.any() and not raised[~_union(case, prescriptions)].any()  # targets only
     expected = np.maximum.reduce([np.where(case.mask(t) > 0, np.float32(0.97 * gy), 0)
                                   for t, gy in prescriptions.items()])
     np.testing.assert_array_equal(floored[raised], expected[raised])
@@ -115,18 +124,11 @@ def test_the_target_dose_floor_raises_only_the_cold_target_voxels(phantom, tmp_p
 
 def test_the_oar_dose_ceiling_lowers_only_the_hot_organ_voxels_outside_the_targets(
         phantom, tmp_path):
-    ckpt, case = phantom
-    predictor = Predictor.from_checkpoint(ckpt, "cpu")
-    assert predictor.module.oar_dose_ceiling is None  # the phantom recipe: off
+    # 0.1 x 50 Gy: low enough that the phantom's femurs hold dose above it
+    predictor, case, plain, capped = _plain_and_bounded(phantom, tmp_path, oar_dose_ceiling=0.1)
     limits = predictor.protocol.max_dose_limits_gy
     assert limits == {"Femur_L": 50.0, "Femur_R": 50.0}  # prostate_sib's Dmax constraints
-    path = write(case, tmp_path)
-    plain = predictor.predict(path).dose_gy
-    # 0.1 x 50 Gy: low enough that the phantom's femurs hold dose above it
-    capped = Predictor.from_checkpoint(ckpt, "cpu", oar_dose_ceiling=0.1).predict(path).dose_gy
-    targets = np.logical_or.reduce([case.mask(t) > 0 for t in predictor.protocol.targets
-                                    if t in case.structures])
-    organs = np.logical_or.reduce([case.mask(o) > 0 for o in limits]) & ~targets
+    organs = _union(case, limits) & ~_union(case, predictor.protocol.targets)
     assert capped[organs].max() <= np.float32(5.0)
     lowered = capped != plain
     assert lowered.any() and not lowered[~organs].any()  # nothing outside, targets kept
@@ -135,17 +137,9 @@ def test_the_oar_dose_ceiling_lowers_only_the_hot_organ_voxels_outside_the_targe
 
 
 def test_the_organ_scale_multiplies_only_the_organ_voxels_outside_the_targets(phantom, tmp_path):
-    ckpt, case = phantom
-    predictor = Predictor.from_checkpoint(ckpt, "cpu")
-    assert predictor.module.oar_dose_scale is None  # the phantom recipe: off
-    path = write(case, tmp_path)
-    plain = predictor.predict(path).dose_gy
-    scaled = Predictor.from_checkpoint(ckpt, "cpu", oar_dose_scale=0.9).predict(path).dose_gy
+    predictor, case, plain, scaled = _plain_and_bounded(phantom, tmp_path, oar_dose_scale=0.9)
     protocol = predictor.protocol
-    targets = np.logical_or.reduce([case.mask(t) > 0 for t in protocol.targets
-                                    if t in case.structures])
-    organs = np.logical_or.reduce([case.mask(o) > 0 for o in protocol.oars
-                                   if o in case.structures]) & ~targets
+    organs = _union(case, protocol.oars) & ~_union(case, protocol.targets)
     assert organs.any() and (plain[organs] > 0).any()
     np.testing.assert_array_equal(scaled[organs], plain[organs] * np.float32(0.9))
     np.testing.assert_array_equal(scaled[~organs], plain[~organs])  # targets, body kept
