@@ -282,4 +282,3 @@ class VolumeInference:
                              "a module built by training or loaded from a checkpoint (its "
                              "contract holds it)")
         return self.input_spec
-
