@@ -114,3 +114,36 @@ def test_refused_cases_are_all_named_in_one_error(trained_run, tmp_path):
     assert message.startswith("2 case files not matching the checkpoint: ")
     assert f"{broken}: not a readable case file" in message
     assert f"{tmp_path / 'cases' / 'no_ptv70.npz'}: missing required target PTV70" in message
+
+
+def test_predict_takes_the_organ_scale_and_refuses_pooling_grids_the_model_cannot_use(
+        trained_run, tmp_path):
+    root, _, ckpt = trained_run
+    cases_dir = root / "data" / "phantom_smoke"
+    files = {p.name: p.read_bytes() for p in cases_dir.iterdir()}
+    _predict(ckpt, cases_dir, tmp_path / "plain")
+    scaled = run_main("vmatdose.predict", f"ckpt_path={ckpt}", f"cases_dir={cases_dir}",
+                      f"output_dir={tmp_path / 'scaled'}", "accelerator=cpu",
+                      "oar_dose_scale=0.9", cwd=tmp_path)
+    assert scaled.returncode == 0, scaled.stdout
+    case = first_case(cases_dir)
+    with np.load(tmp_path / "plain" / f"{case.case_id}.npz") as plain, \
+            np.load(tmp_path / "scaled" / f"{case.case_id}.npz") as out:
+        plain_dose, dose = plain["dose"], out["dose"]
+    targets = np.logical_or.reduce([case.mask(t) > 0 for t in ("PTV70", "PTV56")])
+    oars = ("Rectum", "Bladder", "Femur_L", "Femur_R", "Bowel")  # conf/protocol/prostate_sib
+    organs = np.logical_or.reduce([case.mask(o) > 0 for o in oars if o in case.structures])
+    organs &= ~targets
+    assert organs.any() and plain_dose[organs].max() > 1.0
+    np.testing.assert_array_equal(dose[organs], plain_dose[organs] * np.float32(0.9))
+    np.testing.assert_array_equal(dose[~organs], plain_dose[~organs])
+    # the phantom network works on the case grid: no pooling grids to average over
+    refused = run_main("vmatdose.predict", f"ckpt_path={ckpt}", f"cases_dir={cases_dir}",
+                       f"output_dir={tmp_path / 'grids'}", "accelerator=cpu",
+                       "tta_pool_grids=2", cwd=tmp_path)
+    assert refused.returncode == 1
+    assert last_line(refused.stdout) == (
+        f"error: tta_pool_grids=2 for {ckpt}: pooling grids need a network at a coarser grid "
+        "(model.resolution_factor > 1)")
+    assert not (tmp_path / "grids").exists()
+    assert {p.name: p.read_bytes() for p in cases_dir.iterdir()} == files  # read, not written

@@ -22,7 +22,7 @@ from vmatdose.errors import InputError
 from vmatdose.evaluation.baseline import StructureMeanBaseline
 from vmatdose.evaluation.suite import EvaluationSettings, run_suite
 from vmatdose.inference.predictions import prediction_path, read_predictions
-from vmatdose.inference.predictor import DEFAULT_SPACING_POLICY, Predictor
+from vmatdose.inference.predictor import CHECKPOINT_OVERRIDES, DEFAULT_SPACING_POLICY, Predictor
 from vmatdose.protocol import Protocol
 
 log = logging.getLogger(__name__)
@@ -72,9 +72,10 @@ def evaluate_checkpoint(ckpt_path: str | Path, output_dir: str | Path, *, split:
     ``None``: its folder and split, or ``split_file``) or of ``data_cfg``'s case files;
     ``target_dose_floor``, ``oar_dose_ceiling``, ``tta_pool_grids`` and ``oar_dose_scale``
     replace the model's (``None``: the checkpoint's own)."""
-    predictor = Predictor.from_checkpoint(ckpt_path, accelerator, spacing_mismatch,
-                                          target_dose_floor, oar_dose_ceiling, tta_pool_grids,
-                                          oar_dose_scale)
+    predictor = Predictor.from_checkpoint(
+        ckpt_path, accelerator, spacing_mismatch, target_dose_floor=target_dose_floor,
+        oar_dose_ceiling=oar_dose_ceiling, oar_dose_scale=oar_dose_scale,
+        tta_pool_grids=tta_pool_grids)
     contract = predictor.contract
     if data_cfg is None:
         paths, train = _checkpoint_split(contract, split, split_file)
@@ -152,10 +153,7 @@ def run_evaluation(cfg: DictConfig, output_dir: str | Path,
             data_cfg=cfg.data if data_from == "config" else None, evaluation=evaluation,
             accelerator=cfg.get("accelerator", "auto"),
             spacing_mismatch=cfg.get("spacing_mismatch", DEFAULT_SPACING_POLICY),
-            target_dose_floor=cfg.get("target_dose_floor"),
-            oar_dose_ceiling=cfg.get("oar_dose_ceiling"),
-            tta_pool_grids=cfg.get("tta_pool_grids"),
-            oar_dose_scale=cfg.get("oar_dose_scale"))
+            **{key: cfg.get(key) for key in CHECKPOINT_OVERRIDES})
     return evaluate_prediction_folder(cfg.predictions_dir, cfg.data,
                                       Protocol.from_dict(cfg.protocol), output_dir,
                                       split=cfg.split, split_file=cfg.get("split_file"),

@@ -27,7 +27,7 @@ from vmatdose.data.pipeline import inference_transform
 from vmatdose.data.prior import cap_organs, floor_targets, scale_organs
 from vmatdose.data.resample import Grid, resample_case, resample_case_onto, resample_volume
 from vmatdose.data.validation import SPACING_TOLERANCE, check_cases
-from vmatdose.inference.checkpoint import CheckpointContract, read_checkpoint
+from vmatdose.inference.checkpoint import CheckpointContract, CheckpointError, read_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,12 @@ SPACING_POLICIES = ("resample", "refuse", "training_grid")
 #: own grid within the training range (``training_grid``, one grid whatever the route, cost
 #: an OpenKBP model 0.24 Gy of dose score: experiments/route_invariance.md)
 DEFAULT_SPACING_POLICY = "resample"
+
+
+#: The model's inference settings ``predict`` and ``evaluate`` may replace for a checkpoint
+#: (``<name>=``; ``None``: the checkpoint's own): :meth:`Predictor.from_checkpoint`'s keywords.
+CHECKPOINT_OVERRIDES = ("target_dose_floor", "oar_dose_ceiling", "oar_dose_scale",
+                        "tta_pool_grids")
 
 
 @dataclass
@@ -135,8 +141,9 @@ class Predictor:
             module.oar_dose_scale = organ_scale
         if tta_pool_grids is not None:
             problem = tta_pool_grids_problem(tta_pool_grids, module.resolution_factor)
-            if problem:
-                raise ValueError(f"tta_pool_grids={tta_pool_grids!r} for {ckpt_path}: {problem}")
+            if problem:  # a setting this checkpoint's network cannot use: one line, no trace
+                raise CheckpointError(f"tta_pool_grids={tta_pool_grids!r} for {ckpt_path}: "
+                                      f"{problem}")
             module.tta_pool_grids = tta_pool_grids
         return cls(module, checkpoint.contract, spacing_mismatch)
 

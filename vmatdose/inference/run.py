@@ -13,7 +13,7 @@ from vmatdose.data.case import list_case_files
 from vmatdose.data.ingest.openkbp import is_openkbp_folder, openkbp_cases
 from vmatdose.errors import InputError
 from vmatdose.inference.output_folder import prepare_output_folder
-from vmatdose.inference.predictor import DEFAULT_SPACING_POLICY, Predictor
+from vmatdose.inference.predictor import CHECKPOINT_OVERRIDES, DEFAULT_SPACING_POLICY, Predictor
 from vmatdose.inference.writers import chosen_writers
 
 log = logging.getLogger(__name__)
@@ -59,10 +59,10 @@ def run_prediction(cfg: Mapping) -> list[Path]:
 
 
 def _predictor(cfg: Mapping) -> Predictor:
-    return Predictor.from_checkpoint(cfg["ckpt_path"], cfg.get("accelerator", "auto"),
-                                     cfg.get("spacing_mismatch", DEFAULT_SPACING_POLICY),
-                                     cfg.get("target_dose_floor"), cfg.get("oar_dose_ceiling"),
-                                     cfg.get("tta_pool_grids"), cfg.get("oar_dose_scale"))
+    return Predictor.from_checkpoint(
+        cfg["ckpt_path"], cfg.get("accelerator", "auto"),
+        cfg.get("spacing_mismatch", DEFAULT_SPACING_POLICY),
+        **{key: cfg.get(key) for key in CHECKPOINT_OVERRIDES})
 
 
 def _predict_paths(cfg: Mapping, predictor: Predictor, paths: list[Path]) -> list[Path]:

@@ -165,9 +165,13 @@ class VolumeInference:
         means, stds = [], []
         for offset in pool_grid_offsets(factor, self.tta_pool_grids):
             pads, crop = grid_padding(size, factor, offset)
-            # the CT and prior's border repeated, as the training grids pool it; no body there
-            mean, std = self.run_grid(F.pad(image, pads, mode="replicate"),
-                                      None if body is None else F.pad(body, pads), passes)
+            if any(pads):  # a copy of the image: the CT and prior's border repeated, as the
+                # training grids pool it; no body there
+                grid_image = F.pad(image, pads, mode="replicate")
+                grid_body = None if body is None else F.pad(body, pads)
+            else:
+                grid_image, grid_body = image, body
+            mean, std = self.run_grid(grid_image, grid_body, passes)
             means.append(mean[crop])
             if std is not None:
                 stds.append(std[crop])
