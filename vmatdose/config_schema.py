@@ -186,6 +186,7 @@ class EvalConfig:
     target_dose_floor: float | None = None
     oar_dose_ceiling: float | None = None
     oar_dose_scale: float | None = None
+    target_dose_stretch: float | None = None
     tta_pool_grids: int | None = None
     accelerator: str = "auto"
     protocol: Any = None
@@ -215,6 +216,7 @@ class PredictConfig:
     target_dose_floor: float | None = None
     oar_dose_ceiling: float | None = None
     oar_dose_scale: float | None = None
+    target_dose_stretch: float | None = None
     tta_pool_grids: int | None = None
     accelerator: str = "auto"
     paths: dict[str, Any] = field(default_factory=dict)
@@ -550,7 +552,8 @@ def value_errors(cfg: Any) -> list[str]:
 #: ``<name>=`` replace a checkpoint's) and what each is a fraction of.
 DOSE_BOUNDS = {"target_dose_floor": "the prescription",
                "oar_dose_ceiling": "the organs' maximum-dose limits",
-               "oar_dose_scale": "the organs' predicted dose"}
+               "oar_dose_scale": "the organs' predicted dose",
+               "target_dose_stretch": "the targets' predicted dose above the prescription"}
 #: The largest dose bound (a fraction) accepted.
 DOSE_FRACTION_MAX = 1.2
 

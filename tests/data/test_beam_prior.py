@@ -24,6 +24,7 @@ from vmatdose.data.prior import (
     check_prior_config,
     floor_targets,
     scale_organs,
+    stretch_targets,
 )
 
 SPACING = (2.0, 2.0, 2.0)
@@ -280,3 +281,14 @@ def test_scale_organs_scales_only_organ_voxels_outside_the_kept_ones():
     np.testing.assert_array_equal(scaled, [[[10.0, 20.0, 30.0, 70.0, 20.0]]])  # once each
     np.testing.assert_array_equal(scale_organs(dose, larynx[None], 0.9), [[[10, 40, 54, 63, 20]]])
     assert dose[0, 0, 2] == 60.0  # the input is left as it was
+
+
+def test_stretch_targets_moves_only_the_dose_above_the_highest_prescription_away_from_it():
+    dose = np.array([[[50.0, 60.0, 66.0, 72.0, 69.0, 80.0]]], np.float32)  # (1, 1, 6) Gy
+    ptv56 = np.array([[[1, 1, 1, 1, 1, 0]]], bool)
+    ptv70 = np.array([[[0, 0, 0, 1, 1, 0]]], bool)  # inside the PTV56 at voxels 3, 4
+    stretched = stretch_targets(dose, np.stack([ptv56, ptv70]), [56.0, 70.0], 1.5)
+    # below 56 kept; 56 + 1.5 x (60 - 56); 56 + 1.5 x 10; 70 + 1.5 x 2; below 70 kept; outside
+    np.testing.assert_array_equal(stretched, [[[50.0, 62.0, 71.0, 73.0, 69.0, 80.0]]])
+    np.testing.assert_array_equal(stretch_targets(dose, ptv56[None], [56.0], 1.0), dose)
+    assert dose[0, 0, 1] == 60.0  # the input is left as it was

@@ -145,6 +145,20 @@ def test_the_organ_scale_multiplies_only_the_organ_voxels_outside_the_targets(ph
     np.testing.assert_array_equal(scaled[~organs], plain[~organs])  # targets, body kept
 
 
+def test_the_target_stretch_moves_only_the_target_dose_above_its_prescription(
+        phantom, tmp_path):
+    predictor, case, plain, stretched = _plain_and_bounded(phantom, tmp_path,
+                                                           target_dose_stretch=1.2)
+    prescriptions = predictor.protocol.prescriptions_gy
+    rx = np.maximum.reduce([np.where(case.mask(t) > 0, np.float32(gy), 0)
+                            for t, gy in prescriptions.items()])
+    hot = (rx > 0) & (plain > rx)
+    assert hot.any() and (plain[rx > 0] <= rx[rx > 0]).any()  # both sides in the phantom
+    np.testing.assert_allclose(stretched[hot], rx[hot] + 1.2 * (plain[hot] - rx[hot]),
+                               rtol=1e-6)
+    np.testing.assert_array_equal(stretched[~hot], plain[~hot])  # the rest as it was
+
+
 def test_pooling_grids_are_refused_for_a_network_on_the_case_grid(phantom, tmp_path):
     ckpt, _ = phantom
     assert Predictor.from_checkpoint(ckpt, "cpu").module.resolution_factor == 1

@@ -64,18 +64,12 @@ def evaluate_checkpoint(ckpt_path: str | Path, output_dir: str | Path, *, split:
                         data_cfg: DictConfig | None = None, split_file: str | None = None,
                         evaluation: Mapping | None = None, accelerator: str = "auto",
                         spacing_mismatch: str = DEFAULT_SPACING_POLICY,
-                        target_dose_floor: float | None = None,
-                        oar_dose_ceiling: float | None = None,
-                        tta_pool_grids: int | None = None,
-                        oar_dose_scale: float | None = None) -> tuple[pd.DataFrame, dict]:
+                        **overrides: float | int | None) -> tuple[pd.DataFrame, dict]:
     """Evaluate a checkpoint on ``split`` of the data it was trained on (``data_cfg``
     ``None``: its folder and split, or ``split_file``) or of ``data_cfg``'s case files;
-    ``target_dose_floor``, ``oar_dose_ceiling``, ``tta_pool_grids`` and ``oar_dose_scale``
-    replace the model's (``None``: the checkpoint's own)."""
-    predictor = Predictor.from_checkpoint(
-        ckpt_path, accelerator, spacing_mismatch, target_dose_floor=target_dose_floor,
-        oar_dose_ceiling=oar_dose_ceiling, oar_dose_scale=oar_dose_scale,
-        tta_pool_grids=tta_pool_grids)
+    ``overrides`` (keys of :data:`~vmatdose.inference.predictor.CHECKPOINT_OVERRIDES`)
+    replace the model's inference settings (``None``: the checkpoint's own)."""
+    predictor = Predictor.from_checkpoint(ckpt_path, accelerator, spacing_mismatch, **overrides)
     contract = predictor.contract
     if data_cfg is None:
         paths, train = _checkpoint_split(contract, split, split_file)

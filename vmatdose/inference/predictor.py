@@ -24,7 +24,7 @@ from vmatdose.data.body_region import body_mismatch
 from vmatdose.data.case import Case, load_case
 from vmatdose.data.ingest.training_grid import full_target_grid, source_ct_grid
 from vmatdose.data.pipeline import inference_transform
-from vmatdose.data.prior import cap_organs, floor_targets, scale_organs
+from vmatdose.data.prior import cap_organs, floor_targets, scale_organs, stretch_targets
 from vmatdose.data.resample import Grid, resample_case, resample_case_onto, resample_volume
 from vmatdose.data.validation import SPACING_TOLERANCE, check_cases
 from vmatdose.inference.checkpoint import CheckpointContract, CheckpointError, read_checkpoint
@@ -44,7 +44,7 @@ DEFAULT_SPACING_POLICY = "resample"
 #: The model's inference settings ``predict`` and ``evaluate`` may replace for a checkpoint
 #: (``<name>=``; ``None``: the checkpoint's own): :meth:`Predictor.from_checkpoint`'s keywords.
 CHECKPOINT_OVERRIDES = ("target_dose_floor", "oar_dose_ceiling", "oar_dose_scale",
-                        "tta_pool_grids")
+                        "target_dose_stretch", "tta_pool_grids")
 
 
 @dataclass
@@ -121,24 +121,22 @@ class Predictor:
                         target_dose_floor: float | None = None,
                         oar_dose_ceiling: float | None = None,
                         tta_pool_grids: int | None = None,
-                        oar_dose_scale: float | None = None) -> Predictor:
-        """Read ``ckpt_path`` (once) and rebuild its model on the chosen device;
-        ``target_dose_floor``, ``oar_dose_ceiling``, ``tta_pool_grids`` and
-        ``oar_dose_scale`` replace the model's (``None``: the checkpoint's own)."""
-        floor = check_dose_bound("target_dose_floor", target_dose_floor, "target_dose_floor")
-        ceiling = check_dose_bound("oar_dose_ceiling", oar_dose_ceiling, "oar_dose_ceiling")
-        organ_scale = check_dose_bound("oar_dose_scale", oar_dose_scale, "oar_dose_scale")
+                        oar_dose_scale: float | None = None,
+                        target_dose_stretch: float | None = None) -> Predictor:
+        """Read ``ckpt_path`` (once) and rebuild its model on the chosen device; the
+        inference settings of :data:`CHECKPOINT_OVERRIDES` given here replace the model's
+        (``None``: the checkpoint's own)."""
+        bounds = {name: check_dose_bound(name, value, name) for name, value in (
+            ("target_dose_floor", target_dose_floor), ("oar_dose_ceiling", oar_dose_ceiling),
+            ("oar_dose_scale", oar_dose_scale), ("target_dose_stretch", target_dose_stretch))}
         problem = tta_pool_grids_problem(tta_pool_grids) if tta_pool_grids is not None else None
         if problem:  # before the checkpoint is read; its grid is checked after
             raise ValueError(f"tta_pool_grids={tta_pool_grids!r}: {problem}")
         checkpoint = read_checkpoint(ckpt_path)
         module = checkpoint.build_module(resolve_device(accelerator))
-        if floor is not None:
-            module.target_dose_floor = floor
-        if ceiling is not None:
-            module.oar_dose_ceiling = ceiling
-        if organ_scale is not None:
-            module.oar_dose_scale = organ_scale
+        for name, value in bounds.items():
+            if value is not None:
+                setattr(module, name, value)
         if tta_pool_grids is not None:
             problem = tta_pool_grids_problem(tta_pool_grids, module.resolution_factor)
             if problem:  # a setting this checkpoint's network cannot use: one line, no trace
@@ -185,10 +183,30 @@ class Predictor:
         dose, std_gy = (np.asarray(mean[0, 0]) * scale).astype(np.float32), \
             None if std is None else (np.asarray(std[0, 0]) * scale).astype(np.float32)
         # bounded on the grid the model predicts on, so both routes of one patient agree
-        dose = self.cap_organs(work, self.scale_organs(work, self.floor_targets(work, dose)))
+        dose = self.floor_targets(work, self.stretch_targets(work, dose))
+        dose = self.cap_organs(work, self.scale_organs(work, dose))
         if work is not case:
             dose, std_gy = self._back_on(case, work, dose, std_gy)
         return Prediction(case, Path(path), dose, std_gy)
+
+    def _target_masks(self, case: Case) -> tuple[np.ndarray, list[float]]:
+        """(T, Z, Y, X) bool masks of ``case``'s protocol targets (inside its body when the
+        model zeroes outside it) and their prescriptions (Gy)."""
+        targets = [t for t in self.protocol.prescriptions_gy if t in case.structures]
+        inside = (np.asarray(case.body) > 0 if self.module.inference.zero_outside_body
+                  else True)
+        masks = np.stack([(case.mask(t) > 0) & inside for t in targets]) if targets else \
+            np.zeros((0, *case.shape), bool)
+        return masks, [self.protocol.prescriptions_gy[t] for t in targets]
+
+    def stretch_targets(self, case: Case, dose_gy: np.ndarray) -> np.ndarray:
+        """(Z, Y, X) ``dose_gy`` on ``case``'s grid stretched above the prescription inside
+        its protocol targets by ``module.target_dose_stretch`` (:func:`stretch_targets`);
+        as is when that is ``None`` (see :meth:`floor_targets` for the grid)."""
+        factor = getattr(self.module, "target_dose_stretch", None)
+        if factor is None:
+            return dose_gy
+        return stretch_targets(dose_gy, *self._target_masks(case), factor)
 
     def floor_targets(self, case: Case, dose_gy: np.ndarray) -> np.ndarray:
         """(Z, Y, X) ``dose_gy`` on ``case``'s grid raised inside each of its protocol
@@ -199,13 +217,8 @@ class Predictor:
         fraction = getattr(self.module, "target_dose_floor", None)
         if fraction is None:
             return dose_gy
-        targets = [t for t in self.protocol.prescriptions_gy if t in case.structures]
-        inside = (np.asarray(case.body) > 0 if self.module.inference.zero_outside_body
-                  else True)
-        masks = np.stack([(case.mask(t) > 0) & inside for t in targets]) if targets else \
-            np.zeros((0, *dose_gy.shape), bool)
-        return floor_targets(dose_gy, masks,
-                             [fraction * self.protocol.prescriptions_gy[t] for t in targets])
+        masks, levels = self._target_masks(case)
+        return floor_targets(dose_gy, masks, [fraction * level for level in levels])
 
     def scale_organs(self, case: Case, dose_gy: np.ndarray) -> np.ndarray:
         """(Z, Y, X) ``dose_gy`` on ``case``'s grid times ``module.oar_dose_scale`` inside

@@ -105,6 +105,11 @@ class DoseModule(L.LightningModule):
             floor and before the ceiling (a plan's optimiser spares an organ more sharply
             than a network's smooth dose follows: the organs' mean dose comes out high).
             ``None``: off.
+        target_dose_stretch: inside the targets, the predicted dose above the
+            prescription (of the highest target holding the voxel) moved away from it by
+            this factor, ``Rx + f (d - Rx)``, by the Predictor before the floor (a plan's
+            dose spreads wider inside its targets than a network's smooth dose: the boost's
+            spill into a lower-level target comes out low). ``None``: off.
         body_crop_margin: the network sees only the box holding the body, grown by this
             many network-grid voxels on each side and rounded up to ``divisible_by``, in
             training (the batch's box), validation and inference (each case's box)
@@ -142,6 +147,7 @@ class DoseModule(L.LightningModule):
         body_crop_margin: int | None = None,
         oar_dose_ceiling: float | None = None,
         oar_dose_scale: float | None = None,
+        target_dose_stretch: float | None = None,
     ):
         super().__init__()
         problem = body_crop_problem(body_crop_margin, loss_in_body, zero_outside_body)
@@ -151,6 +157,7 @@ class DoseModule(L.LightningModule):
         self.target_dose_floor = check_dose_bound("target_dose_floor", target_dose_floor)
         self.oar_dose_ceiling = check_dose_bound("oar_dose_ceiling", oar_dose_ceiling)
         self.oar_dose_scale = check_dose_bound("oar_dose_scale", oar_dose_scale)
+        self.target_dose_stretch = check_dose_bound("target_dose_stretch", target_dose_stretch)
         self.max_relative_dose = max_relative_dose
         self.tta = None if tta == "none" else tta
         self.tta_axes = [int(a) for a in tta_axes]
