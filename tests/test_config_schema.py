@@ -114,11 +114,11 @@ def test_users_config_with_unknown_key_fails_at_composition(user_conf, monkeypat
      "oar_dose_scale=1.5: must be a fraction of the organs' predicted dose in (0, 1.2]"),
     (train, ["experiment=openkbp_cpu", "model.oar_dose_scale=0"],
      "model.oar_dose_scale=0: must be a fraction of the organs' predicted dose"),
-    (predict, ["ckpt_path=x.ckpt", "output_dir=out", "target_dose_stretch=2"],
-     "target_dose_stretch=2.0: must be a fraction of the targets' predicted dose above the "
-     "prescription in (0, 1.2]"),
-    (train, ["experiment=openkbp_cpu", "model.target_dose_stretch=0"],
-     "model.target_dose_stretch=0: must be a fraction of the targets' predicted dose"),
+    (train, ["experiment=openkbp_cpu", "model.oar_dose_scale.Mandible=2"],
+     "'Mandible': 2}: must be a fraction of the organs' predicted dose in (0, 1.2] (one, or "
+     "one per organ: {organ: fraction})"),
+    (train, ["experiment=openkbp_cpu", "+model.oar_dose_scale.Parotid=0.9"],
+     "Parotid: not an organ at risk of the protocol (Brainstem, SpinalCord, RightParotid"),
     (train, ["experiment=openkbp_cpu", "model.body_crop_margin=-1"],
      "model.body_crop_margin=-1: must be an integer >= 0"),
     (train, ["model.tta_pool_grids=2"],

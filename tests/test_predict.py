@@ -124,7 +124,8 @@ def test_predict_takes_the_organ_scale_and_refuses_pooling_grids_the_model_canno
     _predict(ckpt, cases_dir, tmp_path / "plain")
     scaled = run_main("vmatdose.predict", f"ckpt_path={ckpt}", f"cases_dir={cases_dir}",
                       f"output_dir={tmp_path / 'scaled'}", "accelerator=cpu",
-                      "oar_dose_scale=0.9", cwd=tmp_path)
+                      "oar_dose_scale={Rectum:0.9,Bladder:0.9,Femur_L:0.9,Femur_R:0.9,Bowel:0.9}",
+                      cwd=tmp_path)  # one factor per organ, from the command line
     assert scaled.returncode == 0, scaled.stdout
     case = first_case(cases_dir)
     with np.load(tmp_path / "plain" / f"{case.case_id}.npz") as plain, \

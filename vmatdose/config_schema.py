@@ -17,6 +17,7 @@ Hydra callback (``conf/hydra/default.yaml``) that runs after composition and bef
 run folder is made.
 """
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -185,7 +186,7 @@ class EvalConfig:
     spacing_mismatch: str = "resample"
     target_dose_floor: float | None = None
     oar_dose_ceiling: float | None = None
-    oar_dose_scale: float | None = None
+    oar_dose_scale: Any = None  # a fraction, or {organ: fraction}
     target_dose_stretch: float | None = None
     tta_pool_grids: int | None = None
     accelerator: str = "auto"
@@ -215,7 +216,7 @@ class PredictConfig:
     overwrite: bool = False
     target_dose_floor: float | None = None
     oar_dose_ceiling: float | None = None
-    oar_dose_scale: float | None = None
+    oar_dose_scale: Any = None  # a fraction, or {organ: fraction}
     target_dose_stretch: float | None = None
     tta_pool_grids: int | None = None
     accelerator: str = "auto"
@@ -556,6 +557,9 @@ DOSE_BOUNDS = {"target_dose_floor": "the prescription",
                "target_dose_stretch": "the targets' predicted dose above the prescription"}
 #: The largest dose bound (a fraction) accepted.
 DOSE_FRACTION_MAX = 1.2
+#: The bounds that also take one fraction per organ (a mapping organ -> fraction; organs not
+#: named keep their dose).
+PER_ORGAN_BOUNDS = ("oar_dose_scale",)
 
 
 def is_dose_fraction(fraction: object) -> bool:
@@ -565,19 +569,42 @@ def is_dose_fraction(fraction: object) -> bool:
                                 and 0.0 < fraction <= DOSE_FRACTION_MAX)
 
 
+def is_dose_bound(name: str, value: object) -> bool:
+    """Whether ``value`` is a valid bound ``name``: :func:`is_dose_fraction`, or for the
+    :data:`PER_ORGAN_BOUNDS` a non-empty mapping of organ names to fractions."""
+    if name in PER_ORGAN_BOUNDS and isinstance(value, Mapping):
+        return bool(value) and all(isinstance(k, str) and v is not None and is_dose_fraction(v)
+                                   for k, v in value.items())
+    return is_dose_fraction(value)
+
+
 def _dose_bound_problem(name: str) -> str:
-    return f"must be a fraction of {DOSE_BOUNDS[name]} in (0, {DOSE_FRACTION_MAX}]"
+    per_organ = " (one, or one per organ: {organ: fraction})" if name in PER_ORGAN_BOUNDS \
+        else ""
+    return f"must be a fraction of {DOSE_BOUNDS[name]} in (0, {DOSE_FRACTION_MAX}]{per_organ}"
 
 
-def check_dose_bound(name: str, fraction: float | None, key: str | None = None
-                     ) -> float | None:
-    """``fraction`` for the bound ``name`` (a key of :data:`DOSE_BOUNDS`) as a float in
-    (0, 1.2], or ``None``; ``ValueError`` naming ``key`` (default ``model.<name>``)
-    otherwise."""
-    if not is_dose_fraction(fraction):
+def check_dose_bound(name: str, value: object, key: str | None = None
+                     ) -> float | dict[str, float] | None:
+    """``value`` for the bound ``name`` (a key of :data:`DOSE_BOUNDS`) as a float in
+    (0, 1.2] (or, for the :data:`PER_ORGAN_BOUNDS`, a dict organ -> such a float), or
+    ``None``; ``ValueError`` naming ``key`` (default ``model.<name>``) otherwise."""
+    if not is_dose_bound(name, value):
         raise ValueError(f"{key or 'model.' + name} {_dose_bound_problem(name)} or null, "
-                         f"got {fraction!r}")
-    return None if fraction is None else float(fraction)
+                         f"got {value!r}")
+    if isinstance(value, Mapping):
+        return {str(organ): float(fraction) for organ, fraction in value.items()}
+    return None if value is None else float(value)
+
+
+def unknown_organ_problem(name: str, value: object, organs: Sequence[str]) -> str | None:
+    """For a per-organ bound ``value``, the organs it names that are not among ``organs``
+    (the protocol's organs at risk); ``None`` when there are none."""
+    if not isinstance(value, Mapping):
+        return None
+    unknown = [str(o) for o in value if o not in organs]
+    return (f"{', '.join(unknown)}: not an organ at risk of the protocol ({', '.join(organs)})"
+            if unknown else None)
 
 
 def dose_bound_errors(cfg: Any) -> list[str]:
@@ -588,8 +615,12 @@ def dose_bound_errors(cfg: Any) -> list[str]:
         for key, node in ((name, cfg), (f"model.{name}", model)):
             if hasattr(node, "get") and name in node:
                 value = node.get(name)
-                errors += _check(is_dose_fraction(value), key, value,
-                                 f"{_dose_bound_problem(name)}, or null")
+                if not is_dose_bound(name, value):
+                    errors.append(f"{key}={value}: {_dose_bound_problem(name)}, or null")
+                elif node is model and (cfg.get("protocol") or {}).get("oars"):
+                    # predict / evaluate: the checkpoint's protocol, checked by the Predictor
+                    problem = unknown_organ_problem(name, value, list(cfg.protocol.oars))
+                    errors += _check(problem is None, key, value, problem or "")
     return errors
 
 

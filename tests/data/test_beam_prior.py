@@ -281,6 +281,11 @@ def test_scale_organs_scales_only_organ_voxels_outside_the_kept_ones():
     np.testing.assert_array_equal(scaled, [[[10.0, 20.0, 30.0, 70.0, 20.0]]])  # once each
     np.testing.assert_array_equal(scale_organs(dose, larynx[None], 0.9), [[[10, 40, 54, 63, 20]]])
     assert dose[0, 0, 2] == 60.0  # the input is left as it was
+    # one factor per organ: the overlap takes the smaller
+    each = scale_organs(dose, np.stack([parotid, larynx]), [0.5, 0.9], keep=target)
+    np.testing.assert_array_equal(each, [[[10.0, 20.0, 30.0, 70.0, 20.0]]])
+    each = scale_organs(dose, np.stack([parotid, larynx]), [1.1, 0.9])
+    np.testing.assert_allclose(each, [[[10.0, 44.0, 54.0, 63.0, 20.0]]], rtol=1e-6)
 
 
 def test_stretch_targets_moves_only_the_dose_above_the_highest_prescription_away_from_it():

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from monai.transforms import Resize
 
+from vmatdose.config_schema import ConfigValueError
 from vmatdose.data.validation import CaseSetError, SpacingRange
 from vmatdose.inference import Predictor
 
@@ -143,6 +144,23 @@ def test_the_organ_scale_multiplies_only_the_organ_voxels_outside_the_targets(ph
     assert organs.any() and (plain[organs] > 0).any()
     np.testing.assert_array_equal(scaled[organs], plain[organs] * np.float32(0.9))
     np.testing.assert_array_equal(scaled[~organs], plain[~organs])  # targets, body kept
+
+
+def test_the_organ_scale_takes_one_factor_per_organ_and_keeps_the_organs_not_named(
+        phantom, tmp_path):
+    predictor, case, plain, scaled = _plain_and_bounded(
+        phantom, tmp_path, oar_dose_scale={"Rectum": 0.8, "Bladder": 1.1})
+    targets = _union(case, predictor.protocol.targets)
+    rectum, bladder = (case.mask(o) > 0 for o in ("Rectum", "Bladder"))
+    assert not (rectum & bladder).any() and (plain[rectum & ~targets] > 0).any()
+    np.testing.assert_allclose(scaled[rectum & ~targets], plain[rectum & ~targets] * 0.8,
+                               rtol=1e-6)
+    np.testing.assert_allclose(scaled[bladder & ~targets], plain[bladder & ~targets] * 1.1,
+                               rtol=1e-6)
+    rest = ~((rectum | bladder) & ~targets)  # targets, femurs, bowel, body: as they were
+    np.testing.assert_array_equal(scaled[rest], plain[rest])
+    with pytest.raises(ConfigValueError, match="Rectun: not an organ at risk of the protocol"):
+        Predictor.from_checkpoint(phantom[0], "cpu", oar_dose_scale={"Rectun": 0.9})
 
 
 def test_the_target_stretch_moves_only_the_target_dose_above_its_prescription(

@@ -161,7 +161,8 @@ def test_recipes_compose_and_train_two_steps_on_tiny_volumes(tmp_path, recipe):
         assert cfg.model.body_crop_margin == 2 and cfg.model.divisible_by == 8
         assert cfg.data.augment.pool_grids == 8 and cfg.data.device_cache
         assert cfg.model.tta_pool_grids == 2 and cfg.model.resolution_factor == 2
-        assert cfg.model.oar_dose_scale == 0.96 and cfg.model.oar_dose_ceiling == 0.9
+        assert cfg.model.oar_dose_scale.LeftParotid == 0.94 and cfg.model.oar_dose_ceiling == 0.9
+        assert set(cfg.model.oar_dose_scale) == set(cfg.protocol.oars)
         assert cfg.model.target_dose_stretch == 1.15
     if sectors:
         assert cfg.model.net.in_channels == 12 + 9  # CT, 10 structures, prior, 9 sectors

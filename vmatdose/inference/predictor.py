@@ -11,7 +11,7 @@ pooling, TTA, upsampling, zeroing) is the module's
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +19,12 @@ import numpy as np
 import torch
 from monai.transforms import Compose
 
-from vmatdose.config_schema import check_dose_bound, tta_pool_grids_problem
+from vmatdose.config_schema import (
+    ConfigValueError,
+    check_dose_bound,
+    tta_pool_grids_problem,
+    unknown_organ_problem,
+)
 from vmatdose.data.body_region import body_mismatch
 from vmatdose.data.case import Case, load_case
 from vmatdose.data.ingest.training_grid import full_target_grid, source_ct_grid
@@ -109,6 +114,10 @@ class Predictor:
         self.contract = contract
         self.spacing_mismatch = spacing_mismatch
         self.protocol = contract.protocol_obj
+        problem = unknown_organ_problem("oar_dose_scale", getattr(module, "oar_dose_scale", None),
+                                        self.protocol.oars)
+        if problem:
+            raise ConfigValueError(f"oar_dose_scale={module.oar_dose_scale}: {problem}")
         self.spacing = contract.spacing_range
         self.transform: Compose = inference_transform(
             {**contract.inputs, "structures": contract.structures,
@@ -222,13 +231,17 @@ class Predictor:
 
     def scale_organs(self, case: Case, dose_gy: np.ndarray) -> np.ndarray:
         """(Z, Y, X) ``dose_gy`` on ``case``'s grid times ``module.oar_dose_scale`` inside
-        each of its protocol organs at risk, outside its targets; as is when that is
-        ``None`` (see :meth:`floor_targets` for the grid)."""
+        each of its protocol organs at risk (one factor, or one per organ named; the others
+        kept), outside its targets; as is when that is ``None`` (see :meth:`floor_targets`
+        for the grid)."""
         factor = getattr(self.module, "oar_dose_scale", None)
-        organs = [o for o in self.protocol.oars if o in case.structures]
+        per_organ = factor if isinstance(factor, Mapping) else None
+        organs = [o for o in self.protocol.oars if o in case.structures
+                  and (per_organ is None or o in per_organ)]
         if factor is None or not organs:
             return dose_gy
-        return scale_organs(dose_gy, np.stack([case.mask(o) > 0 for o in organs]), factor,
+        factors = [per_organ[o] for o in organs] if per_organ is not None else factor
+        return scale_organs(dose_gy, np.stack([case.mask(o) > 0 for o in organs]), factors,
                             keep=self._targets(case))
 
     def _targets(self, case: Case) -> np.ndarray:

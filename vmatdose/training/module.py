@@ -101,7 +101,8 @@ class DoseModule(L.LightningModule):
             (plans meet their organs' hard limits; a network's smooth dose spills over
             them). ``None``: off.
         oar_dose_scale: the predicted dose inside each organ at risk of the protocol,
-            outside the targets, multiplied by this factor by the Predictor, after the
+            outside the targets, multiplied by this factor (or a mapping organ -> factor:
+            each named organ its own, the others kept) by the Predictor, after the
             floor and before the ceiling (a plan's optimiser spares an organ more sharply
             than a network's smooth dose follows: the organs' mean dose comes out high).
             ``None``: off.
@@ -146,7 +147,7 @@ class DoseModule(L.LightningModule):
         target_dose_floor: float | None = None,
         body_crop_margin: int | None = None,
         oar_dose_ceiling: float | None = None,
-        oar_dose_scale: float | None = None,
+        oar_dose_scale: float | Mapping[str, float] | None = None,
         target_dose_stretch: float | None = None,
     ):
         super().__init__()
