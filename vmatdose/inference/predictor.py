@@ -245,12 +245,9 @@ class Predictor:
                             keep=self._targets(case))
 
     def _targets(self, case: Case) -> np.ndarray:
-        """(Z, Y, X) bool: inside any of ``case``'s protocol targets."""
-        keep = np.zeros(case.shape, bool)
-        for target in self.protocol.prescriptions_gy:
-            if target in case.structures:
-                keep |= case.mask(target) > 0
-        return keep
+        """(Z, Y, X) bool: inside any of ``case``'s protocol targets (as
+        :meth:`_target_masks` gives them)."""
+        return self._target_masks(case)[0].any(axis=0)
 
     def cap_organs(self, case: Case, dose_gy: np.ndarray) -> np.ndarray:
         """(Z, Y, X) ``dose_gy`` on ``case``'s grid lowered inside each of its organs with a
