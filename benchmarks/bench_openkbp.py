@@ -123,6 +123,9 @@ def main(argv: list[str]) -> dict:
         "cpu": cpu_name(), "precision": json.loads(
             (run_dir / "run_record.json").read_text()).get("precision"),
         "source": datamodule.source_dir.name, "n_train": len(datamodule.paths_of("train")),
+        # data.split.train_on with val: the validation patients were trained on too
+        "train_on": list(cfg.data.split.train_on),
+        "val_in_sample": "val" in cfg.data.split.train_on,
         "n_val": len(val_paths), "wall_s": round(wall_s, 1), "train_s": round(train_s, 1),
         "eval_s": round(wall_s - train_s, 1), "epochs": int(trainer.current_epoch),
         "steps": int(trainer.global_step),
@@ -178,7 +181,11 @@ def print_table(r: dict) -> None:
     print(f"gamma 3 %/3 mm pass rate: body {r['gamma_pass_body_pct']:.1f} %, targets "
           f"{r['gamma_pass_targets_pct']:.1f} %, 10-50 % dose {r['gamma_pass_10_50pct_dose_pct']:.1f} %")
     print(f"{'':28s}{'dose score (Gy)':>16s}{'DVH score (Gy)':>16s}")
-    print(f"{'validation, this recipe':28s}{r['val_dose_score_gy']:16.3f}"
+    if r.get("val_in_sample"):
+        print("the validation patients were trained on (data.split.train_on="
+              f"{r['train_on']}): their scores below are in-sample, not held out")
+    label = "validation (in-sample)" if r.get("val_in_sample") else "validation, this recipe"
+    print(f"{label:28s}{r['val_dose_score_gy']:16.3f}"
           f"{r['val_dvh_score_gy']:16.3f}")
     print(f"{'  re-read from pt_N.csv':28s}{r['submission_reread_dose_score_gy']:16.3f}"
           f"{r['submission_reread_dvh_score_gy']:16.3f}")

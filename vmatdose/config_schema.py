@@ -38,12 +38,15 @@ PHANTOM_SPACING_MM = (3.0, 4.0, 4.0)
 
 @dataclass
 class SplitConfig:
-    """How cases are split: a split JSON (``file``) or seeded fractions."""
+    """How cases are split: a split JSON (``file``) or seeded fractions; ``train_on``: the
+    splits whose cases train the model (``[train, val]`` trains the final model on every
+    labelled case too, and its validation is then in-sample)."""
 
     val_fraction: float = 0.125
     test_fraction: float = 0.125
     seed: int = 0
     file: str | None = None
+    train_on: list[str] = field(default_factory=lambda: ["train"])
 
 
 @dataclass
@@ -379,6 +382,10 @@ def data_value_errors(data: Any, divisible_by: int | None = None) -> list[str]:
     errors += _check(0.0 <= val < 1.0 and 0.0 <= test < 1.0 and val + test < 1.0,
                      "data.split", f"{{val_fraction: {val}, test_fraction: {test}}}",
                      "fractions must be in [0, 1) with val_fraction + test_fraction < 1")
+    train_on = list(split.get("train_on") or ["train"])
+    errors += _check("train" in train_on and set(train_on) <= {"train", "val", "test"}
+                     and len(set(train_on)) == len(train_on), "data.split.train_on",
+                     train_on, "must list train and any of val, test, each once")
     return errors
 
 

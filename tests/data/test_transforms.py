@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from vmatdose.data.case import save_case
-from vmatdose.data.datamodule import DoseDataModule, make_split, read_split
+from vmatdose.data.datamodule import DoseDataModule, make_split, read_split, train_on
 from vmatdose.data.geometry import signed_distance_mm
 from vmatdose.data.pipeline import InputSettings, SamplingSettings, build_transforms
 from vmatdose.data.transforms import PoolGridsd, RandFlipLeftRightd, pool_grid_offsets
@@ -93,6 +93,33 @@ def test_datamodule_writes_split_and_reads_a_given_one(tmp_path):
     assert [p.stem for p in dm2.paths_of("test")] == ["c3"]
     batch = next(iter(dm2.train_dataloader()))
     assert batch["image"].shape[0] == 2 and batch["dose"].ndim == 5
+
+
+def test_train_on_adds_the_named_splits_to_train_once_and_keeps_the_others():
+    split = {"train": ["a", "b"], "val": ["c"], "test": ["c", "d"]}
+    assert train_on(split, ["train"]) == split
+    assert train_on(split, ["train", "val"]) == {"train": ["a", "b", "c"], "val": ["c"],
+                                                 "test": ["c", "d"]}
+    assert train_on(split, ["train", "val", "test"])["train"] == ["a", "b", "c", "d"]
+
+
+def test_datamodule_trains_on_the_validation_cases_when_told_and_says_so(tmp_path, caplog):
+    cases = tmp_path / "cases"
+    for i in range(4):
+        save_case(make_box_case(case_id=f"c{i}"), cases / f"c{i}.npz")
+    given = {"train": ["c0", "c1"], "val": ["c2"], "test": ["c3"]}
+    (tmp_path / "given.json").write_text(json.dumps(given))
+    dm = DoseDataModule(str(cases), structures=STRUCTURES, targets=["PTV70"],
+                        prescriptions_gy={"PTV70": 70.0}, dose_scale_gy=70.0,
+                        split={"file": str(tmp_path / "given.json"), "train_on": ["train", "val"]},
+                        split_output=str(tmp_path / "split.json"))
+    with caplog.at_level("WARNING"):
+        dm.setup()
+    assert [p.stem for p in dm.paths_of("train")] == ["c0", "c1", "c2"]
+    assert [p.stem for p in dm.paths_of("val")] == ["c2"]
+    assert json.loads((tmp_path / "split.json").read_text())["train"] == ["c0", "c1", "c2"]
+    assert "in-sample" in caplog.text
+    assert len(dm.dataset("train")) == 3
 
 
 def test_split_file_naming_unknown_cases_is_an_error(tmp_path):

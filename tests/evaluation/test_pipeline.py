@@ -108,3 +108,23 @@ def test_the_debug_evaluation_scores_two_cases_without_gamma(trained_run, tmp_pa
     assert not [c for c in table.columns if c.startswith("gamma")]
     assert not list((tmp_path / "eval").rglob("*.png"))
     assert limit.evaluation.max_cases == 2 and list(limit.evaluation.gamma) == []
+
+
+def test_evaluating_cases_the_checkpoint_was_trained_on_says_in_sample(trained_run, tmp_path,
+                                                                       caplog):
+    root, _, ckpt = trained_run
+    import torch
+
+    split = torch.load(ckpt, map_location="cpu", weights_only=True)["vmatdose"]["split"]
+    # the split as `data.split.train_on=[train,test]` records it: the test cases trained on
+    trained = {**split, "train": split["train"] + split["test"][:1]}
+    (tmp_path / "split.json").write_text(json.dumps(trained))
+    with caplog.at_level("WARNING"):
+        table, _ = evaluate_checkpoint(ckpt, tmp_path / "eval", split_file=str(tmp_path / "split.json"),
+                                       evaluation={"gamma": [], "figures": False}, accelerator="cpu")
+    assert f"1 of the {len(table)} test cases were trained on" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        evaluate_checkpoint(ckpt, tmp_path / "eval2", evaluation={"gamma": [], "figures": False},
+                            accelerator="cpu")
+    assert "trained on" not in caplog.text

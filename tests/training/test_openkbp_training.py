@@ -6,6 +6,7 @@ prediction -> submission -> re-read round trip (skips without the sample)."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import hydra
@@ -295,3 +296,18 @@ def test_time_cosine_schedule_follows_the_wall_clock(monkeypatch):
     clock[0] += 600.0  # past the budget: stays at eta_min
     scheduler.step()
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.0)
+
+
+def test_the_bench_table_says_when_the_validation_patients_were_trained_on(capsys):
+    bench = load_bench()
+    result = json.loads((REPO_ROOT / "benchmarks" / "results"
+                         / "openkbp_cpu-recipe-stretch.json").read_text())
+    bench.print_table(result)
+    held_out = capsys.readouterr().out
+    assert re.search(r"validation, this recipe +3\.079", held_out)
+    assert "in-sample" not in held_out
+    bench.print_table({**result, "train_on": ["train", "val"], "val_in_sample": True})
+    in_sample = capsys.readouterr().out
+    assert re.search(r"validation \(in-sample\) +3\.079", in_sample)
+    assert "the validation patients were trained on (data.split.train_on=['train', 'val'])" \
+        in in_sample

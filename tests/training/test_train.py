@@ -139,3 +139,16 @@ def test_val_and_test_cases_at_another_spacing_are_found_before_training(trained
     assert str(err.value) == (
         f"1 case file not usable for training: {odd}: voxel spacing 2.5x2x1.75 mm differs by "
         "more than 10% from the training spacing 4x8x12 mm (test split)")
+
+
+def test_training_on_the_validation_cases_too_records_them_as_trained(data_root, tmp_path):
+    run_dir = tmp_path / "run"
+    cfg = smoke_cfg(data_root, run_dir, "trainer.max_steps=1", "evaluate_after_training=false",
+                    "data.split.train_on=[train,val]")
+    trainer, _ = fit(cfg, run_dir)
+    split = json.loads((run_dir / "split.json").read_text())
+    assert split["val"] and split["train"][-len(split["val"]):] == split["val"]
+    stored = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu",
+                        weights_only=True)["vmatdose"]["split"]
+    assert stored == split
+    assert len(trainer.datamodule.paths_of("train")) == len(split["train"])

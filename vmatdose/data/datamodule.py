@@ -46,6 +46,17 @@ def make_split(case_ids: Sequence[str], val_fraction: float, test_fraction: floa
             "train": sorted(order[n_test + n_val:])}
 
 
+def train_on(split: Mapping[str, Sequence[str]], splits: Sequence[str]
+             ) -> dict[str, list[str]]:
+    """``split`` with the cases of every split in ``splits`` (``data.split.train_on``, which
+    holds ``train``) in its ``train`` list, in split order; the other lists are kept, so a
+    split named here is evaluated in-sample."""
+    trained = list(split["train"])
+    for name in splits:
+        trained += [i for i in split[name] if i not in trained]
+    return {**{k: list(v) for k, v in split.items()}, "train": trained}
+
+
 def read_split(path: str | Path, known_ids: Sequence[str]) -> dict[str, list[str]]:
     """Read a split JSON ``{"train": [...], "val": [...], "test": [...]}`` and check it."""
     path = Path(path)
@@ -213,19 +224,28 @@ first; any other folder without case files is an error naming it.
         self.ensure_split()
 
     def ensure_split(self) -> dict[str, list[str]]:
-        """Derive (or read) the train/val/test split once and write it to ``split_output``."""
+        """Derive (or read) the train/val/test split once, add the cases of
+        ``split.train_on``'s other splits to ``train``, and write it to ``split_output``."""
         if self.split is not None:
             return self.split
-        ids = list(self.case_paths())
-        if self.split_cfg.file:
-            self.split = read_split(self.split_cfg.file, ids)
-        else:
-            self.split = make_split(ids, self.split_cfg.val_fraction,
-                                    self.split_cfg.test_fraction, self.split_cfg.seed)
+        self.split = train_on(self.derive_split(), self.split_cfg.train_on)
+        also = [name for name in self.split_cfg.train_on if name != "train"]
+        if also:
+            log.warning("data.split.train_on=%s: the %s cases are trained on too; their "
+                        "scores (validation included) are in-sample",
+                        list(self.split_cfg.train_on), " and ".join(also))
         if self.split_output:
             Path(self.split_output).parent.mkdir(parents=True, exist_ok=True)
             Path(self.split_output).write_text(json.dumps(self.split, indent=2))
         return self.split
+
+    def derive_split(self) -> dict[str, list[str]]:
+        """The split file's split (``split.file``), else the seeded fractions' one."""
+        ids = list(self.case_paths())
+        if self.split_cfg.file:
+            return read_split(self.split_cfg.file, ids)
+        return make_split(ids, self.split_cfg.val_fraction, self.split_cfg.test_fraction,
+                          self.split_cfg.seed)
 
     def dataset(self, name: str) -> Dataset:
         """The MONAI dataset of split ``name`` (built on first use)."""

@@ -91,11 +91,11 @@ class OpenKBPDataModule(DoseDataModule):
                 "never imports into a folder of other files: train on your own case files "
                 f"with data=clinic data.cases_dir={self.cases_dir}")
 
-    def ensure_split(self) -> dict[str, list[str]]:
+    def derive_split(self) -> dict[str, list[str]]:
         """The challenge's split (``openkbp_split.json`` written at import) unless
         ``split.file`` names another one."""
-        if self.split is not None or self.split_cfg.file:
-            return super().ensure_split()
+        if self.split_cfg.file:
+            return super().derive_split()
         path = self.cases_dir / SPLIT_FILE
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no OpenKBP split file; run prepare_data() (the "
@@ -108,13 +108,9 @@ class OpenKBPDataModule(DoseDataModule):
         if not split["train"] or not split["val"]:
             raise ValueError(f"{path}: the OpenKBP split has no train or no validation "
                              f"cases in {self.cases_dir}")
-        self.split = split
         log.info("OpenKBP split from %s: %d train, %d val, %d test", official.get("source"),
                  *(len(split[k]) for k in ("train", "val", "test")))
-        if self.split_output:
-            Path(self.split_output).parent.mkdir(parents=True, exist_ok=True)
-            Path(self.split_output).write_text(json.dumps(self.split, indent=2))
-        return self.split
+        return split
 
     def case_paths(self) -> dict[str, Path]:
         """Every case file (``max_cases`` applies per split, see :meth:`ensure_split`)."""

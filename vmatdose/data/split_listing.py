@@ -14,7 +14,7 @@ from pathlib import Path
 
 from vmatdose.config_schema import SplitConfig
 from vmatdose.data.case import list_case_files
-from vmatdose.data.datamodule import make_split, read_split
+from vmatdose.data.datamodule import make_split, read_split, train_on
 from vmatdose.errors import InputError
 
 SPLIT_NAMES = ("train", "val", "test", "all")
@@ -56,7 +56,13 @@ def split_case_paths(data_cfg: Mapping, split: str, split_file: str | None = Non
 
 def _split_ids(data_cfg: Mapping, cases_dir: Path, known: list[str],
                split_file: str | None) -> dict[str, list[str]]:
+    """The split as training made it (``data.split.train_on`` applied to ``train``)."""
     split_cfg = SplitConfig(**dict(data_cfg.get("split") or {}))
+    return train_on(_listed_ids(split_cfg, cases_dir, known, split_file), split_cfg.train_on)
+
+
+def _listed_ids(split_cfg: SplitConfig, cases_dir: Path, known: list[str],
+                split_file: str | None) -> dict[str, list[str]]:
     chosen = split_file or split_cfg.file
     try:
         if chosen:

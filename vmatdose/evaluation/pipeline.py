@@ -77,6 +77,11 @@ def evaluate_checkpoint(ckpt_path: str | Path, output_dir: str | Path, *, split:
         paths, train = _config_split(data_cfg, split, split_file)
     paths = first_cases(paths, evaluation)
     predictor.check(paths)  # before the baseline reads the training cases
+    trained = {Path(p).name for p in train}
+    in_sample = sum(Path(p).name in trained for p in paths)
+    if in_sample and split not in ("train", "all"):
+        log.warning("%d of the %d %s cases were trained on (data.split.train_on): their "
+                    "scores are in-sample", in_sample, len(paths), split)
     baseline = fit_baseline(contract.structures, train) if split != "all" else None
     pairs = ((p.case, p.dose_gy, p.std_gy) for p in predictor.predict_all(paths))
     table, summary = evaluate_pairs(pairs, predictor.protocol, evaluation, output_dir,
