@@ -231,8 +231,8 @@ first; any other folder without case files is an error naming it.
         self.split = train_on(self.derive_split(), self.split_cfg.train_on)
         also = [name for name in self.split_cfg.train_on if name != "train"]
         if also:
-            log.warning("data.split.train_on=%s: the %s cases are trained on too; their "
-                        "scores (validation included) are in-sample",
+            log.warning("data.split.train_on=%s: the %s cases are trained on too; scores on "
+                        "them (the validation loop's included) are in-sample",
                         list(self.split_cfg.train_on), " and ".join(also))
         if self.split_output:
             Path(self.split_output).parent.mkdir(parents=True, exist_ok=True)
