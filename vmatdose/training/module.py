@@ -5,6 +5,7 @@ built from the model config's inference arguments (:attr:`DoseModule.inference`)
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -20,6 +21,8 @@ from vmatdose.inference.volume import PassFn, VolumeInference
 from vmatdose.losses import CompositeLoss
 from vmatdose.losses.composite import SIGMA_PARAMETER
 from vmatdose.models.film import conditioned_network
+
+log = logging.getLogger(__name__)
 
 
 def mae_in_body_gy(pred: torch.Tensor, dose: torch.Tensor, body: torch.Tensor,
@@ -44,6 +47,12 @@ def weight_decay_groups(named: Sequence[tuple[str, nn.Parameter]]) -> list[dict]
     sigmas = [p for n, p in named if n.startswith(f"loss.{SIGMA_PARAMETER}.")]
     rest = [p for n, p in named if not n.startswith(f"loss.{SIGMA_PARAMETER}.")]
     return [{"params": rest}] + ([{"params": sigmas, "weight_decay": 0.0}] if sigmas else [])
+
+
+def fused_step(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer`` updates in one fused kernel (``torch.optim.AdamW(fused=True)``),
+    which also unscales fp16 gradients inside its step."""
+    return bool(getattr(optimizer, "_step_supports_amp_scaling", False))
 
 
 class DoseModule(L.LightningModule):
@@ -305,13 +314,40 @@ class DoseModule(L.LightningModule):
                 torch.tensor(points, dtype=torch.float32).mean())
 
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer_factory(params=weight_decay_groups(
-            list(self.named_parameters())))
+        groups = weight_decay_groups(list(self.named_parameters()))
+        optimizer = self.optimizer_factory(params=groups)
+        if fused_step(optimizer) and self._grad_scaler() is not None:
+            # an fp16 grad scaler: a fused step unscales the gradients itself, so Lightning
+            # could not clip them before it (it refuses); the foreach step can
+            log.info("model.optimizer.fused: off under %s precision (the gradient scaler "
+                     "unscales before clipping)", self.trainer.precision)
+            optimizer = self.optimizer_factory(params=groups, fused=False)
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer=optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler,
                                                          "interval": "epoch"}}
+
+    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer,
+                                    gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        """Lightning's clipping, except for a fused optimizer without a gradient scaler
+        (fp32, bf16): there the gradients are already unscaled, and the same clipping is
+        done here (Lightning's mixed-precision plugin refuses any fused optimizer)."""
+        if not gradient_clip_val or not fused_step(optimizer):
+            return super().configure_gradient_clipping(optimizer, gradient_clip_val,
+                                                       gradient_clip_algorithm)
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        if gradient_clip_algorithm == "value":
+            torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+        else:
+            torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+
+    def _grad_scaler(self) -> Any:
+        """The trainer's fp16 gradient scaler, ``None`` without one (fp32, bf16) or without
+        a trainer."""
+        trainer = self._trainer
+        return None if trainer is None else getattr(trainer.precision_plugin, "scaler", None)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if self.contract is not None:
