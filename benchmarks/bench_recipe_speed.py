@@ -11,10 +11,10 @@ not counted) beside the precision the run chose (``run_record.json``).
 The versions:
 
 - ``issue-start``: fp32 chosen by hand, the default memory layout, whole volumes, the
-  24-wide network without the EMA (``trainer.precision=32-true
+  24-wide network without the EMA, the per-tensor AdamW (``trainer.precision=32-true
   callbacks.memory_format.format=contiguous model.body_crop_margin=null
   data.divisible_by=16 model.net.channels=[24,48,96,192]
-  callbacks.weight_averaging.decay=null``);
+  callbacks.weight_averaging.decay=null model.optimizer.fused=false``);
 - ``recipe``: the recipe as committed (``trainer.precision=auto`` picks bf16 on a CPU with
   AVX-512 BF16 or AMX, channels-last on the CPU, the body's box).
 
@@ -41,7 +41,7 @@ VERSIONS = {
     "issue-start": ["trainer.precision=32-true", "callbacks.memory_format.format=contiguous",
                     "model.body_crop_margin=null", "data.divisible_by=16",
                     "model.net.channels=[24,48,96,192]",
-                    "callbacks.weight_averaging.decay=null"],
+                    "callbacks.weight_averaging.decay=null", "model.optimizer.fused=false"],
     "recipe": [],
 }
 
