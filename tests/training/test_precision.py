@@ -23,6 +23,13 @@ def test_auto_on_cuda_is_bf16_and_an_explicit_setting_is_kept():
     assert choose_precision("auto", "gpu", flags=set()).chosen == "bf16-mixed"
     explicit = choose_precision(32, "cpu", flags=ZEN4)
     assert (explicit.chosen, explicit.reason) == ("32", "set in the config")
+    assert choose_precision("16-mixed", "gpu", flags=set()).chosen == "16-mixed"
+
+
+def test_fp16_on_the_cpu_is_recorded_as_the_bf16_lightning_runs():
+    choice = choose_precision("16-mixed", "cpu", flags=ZEN4)
+    assert (choice.requested, choice.chosen) == ("16-mixed", "bf16-mixed")
+    assert "not supported on the CPU" in choice.reason
 
 
 def test_cpu_flags_read_from_a_cpuinfo_file(tmp_path):

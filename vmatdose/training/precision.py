@@ -54,6 +54,10 @@ def choose_precision(requested: str | int, accelerator: str,
     ``accelerator``: ``auto`` is ``bf16-mixed`` on CUDA and on CPUs with one of
     :data:`BF16_CPU_FLAGS`, else ``32-true``. ``flags`` defaults to this machine's."""
     requested = str(requested)
+    if requested in ("16-mixed", "16") and not uses_cuda(accelerator):
+        # what Lightning itself does (with a warning): the run record says what ran
+        return PrecisionChoice(requested, "bf16-mixed", "fp16 AMP is not supported on the CPU "
+                               "(Lightning trains in bf16-mixed instead)")
     if requested != "auto":
         return PrecisionChoice(requested, requested, "set in the config")
     if uses_cuda(accelerator):
