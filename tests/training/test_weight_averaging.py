@@ -184,3 +184,27 @@ def test_a_dose_model_trained_with_it_predicts_with_the_average(tmp_path):
         torch.testing.assert_close(loaded[name], average)
         differs += not torch.equal(average, ckpt["current_model_state"][name])
     assert differs > 0  # the average is not the training weights
+
+
+def test_one_foreach_update_lerps_the_floats_and_copies_the_counters():
+    """The callback's update through torch's AveragedModel (as Lightning runs it): float
+    weights and buffers move by the warmed-up decay, an integer buffer (BatchNorm's step
+    count) follows the model."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv3d(1, 2, 1), torch.nn.BatchNorm3d(2))
+    average = torch.optim.swa_utils.AveragedModel(
+        net, use_buffers=True, multi_avg_fn=EMAWeightAveraging(0.9)._average)
+    average.update_parameters(net)  # the first update copies
+    first = [t.detach().clone() for t in net.state_dict().values()]
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(1.0)
+        net(torch.randn(2, 1, 3, 3, 3))  # BatchNorm: running stats and its counter move
+    average.update_parameters(net)
+    weight = 1.0 - ema_decay_at(0.9, 1)  # 1 - 2/11
+    for (name, now), before, kept in zip(net.state_dict().items(), first,
+                                         average.module.state_dict().values()):
+        if name.endswith("num_batches_tracked"):
+            assert int(kept) == int(now) == 1
+        else:
+            torch.testing.assert_close(kept, before.lerp(now, weight))

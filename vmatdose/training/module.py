@@ -11,6 +11,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.fabric.plugins.precision.amp import _optimizer_handles_unscaling
 from torch import nn
 
 from vmatdose.config_schema import body_crop_problem, check_dose_bound
@@ -51,8 +52,9 @@ def weight_decay_groups(named: Sequence[tuple[str, nn.Parameter]]) -> list[dict]
 
 def fused_step(optimizer: torch.optim.Optimizer) -> bool:
     """Whether ``optimizer`` updates in one fused kernel (``torch.optim.AdamW(fused=True)``),
-    which also unscales fp16 gradients inside its step."""
-    return bool(getattr(optimizer, "_step_supports_amp_scaling", False))
+    which also unscales fp16 gradients inside its step: Lightning's own test, the one its
+    mixed-precision plugin refuses clipping by."""
+    return _optimizer_handles_unscaling(optimizer)
 
 
 class DoseModule(L.LightningModule):
@@ -318,7 +320,7 @@ class DoseModule(L.LightningModule):
         optimizer = self.optimizer_factory(params=groups)
         if fused_step(optimizer) and self._grad_scaler() is not None:
             # an fp16 grad scaler: a fused step unscales the gradients itself, so Lightning
-            # could not clip them before it (it refuses); the foreach step can
+            # could not clip them before it (it refuses); the unfused step can
             log.info("model.optimizer.fused: off under %s precision (the gradient scaler "
                      "unscales before clipping)", self.trainer.precision)
             optimizer = self.optimizer_factory(params=groups, fused=False)
