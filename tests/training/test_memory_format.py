@@ -1,10 +1,15 @@
-"""Channels-last training: weights and batches in NDHWC, the same numbers as the default."""
+"""Channels-last training: weights and batches in NDHWC, the same numbers as the default;
+``auto`` picks it for fp32 on the CPU only."""
 
 import lightning as L
 import pytest
 import torch
 
-from vmatdose.training.memory_format import MemoryFormatCallback, chosen_format
+from vmatdose.training.memory_format import (
+    MemoryFormatCallback,
+    choose_memory_format,
+    chosen_format,
+)
 
 
 class TinyConvModule(L.LightningModule):
@@ -25,13 +30,13 @@ class TinyConvModule(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-def _fit(fmt: str) -> TinyConvModule:
+def _fit(fmt: str, precision: str = "32-true") -> TinyConvModule:
     torch.manual_seed(0)
     data = [{"image": torch.randn(2, 6, 8, 10), "dose": torch.rand(1, 6, 8, 10)}
             for _ in range(3)]
     loader = torch.utils.data.DataLoader(data, batch_size=1)
     module = TinyConvModule()
-    trainer = L.Trainer(accelerator="cpu", max_epochs=1, logger=False,
+    trainer = L.Trainer(accelerator="cpu", max_epochs=1, logger=False, precision=precision,
                         enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, callbacks=[MemoryFormatCallback(fmt)])
     trainer.fit(module, loader)
@@ -48,8 +53,22 @@ def test_channels_last_weights_and_batches_train_to_the_same_weights():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_auto_is_channels_last_on_cpu_only_and_a_bad_value_is_named():
-    assert chosen_format("auto", torch.device("cpu")) is torch.channels_last_3d
-    assert chosen_format("auto", torch.device("cuda")) is torch.contiguous_format
+def test_auto_is_channels_last_for_fp32_on_the_cpu_only_and_a_bad_value_is_named():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert chosen_format("auto", cpu, "32-true") is torch.channels_last_3d
+    assert chosen_format("auto", cpu, "bf16-mixed") is torch.contiguous_format
+    assert chosen_format("auto", cpu, "bf16-true") is torch.contiguous_format
+    assert chosen_format("auto", cuda, "32-true") is torch.contiguous_format
+    assert chosen_format("channels_last", cpu, "bf16-mixed") is torch.channels_last_3d
+    choice = choose_memory_format("auto", "cpu", "bf16-mixed")
+    assert choice.to_dict() == {"requested": "auto", "chosen": "contiguous",
+                                "reason": choice.reason} and "bf16" in choice.reason
     with pytest.raises(ValueError, match="memory_format.format='chanels_last'"):
         MemoryFormatCallback("chanels_last")
+
+
+def test_auto_under_bf16_trains_contiguous_weights_and_batches():
+    auto = _fit("auto", "bf16-mixed")
+    assert auto.image_layouts == [False] * 3
+    assert not auto.net[0].weight.is_contiguous(memory_format=torch.channels_last_3d)
+    assert _fit("auto").image_layouts == [True] * 3

@@ -61,6 +61,10 @@ def test_run_writes_record_split_checkpoints_and_evaluation(trained_run):
     assert record["precision"] == choose_precision("auto", "cpu").to_dict()
     assert record["compile"] == {"requested": "auto", "compiled": False,
                                  "reason": choose_compile("auto", "cpu").reason}
+    # fp32 on this CPU keeps channels-last, bf16 trains contiguous: whichever auto chose
+    expected = "contiguous" if record["precision"]["chosen"].startswith("bf16") else "channels_last"
+    assert record["memory_format"]["requested"] == "auto"
+    assert record["memory_format"]["chosen"] == expected
     split = json.loads((run_dir / "split.json").read_text())
     assert len(split["test"]) == 1
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()

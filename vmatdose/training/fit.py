@@ -25,7 +25,8 @@ from vmatdose.protocol import Protocol
 from vmatdose.records.run_choices import run_choices
 from vmatdose.records.run_record import write_run_record
 from vmatdose.training.compile import accelerator_device_type, choose_compile
-from vmatdose.training.precision import choose_precision
+from vmatdose.training.memory_format import choose_memory_format
+from vmatdose.training.precision import PrecisionChoice, choose_precision
 
 log = logging.getLogger(__name__)
 
@@ -59,22 +60,33 @@ def checked_datamodule(cfg: DictConfig) -> tuple[L.LightningDataModule, dict]:
     return datamodule, contract.to_dict()
 
 
-def fit(cfg: DictConfig, output_dir: str | Path, overrides: list[str] | None = None
-        ) -> tuple[L.Trainer, L.LightningModule]:
-    """Resolve the precision and the compile choice (a machine that cannot compile is
-    refused first), check every case file, write the run record (config, commit,
-    versions, seed, ``overrides``, both choices) into ``output_dir``, build data, model,
-    loss, trainer from ``cfg`` and fit. A refused case leaves ``output_dir`` without any file of the run."""
-    L.seed_everything(cfg.seed, workers=True)
+def machine_choices(cfg: DictConfig) -> tuple[PrecisionChoice, dict]:
+    """The precision, and the run record's entries for it, the compile choice (a machine
+    that cannot compile is refused here) and the memory format, for the trainer's device."""
     precision = choose_precision(cfg.trainer.get("precision", "auto"),
                                  cfg.trainer.get("accelerator", "auto"))
     log.info("precision %s (%s)", precision.chosen, precision.reason)
+    device_type = accelerator_device_type(cfg.trainer.get("accelerator", "auto"))
     extra = {"precision": precision.to_dict()}
-    compile_cfg = (cfg.get("callbacks") or {}).get("compile")
-    if compile_cfg is not None:  # callbacks.compile.mode=on without a compiler: refused here
-        extra["compile"] = choose_compile(compile_cfg.get("mode", "auto"),
-                                          accelerator_device_type(
-                                              cfg.trainer.get("accelerator", "auto"))).to_dict()
+    callbacks = cfg.get("callbacks") or {}
+    if callbacks.get("compile") is not None:
+        extra["compile"] = choose_compile(callbacks.compile.get("mode", "auto"),
+                                          device_type).to_dict()
+    if callbacks.get("memory_format") is not None:
+        extra["memory_format"] = choose_memory_format(
+            callbacks.memory_format.get("format", "auto"), device_type,
+            precision.chosen).to_dict()
+    return precision, extra
+
+
+def fit(cfg: DictConfig, output_dir: str | Path, overrides: list[str] | None = None
+        ) -> tuple[L.Trainer, L.LightningModule]:
+    """Resolve the precision, the compile and the memory-format choices (a machine that
+    cannot compile is refused first), check every case file, write the run record (config,
+    commit, versions, seed, ``overrides``, the choices) into ``output_dir``, build data, model,
+    loss, trainer from ``cfg`` and fit. A refused case leaves ``output_dir`` without any file of the run."""
+    L.seed_everything(cfg.seed, workers=True)
+    precision, extra = machine_choices(cfg)
     datamodule, contract = checked_datamodule(cfg)
     if rank_zero_only.rank == 0:  # DDP: only rank zero writes files
         write_run_record(cfg, Path(output_dir), overrides, extra=extra)
