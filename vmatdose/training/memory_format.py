@@ -59,10 +59,10 @@ def choose_memory_format(requested: str, device_type: str, precision: str
         return MemoryFormatChoice(requested, "contiguous", f"auto: the default on {device_type}")
     if str(precision).startswith("bf16"):
         return MemoryFormatChoice(requested, "contiguous",
-                                  "auto: bf16 on the CPU (as fast as channels-last without "
-                                  "the per-batch copy)")
+                                  "auto: bf16 on the CPU, as fast as channels-last without "
+                                  "the per-batch copy")
     return MemoryFormatChoice(requested, "channels_last",
-                              "auto: fp32 on the CPU (oneDNN's 3D convolutions prefer it)")
+                              "auto: fp32 on the CPU, whose oneDNN 3D convolutions prefer it")
 
 
 def chosen_format(requested: str, device: torch.device, precision: str = "32-true"
