@@ -8,7 +8,6 @@ import torch
 from vmatdose.training.memory_format import (
     MemoryFormatCallback,
     choose_memory_format,
-    chosen_format,
 )
 
 
@@ -54,12 +53,15 @@ def test_channels_last_weights_and_batches_train_to_the_same_weights():
 
 
 def test_auto_is_channels_last_for_fp32_on_the_cpu_only_and_a_bad_value_is_named():
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert chosen_format("auto", cpu, "32-true") is torch.channels_last_3d
-    assert chosen_format("auto", cpu, "bf16-mixed") is torch.contiguous_format
-    assert chosen_format("auto", cpu, "bf16-true") is torch.contiguous_format
-    assert chosen_format("auto", cuda, "32-true") is torch.contiguous_format
-    assert chosen_format("channels_last", cpu, "bf16-mixed") is torch.channels_last_3d
+    def fmt(requested, device, precision):
+        return choose_memory_format(requested, device, precision).memory_format
+
+    assert fmt("auto", "cpu", "32-true") is torch.channels_last_3d
+    assert fmt("auto", "cpu", "bf16-mixed") is torch.contiguous_format
+    assert fmt("auto", "cpu", "bf16-true") is torch.contiguous_format
+    assert fmt("auto", "cuda", "32-true") is torch.contiguous_format
+    assert fmt("channels_last", "cpu", "bf16-mixed") is torch.channels_last_3d
+    assert fmt("contiguous", "cpu", "32-true") is torch.contiguous_format
     choice = choose_memory_format("auto", "cpu", "bf16-mixed")
     assert choice.to_dict() == {"requested": "auto", "chosen": "contiguous",
                                 "reason": choice.reason} and "bf16" in choice.reason

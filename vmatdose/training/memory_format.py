@@ -5,7 +5,8 @@ channels-last 3D order (NDHWC) or the default (NCDHW) for training.
 bench_cpu_step.py``, a batch of two 64^3 volumes; experiments/openkbp.md):
 
 - fp32 on the CPU: **channels-last**, which oneDNN's fp32 3D convolutions prefer: 1.19x the
-  steps per second of the default layout on a 2-core Zen 4, 1.08-1.28x on an AVX2 EPYC.
+  steps per second of the default layout on a 2-core Zen 4 (1.54x on a quieter evening),
+  1.08-1.28x on an AVX2 EPYC.
 - bf16 on the CPU: **contiguous**. oneDNN's bf16 kernels run the network as fast in either
   layout (0.341 against 0.343 s per step on the Zen 4), and the instance norms copy
   channels-last activations back and forth; without the per-batch copy the recipe trained
@@ -63,12 +64,6 @@ def choose_memory_format(requested: str, device_type: str, precision: str
                                   "the per-batch copy")
     return MemoryFormatChoice(requested, "channels_last",
                               "auto: fp32 on the CPU, whose oneDNN 3D convolutions prefer it")
-
-
-def chosen_format(requested: str, device: torch.device, precision: str = "32-true"
-                  ) -> torch.memory_format:
-    """The torch memory format :func:`choose_memory_format` picks."""
-    return choose_memory_format(requested, device.type, precision).memory_format
 
 
 class MemoryFormatCallback(L.Callback):
